@@ -1,0 +1,1 @@
+"""PyTorch reference path (diffusers modules); needs the `reference` extra."""
