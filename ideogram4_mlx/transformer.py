@@ -1,0 +1,381 @@
+"""The Ideogram 4 single-stream DiT (spec §B, §C).
+
+One class serves both ``transformer/`` (conditional: ``[text][image]``) and
+``unconditional_transformer/`` (image tokens only). Module attribute names equal the
+checkpoint keys, so the fp8 files load without a mapping table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ideogram4_mlx.weights import (
+    CheckpointError,
+    component_files,
+    dequantize_fp8_weights,
+    load_safetensors,
+    load_strict,
+    strip_prefixes,
+)
+
+# Token roles (spec §C): indicator values, and the segment id that marks padding.
+LLM_TOKEN_INDICATOR = 3
+OUTPUT_IMAGE_INDICATOR = 2
+PADDING_INDICATOR = 0
+PADDING_SEGMENT_ID = -1
+# Image grid positions start here so they never collide with text positions (spec §C.3).
+IMAGE_POSITION_OFFSET = 65536
+# The timestep is scaled to [0, 1e4] before the sinusoid (Ideogram4EmbedScalar).
+TIMESTEP_SCALE = 1e4
+QK_NORM_EPS = 1e-5
+LLM_COND_NORM_EPS = 1e-6
+FINAL_NORM_EPS = 1e-6
+
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Mirrors ``transformer/config.json`` (diffusers names); the defaults are the real model."""
+
+    in_channels: int = 128
+    num_layers: int = 34
+    attention_head_dim: int = 256
+    num_attention_heads: int = 18
+    intermediate_size: int = 12288
+    adaln_dim: int = 512
+    llm_features_dim: int = 53248
+    rope_theta: float = 5_000_000
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        h, w = self.mrope_section[1], self.mrope_section[2]
+        if 3 * max(h, w) > self.attention_head_dim // 2:
+            raise CheckpointError(
+                f"mrope_section {list(self.mrope_section)} needs head_dim >= {6 * max(h, w)}, "
+                f"got attention_head_dim {self.attention_head_dim}"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.attention_head_dim * self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformerConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "mrope_section" in kwargs:
+            kwargs["mrope_section"] = tuple(kwargs["mrope_section"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TransformerConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side tables. Angles reach ~6.6e4 rad, so they are evaluated in float64 from the fp32
+# products the reference forms, then rounded to fp32 (spec §C.3, §I.2).
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """``1 / theta ** (arange(0, head_dim, 2) / head_dim)`` in fp32, correctly rounded."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (1.0 / np.float32(theta) ** exponent).astype(np.float32)
+
+
+def mrope_axis_of_slot(head_dim: int, mrope_section: tuple[int, int, int]) -> np.ndarray:
+    """Axis (0=t, 1=h, 2=w) feeding each frequency slot: interleaved h at 1 mod 3, w at 2 mod 3."""
+    axis = np.zeros(head_dim // 2, dtype=np.int64)
+    for a in (1, 2):
+        axis[np.arange(a, mrope_section[a] * 3, 3)] = a
+    return axis
+
+
+def mrope_cos_sin(
+    position_ids: np.ndarray, head_dim: int, theta: float, mrope_section: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (B, L, head_dim) fp32 for (t, h, w) position ids of shape (B, L, 3)."""
+    inv_freq = rope_inv_freq(head_dim, theta)
+    axis = mrope_axis_of_slot(head_dim, mrope_section)
+    pos = position_ids.astype(np.float32)[..., axis]  # (B, L, head_dim/2): each slot's own axis
+    angles = (pos * inv_freq).astype(np.float64)  # the fp32 product, evaluated exactly below
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
+    """``concat(sin(s*w), cos(s*w))`` (B, dim) fp32 with ``s = 1e4 * bf16(t)`` (spec §C.1 step 4)."""
+    t = np.asarray(mx.array(np.asarray(t, dtype=np.float32)).astype(mx.bfloat16).astype(mx.float32))
+    half = dim // 2
+    freq = np.exp(
+        (np.arange(half, dtype=np.float32) * np.float32(-math.log(TIMESTEP_SCALE) / (half - 1)))
+        .astype(np.float64)
+    ).astype(np.float32)
+    angles = ((np.float32(TIMESTEP_SCALE) * t)[:, None] * freq).astype(np.float64)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
+
+
+def sequence_ids(
+    text_lengths: list[int], grid_h: int, grid_w: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed ``[left padding][text][image]`` layout (spec §C.4) for a batch of prompts.
+
+    Returns ``position_ids`` (B, L, 3), ``segment_ids`` (B, L) and ``indicator`` (B, L), int32,
+    with ``L = max(text_lengths) + grid_h * grid_w``. An empty ``text_lengths`` entry of 0 is an
+    image-only row; ``sequence_ids([0], ...)`` is the unconditional layout.
+    """
+    t_max = max(text_lengths)
+    n_img = grid_h * grid_w
+    rows, cols = np.divmod(np.arange(n_img), grid_w)
+    image_pos = np.stack([np.zeros_like(rows), rows, cols], axis=1) + IMAGE_POSITION_OFFSET
+    batch = len(text_lengths)
+    position_ids = np.zeros((batch, t_max + n_img, 3), dtype=np.int32)
+    segment_ids = np.full((batch, t_max + n_img), PADDING_SEGMENT_ID, dtype=np.int32)
+    indicator = np.full((batch, t_max + n_img), PADDING_INDICATOR, dtype=np.int32)
+    for b, n in enumerate(text_lengths):
+        start = t_max - n
+        position_ids[b, start:t_max] = np.arange(n)[:, None]
+        position_ids[b, t_max:] = image_pos
+        indicator[b, start:t_max] = LLM_TOKEN_INDICATOR
+        indicator[b, t_max:] = OUTPUT_IMAGE_INDICATOR
+        segment_ids[b, start:] = 1
+    return position_ids, segment_ids, indicator
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers. Rounding follows PyTorch's bf16 reference (spec §I.4-5): RMSNorm normalises in fp32,
+# rounds, then multiplies by the weight; SiLU is evaluated in fp32 and rounded once.
+
+
+def silu(x: mx.array) -> mx.array:
+    xf = x.astype(mx.float32)
+    return (xf * mx.sigmoid(xf)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xf = x.astype(mx.float32)
+        y = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half RoPE on (B, L, H, D) with cos/sin (B, L, 1, D)."""
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
+        self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.norm_q = RMSNorm(head_dim, QK_NORM_EPS)
+        self.norm_k = RMSNorm(head_dim, QK_NORM_EPS)
+
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None) -> mx.array:
+        b, length, _ = x.shape
+        qkv = self.qkv(x).reshape(b, length, 3, self.num_heads, self.head_dim)
+        q = apply_rope(self.norm_q(qkv[:, :, 0]), cos, sin).transpose(0, 2, 1, 3)
+        k = apply_rope(self.norm_k(qkv[:, :, 1]), cos, sin).transpose(0, 2, 1, 3)
+        v = qkv[:, :, 2].transpose(0, 2, 1, 3)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.o(o.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dims: int, hidden_dims: int):
+        super().__init__()
+        self.w1 = nn.Linear(dims, hidden_dims, bias=False)
+        self.w2 = nn.Linear(hidden_dims, dims, bias=False)
+        self.w3 = nn.Linear(dims, hidden_dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block with AdaLN scale and tanh gate, no shift (spec §C.2)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.norm_eps
+        self.attention = Attention(hidden, config.num_attention_heads, config.attention_head_dim)
+        self.feed_forward = FeedForward(hidden, config.intermediate_size)
+        self.attention_norm1 = RMSNorm(hidden, eps)
+        self.attention_norm2 = RMSNorm(hidden, eps)
+        self.ffn_norm1 = RMSNorm(hidden, eps)
+        self.ffn_norm2 = RMSNorm(hidden, eps)
+        self.adaln_modulation = nn.Linear(config.adaln_dim, 4 * hidden)
+
+    def __call__(
+        self, h: mx.array, c: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None
+    ) -> mx.array:
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaln_modulation(c), 4, axis=-1)
+        a = self.attention(self.attention_norm1(h) * (1 + scale_msa), cos, sin, mask)
+        h = h + mx.tanh(gate_msa) * self.attention_norm2(a)
+        f = self.feed_forward(self.ffn_norm1(h) * (1 + scale_mlp))
+        return h + mx.tanh(gate_mlp) * self.ffn_norm2(f)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.mlp_in = nn.Linear(dims, dims)
+        self.mlp_out = nn.Linear(dims, dims)
+
+    def __call__(self, sinusoid: mx.array) -> mx.array:
+        return self.mlp_out(silu(self.mlp_in(sinusoid)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int, adaln_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, out_channels)
+        self.adaln_modulation = nn.Linear(adaln_dim, hidden_size)
+
+    def __call__(self, h: mx.array, c: mx.array) -> mx.array:
+        # Double SiLU: c is already SiLU(adaln_proj(t_cond)) (spec §I.6).
+        scale = 1 + self.adaln_modulation(silu(c))
+        return self.linear(mx.fast.layer_norm(h, None, None, FINAL_NORM_EPS) * scale)
+
+
+class Ideogram4Transformer(nn.Module):
+    """The DiT. Inputs follow spec §C; the output is the velocity (B, L, 128) in fp32."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.input_proj = nn.Linear(config.in_channels, hidden)
+        self.llm_cond_norm = RMSNorm(config.llm_features_dim, LLM_COND_NORM_EPS)
+        self.llm_cond_proj = nn.Linear(config.llm_features_dim, hidden)
+        self.t_embedding = TimestepEmbedding(hidden)
+        self.adaln_proj = nn.Linear(hidden, config.adaln_dim)
+        self.embed_image_indicator = nn.Embedding(2, hidden)
+        self.layers = [TransformerBlock(config) for _ in range(config.num_layers)]
+        self.final_layer = FinalLayer(hidden, config.in_channels, config.adaln_dim)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.input_proj.weight.dtype
+
+    def rope_tables(self, position_ids: np.ndarray) -> tuple[mx.array, mx.array]:
+        """cos, sin as (B, L, 1, head_dim) in the compute dtype."""
+        cfg = self.config
+        cos, sin = mrope_cos_sin(
+            np.asarray(position_ids), cfg.attention_head_dim, cfg.rope_theta, cfg.mrope_section
+        )
+        return (mx.array(cos)[:, :, None].astype(self.dtype), mx.array(sin)[:, :, None].astype(self.dtype))
+
+    def conditioning(self, t: np.ndarray | mx.array) -> mx.array:
+        """The shared AdaLN input ``c = SiLU(adaln_proj(t_cond))`` (B, 1, adaln_dim)."""
+        sinusoid = timestep_sinusoid(np.asarray(t).reshape(-1), self.config.hidden_size)
+        t_cond = self.t_embedding(mx.array(sinusoid).astype(self.dtype))
+        return silu(self.adaln_proj(t_cond))[:, None]
+
+    def __call__(
+        self,
+        x: mx.array,
+        t: np.ndarray | mx.array,
+        llm_features: mx.array | None,
+        position_ids: np.ndarray | mx.array,
+        segment_ids: np.ndarray | mx.array,
+        indicator: np.ndarray | mx.array,
+    ) -> mx.array:
+        """Velocity for every position of the packed sequence.
+
+        Args:
+            x: (B, L, 128) latents at image positions (other positions are masked to 0).
+            t: (B,) model time in [0, 1]; rounded to bf16 before the embedding, as the reference does.
+            llm_features: (B, L, llm_features_dim) text features at text positions, or None when
+                the sequence has no text (the unconditional branch): identical result, no wasted work.
+            position_ids: (B, L, 3) int (t, h, w); segment_ids: (B, L) int; indicator: (B, L) int.
+
+        Returns:
+            (B, L, 128) float32; only image positions are meaningful.
+        """
+        dtype = self.dtype
+        indicator = mx.array(indicator)
+        m_img = (indicator == OUTPUT_IMAGE_INDICATOR)[..., None].astype(dtype)
+        # Biases are masked after the projection so they do not leak into other roles (spec §I.8).
+        h = self.input_proj(x.astype(dtype) * m_img) * m_img
+        if llm_features is not None:
+            m_txt = (indicator == LLM_TOKEN_INDICATOR)[..., None].astype(dtype)
+            f = self.llm_cond_norm(llm_features.astype(dtype) * m_txt)
+            h = h + self.llm_cond_proj(f) * m_txt
+        h = h + self.embed_image_indicator((indicator == OUTPUT_IMAGE_INDICATOR).astype(mx.int32))
+
+        c = self.conditioning(t)
+        cos, sin = self.rope_tables(position_ids)
+        mask = segment_mask(segment_ids)
+        for layer in self.layers:
+            h = layer(h, c, cos, sin, mask)
+        return self.final_layer(h, c).astype(mx.float32)
+
+    @classmethod
+    def from_pretrained(cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16) -> Ideogram4Transformer:
+        """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16 or split-qkv naming)."""
+        component_dir = Path(component_dir)
+        config = TransformerConfig.from_file(component_dir / "config.json")
+        model = cls(config)
+        weights = sanitize(load_safetensors(component_files(component_dir)))
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+        load_strict(model, weights, str(component_dir))
+        mx.eval(model.parameters())
+        return model
+
+
+def segment_mask(segment_ids: np.ndarray | mx.array) -> mx.array | None:
+    """Block-diagonal bool mask (B, 1, L, L), True = may attend; None when every id is equal."""
+    seg = np.asarray(segment_ids)
+    if (seg == seg[:, :1]).all():
+        return None
+    seg = mx.array(seg)
+    return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Checkpoint tensors -> module parameters. Pure and idempotent.
+
+    Strips repack prefixes, dequantizes fp8 pairs (exact reference rounding), fuses diffusers'
+    split ``to_q/to_k/to_v`` into ``qkv`` and renames ``to_out.0`` to ``o``.
+    """
+    weights = dequantize_fp8_weights(strip_prefixes(weights, CHECKPOINT_PREFIXES))
+    weights.pop("rotary_emb.inv_freq", None)
+    out = {}
+    for key, value in weights.items():
+        if ".attention.to_q." in key:
+            names = [key.replace(".to_q.", f".{n}.") for n in ("to_q", "to_k", "to_v")]
+            missing = [n for n in names if n not in weights]
+            if missing:
+                raise CheckpointError(f"split attention weights incomplete: {missing[0]} is missing")
+            out[key.replace(".to_q.", ".qkv.")] = mx.concatenate([weights[n] for n in names], axis=0)
+        elif ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        else:
+            out[key.replace(".attention.to_out.0.", ".attention.o.")] = value
+    return out

@@ -1,0 +1,26 @@
+"""Shared fixtures. Slow tests are opt-in: ``pytest --run-slow`` or ``IDEO4_RUN_SLOW=1``."""
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("IDEO4_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with --run-slow or IDEO4_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A whole synthetic snapshot in the real fp8 layout, tiny sizes (written once per session)."""
+    from ideogram4_mlx.synthetic import write_synthetic_checkpoint
+
+    return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)

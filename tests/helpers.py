@@ -1,0 +1,26 @@
+"""Test helpers shared by several test files."""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+
+def require_reference():
+    """Import torch + diffusers for parity tests.
+
+    Skips when they are absent, unless ``IDEO4_REQUIRE_REFERENCE=1`` (CI sets it), where a
+    missing reference stack is a failure: parity tests must never silently vanish there.
+    """
+    try:
+        importlib.import_module("diffusers")
+        return importlib.import_module("torch")
+    except ImportError as e:
+        if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":
+            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but the reference stack is missing: {e}")
+        pytest.skip(f"reference extra not installed ({e})")
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
