@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ideogram4_mlx.weights import (
     CheckpointError,
@@ -123,8 +124,9 @@ def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
     t = np.asarray(mx.array(np.asarray(t, dtype=np.float32)).astype(mx.bfloat16).astype(mx.float32))
     half = dim // 2
     freq = np.exp(
-        (np.arange(half, dtype=np.float32) * np.float32(-math.log(TIMESTEP_SCALE) / (half - 1)))
-        .astype(np.float64)
+        (
+            np.arange(half, dtype=np.float32) * np.float32(-math.log(TIMESTEP_SCALE) / (half - 1))
+        ).astype(np.float64)
     ).astype(np.float32)
     angles = ((np.float32(TIMESTEP_SCALE) * t)[:, None] * freq).astype(np.float64)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
@@ -196,7 +198,9 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim, QK_NORM_EPS)
         self.norm_k = RMSNorm(head_dim, QK_NORM_EPS)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None
+    ) -> mx.array:
         b, length, _ = x.shape
         qkv = self.qkv(x).reshape(b, length, 3, self.num_heads, self.head_dim)
         q = apply_rope(self.norm_q(qkv[:, :, 0]), cos, sin).transpose(0, 2, 1, 3)
@@ -289,7 +293,10 @@ class Ideogram4Transformer(nn.Module):
         cos, sin = mrope_cos_sin(
             np.asarray(position_ids), cfg.attention_head_dim, cfg.rope_theta, cfg.mrope_section
         )
-        return (mx.array(cos)[:, :, None].astype(self.dtype), mx.array(sin)[:, :, None].astype(self.dtype))
+        return (
+            mx.array(cos)[:, :, None].astype(self.dtype),
+            mx.array(sin)[:, :, None].astype(self.dtype),
+        )
 
     def conditioning(self, t: np.ndarray | mx.array) -> mx.array:
         """The shared AdaLN input ``c = SiLU(adaln_proj(t_cond))`` (B, 1, adaln_dim)."""
@@ -337,15 +344,19 @@ class Ideogram4Transformer(nn.Module):
         return self.final_layer(h, c).astype(mx.float32)
 
     @classmethod
-    def from_pretrained(cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16) -> Ideogram4Transformer:
+    def from_pretrained(
+        cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16
+    ) -> Ideogram4Transformer:
         """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16 or split-qkv naming)."""
         component_dir = Path(component_dir)
         config = TransformerConfig.from_file(component_dir / "config.json")
         model = cls(config)
         weights = sanitize(load_safetensors(component_files(component_dir)))
-        weights = {k: v.astype(dtype) for k, v in weights.items()}
-        load_strict(model, weights, str(component_dir))
-        mx.eval(model.parameters())
+        load_strict(model, {k: v.astype(dtype) for k, v in weights.items()}, str(component_dir))
+        del weights
+        for _, param in tree_flatten(model.parameters()):
+            # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.
+            mx.eval(param)
         return model
 
 
@@ -372,8 +383,12 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             names = [key.replace(".to_q.", f".{n}.") for n in ("to_q", "to_k", "to_v")]
             missing = [n for n in names if n not in weights]
             if missing:
-                raise CheckpointError(f"split attention weights incomplete: {missing[0]} is missing")
-            out[key.replace(".to_q.", ".qkv.")] = mx.concatenate([weights[n] for n in names], axis=0)
+                raise CheckpointError(
+                    f"split attention weights incomplete: {missing[0]} is missing"
+                )
+            out[key.replace(".to_q.", ".qkv.")] = mx.concatenate(
+                [weights[n] for n in names], axis=0
+            )
         elif ".attention.to_k." in key or ".attention.to_v." in key:
             continue
         else:

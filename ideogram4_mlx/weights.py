@@ -68,7 +68,9 @@ def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
                 if scale_key not in header and scale_key not in weights:
                     raise CheckpointError(f"{path}: fp8 tensor {key} has no {scale_key}")
             elif dtype == FP8_DTYPE:
-                raise CheckpointError(f"{path}: unexpected fp8 tensor {key} (only .weight may be fp8)")
+                raise CheckpointError(
+                    f"{path}: unexpected fp8 tensor {key} (only .weight may be fp8)"
+                )
         weights.update(loaded)
     return weights
 
@@ -95,7 +97,9 @@ def dequantize_fp8_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             raise CheckpointError(f"{scale_key} has no matching {weight_key}")
         w, s = weights[weight_key], out.pop(scale_key)
         if w.dtype != mx.uint8:
-            raise CheckpointError(f"{weight_key}: expected fp8 (uint8) data next to a weight_scale, got {w.dtype}")
+            raise CheckpointError(
+                f"{weight_key}: expected fp8 (uint8) data next to a weight_scale, got {w.dtype}"
+            )
         if s.shape != (w.shape[0],):
             raise CheckpointError(
                 f"{scale_key}: shape {s.shape} does not match {weight_key} rows ({w.shape[0]},)"
@@ -124,7 +128,9 @@ def load_strict(model: nn.Module, weights: dict[str, mx.array], source: str) -> 
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} key(s), e.g. {missing[:3]}")
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{source}: unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}"
+        )
     for key, value in weights.items():
         if value.shape != expected[key].shape:
             raise CheckpointError(

@@ -43,7 +43,11 @@ def tiny_model():
 
 def test_config_defaults_are_the_real_model_and_unknown_keys_are_ignored():
     cfg = TransformerConfig.from_dict(
-        {"_class_name": "Ideogram4Transformer2DModel", "num_layers": 34, "mrope_section": [24, 20, 20]}
+        {
+            "_class_name": "Ideogram4Transformer2DModel",
+            "num_layers": 34,
+            "mrope_section": [24, 20, 20],
+        }
     )
     assert cfg == TransformerConfig()
     assert cfg.hidden_size == 4608 and cfg.mrope_section == (24, 20, 20)
@@ -76,7 +80,10 @@ def test_timestep_sinusoid_rounds_t_to_bf16_first():
 def test_sequence_ids_layout_left_padding():
     pos, seg, ind = sequence_ids([3, 1], grid_h=2, grid_w=3)
     assert pos.shape == (2, 9, 3) and seg.shape == ind.shape == (2, 9)
-    assert list(ind[1]) == [PADDING_INDICATOR] * 2 + [LLM_TOKEN_INDICATOR] + [OUTPUT_IMAGE_INDICATOR] * 6
+    assert (
+        list(ind[1])
+        == [PADDING_INDICATOR] * 2 + [LLM_TOKEN_INDICATOR] + [OUTPUT_IMAGE_INDICATOR] * 6
+    )
     assert list(seg[1]) == [PADDING_SEGMENT_ID] * 2 + [1] * 7
     assert list(seg[0]) == [1] * 9
     np.testing.assert_array_equal(pos[0, :3], [[0, 0, 0], [1, 1, 1], [2, 2, 2]])
@@ -94,7 +101,9 @@ def test_segment_mask_is_none_without_padding_and_block_diagonal_with_it():
     mask = np.array(segment_mask(seg))
     assert mask.shape == (2, 1, 8, 8)
     assert mask[0].all()
-    assert mask[1, 0, :2, :2].all() and not mask[1, 0, :2, 2:].any() and not mask[1, 0, 2:, :2].any()
+    assert (
+        mask[1, 0, :2, :2].all() and not mask[1, 0, :2, 2:].any() and not mask[1, 0, 2:, :2].any()
+    )
 
 
 def fp8_pair(rng, rows, cols):
@@ -112,7 +121,9 @@ def test_dequantize_fp8_rounds_scale_to_bf16_then_product_once():
     expected = np.array(mx.array(w * s_bf16[:, None]).astype(mx.bfloat16).astype(mx.float32))
     np.testing.assert_array_equal(got, expected)
     # an fp32 scale gives different weights: the bf16 rounding of the scale matters
-    assert not np.array_equal(got, np.array(mx.array(w * np.array(scale)[:, None]).astype(mx.bfloat16).astype(mx.float32)))
+    assert not np.array_equal(
+        got, np.array(mx.array(w * np.array(scale)[:, None]).astype(mx.bfloat16).astype(mx.float32))
+    )
 
 
 def test_sanitize_strips_prefixes_dequantizes_and_fuses_split_qkv():
@@ -124,7 +135,11 @@ def test_sanitize_strips_prefixes_dequantizes_and_fuses_split_qkv():
         raw[f"model.diffusion_model.layers.0.attention.{n}.weight_scale"] = s
     raw["model.diffusion_model.input_proj.bias"] = mx.ones((4,), dtype=mx.bfloat16)
     out = sanitize(raw)
-    assert set(out) == {"layers.0.attention.qkv.weight", "layers.0.attention.o.weight", "input_proj.bias"}
+    assert set(out) == {
+        "layers.0.attention.qkv.weight",
+        "layers.0.attention.o.weight",
+        "input_proj.bias",
+    }
     qkv = out["layers.0.attention.qkv.weight"]
     assert qkv.shape == (12, 8) and qkv.dtype == mx.bfloat16
     assert mx.array_equal(qkv[4:8], dequantize_fp8(*parts["to_k"]))
@@ -138,7 +153,10 @@ def test_sanitize_strips_prefixes_dequantizes_and_fuses_split_qkv():
     [
         ({"a.weight_scale": mx.ones((2,))}, "a.weight_scale has no matching a.weight"),
         ({"a.weight": mx.ones((2, 3)), "a.weight_scale": mx.ones((2,))}, "expected fp8"),
-        ({"a.weight": mx.ones((2, 3), dtype=mx.uint8), "a.weight_scale": mx.ones((3,))}, "does not match"),
+        (
+            {"a.weight": mx.ones((2, 3), dtype=mx.uint8), "a.weight_scale": mx.ones((3,))},
+            "does not match",
+        ),
         ({"layers.0.attention.to_q.weight": mx.ones((2, 2))}, "to_k.weight is missing"),
     ],
 )
@@ -169,7 +187,16 @@ def random_inputs(text_lengths, grid_h, grid_w, seed=0):
 
 
 def run(model, x, t, feats, pos, seg, ind):
-    return np.array(model(mx.array(x), np.asarray(t, np.float32), None if feats is None else mx.array(feats), pos, seg, ind))
+    return np.array(
+        model(
+            mx.array(x),
+            np.asarray(t, np.float32),
+            None if feats is None else mx.array(feats),
+            pos,
+            seg,
+            ind,
+        )
+    )
 
 
 def test_forward_shape_and_dtype_bf16(tiny_model):
@@ -190,7 +217,10 @@ def test_batch_rows_equal_single_runs_despite_left_padding(tiny_model):
     for b, n in enumerate([6, 2]):
         start = 6 - n
         single = run(
-            tiny_model, x[b : b + 1, start:], t[b : b + 1], feats[b : b + 1, start:],
+            tiny_model,
+            x[b : b + 1, start:],
+            t[b : b + 1],
+            feats[b : b + 1, start:],
             *[a[b : b + 1, start:] for a in (pos, seg, ind)],
         )
         np.testing.assert_allclose(batch[b, start:], single[0], rtol=1e-4, atol=1e-5)
@@ -209,7 +239,8 @@ def test_no_text_features_equals_zero_features(tiny_model):
     x, _, pos, seg, ind = random_inputs([0], 4, 3)
     zeros = np.zeros((1, 12, TINY.llm_features_dim), np.float32)
     np.testing.assert_array_equal(
-        run(tiny_model, x, [0.4], None, pos, seg, ind), run(tiny_model, x, [0.4], zeros, pos, seg, ind)
+        run(tiny_model, x, [0.4], None, pos, seg, ind),
+        run(tiny_model, x, [0.4], zeros, pos, seg, ind),
     )
 
 

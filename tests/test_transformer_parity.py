@@ -80,7 +80,9 @@ def run_both(models, component, dtype, text_lengths, grid, t, ref_dtype=None):
     has_text = max(text_lengths) > 0
     t = np.array(t, np.float32)
     ours = np.array(mlx_model(mx.array(x), t, mx.array(feats) if has_text else None, pos, seg, ind))
-    ref = reference_forward(models("ref", component, ref_dtype or dtype), x, t, feats, pos, seg, ind)
+    ref = reference_forward(
+        models("ref", component, ref_dtype or dtype), x, t, feats, pos, seg, ind
+    )
     image = ind == OUTPUT_IMAGE_INDICATOR
     return ours[image], ref[image]
 
@@ -95,7 +97,9 @@ def test_fp32_parity(models, name, component, text_lengths, grid, t):
 @pytest.mark.parametrize("name, component, text_lengths, grid, t", CASES, ids=[c[0] for c in CASES])
 def test_bf16_parity_within_reference_noise(models, name, component, text_lengths, grid, t):
     ours, ref_bf16 = run_both(models, component, "bfloat16", text_lengths, grid, t)
-    _, ref_fp32 = run_both(models, component, "bfloat16", text_lengths, grid, t, ref_dtype="float32")
+    _, ref_fp32 = run_both(
+        models, component, "bfloat16", text_lengths, grid, t, ref_dtype="float32"
+    )
     floor = rel_l2(ref_bf16, ref_fp32)
     assert 1e-4 < floor < 5e-2, f"reference bf16 noise floor {floor} is implausible"
     assert rel_l2(ours, ref_fp32) <= 1.5 * floor
@@ -117,7 +121,9 @@ def test_dequantized_weights_equal_the_reference_bit_for_bit(models, torch):
     ref = models("ref", "transformer", "bfloat16").state_dict()
     for key, value in ours.items():
         if ".attention.qkv." in key:
-            expected = torch.cat([ref[key.replace(".qkv.", f".{n}.")] for n in ("to_q", "to_k", "to_v")])
+            expected = torch.cat(
+                [ref[key.replace(".qkv.", f".{n}.")] for n in ("to_q", "to_k", "to_v")]
+            )
         else:
             expected = ref[key.replace(".attention.o.", ".attention.to_out.0.")]
         got = torch.from_numpy(np.array(value.astype(mx.float32))).to(torch.bfloat16)

@@ -54,7 +54,9 @@ def to_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def checkpoint_file(component_dir: Path) -> Path:
     files = sorted(Path(component_dir).glob("*.safetensors"))
     if len(files) != 1:
-        raise FileNotFoundError(f"{component_dir}: expected one .safetensors file, found {len(files)}")
+        raise FileNotFoundError(
+            f"{component_dir}: expected one .safetensors file, found {len(files)}"
+        )
     return files[0]
 
 
@@ -71,7 +73,8 @@ def load_reference_transformer(
     # A dtype cast also rounds the RoPE inv_freq buffer; keep it fp32 (spec §I.23).
     rope = model.rotary_emb
     rope.inv_freq = 1.0 / (
-        rope_theta(config) ** (torch.arange(0, rope.head_dim, 2, dtype=torch.float32) / rope.head_dim)
+        rope_theta(config)
+        ** (torch.arange(0, rope.head_dim, 2, dtype=torch.float32) / rope.head_dim)
     )
     return model.to(device).eval()
 
