@@ -120,7 +120,7 @@ def mrope_cos_sin(
 
 
 def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
-    """``concat(sin(s*w), cos(s*w))`` (B, dim) fp32 with ``s = 1e4 * bf16(t)`` (spec §C.1 step 4)."""
+    """``concat(sin(s*w), cos(s*w))`` (B, dim) fp32 with ``s = 1e4 * bf16(t)`` (spec §C.1.4)."""
     t = np.asarray(mx.array(np.asarray(t, dtype=np.float32)).astype(mx.bfloat16).astype(mx.float32))
     half = dim // 2
     freq = np.exp(
@@ -317,9 +317,9 @@ class Ideogram4Transformer(nn.Module):
 
         Args:
             x: (B, L, 128) latents at image positions (other positions are masked to 0).
-            t: (B,) model time in [0, 1]; rounded to bf16 before the embedding, as the reference does.
+            t: (B,) model time in [0, 1]; rounded to bf16 before the embedding (reference).
             llm_features: (B, L, llm_features_dim) text features at text positions, or None when
-                the sequence has no text (the unconditional branch): identical result, no wasted work.
+                the sequence has no text (unconditional branch): same result, no wasted work.
             position_ids: (B, L, 3) int (t, h, w); segment_ids: (B, L) int; indicator: (B, L) int.
 
         Returns:
@@ -347,7 +347,7 @@ class Ideogram4Transformer(nn.Module):
     def from_pretrained(
         cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16
     ) -> Ideogram4Transformer:
-        """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16 or split-qkv naming)."""
+        """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16, split-qkv names)."""
         component_dir = Path(component_dir)
         config = TransformerConfig.from_file(component_dir / "config.json")
         model = cls(config)

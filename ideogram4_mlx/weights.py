@@ -109,7 +109,7 @@ def dequantize_fp8_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def strip_prefixes(weights: dict[str, mx.array], prefixes: tuple[str, ...]) -> dict[str, mx.array]:
-    """Drop the first matching prefix from every key (repacks add e.g. ``model.diffusion_model.``)."""
+    """Drop the first matching prefix of every key (repacks add ``model.diffusion_model.``)."""
     out = {}
     for key, value in weights.items():
         for prefix in prefixes:

@@ -141,7 +141,7 @@ def test_split_qkv_naming_loads_the_same_parameters(tiny_checkpoint, tmp_path, t
     for key, value in state.items():
         key = "model.diffusion_model." + key
         if ".attention.qkv." in key:
-            for n, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+            for n, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0), strict=True):
                 split[key.replace(".qkv.", f".{n}.")] = part.contiguous()
         else:
             split[key.replace(".attention.o.", ".attention.to_out.0.")] = value
@@ -190,15 +190,16 @@ def test_sequence_ids_match_the_diffusers_pipeline(torch):
 
     for lengths in ([5], [9, 4], [1, 3, 2]):
         ref = Ideogram4Pipeline._prepare_ids(lengths, 3, 5, max(lengths), torch.device("cpu"))
-        for ours, theirs in zip(sequence_ids(lengths, 3, 5), ref):
+        for ours, theirs in zip(sequence_ids(lengths, 3, 5), ref, strict=True):
             np.testing.assert_array_equal(ours, theirs.numpy())
 
 
 @pytest.mark.slow
 def test_full_width_fp32_parity(tmp_path, torch):
     """Real DiT width (4608, 18x256 heads, FFN 12288, 53248 text features), 2 layers, fp32."""
-    from ideogram4_mlx.reference.transformer import load_reference_transformer, reference_forward
     from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
+
+    from ideogram4_mlx.reference.transformer import load_reference_transformer, reference_forward
 
     spec = dataclasses.replace(SYNTHETIC_PRESETS["full-width"], dit_num_layers=2)
     ckpt = write_synthetic_checkpoint(tmp_path / "fw", spec, seed=3, components=("transformer",))

@@ -39,12 +39,12 @@ def read_state_dict(path: Path, dtype: torch.dtype, device: str) -> dict[str, to
 
 
 def to_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip repack prefixes; split fused ``attention.qkv`` into ``to_q/to_k/to_v``; ``o`` -> ``to_out.0``."""
+    """Strip repack prefixes; split fused ``qkv`` into ``to_q/to_k/to_v``; ``o`` -> ``to_out.0``."""
     out = {}
     for key, value in state.items():
         key = next((key[len(p) :] for p in REPACK_PREFIXES if key.startswith(p)), key)
         if ".attention.qkv." in key:
-            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0), strict=True):
                 out[key.replace(".qkv.", f".{name}.")] = part
         else:
             out[key.replace(".attention.o.", ".attention.to_out.0.")] = value
