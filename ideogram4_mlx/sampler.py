@@ -1,0 +1,177 @@
+"""Flow-matching Euler sampler with asymmetric CFG (spec §E). Pure functions, numpy in fp32.
+
+Time convention: t = 0 is pure noise, t = 1 is clean data; the model predicts
+``v = x0 - noise`` and each Euler step is ``z += v * (t_next - t_cur)``.
+
+Guidance schedules here are CHRONOLOGICAL: entry 0 is the first (noisiest) step. The
+official code and mflux store them in loop-index order (entry 0 = last step); use
+``guidance_from_index_order`` to convert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import mlx.core as mx
+import numpy as np
+
+# logSNR limits of the schedule: t_min = sigmoid(-18/2), t_max = sigmoid(15/2).
+T_MIN = 1.0 / (1.0 + math.exp(0.5 * 18))
+T_MAX = 1.0 / (1.0 + math.exp(0.5 * -15))
+# The mean of the logit-normal grid is shifted by 0.5*ln(pixels / 512^2).
+BASE_RESOLUTION_PIXELS = 512 * 512
+# The official loop skips the unconditional pass when the weight is 1 within this tolerance.
+GUIDANCE_ONE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named sampler setting (official ``sampler_configs.py``)."""
+
+    name: str
+    num_steps: int
+    mu: float
+    std: float
+    guidance: tuple[float, ...]  # chronological: guidance[0] is the first step
+
+
+def _preset(name: str, num_steps: int, mu: float, std: float, polish_steps: int) -> Preset:
+    guidance = (7.0,) * (num_steps - polish_steps) + (3.0,) * polish_steps
+    return Preset(name, num_steps, mu, std, guidance)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        _preset("V4_QUALITY_48", 48, 0.0, 1.5, polish_steps=3),
+        _preset("V4_DEFAULT_20", 20, 0.0, 1.75, polish_steps=2),
+        _preset("V4_TURBO_12", 12, 0.5, 1.75, polish_steps=1),
+    )
+}
+DEFAULT_PRESET = "V4_DEFAULT_20"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def guidance_from_index_order(schedule: Sequence[float]) -> tuple[float, ...]:
+    """Official/mflux loop-index order (entry 0 = last step) -> chronological order."""
+    return tuple(float(g) for g in reversed(schedule))
+
+
+def schedule_mean(mu: float, height: int, width: int) -> float:
+    """Resolution-aware mean: ``mu + 0.5 * ln(H*W / 512^2)``."""
+    return mu + 0.5 * math.log(height * width / BASE_RESOLUTION_PIXELS)
+
+
+def time_grid(num_steps: int, height: int, width: int, mu: float, std: float) -> np.ndarray:
+    """``S[0..N]`` float32, from ``t_max`` (S[0], clean end) down to ``t_min`` (S[N], noise end).
+
+    A float32 linspace feeds float64 ndtri and sigmoid, then the result is clamped and cast
+    to float32 (official ``scheduler.py``; spec §E.1, §I.13).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    mean = schedule_mean(mu, height, width)
+    u = np.linspace(0, 1, num_steps + 1, dtype=np.float32).astype(np.float64)
+    normal = NormalDist()
+    z = np.array([-math.inf if v <= 0 else math.inf if v >= 1 else normal.inv_cdf(v) for v in u])
+    with np.errstate(over="ignore"):
+        s = 1.0 - 1.0 / (1.0 + np.exp(-(mean + std * z)))
+    return np.clip(s, T_MIN, T_MAX).astype(np.float32)
+
+
+def model_times(grid: np.ndarray) -> np.ndarray:
+    """The t fed to the model at each step, chronological: ``S[N], S[N-1], ..., S[1]``."""
+    return grid[:0:-1].copy()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything the loop needs, resolved: the grid and one guidance weight per step."""
+
+    grid: np.ndarray  # S[0..N] float32
+    guidance: tuple[float, ...]  # chronological, len N
+    mu: float
+    std: float
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.guidance)
+
+
+def resolve_schedule(
+    height: int,
+    width: int,
+    preset: str = DEFAULT_PRESET,
+    num_steps: int | None = None,
+    guidance_schedule: Sequence[float] | None = None,
+    mu: float | None = None,
+    std: float | None = None,
+) -> Schedule:
+    """Apply overrides to a preset.
+
+    ``guidance_schedule`` is chronological and must have ``num_steps`` entries (or one entry,
+    used for every step). Changing ``num_steps`` without a schedule keeps the preset's shape:
+    its main weight, then its polish weight for the preset's number of final steps.
+    """
+    p = get_preset(preset)
+    steps = p.num_steps if num_steps is None else int(num_steps)
+    if guidance_schedule is None:
+        main, last = p.guidance[0], p.guidance[-1]
+        polish = min(sum(1 for g in p.guidance if g != main), steps)
+        guidance = (main,) * (steps - polish) + (last,) * polish
+    else:
+        guidance = tuple(float(g) for g in guidance_schedule)
+        if len(guidance) == 1:
+            guidance = guidance * steps
+        if len(guidance) != steps:
+            raise ValueError(
+                f"guidance_schedule has {len(guidance)} entries but num_steps is {steps}; "
+                "give one weight per step (chronological) or a single weight"
+            )
+    mu = p.mu if mu is None else float(mu)
+    std = p.std if std is None else float(std)
+    if std <= 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    return Schedule(time_grid(steps, height, width, mu, std), guidance, mu, std)
+
+
+VelocityFn = Callable[[mx.array, float], mx.array]
+
+
+def denoise(
+    noise: mx.array,
+    schedule: Schedule,
+    cond: VelocityFn,
+    uncond: VelocityFn,
+    callback: Callable[[int, int, mx.array], None] | None = None,
+) -> mx.array:
+    """Euler from ``t_min`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond`` (spec §E.2-3).
+
+    ``cond(z, t)`` and ``uncond(z, t)`` return the velocity (same shape as ``z``); latents,
+    the CFG combination and the step are fp32. The unconditional call is skipped when
+    ``g == 1``. The last step ends at ``t_max``, never at 1 (spec §I.11).
+    """
+    z = mx.array(noise).astype(mx.float32)
+    grid, n = schedule.grid, schedule.num_steps
+    for step in range(n):
+        i = n - 1 - step  # the official loop index
+        t_cur, t_next = grid[i + 1], grid[i]
+        g = schedule.guidance[step]
+        v = cond(z, float(t_cur)).astype(mx.float32)
+        if abs(g - 1) > GUIDANCE_ONE_TOLERANCE:
+            v_u = uncond(z, float(t_cur)).astype(mx.float32)
+            g32 = mx.array(g, dtype=mx.float32)
+            v = g32 * v + (1 - g32) * v_u
+        z = z + v * mx.array(t_next - t_cur, dtype=mx.float32)
+        mx.eval(z)
+        if callback is not None:
+            callback(step, n, z)
+    return z
