@@ -1,0 +1,149 @@
+"""Caption verifier rules (spec §G.2)."""
+
+import copy
+import json
+
+import pytest
+
+from ideogram4_mlx.caption import is_json_prompt, verify, verify_file, verify_raw
+
+GOOD = {
+    "high_level_description": "A poster that reads 'Café Zürich'.",
+    "style_description": {
+        "aesthetics": "clean",
+        "lighting": "soft daylight",
+        "photo": "35mm",
+        "medium": "photograph",
+        "color_palette": ["#FFAA00", "#112233"],
+    },
+    "compositional_deconstruction": {
+        "background": "a brick wall",
+        "elements": [
+            {"type": "obj", "bbox": [100, 100, 500, 900], "desc": "a wooden sign"},
+            {
+                "type": "text",
+                "text": "Café Zürich",
+                "desc": "painted letters",
+                "color_palette": ["#FFFFFF"],
+            },
+        ],
+    },
+}
+
+
+def mutated(fn):
+    obj = copy.deepcopy(GOOD)
+    fn(obj)
+    return verify(obj)
+
+
+def test_good_caption_has_no_findings():
+    assert verify(GOOD) == []
+    art = copy.deepcopy(GOOD)
+    art["style_description"] = {"aesthetics": "a", "lighting": "b", "medium": "c", "art_style": "d"}
+    assert verify(art) == []
+    assert verify_raw(json.dumps(GOOD, ensure_ascii=False)) == []
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda o: o.update(extra=1), "root: unknown keys ['extra']"),
+        (lambda o: o.update(high_level_description=3), "high_level_description: expected a string"),
+        (
+            lambda o: o.pop("compositional_deconstruction"),
+            "compositional_deconstruction is missing",
+        ),
+        (lambda o: o["style_description"].update(art_style="x"), "not both"),
+        (lambda o: o["style_description"].pop("photo"), "one of photo or art_style"),
+        (lambda o: o["style_description"].pop("lighting"), "in this order"),
+        (lambda o: o["style_description"].update(color_palette=["#ffaa00"]), "uppercase #RRGGBB"),
+        (
+            lambda o: o["style_description"].update(color_palette=["#FFFFFF"] * 17),
+            "17 colours, at most 16",
+        ),
+        (lambda o: o["compositional_deconstruction"].pop("background"), "background is missing"),
+        (
+            lambda o: o["compositional_deconstruction"].update(background=1),
+            "background: expected a string",
+        ),
+        (lambda o: o["compositional_deconstruction"].pop("elements"), "elements is missing"),
+        (
+            lambda o: o["compositional_deconstruction"].update(elements={}),
+            "elements: expected a list",
+        ),
+        (lambda o: o["compositional_deconstruction"]["elements"][0].pop("type"), "type is missing"),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][0].update(type="logo"),
+            "is not one of",
+        ),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][0].update(text="hi"),
+            "text: not allowed",
+        ),
+        (lambda o: o["compositional_deconstruction"]["elements"][1].pop("desc"), "in this order"),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][0].update(bbox=[1, 2, 3]),
+            "list of 4",
+        ),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][0].update(bbox=[1, 2, 3.5, 4]),
+            "integers",
+        ),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][0].update(bbox=[0, 0, 1001, 5]),
+            "[0, 1000]",
+        ),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][0].update(
+                bbox=[500, 0, 100, 5]
+            ),
+            "y_min <= y_max",
+        ),
+        (
+            lambda o: o["compositional_deconstruction"]["elements"][1].update(
+                color_palette=["#FFFFFF"] * 6
+            ),
+            "6 colours, at most 5",
+        ),
+    ],
+)
+def test_each_rule_reports(change, expected):
+    findings = mutated(change)
+    assert any(expected in f for f in findings), findings
+
+
+def test_key_order_is_checked_in_elements_and_composition():
+    obj = copy.deepcopy(GOOD)
+    el = obj["compositional_deconstruction"]["elements"][1]
+    obj["compositional_deconstruction"]["elements"][1] = {
+        "type": "text",
+        "desc": el["desc"],
+        "text": el["text"],
+    }
+    assert any("in this order" in f for f in verify(obj))
+    obj = copy.deepcopy(GOOD)
+    comp = obj["compositional_deconstruction"]
+    obj["compositional_deconstruction"] = {
+        "elements": comp["elements"],
+        "background": comp["background"],
+    }
+    assert any("['background', 'elements']" in f for f in verify(obj))
+
+
+def test_raw_text_escape_heuristic_and_invalid_json(tmp_path):
+    escaped = json.dumps(GOOD, ensure_ascii=True)
+    findings = verify_raw(escaped)
+    assert len(findings) == 1 and "\\u00e9" in findings[0]
+    # literal non-ASCII anywhere: the escapes are deliberate, no warning
+    assert verify_raw(escaped.replace("brick", "brück")) == []
+    findings = verify_raw("{not json")
+    assert len(findings) == 1 and findings[0].startswith("invalid JSON")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(GOOD, ensure_ascii=False), encoding="utf-8")
+    assert verify_file(path) == []
+    assert verify([1, 2]) == ["root: expected a JSON object, got list"]
+
+
+def test_is_json_prompt():
+    assert is_json_prompt('  {"a": 1}') and not is_json_prompt("a cat in a hat")
