@@ -1,0 +1,51 @@
+"""`ideo4-mlx synth`: write a synthetic checkpoint in the layout of ideogram-ai/ideogram-4-fp8."""
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from ideogram4_mlx.synthetic import COMPONENTS, SYNTHETIC_PRESETS, write_synthetic_checkpoint
+
+
+def _parse_components(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}"
+        )
+    return names
+
+
+@click.command()
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--preset",
+    type=click.Choice(list(SYNTHETIC_PRESETS)),
+    default="tiny",
+    show_default=True,
+    help="Sizes of the checkpoint.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of all weights.")
+@click.option(
+    "--components",
+    default=",".join(COMPONENTS),
+    show_default=True,
+    callback=_parse_components,
+    help="Comma-separated sub-folders to write (model_index.json is always written).",
+)
+@click.option("--dit-layers", type=click.IntRange(min=1), help="Override the preset's DiT depth.")
+@click.option("--force", "overwrite", is_flag=True, help="Replace DST if it exists.")
+def synth(dst: Path, preset: str, seed: int, components, dit_layers, overwrite: bool) -> None:
+    """Write a seeded synthetic Ideogram 4 checkpoint at DST."""
+    spec = SYNTHETIC_PRESETS[preset]
+    if dit_layers is not None:
+        spec = dataclasses.replace(spec, dit_num_layers=dit_layers)
+    try:
+        path = write_synthetic_checkpoint(
+            dst, spec, seed=seed, components=components, overwrite=overwrite, progress=True
+        )
+    except FileExistsError as e:
+        raise click.ClickException(f"{dst} already exists; pass --force to replace it") from e
+    click.echo(str(path))
