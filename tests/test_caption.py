@@ -147,3 +147,19 @@ def test_raw_text_escape_heuristic_and_invalid_json(tmp_path):
 
 def test_is_json_prompt():
     assert is_json_prompt('  {"a": 1}') and not is_json_prompt("a cat in a hat")
+
+
+def test_verify_caption_command(tmp_path):
+    from click.testing import CliRunner
+
+    from ideogram4_mlx.cli import main
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(GOOD, ensure_ascii=False), encoding="utf-8")
+    bad.write_text(json.dumps({"high_level_description": 1}), encoding="utf-8")
+    result = CliRunner().invoke(main, ["verify-caption", str(good)])
+    assert result.exit_code == 0 and "ok" in result.output
+    result = CliRunner().invoke(main, ["verify-caption", str(bad)])
+    assert result.exit_code == 1 and "compositional_deconstruction is missing" in result.output
+    result = CliRunner().invoke(main, ["verify-caption", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "does not exist" in result.output

@@ -1,0 +1,45 @@
+"""Packaging promises: torch-free core imports, namespaced CLI, `python -m`."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from ideogram4_mlx import __version__
+from ideogram4_mlx.cli import main
+
+CORE_MODULES = ["transformer", "sampler", "caption", "weights", "synthetic", "constants", "cli"]
+
+
+def test_core_modules_import_without_torch():
+    code = (
+        "import sys\n"
+        + "".join(f"import ideogram4_mlx.{m}\n" for m in CORE_MODULES)
+        + "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_generic_top_level_packages_installed(tmp_path):
+    # Run outside the checkout, whose cli/ and convert/ folders would shadow site-packages.
+    code = "import importlib.util as u; print(u.find_spec('cli'), u.find_spec('convert'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == "None None"
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "ideogram4_mlx", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert __version__ in out.stdout
+
+
+def test_cli_lists_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "synth" in result.output and "verify-caption" in result.output
