@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import require_reference
-from ideogram4_mlx.cli import main
 from safetensors import safe_open
 
 from ideogram4_mlx import synthetic
+from ideogram4_mlx.cli import main
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
 from ideogram4_mlx.synthetic import (
     COMPONENTS,
