@@ -91,7 +91,8 @@ def run_both(models, component, dtype, text_lengths, grid, t, ref_dtype=None):
 def test_fp32_parity(models, name, component, text_lengths, grid, t):
     ours, ref = run_both(models, component, "float32", text_lengths, grid, t)
     assert np.abs(ref).max() > 0.1, "degenerate reference output"
-    assert rel_l2(ours, ref) <= 1e-4
+    err = rel_l2(ours, ref)
+    assert err <= 1e-4, f"fp32 rel L2 {err:.2e}"
 
 
 @pytest.mark.parametrize("name, component, text_lengths, grid, t", CASES, ids=[c[0] for c in CASES])
@@ -215,4 +216,5 @@ def test_full_width_fp32_parity(tmp_path, torch):
     ref = reference_forward(ref_model, x, t, feats, pos, seg, ind)
     image = ind == OUTPUT_IMAGE_INDICATOR
     assert np.abs(ref[image]).max() > 0.1
-    assert rel_l2(ours[image], ref[image]) <= 1e-4
+    err = rel_l2(ours[image], ref[image])
+    assert err <= 1e-4, f"full-width fp32 rel L2 {err:.2e}"
