@@ -1,0 +1,666 @@
+"""The FLUX.2 KL autoencoder (diffusers ``AutoencoderKLFlux2``) in NHWC, and the latent packing
+of Ideogram 4 (spec §F).
+
+Module attribute names equal the diffusers keys of ``vae/diffusion_pytorch_model.safetensors``,
+so loading needs no mapping table; conv kernels are transposed once at load. The ``bn.*``
+buffers are not weights: the port denormalises with the hard-coded constants (spec §F.4) and
+only checks the buffers against them.
+
+Dtype policy: latents and their (de)normalisation are fp32; the network runs in the weights'
+dtype (bf16 in the reference). GroupNorm statistics and the mid-block attention core are fp32,
+as in PyTorch; every op's output is rounded to the compute dtype once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
+from ideogram4_mlx.weights import (
+    CheckpointError,
+    component_files,
+    load_safetensors,
+    load_strict,
+)
+
+PATCH = 2  # latents are packed in 2x2 patches: 128 = 2 * 2 * 32 channels (spec §F.5)
+RESNET_EPS = 1e-6  # every GroupNorm of the encoder and decoder
+BN_PREFIX = "bn."
+BN_TOLERANCE = 1e-6  # bn buffers vs the constants (spec §F.4)
+# Bounded-memory decode: output pixels per row strip, and fp32 attention scores per query chunk.
+DEFAULT_STRIP_PIXELS = 2**15
+ATTENTION_CHUNK_SCORES = 2**25
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Mirrors ``vae/config.json`` (diffusers names); the defaults are the real model."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    layers_per_block: int = 2
+    act_fn: str = "silu"
+    latent_channels: int = 32
+    norm_num_groups: int = 32
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    batch_norm_eps: float = 1e-4
+    patch_size: tuple[int, int] = (PATCH, PATCH)
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        problems = []
+        if self.act_fn != "silu":
+            problems.append(f"act_fn {self.act_fn!r} (only 'silu')")
+        if tuple(self.patch_size) != (PATCH, PATCH):
+            problems.append(f"patch_size {list(self.patch_size)} (only [2, 2])")
+        if tuple(self.down_block_types) != ("DownEncoderBlock2D",) * n:
+            problems.append(f"down_block_types {list(self.down_block_types)}")
+        if tuple(self.up_block_types) != ("UpDecoderBlock2D",) * n:
+            problems.append(f"up_block_types {list(self.up_block_types)}")
+        if len(self.decoder_channels) != n:
+            problems.append(f"decoder_block_out_channels {list(self.decoder_channels)}")
+        if PATCH * PATCH * self.latent_channels != LATENT_SHIFT.size:
+            problems.append(f"latent_channels {self.latent_channels} (Ideogram 4 packs 32)")
+        channels = self.block_out_channels + self.decoder_channels
+        if any(c % self.norm_num_groups for c in channels):
+            problems.append(f"channels {list(channels)} not divisible by {self.norm_num_groups}")
+        if problems:
+            raise CheckpointError("unsupported VAE config: " + "; ".join(problems))
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def scale_factor(self) -> int:
+        """Image pixels per latent pixel along each axis (8 for the real model)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for key in (
+            "down_block_types",
+            "up_block_types",
+            "block_out_channels",
+            "decoder_block_out_channels",
+            "patch_size",
+        ):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> VAEConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent packing (spec §F.4-F.5): packed channel index = pi * 2C + pj * C + c.
+
+
+def patchify(raw: mx.array) -> mx.array:
+    """(B, 2gh, 2gw, C) -> (B, gh * gw, 4C); a pure permutation (exact)."""
+    b, h, w, c = raw.shape
+    if h % PATCH or w % PATCH:
+        raise ValueError(f"latent size {h}x{w} is not a multiple of the {PATCH}x{PATCH} patch")
+    x = raw.reshape(b, h // PATCH, PATCH, w // PATCH, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // PATCH) * (w // PATCH), PATCH * PATCH * c)
+
+
+def unpatchify(packed: mx.array, grid_h: int, grid_w: int) -> mx.array:
+    """(B, gh * gw, 4C) -> (B, 2gh, 2gw, C) with ``raw[2r+pi, 2c+pj, ch] = packed[r*gw+c,
+    pi*2C + pj*C + ch]``; the inverse of :func:`patchify` (exact)."""
+    b, n, c4 = packed.shape
+    if n != grid_h * grid_w or c4 % (PATCH * PATCH):
+        raise ValueError(f"latents {tuple(packed.shape)} do not fit a {grid_h}x{grid_w} grid")
+    c = c4 // (PATCH * PATCH)
+    x = packed.reshape(b, grid_h, grid_w, PATCH, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid_h * PATCH, grid_w * PATCH, c)
+
+
+def denormalize(latents: mx.array) -> mx.array:
+    """Model latents -> raw packed VAE latents, fp32: ``z * LATENT_SCALE + LATENT_SHIFT``."""
+    return mx.array(latents).astype(mx.float32) * mx.array(LATENT_SCALE) + mx.array(LATENT_SHIFT)
+
+
+def normalize(raw_packed: mx.array) -> mx.array:
+    """Raw packed VAE latents -> model latents, fp32: ``(z - LATENT_SHIFT) / LATENT_SCALE``."""
+    z = raw_packed.astype(mx.float32)
+    return (z - mx.array(LATENT_SHIFT)) / mx.array(LATENT_SCALE)
+
+
+def unpack(latents: mx.array, grid_h: int, grid_w: int) -> mx.array:
+    """Packed normalised latents (B, gh * gw, 128) -> raw VAE latents (B, 2gh, 2gw, 32) fp32."""
+    return unpatchify(denormalize(latents), grid_h, grid_w)
+
+
+def pack(raw: mx.array) -> mx.array:
+    """Raw VAE latents (B, 2gh, 2gw, 32) -> packed normalised latents (B, gh * gw, 128) fp32."""
+    return normalize(patchify(raw))
+
+
+def to_uint8(x: mx.array | np.ndarray) -> np.ndarray:
+    """Decoder output in [-1, 1] -> uint8: ``round((clamp(x) + 1) * 127.5)``, ties to even."""
+    x = np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0)
+    return np.round((x + np.float32(1)) * np.float32(127.5)).astype(np.uint8)
+
+
+def from_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
+    return image.astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers. All tensors are NHWC.
+
+
+def silu(x: mx.array) -> mx.array:
+    xf = x.astype(mx.float32)
+    return (xf * mx.sigmoid(xf)).astype(x.dtype)
+
+
+def group_moments(x: mx.array, groups: int) -> tuple[mx.array, mx.array]:
+    """Per-(batch, group) mean and sum of squared deviations (B, G), two-pass in fp32."""
+    b, c = x.shape[0], x.shape[-1]
+    xf = x.astype(mx.float32).reshape(b, -1, groups, c // groups)
+    mean = mx.mean(xf, axis=(1, 3))
+    m2 = mx.sum(mx.square(xf - mean[:, None, :, None]), axis=(1, 3))
+    return mean, m2
+
+
+class GroupNorm(nn.Module):
+    """PyTorch GroupNorm: fp32 statistics, ``x * scale + shift`` in fp32, one rounding."""
+
+    def __init__(self, groups: int, dims: int, eps: float = RESNET_EPS):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+        self.groups = groups
+        self.eps = eps
+
+    def __call__(self, x: mx.array, stats: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """``stats`` = (mean, var) (B, G) of the whole tensor, when ``x`` is only a strip of it."""
+        if stats is None:
+            mean, m2 = group_moments(x, self.groups)
+            mean, var = mean, m2 / (x.size // (x.shape[0] * self.groups))
+        else:
+            mean, var = stats
+        per_group = x.shape[-1] // self.groups
+        rstd = mx.repeat(mx.rsqrt(var + self.eps), per_group, axis=-1)
+        scale = rstd * self.weight.astype(mx.float32)
+        shift = self.bias.astype(mx.float32) - mx.repeat(mean, per_group, axis=-1) * scale
+        y = x.astype(mx.float32) * scale[:, None, None] + shift[:, None, None]
+        return y.astype(x.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` accumulating in fp32 with the bias added before the one rounding, as
+    PyTorch's bf16 conv does. (Rounding the conv and then the bias add costs 1.25x the
+    reference's own bf16 error instead of 1.0x.) On the CPU backend bf16 convs run in fp32
+    anyway."""
+
+    def __call__(self, x: mx.array, padding: int | None = None) -> mx.array:
+        padding = self.padding if padding is None else padding
+        w = self.weight.astype(mx.float32)
+        y = mx.conv2d(x.astype(mx.float32), w, stride=self.stride, padding=padding)
+        return (y + self.bias.astype(mx.float32)).astype(x.dtype)
+
+
+def conv_rows(conv: Conv2d, x: mx.array, pad_top: int, pad_bottom: int) -> mx.array:
+    """A 3x3 stride-1 conv on a window of rows: zero rows only where the window meets the image
+    border (``pad_*``); interior windows carry one real halo row instead."""
+    return conv(mx.pad(x, [(0, 0), (pad_top, pad_bottom), (1, 1), (0, 0)]), padding=0)
+
+
+def upsample_nearest(x: mx.array) -> mx.array:
+    b, h, w, c = x.shape
+    x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class RowStrips:
+    """An NHWC activation held as a list of evaluated row strips, with the GroupNorm moments
+    of the whole tensor accumulated as strips are appended."""
+
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.parts: list[mx.array | None] = []
+        self.moments: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._stats = None
+
+    @classmethod
+    def split(cls, x: mx.array, rows: int, groups: int) -> RowStrips:
+        strips = cls(groups)
+        for start in range(0, x.shape[1], rows):
+            strips.append(x[:, start : start + rows])
+        return strips
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> mx.array:
+        return self.parts[i]
+
+    def append(self, x: mx.array) -> None:
+        mean, m2 = group_moments(x, self.groups)
+        mx.eval(x, mean, m2)
+        count = x.size // (x.shape[0] * self.groups)
+        self.moments.append((count, np.array(mean, np.float64), np.array(m2, np.float64)))
+        self.parts.append(x)
+
+    @property
+    def stats(self) -> tuple[mx.array, mx.array]:
+        """(mean, var) (B, G) fp32 over all strips: Chan's parallel combination in float64."""
+        if self._stats is None:
+            counts = np.array([n for n, _, _ in self.moments], np.float64)[:, None, None]
+            means = np.stack([m for _, m, _ in self.moments])
+            total = counts.sum()
+            mean = (counts * means).sum(0) / total
+            m2 = sum(m2 for _, _, m2 in self.moments) + (counts * (means - mean) ** 2).sum(0)
+            self._stats = (
+                mx.array(mean.astype(np.float32)),
+                mx.array((m2 / total).astype(np.float32)),
+            )
+        return self._stats
+
+    def window(self, i: int) -> tuple[mx.array, int, int]:
+        """Strip ``i`` plus one halo row from each neighbour, and the number of rows (0 or 1)
+        that fall outside the image at the top and bottom."""
+        parts = [self.parts[i]]
+        top = bottom = 1
+        if i > 0:
+            parts.insert(0, self.parts[i - 1][:, -1:])
+            top = 0
+        if i + 1 < len(self.parts):
+            parts.append(self.parts[i + 1][:, :1])
+            bottom = 0
+        return mx.concatenate(parts, axis=1), top, bottom
+
+    def release(self, i: int) -> None:
+        if 0 <= i < len(self.parts):
+            self.parts[i] = None
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
+
+    def shortcut(self, x: mx.array) -> mx.array:
+        return self.conv_shortcut(x) if "conv_shortcut" in self else x
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+    def strips(self, x: RowStrips) -> RowStrips:
+        """The same block on row strips (consumes ``x``)."""
+        h = RowStrips(x.groups)
+        for i in range(len(x)):
+            rows, top, bottom = x.window(i)
+            h.append(conv_rows(self.conv1, silu(self.norm1(rows, x.stats)), top, bottom))
+        y = RowStrips(x.groups)
+        for i in range(len(x)):
+            rows, top, bottom = h.window(i)
+            y.append(
+                self.shortcut(x[i])
+                + conv_rows(self.conv2, silu(self.norm2(rows, h.stats)), top, bottom)
+            )
+            x.release(i)
+            h.release(i - 1)
+        return y
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, query_chunk: int | None) -> mx.array:
+    """Single-head SDPA (B, L, C) in fp32, scale 1/sqrt(C). With ``query_chunk`` the queries are
+    evaluated chunk by chunk, so only one chunk's (chunk, L) scores exist at a time (exact:
+    softmax is per query)."""
+    q, k, v = (t.astype(mx.float32)[:, None] for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if query_chunk is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)[:, 0]
+    out = []
+    for start in range(0, q.shape[2], query_chunk):
+        chunk = q[:, :, start : start + query_chunk]
+        out.append(mx.fast.scaled_dot_product_attention(chunk, k, v, scale=scale)[:, 0])
+        mx.eval(out[-1])
+    return mx.concatenate(out, axis=1)
+
+
+def attention_chunk(z: mx.array) -> int:
+    """Queries per chunk so one chunk's fp32 scores hold about ATTENTION_CHUNK_SCORES values."""
+    tokens = z.shape[1] * z.shape[2]
+    return max(1, ATTENTION_CHUNK_SCORES // tokens)
+
+
+class Attention(nn.Module):
+    """Mid-block self-attention over all H*W positions, one head, with the residual."""
+
+    def __init__(self, dims: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, dims)
+        self.to_q = nn.Linear(dims, dims)
+        self.to_k = nn.Linear(dims, dims)
+        self.to_v = nn.Linear(dims, dims)
+        self.to_out = [nn.Linear(dims, dims)]
+
+    def __call__(self, x: mx.array, query_chunk: int | None = None) -> mx.array:
+        b, h, w, c = x.shape
+        t = self.group_norm(x).reshape(b, h * w, c)
+        o = attention(self.to_q(t), self.to_k(t), self.to_v(t), query_chunk).astype(x.dtype)
+        return x + self.to_out[0](o).reshape(b, h, w, c)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dims: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(dims, dims, groups), ResnetBlock(dims, dims, groups)]
+        self.attentions = [Attention(dims, groups)] if add_attention else []
+
+    def __call__(self, x: mx.array, query_chunk: int | None = None) -> mx.array:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x, query_chunk)
+        return self.resnets[1](x)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right and bottom by one, then a stride-2 3x3 conv without padding."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.conv = Conv2d(dims, dims, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.conv = Conv2d(dims, dims, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(upsample_nearest(x))
+
+    def strips(self, x: RowStrips) -> RowStrips:
+        """The same layer on row strips (consumes ``x``): each output strip is twice as tall."""
+        y = RowStrips(x.groups)
+        for i in range(len(x)):
+            rows, top, bottom = x.window(i)
+            u = upsample_nearest(rows)  # each halo row became two: keep the one next to the strip
+            u = u[:, 1 - top : u.shape[1] - (1 - bottom)]
+            y.append(conv_rows(self.conv, u, top, bottom))
+            x.release(i - 1)
+        return y
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, down: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups)
+            for j in range(layers)
+        ]
+        self.downsamplers = [Downsample(out_channels)] if down else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.resnets + self.downsamplers:
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, up: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups)
+            for j in range(layers)
+        ]
+        self.upsamplers = [Upsample(out_channels)] if up else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.resnets + self.upsamplers:
+            x = layer(x)
+        return x
+
+    def strips(self, x: RowStrips) -> RowStrips:
+        for layer in self.resnets + self.upsamplers:
+            x = layer.strips(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = [
+            DownBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block, groups, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.mid_block = MidBlock(ch[-1], groups, config.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, ch[-1])
+        self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        ch, groups = config.decoder_channels[::-1], config.norm_num_groups
+        self.conv_in = Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], groups, config.mid_block_add_attention)
+        self.up_blocks = [
+            UpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, groups, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.conv_norm_out = GroupNorm(groups, ch[-1])
+        self.conv_out = Conv2d(ch[-1], config.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(silu(self.conv_norm_out(x)))
+
+    def strips(self, z: mx.array, strip_rows: int) -> mx.array:
+        """Bounded-memory decode; equal to ``__call__`` up to summation order.
+
+        The low-resolution part (conv_in and the mid block, whose attention is global) runs on
+        the whole latent, with the attention queries chunked. From there every activation is
+        kept as horizontal strips (``strip_rows`` latent rows, doubled at each upsampler) and
+        each layer runs strip by strip: a 3x3 conv reads one halo row from each neighbouring
+        strip, so the convs are exact. GroupNorm needs statistics of the whole image: the
+        moments of every activation are accumulated exactly (fp32 per strip, combined in
+        float64) while its strips are produced, and applied when it is consumed. Input strips
+        are freed as soon as the output no longer needs them, so the peak is about two
+        full-resolution activations in the compute dtype plus one strip's temporaries, instead
+        of the fp32 and im2col temporaries of whole-image ops.
+        """
+        x = self.mid_block(self.conv_in(z), query_chunk=attention_chunk(z))
+        x = RowStrips.split(x, strip_rows, self.conv_norm_out.groups)
+        for block in self.up_blocks:
+            x = block.strips(x)
+        out = []
+        for i in range(len(x)):
+            rows, top, bottom = x.window(i)
+            h = conv_rows(self.conv_out, silu(self.conv_norm_out(rows, x.stats)), top, bottom)
+            out.append(h.astype(mx.float32))
+            mx.eval(out[-1])
+            x.release(i - 1)
+        return mx.concatenate(out, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and its loading.
+
+
+class Flux2VAE(nn.Module):
+    """``AutoencoderKLFlux2``; the latent normalisation lives in :func:`pack`/:func:`unpack`."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = Conv2d(2 * c, 2 * c, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = Conv2d(c, c, 1)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    def decode_raw(self, z: mx.array, strip_pixels: int | None = None) -> mx.array:
+        """Raw latents (B, H/8, W/8, 32) -> image (B, H, W, 3) fp32, not clamped.
+
+        ``z`` is cast to the model dtype first. ``strip_pixels=None`` evaluates the whole
+        graph at once; an int runs the bounded-memory path (:meth:`Decoder.strips`) with
+        about that many output pixels per strip.
+        """
+        z = z.astype(self.dtype)
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        if strip_pixels is None:
+            return self.decoder(z).astype(mx.float32)
+        scale = self.config.scale_factor
+        rows = max(1, strip_pixels // (z.shape[2] * scale * scale))
+        return self.decoder.strips(z, rows)
+
+    def encode_raw(self, x: mx.array) -> mx.array:
+        """Image (B, H, W, 3) in [-1, 1] -> raw latent mean (B, H/8, W/8, 32) fp32."""
+        h = self.encoder(x.astype(self.dtype))
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        return h[..., : self.config.latent_channels].astype(mx.float32)
+
+    @classmethod
+    def from_pretrained(cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16) -> Flux2VAE:
+        """Load ``vae/`` (diffusers layout). Warns if the bn buffers are not the constants."""
+        component_dir = Path(component_dir)
+        config = VAEConfig.from_file(component_dir / "config.json")
+        model = cls(config)
+        weights = load_safetensors(component_files(component_dir))
+        bn = {k: v for k, v in weights.items() if k.startswith(BN_PREFIX)}
+        check_latent_stats(bn, config.batch_norm_eps, str(component_dir))
+        weights = sanitize({k: v for k, v in weights.items() if k not in bn})
+        load_strict(model, {k: v.astype(dtype) for k, v in weights.items()}, str(component_dir))
+        mx.eval(model.parameters())
+        return model
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """diffusers tensors -> module parameters: conv kernels (O, I, kh, kw) -> (O, kh, kw, I).
+
+    Pure, but not idempotent: ``encoder.conv_in`` (128, 3, 3, 3) has the same shape in both
+    layouts, so the layout cannot be detected. Apply it once, to diffusers files only.
+    """
+    return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in weights.items()}
+
+
+def check_latent_stats(bn: dict[str, mx.array], eps: float, source: str) -> None:
+    """Warn unless the bn buffers hold the Ideogram constants (spec §F.4): ``running_mean =
+    LATENT_SHIFT`` and ``sqrt(running_var + eps) = LATENT_SCALE`` within 1e-6, plus the
+    rounding of the buffers' own dtype when they are stored below fp32."""
+    keys = ("bn.running_mean", "bn.running_var")
+    if any(k not in bn for k in keys):
+        warnings.warn(
+            f"{source}: no bn.running_mean/running_var; cannot check them against the latent "
+            "constants (decoding uses the constants)",
+            stacklevel=3,
+        )
+        return
+    mean, var = bn[keys[0]], bn[keys[1]]
+    ulp = 0.0 if mean.dtype in (mx.float32, mx.float64) else float(mx.finfo(mean.dtype).eps)
+    shift, scale = LATENT_SHIFT.astype(np.float64), LATENT_SCALE.astype(np.float64)
+    if mean.shape != shift.shape or var.shape != scale.shape:
+        diff = math.inf
+    else:
+        mean = np.array(mean.astype(mx.float32), np.float64)
+        std = np.sqrt(np.array(var.astype(mx.float32), np.float64) + eps)
+        diff = max(
+            float(np.max(np.abs(mean - shift) - ulp * np.abs(shift))),
+            float(np.max(np.abs(std - scale) - ulp * scale)),
+        )
+    if diff > BN_TOLERANCE:
+        warnings.warn(
+            f"{source}: bn.running_mean/running_var differ from the Ideogram latent constants "
+            f"(by {diff:.3g} beyond tolerance); decoding uses the constants (spec §F.4)",
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline entry points.
+
+
+def decode(
+    vae: Flux2VAE,
+    latents: mx.array | np.ndarray,
+    grid_h: int,
+    grid_w: int,
+    strip_pixels: int | None = DEFAULT_STRIP_PIXELS,
+) -> np.ndarray:
+    """Packed normalised latents (B, gh * gw, 128) -> uint8 RGB (B, 16 gh, 16 gw, 3) (spec §F.6).
+
+    fp32 denormalisation, unpatchify, cast to the VAE dtype, decoder, fp32, clamp, round half
+    to even. ``strip_pixels`` selects the bounded-memory decode (None: whole-graph decode).
+    """
+    z = unpack(mx.array(latents), grid_h, grid_w)
+    return to_uint8(vae.decode_raw(z, strip_pixels))
+
+
+def encode(vae: Flux2VAE, image: mx.array | np.ndarray) -> mx.array:
+    """RGB (B, H, W, 3), uint8 or float in [-1, 1], H and W multiples of 16 -> packed normalised
+    latents (B, H/16 * W/16, 128) fp32 (spec §F.7: the posterior mean, no sampling)."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        image = from_uint8(image)
+    step = vae.config.scale_factor * PATCH
+    if image.ndim != 4 or image.shape[1] % step or image.shape[2] % step:
+        raise ValueError(f"image shape {image.shape}: expected (B, H, W, 3), H and W % {step} == 0")
+    return pack(vae.encode_raw(mx.array(image.astype(np.float32))))
+
+
+def count_parameters(vae: Flux2VAE) -> int:
+    return sum(v.size for _, v in tree_flatten(vae.parameters()))
