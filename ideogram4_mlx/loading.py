@@ -1,0 +1,78 @@
+"""Where a model comes from: a local checkpoint folder or a Hugging Face repo id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+from ideogram4_mlx.weights import CheckpointError
+
+DEFAULT_REPO = "ideogram-ai/ideogram-4-fp8"
+# What the pipeline reads: the text-encoder, DiT and VAE folders plus the tokenizer.
+REQUIRED_FILES = (
+    "transformer/config.json",
+    "unconditional_transformer/config.json",
+    "text_encoder/config.json",
+    "tokenizer/tokenizer_config.json",
+    "vae/config.json",
+)
+ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "text_encoder/*",
+    "transformer/*",
+    "unconditional_transformer/*",
+    "vae/*",
+]
+
+
+class ModelAccessError(RuntimeError):
+    """The Hub refused the download (gated or private repo, missing token)."""
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not an Ideogram 4 checkpoint folder: {missing[0]} is missing "
+            f"(expected the layout of {DEFAULT_REPO})"
+        )
+    return path
+
+
+def access_message(repo_id: str) -> str:
+    return (
+        f"access to {repo_id} was refused: the model is gated. Request access on "
+        f"https://huggingface.co/{repo_id}, then run `hf auth login` or set HF_TOKEN"
+    )
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Download the files the pipeline needs; a refusal becomes a ``ModelAccessError``."""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except (GatedRepoError, RepositoryNotFoundError) as e:
+        raise ModelAccessError(access_message(repo_id)) from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise ModelAccessError(access_message(repo_id)) from e
+        raise
+
+
+def resolve_model(model: str | Path, revision: str | None = None) -> tuple[Path, str, str | None]:
+    """``(folder, model id, revision)`` for a local folder or a ``owner/name`` repo id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return check_checkpoint_dir(path), str(model), revision
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"{model}: no such folder, and not a Hugging Face repo id (owner/name)"
+        )
+    folder = check_checkpoint_dir(download(name, revision))
+    # snapshot folders are named after the commit they hold
+    return folder, name, revision or folder.name

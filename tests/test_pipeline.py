@@ -1,0 +1,135 @@
+"""Pipeline and loading: sizes, captions, seeds, noise, callbacks, memory policy, hub errors.
+
+Runs the whole pipeline in fp32 on the tiny synthetic checkpoint (bf16 matmuls are slow on
+MLX's CPU backend); parity with the PyTorch reference is in test_pipeline_parity.py.
+"""
+
+import shutil
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from huggingface_hub.errors import GatedRepoError
+
+from ideogram4_mlx import loading
+from ideogram4_mlx.pipeline import CaptionError, check_size, load
+from ideogram4_mlx.weights import CheckpointError
+
+CAPTION = (
+    '{"high_level_description":"a red sign","compositional_deconstruction":'
+    '{"background":"white","elements":[{"type":"text","text":"OPEN","desc":"bold"}]}}'
+)
+FAST = {"width": 256, "height": 256, "num_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=True)
+
+
+@pytest.mark.parametrize(
+    "width, height, match",
+    [
+        (250, 256, "width 250"),
+        (256, 4096, "height 4096"),
+        (240, 256, "width 240"),
+        (2048, 256, "aspect"),
+    ],
+)
+def test_bad_sizes_are_clear_errors(width, height, match):
+    with pytest.raises(ValueError, match=match):
+        check_size(width, height)
+
+
+def test_size_to_grid():
+    assert check_size(1024, 768) == (48, 64)
+    assert check_size(1536, 256) == (16, 96)  # 6:1 is allowed
+
+
+def test_seeded_generation_is_reproducible_and_seeds_differ(pipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = pipe.generate(CAPTION, seed=7, **FAST)
+        b = pipe.generate(CAPTION, seed=7, **FAST)
+        c = pipe.generate(CAPTION, seed=8, **FAST)
+    assert a.image.size == (256, 256) and a.latents.shape == (1, 256, 128)
+    assert np.array_equal(np.array(a.image), np.array(b.image))
+    assert not np.array_equal(np.array(a.image), np.array(c.image))
+    assert a.metadata["seed"] == 7 and a.metadata["num_steps"] == 3
+    assert a.metadata["guidance_schedule"] == [7.0, 3.0, 3.0]  # DEFAULT_20 keeps 2 polish steps
+
+
+def test_given_noise_replaces_the_seed_and_callback_sees_every_step(pipe):
+    noise = np.random.default_rng(0).standard_normal((1, 256, 128)).astype(np.float32)
+    steps = []
+    result = pipe.generate(
+        CAPTION, noise=noise, callback=lambda s, n, z: steps.append((s, n)), **FAST
+    )
+    assert steps == [(0, 3), (1, 3), (2, 3)]
+    assert result.metadata["seed"] is None and result.metadata["noise"] == "given"
+    again = pipe.generate(CAPTION, noise=noise, seed=123, **FAST)
+    np.testing.assert_array_equal(result.latents, again.latents)
+    with pytest.raises(ValueError, match=r"noise has shape \(1, 10, 128\)"):
+        pipe.generate(CAPTION, noise=noise[:, :10], **FAST)
+
+
+def test_plain_prompt_warns_once_and_strict_caption_fails_before_loading(tiny_checkpoint):
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    pipe.prompt_encoder = pipe.dits = pipe.vae = no_models
+    with pytest.raises(CaptionError, match="plain-text prompt"):
+        pipe.generate("a cat", strict_caption=True, **FAST)
+    with pytest.raises(CaptionError, match="compositional_deconstruction is missing"):
+        pipe.generate('{"high_level_description": "x"}', strict_caption=True, **FAST)
+
+
+def test_memory_policy_frees_components_unless_kept(tiny_checkpoint):
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+    with pytest.warns(UserWarning, match="plain-text prompt"):
+        pipe.generate("a cat", seed=1, **FAST)
+    assert pipe._dits is None and pipe._vae is None and pipe._prompt_encoder.model is None
+    kept = load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=True)
+    kept.generate(CAPTION, seed=1, **FAST)
+    assert (
+        kept._dits is not None and kept._vae is not None and kept._prompt_encoder.model is not None
+    )
+
+
+def test_load_errors_name_the_problem(tiny_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="not a Hugging Face repo id"):
+        load(tmp_path / "nothing" / "here")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "vae" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="vae/config.json is missing"):
+        load(broken)
+
+
+def test_gated_repo_message_says_how_to_get_access(monkeypatch):
+    def refuse(*args, **kwargs):
+        error = GatedRepoError.__new__(GatedRepoError)  # the real one needs an HTTP response
+        Exception.__init__(error, "403 Client Error: gated repo")
+        raise error
+
+    monkeypatch.setattr(loading, "snapshot_download", refuse)
+    with pytest.raises(
+        loading.ModelAccessError, match="Request access on https://huggingface.co/.*HF_TOKEN"
+    ):
+        load("ideogram-ai/ideogram-4-fp8")
+
+
+def test_repo_id_download_uses_only_needed_files(monkeypatch, tiny_checkpoint):
+    seen = {}
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        seen.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(tiny_checkpoint)
+
+    monkeypatch.setattr(loading, "snapshot_download", fake_download)
+    pipe = load("ideogram-ai/ideogram-4-fp8")
+    assert pipe.model_id == "ideogram-ai/ideogram-4-fp8" and pipe.revision == tiny_checkpoint.name
+    assert "transformer/*" in seen["allow_patterns"] and "*" not in seen["allow_patterns"]
