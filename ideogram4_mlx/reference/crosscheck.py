@@ -1,0 +1,109 @@
+"""Run the MLX pipeline and the PyTorch reference on the same prompt and noise; compare stages."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+from ideogram4_mlx.pipeline import check_size, load
+from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
+from ideogram4_mlx.sampler import resolve_schedule
+from ideogram4_mlx.text_encoder import canonical_prompt
+
+DTYPES = {"float32": (mx.float32, torch.float32), "bfloat16": (mx.bfloat16, torch.bfloat16)}
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@dataclass
+class CrossCheck:
+    token_ids_equal: bool
+    features_rel_l2: float
+    first_velocity_rel_l2: float
+    latents_rel_l2: float
+    image_max_abs_diff: int
+    image_psnr: float
+    ours_image: np.ndarray
+    reference: ReferenceRun
+
+    def lines(self) -> list[str]:
+        return [
+            f"token ids equal      : {self.token_ids_equal}",
+            f"text features        : rel L2 {self.features_rel_l2:.2e}",
+            f"first-step velocity  : rel L2 {self.first_velocity_rel_l2:.2e}",
+            f"final latents        : rel L2 {self.latents_rel_l2:.2e}",
+            f"image                : max |diff| {self.image_max_abs_diff}/255, "
+            f"PSNR {self.image_psnr:.1f} dB",
+        ]
+
+
+def crosscheck(
+    model: str,
+    prompt: str,
+    width: int = 256,
+    height: int = 256,
+    preset: str = "V4_DEFAULT_20",
+    num_steps: int | None = None,
+    guidance_schedule: list[float] | None = None,
+    mu: float | None = None,
+    std: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> CrossCheck:
+    """Both pipelines on the same noise (drawn with numpy from ``seed``), stage by stage."""
+    mlx_dtype, torch_dtype = DTYPES[dtype]
+    grid_h, grid_w = check_size(width, height)
+    schedule = resolve_schedule(height, width, preset, num_steps, guidance_schedule, mu, std)
+    noise = np.random.default_rng(seed).standard_normal((1, grid_h * grid_w, 128), np.float32)
+
+    pipe = load(model, dtype=mlx_dtype, keep_in_memory=True)
+    encoded = pipe.prompt_encoder().encode(prompt)
+    first = {}
+    result = pipe.generate(
+        prompt,
+        width,
+        height,
+        preset,
+        num_steps=num_steps,
+        guidance_schedule=guidance_schedule,
+        mu=mu,
+        std=std,
+        noise=noise,
+        callback=lambda step, n, z: first.setdefault("z1", np.array(z)) if step == 0 else None,
+    )
+    t0, t1 = schedule.grid[-1], schedule.grid[-2]
+    ours_v = (first["z1"] - noise) / (t1 - t0)  # the first Euler step's velocity
+
+    ref = reference_generate(
+        pipe.model_dir,
+        canonical_prompt(prompt),
+        width,
+        height,
+        schedule,
+        noise,
+        device,
+        torch_dtype,
+    )
+    ours_image = np.array(result.image)
+    return CrossCheck(
+        token_ids_equal=pipe.prompt_encoder().token_ids(prompt) == ref.token_ids,
+        features_rel_l2=rel_l2(np.array(encoded.features), ref.features),
+        first_velocity_rel_l2=rel_l2(ours_v, ref.first_velocity),
+        latents_rel_l2=rel_l2(result.latents, ref.latents),
+        image_max_abs_diff=int(np.abs(ours_image.astype(int) - ref.image.astype(int)).max()),
+        image_psnr=psnr(ours_image, ref.image),
+        ours_image=ours_image,
+        reference=ref,
+    )
