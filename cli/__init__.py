@@ -7,6 +7,7 @@ import click
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.cli.caption import verify_caption
+from ideogram4_mlx.cli.generate import generate
 from ideogram4_mlx.cli.synth import synth
 
 
@@ -16,5 +17,6 @@ def main() -> None:
     """Ideogram 4 on MLX."""
 
 
+main.add_command(generate)
 main.add_command(synth)
 main.add_command(verify_caption)

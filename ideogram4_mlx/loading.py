@@ -67,7 +67,8 @@ def resolve_model(model: str | Path, revision: str | None = None) -> tuple[Path,
     """``(folder, model id, revision)`` for a local folder or a ``owner/name`` repo id."""
     path = Path(model).expanduser()
     if path.exists():
-        return check_checkpoint_dir(path), str(model), revision
+        # absolute, so metadata replay works from any working directory
+        return check_checkpoint_dir(path), str(path.resolve()), revision
     name = str(model)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(

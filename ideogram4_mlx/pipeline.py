@@ -49,6 +49,24 @@ def check_size(width: int, height: int) -> tuple[int, int]:
     return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
 
 
+def check_request(
+    width: int,
+    height: int,
+    seed: int | None = None,
+    preset: str = DEFAULT_PRESET,
+    num_steps: int | None = None,
+    guidance_schedule: Sequence[float] | None = None,
+    mu: float | None = None,
+    std: float | None = None,
+) -> tuple[int, int, Schedule]:
+    """Every check that needs no model: size, seed range, schedule. Returns (gh, gw, schedule)."""
+    grid_h, grid_w = check_size(width, height)
+    if seed is not None and not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed {seed} is out of range: use 0..{MAX_SEED}")
+    schedule = resolve_schedule(height, width, preset, num_steps, guidance_schedule, mu, std)
+    return grid_h, grid_w, schedule
+
+
 def check_caption(prompt: str, strict: bool = False) -> list[str]:
     """Caption findings (spec §G.2); warns, or raises ``CaptionError`` when ``strict``."""
     findings = verify_raw(prompt) if is_json_prompt(prompt) else [PLAIN_PROMPT_WARNING]
@@ -175,9 +193,10 @@ class Ideogram4Pipeline:
             strict_caption: caption findings raise ``CaptionError`` before any model loads.
             callback: ``callback(step, num_steps, latents)`` after every denoising step.
         """
-        grid_h, grid_w = check_size(width, height)
+        grid_h, grid_w, schedule = check_request(
+            width, height, seed, preset, num_steps, guidance_schedule, mu, std
+        )
         findings = check_caption(prompt, strict_caption)
-        schedule = resolve_schedule(height, width, preset, num_steps, guidance_schedule, mu, std)
         if noise is None:
             seed = random.randint(0, MAX_SEED) if seed is None else int(seed)
             z = mx.random.normal((1, grid_h * grid_w, LATENT_CHANNELS), key=mx.random.key(seed))

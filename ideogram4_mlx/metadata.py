@@ -1,0 +1,158 @@
+"""Generation metadata in PNG files: write it, read it back, turn it into replay arguments.
+
+The metadata (``GenerationResult.metadata``) is stored as JSON in one compressed iTXt chunk
+(UTF-8, so captions in any script survive) under the key :data:`PNG_KEY`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlx.core as mx
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from ideogram4_mlx import __version__
+
+PNG_KEY = "ideogram4-mlx"
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+LOAD_KEYS = ("model", "revision", "dtype")
+GENERATE_KEYS = (
+    "prompt",
+    "width",
+    "height",
+    "preset",
+    "seed",
+    "num_steps",
+    "guidance_schedule",
+    "mu",
+    "std",
+)
+# Stored values derived from a setting: overriding the setting drops them (see replay_kwargs).
+DERIVED = {
+    "model": ("revision",),
+    "preset": ("num_steps", "guidance_schedule", "mu", "std"),
+    "num_steps": ("guidance_schedule",),
+}
+
+
+def png_info(metadata: Mapping) -> PngInfo:
+    """A PNG text chunk holding ``metadata`` as JSON, for ``Image.save(..., pnginfo=...)``."""
+    info = PngInfo()
+    info.add_itxt(PNG_KEY, json.dumps(metadata, ensure_ascii=False), zip=True)
+    info.add_text("Software", f"ideogram4-mlx {__version__}")
+    return info
+
+
+def save_png(
+    image: Image.Image, path: Path | str, metadata: Mapping | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``image`` (with ``metadata``) to ``path`` atomically.
+
+    The PNG goes to a temporary file in the same folder, renamed into place at the end, so
+    ``path`` never holds a half-written image. Missing parent folders are created. An existing
+    ``path`` raises ``FileExistsError`` unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pnginfo = None if metadata is None else png_info(metadata)
+            image.save(f, format="PNG", pnginfo=pnginfo)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal new file's mode
+        if path.exists() and not overwrite:  # created while we were writing
+            raise FileExistsError(f"{path} already exists")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def read_metadata(path: Path | str) -> dict:
+    """The metadata dict stored by :func:`png_info` in the PNG at ``path``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not
+    a PNG or has no (or unreadable) ideogram4-mlx metadata.
+    """
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+            text = dict(getattr(image, "text", {}))
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{path} is not an image") from e
+    if kind != "PNG":
+        raise ValueError(f"{path} is a {kind} file; metadata is only stored in PNG files")
+    if PNG_KEY not in text:
+        raise ValueError(
+            f"{path} has no {PNG_KEY} metadata: it was not written by `ideo4-mlx generate`, "
+            "or the metadata was stripped"
+        )
+    try:
+        metadata = json.loads(text[PNG_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the {PNG_KEY} metadata is not valid JSON ({e})") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: the {PNG_KEY} metadata is not a JSON object")
+    return metadata
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def replay_kwargs(metadata: Mapping, overrides: Mapping | None = None) -> dict:
+    """``load()`` and ``generate()`` keyword arguments that reproduce ``metadata``.
+
+    Keys: ``model, revision, dtype`` (for ``load``) and ``prompt, width, height, preset, seed,
+    num_steps, guidance_schedule, mu, std`` (for ``generate``). ``overrides`` (same keys)
+    replace stored values; overriding a setting also drops the stored values derived from it:
+    ``model`` drops the revision, ``preset`` drops num_steps, guidance_schedule, mu and std
+    (the new preset's apply unless overridden too), ``num_steps`` drops guidance_schedule.
+
+    Raises ``ValueError`` when a key is missing, or when the image was made from given noise
+    (no seed) and no ``seed`` override is given.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(LOAD_KEYS + GENERATE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"cannot override {unknown}; valid: {', '.join(LOAD_KEYS + GENERATE_KEYS)}"
+        )
+    missing = [k for k in LOAD_KEYS + GENERATE_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
+    if metadata["seed"] is None and overrides.get("seed") is None:
+        raise ValueError(
+            "the image was made from given noise, not a seed, so it cannot be replayed; "
+            "give a seed to reuse its other settings"
+        )
+    if metadata.get("version") != __version__:
+        warnings.warn(
+            f"the image was made by ideogram4-mlx {metadata.get('version')}, this is "
+            f"{__version__}: the replay may differ",
+            stacklevel=2,
+        )
+    kwargs = {k: metadata[k] for k in LOAD_KEYS + GENERATE_KEYS}
+    kwargs["dtype"] = parse_dtype(kwargs["dtype"])
+    for key in overrides:
+        for derived in DERIVED.get(key, ()):
+            kwargs[derived] = None
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,423 @@
+"""`ideo4-mlx generate` end to end on the tiny synthetic checkpoint, and ideogram4_mlx.metadata.
+
+Three real generations (fp32, 2 steps, 256-320 px) are shared across the assertions; option
+plumbing and replay overrides use a fake pipeline, and every bad input fails before a model
+loads.
+"""
+
+import json
+import os
+import sys
+import warnings
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ideogram4_mlx import __version__
+from ideogram4_mlx.cli import main
+from ideogram4_mlx.loading import DEFAULT_REPO
+from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay_kwargs, save_png
+from ideogram4_mlx.pipeline import GenerationResult
+
+# the package attribute `generate` is the command, so patch by dotted module path
+GENERATE_MODULE = "ideogram4_mlx.cli.generate"
+
+CAPTION = (
+    '{"high_level_description":"a café sign","compositional_deconstruction":'
+    '{"background":"white","elements":[{"type":"text","text":"CAFÉ","desc":"bold"}]}}'
+)
+FAST = ["--dtype", "float32", "--steps", "2"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["generate", *(str(a) for a in args)])
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.array(image)
+
+
+def sample_metadata(**changes):
+    metadata = {
+        "prompt": CAPTION,
+        "preset": "V4_DEFAULT_20",
+        "width": 320,
+        "height": 256,
+        "seed": 7,
+        "noise": "seeded",
+        "num_steps": 2,
+        "guidance_schedule": [5.0, 2.5],
+        "mu": 0.25,
+        "std": 1.5,
+        "model": "owner/repo",
+        "revision": "abc123",
+        "dtype": "float32",
+        "quantization": None,
+        "caption_findings": [],
+        "version": __version__,
+    }
+    return {**metadata, **changes}
+
+
+# -- real generations ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(tiny_checkpoint, tmp_path_factory):
+    """One run using most options; --force replaces a file that is already there."""
+    folder = tmp_path_factory.mktemp("generate")
+    caption = folder / "caption.json"
+    caption.write_text(f"\n{CAPTION}\n", encoding="utf-8")
+    output = folder / "out" / "image.png"
+    output.parent.mkdir()
+    output.write_bytes(b"old")
+    result = invoke(
+        "--model", tiny_checkpoint, "--prompt-file", caption, *FAST,
+        "--width", 320, "--height", 256, "--seed", 7, "--guidance-schedule", "5,2.5",
+        "--mu", 0.25, "--std", 1.5, "--verbose", "--stepwise-dir", folder / "steps",
+        "--output", output, "--force",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return SimpleNamespace(result=result, output=output, folder=folder, model=tiny_checkpoint)
+
+
+def test_png_and_its_metadata(made):
+    with Image.open(made.output) as image:
+        assert image.size == (320, 256) and image.mode == "RGB"
+    assert sorted(p.name for p in made.output.parent.iterdir()) == ["image.png"]  # no temp file
+    assert read_metadata(made.output) == sample_metadata(
+        model=str(made.model), revision=None
+    )  # the prompt is the file's text without the surrounding newlines
+
+
+def test_verbose_prints_stages_and_the_progress_bar_goes_to_stderr(made):
+    out = made.result.stdout
+    for stage in ("encode", "denoise", "decode"):
+        assert f"[{stage}] " in out and " GB" in out
+    assert "[total]" in out and out.endswith(f"{made.output} (seed 7)\n")
+    assert "denoise" in made.result.stderr and "2/2" in made.result.stderr
+    assert "warning" not in made.result.stderr  # a valid caption has no findings
+
+
+def test_stepwise_dir_holds_one_preview_per_step_and_the_last_is_the_image(made):
+    steps = made.folder / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["step_001.png", "step_002.png"]
+    final = pixels(made.output)
+    assert pixels(steps / "step_001.png").shape == final.shape
+    assert not np.array_equal(pixels(steps / "step_001.png"), final)
+    np.testing.assert_array_equal(pixels(steps / "step_002.png"), final)
+
+
+def test_from_metadata_replays_pixel_identical(made, tmp_path):
+    replay = tmp_path / "replay.png"
+    result = invoke("--from-metadata", made.output, "--output", replay)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(pixels(replay), pixels(made.output))
+    assert read_metadata(replay) == read_metadata(made.output)
+
+
+def test_plain_prompt_preset_random_seed_and_default_output(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", tiny_checkpoint, "--prompt", "a cat", "--preset", "V4_TURBO_12", *FAST]
+    args += ["--width", 256, "--height", 256]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "warning: caption: plain-text prompt" in result.stderr
+    metadata = read_metadata(tmp_path / "ideogram4.png")
+    assert isinstance(metadata["seed"], int)
+    assert result.stdout == f"ideogram4.png (seed {metadata['seed']})\n"
+    assert metadata["preset"] == "V4_TURBO_12" and metadata["prompt"] == "a cat"
+    # TURBO_12 at 2 steps keeps its shape: main weight 7, then one polish step at 3
+    schedule = metadata["guidance_schedule"], metadata["mu"], metadata["std"]
+    assert schedule == ([7.0, 3.0], 0.5, 1.75)
+    before = pixels(tmp_path / "ideogram4.png")
+    again = invoke(*args)
+    assert again.exit_code == 1
+    assert "ideogram4.png already exists; pass --force to replace it" in again.output
+    np.testing.assert_array_equal(pixels(tmp_path / "ideogram4.png"), before)
+
+
+# -- option plumbing with a fake pipeline --------------------------------------------------------
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Replaces ``load``; records what ``load`` and ``generate`` receive."""
+    seen = SimpleNamespace(load=None, generate=None)
+
+    class FakePipe:
+        def generate(self, **kwargs):
+            seen.generate = kwargs
+            image = Image.new("RGB", (kwargs["width"], kwargs["height"]))
+            seed = 1 if kwargs["seed"] is None else kwargs["seed"]
+            return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
+
+    def fake_load(model, dtype, revision):
+        seen.load = {"model": model, "dtype": dtype, "revision": revision}
+        return FakePipe()
+
+    monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", fake_load)
+    return seen
+
+
+def test_defaults_reach_load_and_generate(fake, tmp_path):
+    result = invoke("--prompt", CAPTION, "--output", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
+    callback = fake.generate.pop("callback")
+    assert callable(callback)
+    assert fake.generate == {
+        "prompt": CAPTION,
+        "preset": "V4_DEFAULT_20",
+        "width": 1024,
+        "height": 1024,
+        "seed": None,
+        "num_steps": None,
+        "guidance_schedule": None,
+        "mu": None,
+        "std": None,
+        "strict_caption": False,
+        "verbose": False,
+    }
+
+
+def test_num_steps_alias_and_one_guidance_weight(fake, tmp_path):
+    args = ["--prompt", CAPTION, "--num-steps", 4, "--guidance-schedule", "4.5"]
+    assert invoke(*args, "--output", tmp_path / "a.png").exit_code == 0
+    assert fake.generate["num_steps"] == 4 and fake.generate["guidance_schedule"] == (4.5,)
+
+
+@pytest.mark.parametrize(
+    "args, load_changes, generate_changes",
+    [
+        ([], {}, {}),
+        (["--seed", 9], {}, {"seed": 9}),
+        (["--model", "other/repo"], {"model": "other/repo", "revision": None}, {}),
+        (["--dtype", "bfloat16"], {"dtype": mx.bfloat16}, {}),
+        (["--prompt", "a dog", "--width", 512], {}, {"prompt": "a dog", "width": 512}),
+        (["--steps", 3], {}, {"num_steps": 3, "guidance_schedule": None}),
+        (
+            ["--preset", "V4_TURBO_12", "--std", 2.0],
+            {},
+            {
+                "preset": "V4_TURBO_12",
+                "num_steps": None,
+                "guidance_schedule": None,
+                "mu": None,
+                "std": 2.0,
+            },
+        ),
+    ],
+)
+def test_from_metadata_options_override_the_stored_ones(
+    fake, tmp_path, args, load_changes, generate_changes
+):
+    stored = save_png(Image.new("RGB", (8, 8)), tmp_path / "stored.png", sample_metadata())
+    result = invoke("--from-metadata", stored, *args, "--output", tmp_path / "new.png")
+    assert result.exit_code == 0, result.output
+    assert fake.load == {
+        "model": "owner/repo",
+        "dtype": mx.float32,
+        "revision": "abc123",
+        **load_changes,
+    }
+    fake.generate.pop("callback")
+    assert fake.generate == {
+        "prompt": CAPTION,
+        "preset": "V4_DEFAULT_20",
+        "width": 320,
+        "height": 256,
+        "seed": 7,
+        "num_steps": 2,
+        "guidance_schedule": [5.0, 2.5],
+        "mu": 0.25,
+        "std": 1.5,
+        "strict_caption": False,
+        "verbose": False,
+        **generate_changes,
+    }
+
+
+# -- bad inputs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--width", 250], "width 250 is not supported"),
+        (["--prompt", "x", "--width", 2048, "--height", 256], "aspect ratio 2048x256"),
+        (["--prompt", "x", "--preset", "V4_NOPE"], "Invalid value for '--preset'"),
+        (["--prompt-file", "{tmp}/missing.json"], "does not exist"),
+        (["--prompt", "x", "--prompt-file", "{tmp}/ok.txt"], "not both"),
+        ([], "give --prompt or --prompt-file"),
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt-file", "{tmp}/bad.json"], "bad.json is not valid JSON: Expecting"),
+        (["--prompt-file", "{tmp}/bad.txt"], "line 2 column 1"),
+        (["--prompt-file", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text"),
+        (["--prompt", "a cat", "--strict-caption"], "caption check failed: plain-text prompt"),
+        (["--prompt", "x", "--guidance-schedule", "7,x"], "not a comma-separated list"),
+        (["--prompt", "x", "--guidance-schedule", "7,nan"], "must be finite"),
+        (
+            ["--prompt", "x", "--steps", 2, "--guidance-schedule", "7,3,3"],
+            "guidance_schedule has 3 entries but num_steps is 2",
+        ),
+        (["--prompt", "x", "--std", 0], "std must be > 0"),
+        (["--prompt", "x", "--seed", -1], "Invalid value for '--seed'"),
+        (["--prompt", "x", "--seed", 2**63], f"seed {2**63} is out of range"),
+        (["--prompt", "x", "--output", "{tmp}/out.jpg"], "use a .png name"),
+        (["--prompt", "x", "--dtype", "int8"], "Invalid value for '--dtype'"),
+    ],
+)
+def test_bad_inputs_fail_before_loading_with_one_line(monkeypatch, tmp_path, args, message):
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", no_load)
+    (tmp_path / "bad.json").write_text('{"a": 1,,}', encoding="utf-8")
+    (tmp_path / "bad.txt").write_text('{"a": 1,\n', encoding="utf-8")
+    (tmp_path / "ok.txt").write_text("a cat", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_text("un café", encoding="latin-1")
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    result = invoke("--output", tmp_path / "out.png", *args)  # a later --output wins
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_nonexistent_model_folder(tmp_path):
+    args = ["--model", tmp_path / "no" / "model", "--prompt", CAPTION]
+    result = invoke(*args, "--output", tmp_path / "a.png")
+    assert result.exit_code == 1 and "no such folder" in result.output
+
+
+def test_from_metadata_needs_our_metadata_and_a_seed(tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    result = invoke("--from-metadata", plain, "--output", tmp_path / "out.png")
+    assert result.exit_code == 1 and f"{plain} has no {PNG_KEY} metadata" in result.output
+    noise = save_png(Image.new("RGB", (8, 8)), tmp_path / "n.png", sample_metadata(seed=None))
+    result = invoke("--from-metadata", noise, "--output", tmp_path / "out.png")
+    assert result.exit_code == 1 and "made from given noise" in result.output
+
+
+# -- ideogram4_mlx.metadata ----------------------------------------------------------------------
+
+
+def test_png_info_round_trips_any_text(tmp_path):
+    metadata = sample_metadata(prompt="日本語の看板 🍜 \\u00e9", caption_findings=["x"])
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png", pnginfo=png_info(metadata))
+    assert read_metadata(tmp_path / "a.png") == metadata
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.text["Software"] == f"ideogram4-mlx {__version__}"
+
+
+def test_save_png_is_atomic_and_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "new" / "folder" / "a.png"
+    save_png(Image.new("RGB", (4, 4), "red"), path, {"seed": 1})
+    assert read_metadata(path) == {"seed": 1}
+    with pytest.raises(FileExistsError, match="a.png already exists"):
+        save_png(Image.new("RGB", (4, 4)), path)
+    save_png(Image.new("RGB", (4, 4), "blue"), path, {"seed": 2}, overwrite=True)
+    assert read_metadata(path) == {"seed": 2} and tuple(pixels(path)[0, 0]) == (0, 0, 255)
+    with pytest.raises(TypeError):  # fails half-way: no temp file, the old image stays
+        save_png(Image.new("RGB", (4, 4)), path, {"bad": object()}, overwrite=True)
+    assert [p.name for p in path.parent.iterdir()] == ["a.png"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert read_metadata(path) == {"seed": 2}
+
+
+def test_read_metadata_errors_name_the_file(tmp_path):
+    (tmp_path / "t.png").write_text("not an image")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    for name, text in (("broken.png", "{broken"), ("list.png", "[1]")):
+        info = PngInfo()
+        info.add_itxt(PNG_KEY, text)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, pnginfo=info)
+    cases = {
+        "t.png": "t.png is not an image",
+        "a.jpg": "a.jpg is a JPEG file",
+        "plain.png": "plain.png has no ideogram4-mlx metadata",
+        "broken.png": "broken.png: the ideogram4-mlx metadata is not valid JSON",
+        "list.png": "list.png: the ideogram4-mlx metadata is not a JSON object",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            read_metadata(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        read_metadata(tmp_path / "missing.png")
+
+
+def test_replay_kwargs_maps_metadata_to_load_and_generate():
+    kwargs = replay_kwargs(sample_metadata())
+    assert kwargs == {
+        "model": "owner/repo",
+        "revision": "abc123",
+        "dtype": mx.float32,
+        "prompt": CAPTION,
+        "width": 320,
+        "height": 256,
+        "preset": "V4_DEFAULT_20",
+        "seed": 7,
+        "num_steps": 2,
+        "guidance_schedule": [5.0, 2.5],
+        "mu": 0.25,
+        "std": 1.5,
+    }
+    assert replay_kwargs(sample_metadata(dtype="bfloat16"))["dtype"] == mx.bfloat16
+
+
+def test_replay_kwargs_overrides_drop_derived_values():
+    def changed(overrides):
+        base = replay_kwargs(sample_metadata())
+        new = replay_kwargs(sample_metadata(), overrides)
+        return {k: v for k, v in new.items() if base[k] != v}
+
+    assert changed({"seed": 3, "width": 512}) == {"seed": 3, "width": 512}
+    assert changed({"model": "a/b"}) == {"model": "a/b", "revision": None}
+    assert changed({"model": "a/b", "revision": "main"}) == {"model": "a/b", "revision": "main"}
+    assert changed({"num_steps": 4}) == {"num_steps": 4, "guidance_schedule": None}
+    assert changed({"preset": "V4_TURBO_12", "mu": 0.0}) == {
+        "preset": "V4_TURBO_12",
+        "num_steps": None,
+        "guidance_schedule": None,
+        "mu": 0.0,
+        "std": None,
+    }
+
+
+def test_replay_kwargs_errors():
+    with pytest.raises(ValueError, match="made from given noise"):
+        replay_kwargs(sample_metadata(seed=None, noise="given"))
+    assert replay_kwargs(sample_metadata(seed=None), {"seed": 5})["seed"] == 5
+    metadata = sample_metadata()
+    del metadata["mu"], metadata["prompt"]
+    with pytest.raises(ValueError, match="the metadata has no prompt, mu"):
+        replay_kwargs(metadata)
+    with pytest.raises(ValueError, match="cannot override \\['noise'\\]"):
+        replay_kwargs(sample_metadata(), {"noise": "given"})
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        replay_kwargs(sample_metadata(dtype="int4"))
+
+
+def test_replay_kwargs_warns_about_another_version():
+    with pytest.warns(UserWarning, match="made by ideogram4-mlx 0.0.1"):
+        replay_kwargs(sample_metadata(version="0.0.1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replay_kwargs(sample_metadata())
+
+
+def test_metadata_is_json_with_the_stored_key(tmp_path):
+    save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png", sample_metadata())
+    with Image.open(tmp_path / "a.png") as image:
+        assert json.loads(image.text[PNG_KEY]) == sample_metadata()
