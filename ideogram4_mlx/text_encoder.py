@@ -19,8 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_causal_mask
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+# PreTrainedTokenizerFast, not AutoTokenizer: the auto mapping imports torch when it is installed.
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ideogram4_mlx.transformer import RMSNorm, apply_rope, rope_inv_freq, silu
 from ideogram4_mlx.weights import (
@@ -182,6 +183,15 @@ def position_ids(pad: np.ndarray, length: int) -> np.ndarray:
     return np.maximum(np.arange(length)[None] - np.asarray(pad)[:, None], 0)
 
 
+def padded_causal_mask(pad: np.ndarray, length: int) -> mx.array:
+    """(B, 1, T, T) bool: causal, left-padding keys hidden; padding queries see only themselves,
+    so their rows stay finite (spec §I.16)."""
+    i = np.arange(length)
+    mask = (i[None, :] <= i[:, None])[None] & (i[None, None, :] >= np.asarray(pad)[:, None, None])
+    mask |= np.eye(length, dtype=bool)[None]
+    return mx.array(mask[:, None])
+
+
 def rope_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, ...]:
     """cos/sin (B, T, head_dim) fp32 for (B, T) positions: text-only MRoPE is plain 1-D RoPE
     (all three axes share the id, spec §D.3). fp32 angles, as HF forms them, then exact cos/sin.
@@ -233,12 +243,7 @@ class Qwen3VLTextEncoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         cos = mx.array(cos)[:, :, None].astype(self.dtype)
         sin = mx.array(sin)[:, :, None].astype(self.dtype)
-        if pad.any():
-            # Padding queries see only themselves, so their rows are finite (spec §I.16).
-            causal = create_causal_mask(length, left_padding=mx.array(pad))  # (B, 1, T, T)
-            mask = causal | mx.eye(length, dtype=mx.bool_)
-        else:
-            mask = "causal"
+        mask = padded_causal_mask(pad, length) if pad.any() else "causal"
 
         h = self.embed_tokens(input_ids)
         taps = []
@@ -365,7 +370,9 @@ class PromptEncoder:
         tokenizer_dir = checkpoint_dir / "tokenizer"
         if not tokenizer_dir.is_dir():
             raise CheckpointError(f"{tokenizer_dir}: tokenizer folder not found")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+            str(tokenizer_dir), local_files_only=True
+        )
         model_dir = checkpoint_dir / "text_encoder"
         model = Qwen3VLTextEncoder.from_pretrained(model_dir, dtype=dtype)
         return cls(tokenizer, model, cache_size=cache_size, model_dir=model_dir, dtype=dtype)
