@@ -65,3 +65,18 @@ def test_bf16_end_to_end(tiny_checkpoint, crosscheck):
     assert result.token_ids_equal
     assert result.latents_rel_l2 <= 5e-2, result.lines()
     assert result.image_psnr >= 30, result.lines()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_crosscheck_command_prints_every_stage(tiny_checkpoint, crosscheck):
+    from click.testing import CliRunner
+
+    from ideogram4_mlx.cli import main
+
+    args = ["crosscheck", str(tiny_checkpoint), "--preset", "V4_TURBO_12", "--steps", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for stage in ("token ids equal      : True", "text features", "first-step velocity", "PSNR"):
+        assert stage in result.output
+    result = CliRunner().invoke(main, ["crosscheck", "/no/such/folder"])
+    assert result.exit_code == 1 and "not a Hugging Face repo id" in result.output
