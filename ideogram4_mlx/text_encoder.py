@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 # PreTrainedTokenizerFast, not AutoTokenizer: the auto mapping imports torch when it is installed.
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ideogram4_mlx.quantization import cast_floats, conversion_record, quantize_skeleton
 from ideogram4_mlx.transformer import RMSNorm, apply_rope, rope_inv_freq, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
@@ -30,6 +31,7 @@ from ideogram4_mlx.weights import (
     dequantize_fp8_weights,
     load_safetensors,
     load_strict,
+    read_json,
     strip_prefixes,
 )
 
@@ -99,13 +101,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> TextEncoderConfig:
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(read_json(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +265,12 @@ class Qwen3VLTextEncoder(nn.Module):
         component_dir = Path(component_dir)
         config = TextEncoderConfig.from_file(component_dir / "config.json")
         model = cls(config)
-        weights = sanitize(load_safetensors(component_files(component_dir)))
-        load_strict(model, {k: v.astype(dtype) for k, v in weights.items()}, str(component_dir))
+        # [convert] a converted folder is MLX-native (no sanitize), maybe quantized (skeleton first)
+        record = conversion_record(component_dir)
+        quantize_skeleton(model, record)
+        weights = load_safetensors(component_files(component_dir))
+        weights = sanitize(weights) if record is None else weights
+        load_strict(model, cast_floats(weights, dtype), str(component_dir))
         del weights
         for _, param in tree_flatten(model.parameters()):
             # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.

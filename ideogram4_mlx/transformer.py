@@ -7,7 +7,6 @@ checkpoint keys, so the fp8 files load without a mapping table.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,12 +16,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.quantization import cast_floats, conversion_record, quantize_skeleton
 from ideogram4_mlx.weights import (
     CheckpointError,
     component_files,
     dequantize_fp8_weights,
     load_safetensors,
     load_strict,
+    read_json,
     strip_prefixes,
 )
 
@@ -79,13 +80,7 @@ class TransformerConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> TransformerConfig:
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(read_json(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +346,12 @@ class Ideogram4Transformer(nn.Module):
         component_dir = Path(component_dir)
         config = TransformerConfig.from_file(component_dir / "config.json")
         model = cls(config)
-        weights = sanitize(load_safetensors(component_files(component_dir)))
-        load_strict(model, {k: v.astype(dtype) for k, v in weights.items()}, str(component_dir))
+        # [convert] a converted folder is MLX-native (no sanitize), maybe quantized (skeleton first)
+        record = conversion_record(component_dir)
+        quantize_skeleton(model, record)
+        weights = load_safetensors(component_files(component_dir))
+        weights = sanitize(weights) if record is None else weights
+        load_strict(model, cast_floats(weights, dtype), str(component_dir))
         del weights
         for _, param in tree_flatten(model.parameters()):
             # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.

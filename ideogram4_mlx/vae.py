@@ -13,7 +13,6 @@ as in PyTorch; every op's output is rounded to the compute dtype once.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -25,11 +24,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
+from ideogram4_mlx.quantization import conversion_record
 from ideogram4_mlx.weights import (
     CheckpointError,
     component_files,
     load_safetensors,
     load_strict,
+    read_json,
 )
 
 PATCH = 2  # latents are packed in 2x2 patches: 128 = 2 * 2 * 32 channels (spec §F.5)
@@ -108,13 +109,7 @@ class VAEConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> VAEConfig:
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(read_json(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +578,9 @@ class Flux2VAE(nn.Module):
         weights = load_safetensors(component_files(component_dir))
         bn = {k: v for k, v in weights.items() if k.startswith(BN_PREFIX)}
         check_latent_stats(bn, config.batch_norm_eps, str(component_dir))
-        weights = sanitize({k: v for k, v in weights.items() if k not in bn})
+        weights = {k: v for k, v in weights.items() if k not in bn}
+        # [convert] a converted folder already has MLX conv kernels: transpose only raw diffusers
+        weights = sanitize(weights) if conversion_record(component_dir) is None else weights
         load_strict(model, {k: v.astype(dtype) for k, v in weights.items()}, str(component_dir))
         mx.eval(model.parameters())
         return model

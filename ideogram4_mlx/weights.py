@@ -23,6 +23,17 @@ class CheckpointError(ValueError):
     """A checkpoint file or directory is missing, damaged or does not match the model."""
 
 
+def read_json(path: Path) -> dict:
+    """A config file; a missing or malformed one is a ``CheckpointError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Return ``{key: (safetensors dtype string, shape)}`` without reading tensor data."""
     path = Path(path)

@@ -1,0 +1,79 @@
+"""`ideo4-mlx convert`: an fp8 snapshot -> an MLX folder (bf16, 8/6/4-bit or a mixed recipe)."""
+
+from pathlib import Path
+
+import click
+
+from ideogram4_mlx.convert import COMPONENTS, DTYPES
+from ideogram4_mlx.convert import convert as convert_checkpoint
+from ideogram4_mlx.loading import ModelAccessError
+from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
+
+
+def _parse_components(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}"
+        )
+    return names
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default="bf16",
+    show_default=True,
+    help="Dtype of every unquantized tensor.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice([str(b) for b in BITS]),
+    default=None,
+    help="Quantize the DiTs and the text encoder to this many bits (affine).",
+)
+@click.option(
+    "--group-size",
+    type=click.Choice([str(g) for g in GROUP_SIZES]),
+    default="64",
+    show_default=True,
+    help="Quantization group size.",
+)
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=None,
+    help="Mixed precision instead of --quantize: "
+    + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items()),
+)
+@click.option(
+    "--components",
+    callback=_parse_components,
+    default=None,
+    help=f"Comma-separated sub-folders to write (default: all of {', '.join(COMPONENTS)}).",
+)
+@click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def convert(src, dst, dtype, quantize, group_size, recipe, components, revision, force) -> None:
+    """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST."""
+    try:
+        path = convert_checkpoint(
+            src,
+            dst,
+            dtype=dtype,
+            quantize=None if quantize is None else int(quantize),
+            group_size=int(group_size),
+            recipe=recipe,
+            components=components,
+            force=force,
+            revision=revision,
+        )
+    except (ValueError, ModelAccessError, OSError) as e:  # CheckpointError, FileExistsError
+        raise click.ClickException(str(e)) from e
+    click.echo(str(path))

@@ -1,0 +1,378 @@
+"""fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit or mixed), streaming, bounded memory.
+
+Each model component is read lazily (``mx.load``), sanitized by its own ``sanitize`` (fp8
+dequantized exactly, qkv fused, vision tower dropped, conv kernels transposed), quantized per
+layer as ``ideogram4_mlx.quantization`` decides, evaluated one layer at a time and written to
+safetensors shards with an index. The output is MLX-native: the loaders only rebuild the
+quantized skeleton from the ``mlx_conversion`` record in each ``config.json``.
+
+Everything is written to a temporary sibling folder that is renamed into place at the end, so
+an interrupted run leaves no ``dst``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from ideogram4_mlx import __version__, text_encoder, transformer, vae
+from ideogram4_mlx.loading import resolve_model
+from ideogram4_mlx.quantization import (
+    MODE,
+    RECORD_KEY,
+    RECORD_VERSION,
+    quantization_plan,
+    quantize_skeleton,
+)
+from ideogram4_mlx.weights import (
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    CheckpointError,
+    component_files,
+    load_safetensors,
+    read_header,
+    read_json,
+)
+
+# Shards are saved with mx.save_safetensors, which holds a whole shard in memory: 1 GiB keeps
+# the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.
+SHARD_BYTES = 1 << 30
+INDEX_NAME = "model.safetensors.index.json"
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+DTYPES = {
+    "bfloat16": mx.bfloat16,
+    "bf16": mx.bfloat16,
+    "float16": mx.float16,
+    "fp16": mx.float16,
+    "float32": mx.float32,
+    "fp32": mx.float32,
+}
+
+
+@dataclass(frozen=True)
+class ModelComponent:
+    build: Callable[[dict], nn.Module]  # config.json dict -> float skeleton (lazy, no memory)
+    sanitize: Callable[[dict], dict]
+    quantizable: bool
+    ignored: tuple[str, ...] = ()  # source keys that sanitize drops unread
+    extras: tuple[str, ...] = ()  # source keys kept as they are (not parameters)
+
+
+MODEL_COMPONENTS = {
+    "transformer": ModelComponent(
+        lambda d: transformer.Ideogram4Transformer(transformer.TransformerConfig.from_dict(d)),
+        transformer.sanitize,
+        quantizable=True,
+    ),
+    "unconditional_transformer": ModelComponent(
+        lambda d: transformer.Ideogram4Transformer(transformer.TransformerConfig.from_dict(d)),
+        transformer.sanitize,
+        quantizable=True,
+    ),
+    "text_encoder": ModelComponent(
+        lambda d: text_encoder.Qwen3VLTextEncoder(text_encoder.TextEncoderConfig.from_dict(d)),
+        text_encoder.sanitize,
+        quantizable=True,
+        ignored=text_encoder.UNUSED_PREFIXES,
+    ),
+    # The VAE is small and conv-heavy: never quantized. Its bn buffers are checked at load.
+    "vae": ModelComponent(
+        lambda d: vae.Flux2VAE(vae.VAEConfig.from_dict(d)),
+        vae.sanitize,
+        quantizable=False,
+        extras=(vae.BN_PREFIX,),
+    ),
+}
+COPIED_COMPONENTS = ("tokenizer", "scheduler")
+COMPONENTS = (*MODEL_COMPONENTS, *COPIED_COMPONENTS)
+COPIED_FILES = ("model_index.json",)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str = "bfloat16",
+    quantize: int | None = None,
+    group_size: int = 64,
+    recipe: str | None = None,
+    components: tuple[str, ...] | list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    revision: str | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> Path:
+    """Convert an Ideogram 4 fp8 snapshot (repo id or folder) into an MLX folder at ``dst``.
+
+    Args:
+        dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``).
+        quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128) for the DiTs and the text
+            encoder; sensitive layers stay float (``ideogram4_mlx.quantization``).
+        recipe: a mixed-precision recipe name (e.g. ``mixed-4-8``) instead of ``quantize``.
+        components: the sub-folders to write (default: all of ``COMPONENTS``).
+        force: replace an existing ``dst``.
+
+    Returns:
+        ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for an
+        existing ``dst`` without ``force``, ``ModelAccessError`` for a refused download.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    quantization_plan(nn.Module(), quantize, group_size, recipe)  # checks the settings only
+    components = check_components(components)
+    dst = Path(dst).expanduser()
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
+    src_dir, source = resolve_source(src, revision)
+    if dst.resolve() == src_dir.resolve() or src_dir.resolve() in dst.resolve().parents:
+        raise ValueError(f"{dst}: the output folder must not be the source folder or inside it")
+    for name in components:
+        folder = src_dir / name
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
+    try:
+        for name in components:
+            if name in MODEL_COMPONENTS:
+                convert_component(src_dir / name, tmp / name, name, settings, progress, shard_bytes)
+            else:
+                shutil.copytree(src_dir / name, tmp / name)
+        for name in COPIED_FILES:
+            if (src_dir / name).is_file():
+                shutil.copyfile(src_dir / name, tmp / name)
+        move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def check_components(components) -> tuple[str, ...]:
+    if components is None:
+        return COMPONENTS
+    components = (components,) if isinstance(components, str) else tuple(components)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(
+            f"unknown component(s) {unknown}; valid components: {', '.join(COMPONENTS)}"
+        )
+    return tuple(c for c in COMPONENTS if c in components)
+
+
+def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:
+    """A local folder as it is (it may hold only some components), else a Hub download."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path, str(path)
+    folder, model_id, revision = resolve_model(str(src), revision)
+    return folder, f"{model_id}@{revision}"
+
+
+def move_into_place(tmp: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    os.replace(dst, old / "replaced")
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One component.
+
+
+def convert_component(
+    src_dir: Path, out_dir: Path, name: str, settings: dict, progress: bool, shard_bytes: int
+) -> None:
+    """Stream one model folder into ``out_dir``: shards, index and the annotated config."""
+    spec = MODEL_COMPONENTS[name]
+    config = read_config(src_dir)
+    dtype = DTYPES[settings["dtype"]]
+    model = spec.build(config)
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    quantization = None
+    if spec.quantizable:
+        quantization = quantization_plan(
+            model, settings["bits"], settings["group_size"], settings["recipe"]
+        )
+    record = {
+        "version": RECORD_VERSION,
+        "converter": f"ideogram4_mlx {__version__}",
+        "source": settings["source"],
+        "dtype": str(dtype).removeprefix("mlx.core."),
+        "quantization": quantization,
+    }
+    quantize_skeleton(model, record)
+    targets = dict(tree_flatten(model.parameters()))  # lazy: shapes and dtypes only
+    modules = dict(model.named_modules())
+
+    files = component_files(src_dir)
+    key_files = check_source_dtypes(files, spec)
+    try:
+        weights = spec.sanitize(load_safetensors(files))
+    except CheckpointError as e:
+        raise CheckpointError(f"{src_dir}: {e}") from None
+    extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
+    check_keys(weights, expected, key_files, src_dir)
+
+    out_dir.mkdir(parents=True)
+    total = sum(
+        v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
+        for v in targets.values()
+    )
+    free = shutil.disk_usage(out_dir).free
+    if total > free:
+        raise OSError(f"{out_dir}: {name} needs {total / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
+    writer = ShardWriter(out_dir, shard_bytes)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+        for key in sorted(weights):
+            tensors = convert_tensor(key, weights.pop(key).astype(dtype), modules)
+            for k, t in tensors.items():
+                if t.shape != targets[k].shape:  # converter and loader disagree: a bug
+                    raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
+            writer.add(tensors)
+            bar.update(sum(t.nbytes for t in tensors.values()))
+        for key in sorted(extras):
+            writer.add({key: extras.pop(key)})
+    weight_map, total_size = writer.close()
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    config[RECORD_KEY] = record
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def convert_tensor(key: str, value: mx.array, modules: dict) -> dict[str, mx.array]:
+    """One parameter in the target dtype; the weight of a quantized layer becomes three."""
+    path, _, leaf = key.rpartition(".")
+    module = modules.get(path)
+    if leaf != "weight" or not isinstance(module, nn.QuantizedLinear):
+        return {key: value}
+    wq, scales, *biases = mx.quantize(value, module.group_size, module.bits, mode=module.mode)
+    if module.mode != MODE:
+        raise ValueError(f"{path}: only {MODE} quantization is supported, got {module.mode}")
+    return {key: wq, f"{path}.scales": scales, f"{path}.biases": biases[0]}
+
+
+def read_config(src_dir: Path) -> dict:
+    path = src_dir / "config.json"
+    config = read_json(path)
+    if RECORD_KEY in config:
+        raise CheckpointError(f"{path}: already converted ({RECORD_KEY} is set); use it as it is")
+    return config
+
+
+def check_source_dtypes(files: list[Path], spec: ModelComponent) -> dict[str, Path]:
+    """Every kept source tensor has a float dtype (fp8 only as a weight with an F32 scale).
+
+    Returns ``{source key: file}`` for error messages.
+    """
+    key_files = {}
+    for path in files:
+        for key, (dtype, _) in read_header(path).items():
+            key_files[key] = path
+            if key.startswith(spec.ignored + spec.extras):
+                continue
+            if key.endswith(SCALE_SUFFIX):
+                allowed = ("F32",)
+            elif key.endswith(".weight"):
+                allowed = (*FLOAT_DTYPES, FP8_DTYPE)
+            else:
+                allowed = FLOAT_DTYPES
+            if dtype not in allowed:
+                raise CheckpointError(
+                    f"{path}: {key} has dtype {dtype}, expected {' or '.join(allowed)}"
+                )
+    return key_files
+
+
+def check_keys(
+    weights: dict[str, mx.array], expected: dict, key_files: dict[str, Path], src_dir: Path
+) -> None:
+    """Sanitized tensors against the float skeleton of the config: keys and shapes."""
+    for key in sorted(expected):
+        if key not in weights:
+            raise CheckpointError(
+                f"{src_dir}: {key} is missing (config.json expects shape {tuple(expected[key])})"
+            )
+    for key in sorted(weights):
+        if key not in expected:
+            raise CheckpointError(
+                f"{source_file(key, key_files, src_dir)}: unexpected tensor {key} "
+                f"(config.json has no such parameter)"
+            )
+        if weights[key].shape != expected[key]:
+            raise CheckpointError(
+                f"{source_file(key, key_files, src_dir)}: {key} has shape "
+                f"{tuple(weights[key].shape)}, config.json expects {tuple(expected[key])}"
+            )
+
+
+def source_file(key: str, key_files: dict[str, Path], src_dir: Path) -> Path:
+    """The file holding a sanitized key (repack prefixes and split qkv names allowed)."""
+    files = set(key_files.values())
+    if len(files) == 1:
+        return files.pop()
+    stem = key.rpartition(".")[0]
+    stems = (
+        stem,
+        stem.replace(".qkv", ".to_q"),
+        stem.replace(".attention.o", ".attention.to_out.0"),
+    )
+    for source_key, path in key_files.items():
+        if source_key.rpartition(".")[0].endswith(stems):
+            return path
+    return src_dir
+
+
+class ShardWriter:
+    """Evaluates tensors as they come and saves them in shards of at most ``max_bytes``."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_size = 0
+
+    def add(self, tensors: dict[str, mx.array]) -> None:
+        nbytes = sum(t.nbytes for t in tensors.values())
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        tensors = {k: mx.contiguous(t) for k, t in tensors.items()}
+        mx.eval(list(tensors.values()))  # one layer at a time; its fp8 source is freed here
+        self.pending.update(tensors)
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"model-{len(self.shards) + 1:05d}.safetensors"
+        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        self.shards.append(sorted(self.pending))
+        self.total_size += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+        mx.clear_cache()
+
+    def close(self) -> tuple[dict[str, str], int]:
+        """Flush, name the shards ``model-0000i-of-0000n`` and return (weight map, bytes)."""
+        self.flush()
+        weight_map = {}
+        n = len(self.shards)
+        for i, keys in enumerate(self.shards, start=1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"model-{i:05d}.safetensors", self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        return weight_map, self.total_size

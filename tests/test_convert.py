@@ -1,0 +1,350 @@
+"""The converter (fp8 snapshot -> MLX folder) and loading its output, on tiny synthetic checkpoints.
+
+Quantized DiT bounds (relative L2 of the velocity vs the raw fp8 weights in bf16, tiny random
+model): affine quantization with 64-wide groups has a weight step of (max - min) / (2^bits - 1),
+about 5 sigma / 255 at 8 bits and 5 sigma / 15 at 4 bits, i.e. RMS weight errors of ~0.6% and
+~10%. The blocks only add gated updates to the residual stream, which dilutes that, and bf16
+rounding adds ~1%. Measured: 8-bit 0.020, mixed-4-8 0.040, 4-bit 0.051; bounds are ~2.5-3x.
+The tiny text encoder has 36 layers, so its 8-bit error compounds to ~6%: bound 0.15.
+"""
+
+import json
+import shutil
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import rel_l2
+from mlx.utils import tree_flatten
+
+from ideogram4_mlx.cli.convert import convert as convert_command
+from ideogram4_mlx.convert import convert
+from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.quantization import RECORD_KEY, conversion_record, quantization_plan
+from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
+from ideogram4_mlx.vae import Flux2VAE
+from ideogram4_mlx.weights import CheckpointError, read_header
+
+BOUNDS = {8: 0.05, "mixed-4-8": 0.12, 4: 0.15}
+TEXT_BOUND_8 = 0.15
+CAPTION = (
+    '{"high_level_description":"a red sign","compositional_deconstruction":'
+    '{"background":"white","elements":[{"type":"text","text":"OPEN","desc":"bold"}]}}'
+)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, tmp_path_factory):
+    return convert(tiny_checkpoint, tmp_path_factory.mktemp("conv") / "bf16", progress=False)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for setting in BOUNDS:
+        kwargs = {"recipe": setting} if isinstance(setting, str) else {"quantize": setting}
+        parts = ("transformer", "text_encoder")
+        out[setting] = convert(
+            tiny_checkpoint, root / str(setting), components=parts, progress=False, **kwargs
+        )
+    return out
+
+
+def params(model):
+    return dict(tree_flatten(model.parameters()))
+
+
+def assert_same_params(a, b):
+    a, b = params(a), params(b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert mx.array_equal(a[key], b[key]).item(), key
+
+
+def dit_velocity(model, seed=0):
+    rng = np.random.default_rng(seed)
+    pos, seg, ind = sequence_ids([6], 4, 5)
+    length = ind.shape[1]
+    x = mx.array(rng.standard_normal((1, length, 128)).astype(np.float32))
+    feats = mx.array(
+        rng.standard_normal((1, length, model.config.llm_features_dim)).astype(np.float32)
+    )
+    return np.array(model(x, np.array([0.4], np.float32), feats, pos, seg, ind))
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("name", ["transformer", "unconditional_transformer"])
+def test_bf16_dit_round_trip_is_bit_identical(tiny_checkpoint, converted, name):
+    raw = Ideogram4Transformer.from_pretrained(tiny_checkpoint / name)
+    assert_same_params(raw, Ideogram4Transformer.from_pretrained(converted / name))
+
+
+def test_bf16_text_encoder_and_vae_round_trip(tiny_checkpoint, converted):
+    assert_same_params(
+        Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder"),
+        Qwen3VLTextEncoder.from_pretrained(converted / "text_encoder"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bn buffers travel along and still match
+        vae = Flux2VAE.from_pretrained(converted / "vae")
+    assert_same_params(Flux2VAE.from_pretrained(tiny_checkpoint / "vae"), vae)
+
+
+def test_output_is_mlx_native_sharded_and_recorded(tiny_checkpoint, converted):
+    for name in ("transformer", "text_encoder", "vae"):
+        index = json.loads((converted / name / "model.safetensors.index.json").read_text())
+        shards = set(index["weight_map"].values())
+        assert shards == {"model-00001-of-00001.safetensors"}
+        header = read_header(converted / name / shards.pop())
+        assert set(header) == set(index["weight_map"])
+        assert not [k for k in header if k.endswith("weight_scale") or k.startswith("visual.")]
+        record = conversion_record(converted / name)
+        assert record["dtype"] == "bfloat16" and record["quantization"] is None
+        assert record["source"] == str(tiny_checkpoint)
+    header = read_header(converted / "vae" / "model-00001-of-00001.safetensors")
+    assert header["decoder.conv_out.weight"] == ("BF16", (3, 3, 3, 32))  # (O, kh, kw, I)
+    assert header["bn.running_mean"][0] == "F32"
+    header = read_header(converted / "transformer" / "model-00001-of-00001.safetensors")
+    assert header["layers.0.attention.qkv.weight"][0] == "BF16"
+    for name in ("tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "model_index.json"):
+        assert (converted / name).read_bytes() == (tiny_checkpoint / name).read_bytes()
+
+
+def test_small_shards_split_with_an_index(tiny_checkpoint, tmp_path):
+    dst = convert(
+        tiny_checkpoint,
+        tmp_path / "out",
+        components=("transformer",),
+        progress=False,
+        shard_bytes=200_000,
+    )
+    index = json.loads((dst / "transformer" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    raw = Ideogram4Transformer.from_pretrained(tiny_checkpoint / "transformer")
+    assert_same_params(raw, Ideogram4Transformer.from_pretrained(dst / "transformer"))
+
+
+def test_converted_pipeline_generates_the_same_image(tiny_checkpoint, converted):
+    fast = {"width": 256, "height": 256, "num_steps": 2, "seed": 3}
+    raw = load(tiny_checkpoint, dtype=mx.bfloat16).generate(CAPTION, **fast)
+    mine = load(converted).generate(CAPTION, **fast)
+    np.testing.assert_array_equal(np.array(mine.image), np.array(raw.image))
+    np.testing.assert_array_equal(mine.latents, raw.latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization
+
+
+@pytest.mark.parametrize("setting", list(BOUNDS))
+def test_quantized_dit_is_within_bound_of_bf16(tiny_checkpoint, quantized, setting):
+    reference = dit_velocity(Ideogram4Transformer.from_pretrained(tiny_checkpoint / "transformer"))
+    model = Ideogram4Transformer.from_pretrained(quantized[setting] / "transformer")
+    err = rel_l2(dit_velocity(model), reference)
+    assert 0 < err < BOUNDS[setting], err
+    bits = 4 if setting == "mixed-4-8" else setting
+    assert model.layers[0].feed_forward.w1.bits == bits
+    assert model.layers[1].attention.qkv.bits == (8 if setting == "mixed-4-8" else bits)
+    assert model.llm_cond_proj.bits == 8  # never below 8 bits
+    for keep in (model.input_proj, model.adaln_proj, model.final_layer.linear):
+        assert type(keep).__name__ == "Linear"
+    assert type(model.layers[0].adaln_modulation).__name__ == "Linear"
+    assert type(model.embed_image_indicator).__name__ == "Embedding"
+
+
+def test_quantized_text_encoder_loads_and_stays_close(tiny_checkpoint, quantized):
+    ids = np.array([[5, 17, 300, 42, 7, 99]])
+    reference = np.array(Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder")(ids))
+    model = Qwen3VLTextEncoder.from_pretrained(quantized[8] / "text_encoder")
+    assert model.layers[0].mlp.down_proj.bits == 8
+    assert type(model.embed_tokens).__name__ == "Embedding"
+    assert rel_l2(np.array(model(ids)), reference) < TEXT_BOUND_8
+    q4 = Qwen3VLTextEncoder.from_pretrained(quantized[4] / "text_encoder")
+    assert np.isfinite(np.array(q4(ids))).all()
+
+
+def test_quantization_is_recorded_with_overrides(quantized):
+    q = conversion_record(quantized["mixed-4-8"] / "transformer")["quantization"]
+    assert (q["mode"], q["bits"], q["group_size"], q["recipe"]) == ("affine", 4, 64, "mixed-4-8")
+    assert q["overrides"]["input_proj"] is False
+    assert q["overrides"]["llm_cond_proj"] == {"bits": 8, "group_size": 64}
+    assert q["overrides"]["layers.0.attention.qkv"] == {"bits": 8, "group_size": 64}
+    assert "layers.0.feed_forward.w1" not in q["overrides"]
+
+
+def test_vae_is_never_quantized(tiny_checkpoint, tmp_path):
+    dst = convert(tiny_checkpoint, tmp_path / "q", quantize=4, components=("vae",), progress=False)
+    assert conversion_record(dst / "vae")["quantization"] is None
+    assert_same_params(
+        Flux2VAE.from_pretrained(tiny_checkpoint / "vae"), Flux2VAE.from_pretrained(dst / "vae")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety and failure paths
+
+
+def test_existing_dst_is_refused_without_force(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert(tiny_checkpoint, dst, components=("vae",), progress=False)
+    assert (dst / "keep.txt").exists()
+    convert(tiny_checkpoint, dst, components=("vae",), progress=False, force=True)
+    assert not (dst / "keep.txt").exists() and (dst / "vae" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupted_run_leaves_no_dst_and_no_temp(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = []
+    save = mx.save_safetensors
+
+    def failing_save(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_checkpoint, tmp_path / "out", progress=False)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def copy_checkpoint(src, dst, parts=("transformer", "vae")):
+    for part in parts:
+        shutil.copytree(src / part, dst / part)
+    return dst
+
+
+def rewrite_vae(folder, key, value):
+    path = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = mx.load(str(path))
+    tensors[key] = value
+    mx.save_safetensors(str(path), tensors)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (
+            lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+            r"vae: no \.safetensors file found",
+        ),
+        (
+            lambda d: (d / "transformer" / "config.json").unlink(),
+            r"transformer/config\.json: file not found",
+        ),
+        (
+            lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(
+                (d / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()[:-1000]
+            ),
+            r"diffusion_pytorch_model\.safetensors: not a readable safetensors file",
+        ),
+        (
+            lambda d: rewrite_vae(d, "decoder.conv_in.bias", mx.zeros((64,), mx.int32)),
+            r"diffusion_pytorch_model\.safetensors: decoder\.conv_in\.bias has dtype I32, "
+            r"expected BF16 or F16 or F32",
+        ),
+        (
+            lambda d: rewrite_vae(d, "decoder.conv_in.bias", mx.zeros((65,), mx.bfloat16)),
+            r"diffusion_pytorch_model\.safetensors: decoder\.conv_in\.bias has shape \(65,\), "
+            r"config\.json expects \(64,\)",
+        ),
+        (
+            lambda d: (d / "transformer" / "config.json").write_text(
+                (d / "transformer" / "config.json")
+                .read_text()
+                .replace('"num_layers": 2', '"num_layers": 3')
+            ),
+            r"transformer: layers\.2\.adaln_modulation\.bias is missing",
+        ),
+        (
+            lambda d: (d / "transformer" / "config.json").write_text(
+                (d / "transformer" / "config.json")
+                .read_text()
+                .replace('"intermediate_size": 256', '"intermediate_size": 320')
+            ),
+            r"feed_forward\.w1\.weight has shape \(256, 256\), config\.json expects \(320, 256\)",
+        ),
+    ],
+    ids=["missing-file", "missing-config", "truncated", "dtype", "shape", "missing-key", "size"],
+)
+def test_damaged_source_fails_with_file_key_and_expectation(
+    tiny_checkpoint, tmp_path, damage, match
+):
+    src = copy_checkpoint(tiny_checkpoint, tmp_path / "src")
+    damage(src)
+    with pytest.raises(CheckpointError, match=match) as info:
+        convert(src, tmp_path / "out", components=("transformer", "vae"), progress=False)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_converted_folder_is_not_a_source_and_settings_are_checked(converted, tmp_path):
+    with pytest.raises(CheckpointError, match=f"already converted \\({RECORD_KEY}"):
+        convert(converted, tmp_path / "again", components=("vae",), progress=False)
+    with pytest.raises(ValueError, match="valid recipes: mixed-4-8"):
+        convert(converted, tmp_path / "x", recipe="q3", progress=False)
+    with pytest.raises(ValueError, match="bits 5 is not supported"):
+        convert(converted, tmp_path / "x", quantize=5, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        convert(converted, tmp_path / "x", quantize=4, recipe="mixed-4-8", progress=False)
+    with pytest.raises(ValueError, match="must not be the source folder"):
+        convert(converted, converted / "inside", components=("vae",), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_converts_and_reports_errors_in_one_line(tiny_checkpoint, tmp_path):
+    runner = CliRunner()
+    args = [str(tiny_checkpoint), str(tmp_path / "out"), "--components", "transformer"]
+    result = runner.invoke(convert_command, [*args, "--quantize", "8", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    q = conversion_record(tmp_path / "out" / "transformer")["quantization"]
+    assert (q["bits"], q["group_size"]) == (8, 32)
+    again = runner.invoke(convert_command, args)
+    assert again.exit_code != 0 and "already exists" in again.output
+    assert "Traceback" not in again.output
+    forced = runner.invoke(convert_command, [*args, "--force", "--recipe", "mixed-4-8"])
+    assert forced.exit_code == 0, forced.output
+    bad = runner.invoke(convert_command, [str(tmp_path / "nope"), str(tmp_path / "o2")])
+    assert bad.exit_code != 0 and "not a Hugging Face repo id" in bad.output
+
+
+def test_record_from_a_newer_converter_is_refused(converted, tmp_path):
+    folder = tmp_path / "transformer"
+    shutil.copytree(converted / "transformer", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[RECORD_KEY]["version"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format version 99.*upgrade ideogram4_mlx"):
+        Ideogram4Transformer.from_pretrained(folder)
+
+
+def test_mixed_4_6_keeps_down_and_attention_projections_at_6_bits(tiny_checkpoint):
+    config = TransformerConfig.from_file(tiny_checkpoint / "transformer" / "config.json")
+    overrides = quantization_plan(Ideogram4Transformer(config), None, 64, "mixed-4-6")["overrides"]
+    assert overrides["layers.0.feed_forward.w2"] == {"bits": 6, "group_size": 64}
+    assert overrides["layers.1.attention.o"] == {"bits": 6, "group_size": 64}
+    assert (
+        "layers.0.feed_forward.w1" not in overrides and "layers.0.feed_forward.w3" not in overrides
+    )
+    text = TextEncoderConfig.from_file(tiny_checkpoint / "text_encoder" / "config.json")
+    overrides = quantization_plan(Qwen3VLTextEncoder(text), None, 64, "mixed-4-6")["overrides"]
+    assert (
+        overrides["layers.3.mlp.down_proj"]["bits"] == 6 and "layers.3.mlp.up_proj" not in overrides
+    )
