@@ -7,6 +7,7 @@ import click
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.cli.caption import verify_caption
+from ideogram4_mlx.cli.convert import convert
 from ideogram4_mlx.cli.crosscheck import crosscheck
 from ideogram4_mlx.cli.generate import generate
 from ideogram4_mlx.cli.synth import synth
@@ -22,3 +23,4 @@ main.add_command(generate)
 main.add_command(synth)
 main.add_command(verify_caption)
 main.add_command(crosscheck)
+main.add_command(convert)

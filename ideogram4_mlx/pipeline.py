@@ -21,6 +21,7 @@ from PIL import Image
 from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING, is_json_prompt, verify_raw
 from ideogram4_mlx.loading import resolve_model
+from ideogram4_mlx.quantization import conversion_record
 from ideogram4_mlx.sampler import DEFAULT_PRESET, Schedule, denoise, resolve_schedule
 from ideogram4_mlx.text_encoder import PromptEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
@@ -161,6 +162,11 @@ class Ideogram4Pipeline:
             self._vae = None
         mx.clear_cache()
 
+    def quantization(self) -> dict | None:
+        """What ``ideo4-mlx convert`` recorded for the DiTs (None for a raw fp8 snapshot)."""
+        record = conversion_record(self.model_dir / "transformer")
+        return None if record is None else record.get("quantization")
+
     # -- generation ---------------------------------------------------------------------------
 
     def generate(
@@ -230,7 +236,7 @@ class Ideogram4Pipeline:
             "model": self.model_id,
             "revision": self.revision,
             "dtype": str(self.dtype).removeprefix("mlx.core."),
-            "quantization": None,
+            "quantization": self.quantization(),
             "caption_findings": findings,
             "version": __version__,
         }
