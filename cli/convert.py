@@ -4,22 +4,11 @@ from pathlib import Path
 
 import click
 
+from ideogram4_mlx.cli.options import components_option
 from ideogram4_mlx.convert import COMPONENTS, DTYPES
 from ideogram4_mlx.convert import convert as convert_checkpoint
 from ideogram4_mlx.loading import ModelAccessError
 from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
-
-
-def _parse_components(ctx, param, value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    names = tuple(n.strip() for n in value.split(",") if n.strip())
-    unknown = [n for n in names if n not in COMPONENTS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}"
-        )
-    return names
 
 
 @click.command()
@@ -54,7 +43,7 @@ def _parse_components(ctx, param, value: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--components",
-    callback=_parse_components,
+    callback=components_option(COMPONENTS),
     default=None,
     help=f"Comma-separated sub-folders to write (default: all of {', '.join(COMPONENTS)}).",
 )

@@ -5,17 +5,8 @@ from pathlib import Path
 
 import click
 
+from ideogram4_mlx.cli.options import components_option
 from ideogram4_mlx.synthetic import COMPONENTS, SYNTHETIC_PRESETS, write_synthetic_checkpoint
-
-
-def _parse_components(ctx, param, value: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in value.split(",") if n.strip())
-    unknown = [n for n in names if n not in COMPONENTS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}"
-        )
-    return names
 
 
 @click.command()
@@ -32,7 +23,7 @@ def _parse_components(ctx, param, value: str) -> tuple[str, ...]:
     "--components",
     default=",".join(COMPONENTS),
     show_default=True,
-    callback=_parse_components,
+    callback=components_option(COMPONENTS),
     help="Comma-separated sub-folders to write (model_index.json is always written).",
 )
 @click.option("--dit-layers", type=click.IntRange(min=1), help="Override the preset's DiT depth.")

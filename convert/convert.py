@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from ideogram4_mlx import __version__, text_encoder, transformer, vae
+from ideogram4_mlx.files import move_into_place
 from ideogram4_mlx.loading import resolve_model
 from ideogram4_mlx.quantization import (
     MODE,
@@ -178,16 +179,6 @@ def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:
         return path, str(path)
     folder, model_id, revision = resolve_model(str(src), revision)
     return folder, f"{model_id}@{revision}"
-
-
-def move_into_place(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.replace(dst, old / "replaced")
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, tr
 from tqdm import tqdm
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
+from ideogram4_mlx.files import move_into_place
 
 COMPONENTS = (
     "transformer",
@@ -196,7 +197,7 @@ def write_synthetic_checkpoint(
         ) as bar:
             for f in files:
                 _write_file(tmp, f, seed, bar.update)
-        _move_into_place(tmp, dst)
+        move_into_place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,16 +220,6 @@ def check_components(components) -> tuple[str, ...]:
             f"unknown component(s) {unknown}; valid components: {', '.join(COMPONENTS)}"
         )
     return tuple(c for c in COMPONENTS if c in components)
-
-
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.replace(dst, old / "checkpoint")
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
