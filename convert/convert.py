@@ -242,6 +242,8 @@ def convert_component(
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     config[RECORD_KEY] = record
+    # the weights are no longer fp8; other loaders must not take them for the fp8 format
+    config.pop("ideogram_fp8_weight_only", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

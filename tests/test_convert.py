@@ -98,6 +98,13 @@ def test_bf16_text_encoder_and_vae_round_trip(tiny_checkpoint, converted):
     assert_same_params(Flux2VAE.from_pretrained(tiny_checkpoint / "vae"), vae)
 
 
+def test_converted_text_encoder_config_drops_the_fp8_flag(tiny_checkpoint, converted):
+    raw = json.loads((tiny_checkpoint / "text_encoder" / "config.json").read_text())
+    assert raw["ideogram_fp8_weight_only"] is True
+    config = json.loads((converted / "text_encoder" / "config.json").read_text())
+    assert "ideogram_fp8_weight_only" not in config and RECORD_KEY in config
+
+
 def test_output_is_mlx_native_sharded_and_recorded(tiny_checkpoint, converted):
     for name in ("transformer", "text_encoder", "vae"):
         index = json.loads((converted / name / "model.safetensors.index.json").read_text())
