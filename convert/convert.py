@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx import __version__, text_encoder, transformer, vae
 from ideogram4_mlx.files import move_into_place
-from ideogram4_mlx.loading import resolve_model
+from ideogram4_mlx.loading import check_components, resolve_model
 from ideogram4_mlx.quantization import (
     MODE,
     RECORD_KEY,
@@ -129,7 +129,7 @@ def convert(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
     quantization_plan(nn.Module(), quantize, group_size, recipe)  # checks the settings only
-    components = check_components(components)
+    components = check_components(components, COMPONENTS)
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
@@ -158,18 +158,6 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
-
-
-def check_components(components) -> tuple[str, ...]:
-    if components is None:
-        return COMPONENTS
-    components = (components,) if isinstance(components, str) else tuple(components)
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ValueError(
-            f"unknown component(s) {unknown}; valid components: {', '.join(COMPONENTS)}"
-        )
-    return tuple(c for c in COMPONENTS if c in components)
 
 
 def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:

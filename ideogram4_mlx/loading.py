@@ -29,6 +29,17 @@ ALLOW_PATTERNS = [
 ]
 
 
+def check_components(components, valid: tuple[str, ...]) -> tuple[str, ...]:
+    """Selected sub-folder names (a name, a list, or None for all), in ``valid``'s order."""
+    if components is None:
+        return valid
+    components = (components,) if isinstance(components, str) else tuple(components)
+    unknown = [c for c in components if c not in valid]
+    if unknown:
+        raise ValueError(f"unknown component(s) {unknown}; valid components: {', '.join(valid)}")
+    return tuple(c for c in valid if c in components)
+
+
 class ModelAccessError(RuntimeError):
     """The Hub refused the download (gated or private repo, missing token)."""
 

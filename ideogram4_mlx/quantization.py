@@ -15,13 +15,21 @@ from the default ``bits``; ``false`` means the layer was kept in float.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from ideogram4_mlx.weights import CheckpointError, read_json
+from ideogram4_mlx.weights import (
+    CheckpointError,
+    component_files,
+    load_safetensors,
+    load_strict,
+    read_json,
+)
 
 RECORD_KEY = "mlx_conversion"
 RECORD_VERSION = 1
@@ -159,3 +167,23 @@ def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.a
     return {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
+
+
+def load_component(
+    model: nn.Module,
+    component_dir: Path,
+    sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]],
+    dtype: mx.Dtype,
+) -> nn.Module:
+    """Fill ``model`` from a raw snapshot folder (``sanitize`` applied) or a converted one
+    (MLX-native already; its quantized skeleton is built first), strictly, in ``dtype``."""
+    record = conversion_record(component_dir)
+    quantize_skeleton(model, record)
+    weights = load_safetensors(component_files(component_dir))
+    weights = sanitize(weights) if record is None else weights
+    load_strict(model, cast_floats(weights, dtype), str(component_dir))
+    del weights
+    for _, param in tree_flatten(model.parameters()):
+        # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.
+        mx.eval(param)
+    return model

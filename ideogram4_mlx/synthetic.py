@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
 from ideogram4_mlx.files import move_into_place
+from ideogram4_mlx.loading import check_components
 
 COMPONENTS = (
     "transformer",
@@ -181,7 +182,7 @@ def write_synthetic_checkpoint(
     spec and seed give byte-identical files.
     """
     spec = resolve_spec(spec)
-    components = check_components(components)
+    components = check_components(components, COMPONENTS)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(
@@ -210,16 +211,6 @@ def resolve_spec(spec: SyntheticSpec | str) -> SyntheticSpec:
     if spec not in SYNTHETIC_PRESETS:
         raise ValueError(f"unknown preset {spec!r}; valid presets: {', '.join(SYNTHETIC_PRESETS)}")
     return SYNTHETIC_PRESETS[spec]
-
-
-def check_components(components) -> tuple[str, ...]:
-    components = (components,) if isinstance(components, str) else tuple(components)
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ValueError(
-            f"unknown component(s) {unknown}; valid components: {', '.join(COMPONENTS)}"
-        )
-    return tuple(c for c in COMPONENTS if c in components)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,19 +18,15 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 # PreTrainedTokenizerFast, not AutoTokenizer: the auto mapping imports torch when it is installed.
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ideogram4_mlx.quantization import cast_floats, conversion_record, quantize_skeleton
+from ideogram4_mlx.quantization import load_component
 from ideogram4_mlx.transformer import RMSNorm, apply_rope, rope_inv_freq, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
-    component_files,
     dequantize_fp8_weights,
-    load_safetensors,
-    load_strict,
     read_json,
     strip_prefixes,
 )
@@ -265,17 +261,7 @@ class Qwen3VLTextEncoder(nn.Module):
         component_dir = Path(component_dir)
         config = TextEncoderConfig.from_file(component_dir / "config.json")
         model = cls(config)
-        # [convert] a converted folder is MLX-native (no sanitize), maybe quantized (skeleton first)
-        record = conversion_record(component_dir)
-        quantize_skeleton(model, record)
-        weights = load_safetensors(component_files(component_dir))
-        weights = sanitize(weights) if record is None else weights
-        load_strict(model, cast_floats(weights, dtype), str(component_dir))
-        del weights
-        for _, param in tree_flatten(model.parameters()):
-            # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.
-            mx.eval(param)
-        return model
+        return load_component(model, component_dir, sanitize, dtype)
 
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
