@@ -254,17 +254,13 @@ class Ideogram4Pipeline:
         """Euler + CFG from the noise to the final packed latents (1, N, 128) fp32."""
         cond_dit, uncond_dit = self.dits()
         n_text = features.shape[1]
-        n_img = grid_h * grid_w
         cond_ids = sequence_ids([n_text], grid_h, grid_w)
         uncond_ids = sequence_ids([0], grid_h, grid_w)
-        text_features = mx.concatenate(
-            [features, mx.zeros((1, n_img, features.shape[-1]), features.dtype)], axis=1
-        )
         text_slots = mx.zeros((1, n_text, LATENT_CHANNELS), mx.float32)
 
         def cond(z: mx.array, t: float) -> mx.array:
             x = mx.concatenate([text_slots, z], axis=1)
-            return cond_dit(x, np.array([t], np.float32), text_features, *cond_ids)[:, n_text:]
+            return cond_dit(x, np.array([t], np.float32), features, *cond_ids)[:, n_text:]
 
         def uncond(z: mx.array, t: float) -> mx.array:
             return uncond_dit(z, np.array([t], np.float32), None, *uncond_ids)

@@ -309,8 +309,9 @@ class Ideogram4Transformer(nn.Module):
         Args:
             x: (B, L, 128) latents at image positions (other positions are masked to 0).
             t: (B,) model time in [0, 1]; rounded to bf16 before the embedding (reference).
-            llm_features: (B, L, llm_features_dim) text features at text positions, or None when
-                the sequence has no text (unconditional branch): same result, no wasted work.
+            llm_features: (B, L', llm_features_dim) text features at text positions, covering
+                the first L' <= L positions (the text prefix suffices), or None when the
+                sequence has no text (unconditional branch): same result, no wasted work.
             position_ids: (B, L, 3) int (t, h, w); segment_ids: (B, L) int; indicator: (B, L) int.
 
         Returns:
@@ -322,9 +323,13 @@ class Ideogram4Transformer(nn.Module):
         # Biases are masked after the projection so they do not leak into other roles (spec §I.8).
         h = self.input_proj(x.astype(dtype) * m_img) * m_img
         if llm_features is not None:
-            m_txt = (indicator == LLM_TOKEN_INDICATOR)[..., None].astype(dtype)
+            # Features may cover only the leading [padding][text] slots: the image slots' text
+            # contribution is exactly 0, so the 53248-wide projection skips them.
+            n = llm_features.shape[1]
+            m_txt = (indicator[:, :n] == LLM_TOKEN_INDICATOR)[..., None].astype(dtype)
             f = self.llm_cond_norm(llm_features.astype(dtype) * m_txt)
-            h = h + self.llm_cond_proj(f) * m_txt
+            h_txt = self.llm_cond_proj(f) * m_txt
+            h = h + mx.pad(h_txt, [(0, 0), (0, h.shape[1] - n), (0, 0)])
         h = h + self.embed_image_indicator((indicator == OUTPUT_IMAGE_INDICATOR).astype(mx.int32))
 
         c = self.conditioning(t)

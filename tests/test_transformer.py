@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import rel_l2
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.transformer import (
@@ -249,3 +250,14 @@ def test_timestep_is_bf16_rounded_inside_the_model(tiny_model):
     a = run(tiny_model, x, [1.2339457598623172e-4], feats, pos, seg, ind)
     np.testing.assert_array_equal(a, run(tiny_model, x, [1.23023987e-4], feats, pos, seg, ind))
     assert not np.array_equal(a, run(tiny_model, x, [0.02734375], feats, pos, seg, ind))
+
+
+def test_text_features_may_cover_only_the_text_prefix(tiny_model):
+    """The pipeline passes features for [padding][text] only; image slots add exactly 0."""
+    x, feats, pos, seg, ind = random_inputs([5, 2], 3, 3)
+    feats[ind != LLM_TOKEN_INDICATOR] = 0.0
+    full = run(tiny_model, x, [0.3, 0.6], feats, pos, seg, ind)
+    prefix = run(tiny_model, x, [0.3, 0.6], feats[:, :5], pos, seg, ind)
+    # Same math; an optimised BLAS may block a 5-row GEMM differently from a 14-row one, so
+    # allow fp32 summation-order noise, as the fp32 parity tests do (a formula error is >= 1e-2).
+    assert rel_l2(prefix, full) <= 1e-5
