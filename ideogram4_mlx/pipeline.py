@@ -22,7 +22,13 @@ from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING, is_json_prompt, verify_raw
 from ideogram4_mlx.loading import resolve_model
 from ideogram4_mlx.quantization import conversion_record
-from ideogram4_mlx.sampler import DEFAULT_PRESET, Schedule, denoise, resolve_schedule
+from ideogram4_mlx.sampler import (
+    DEFAULT_PRESET,
+    Schedule,
+    VelocityFn,
+    denoise,
+    resolve_schedule,
+)
 from ideogram4_mlx.text_encoder import PromptEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode
@@ -252,20 +258,33 @@ class Ideogram4Pipeline:
         callback: Callable[[int, int, mx.array], None] | None = None,
     ) -> mx.array:
         """Euler + CFG from the noise to the final packed latents (1, N, 128) fp32."""
-        cond_dit, uncond_dit = self.dits()
-        n_text = features.shape[1]
-        cond_ids = sequence_ids([n_text], grid_h, grid_w)
-        uncond_ids = sequence_ids([0], grid_h, grid_w)
-        text_slots = mx.zeros((1, n_text, LATENT_CHANNELS), mx.float32)
-
-        def cond(z: mx.array, t: float) -> mx.array:
-            x = mx.concatenate([text_slots, z], axis=1)
-            return cond_dit(x, np.array([t], np.float32), features, *cond_ids)[:, n_text:]
-
-        def uncond(z: mx.array, t: float) -> mx.array:
-            return uncond_dit(z, np.array([t], np.float32), None, *uncond_ids)
-
+        cond, uncond = velocity_fns(*self.dits(), features, grid_h, grid_w)
         return denoise(noise, schedule, cond, uncond, callback)
+
+
+def velocity_fns(
+    cond_dit: Ideogram4Transformer,
+    uncond_dit: Ideogram4Transformer,
+    features: mx.array,
+    grid_h: int,
+    grid_w: int,
+) -> tuple[VelocityFn, VelocityFn]:
+    """The sampler's ``cond(z, t)`` and ``uncond(z, t)`` for one image: ``[text][image]`` through
+    the conditional DiT, image tokens only through the unconditional one. Layout constants
+    (RoPE tables, masks, projected text) are prepared here once, not per step."""
+    n_text = features.shape[1]
+    cond_seq = cond_dit.prepare(features, *sequence_ids([n_text], grid_h, grid_w))
+    uncond_seq = uncond_dit.prepare(None, *sequence_ids([0], grid_h, grid_w))
+    text_slots = mx.zeros((1, n_text, LATENT_CHANNELS), mx.float32)
+
+    def cond(z: mx.array, t: float) -> mx.array:
+        x = mx.concatenate([text_slots, z], axis=1)
+        return cond_dit.run(x, np.array([t], np.float32), cond_seq)[:, n_text:]
+
+    def uncond(z: mx.array, t: float) -> mx.array:
+        return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
+
+    return cond, uncond
 
 
 def check_noise(noise: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:

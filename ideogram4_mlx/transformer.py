@@ -258,6 +258,21 @@ class FinalLayer(nn.Module):
         return self.linear(mx.fast.layer_norm(h, None, None, FINAL_NORM_EPS) * scale)
 
 
+@dataclass(frozen=True)
+class PreparedSequence:
+    """Per-image constants of one DiT input layout (see :meth:`Ideogram4Transformer.prepare`)."""
+
+    image_mask: mx.array  # (B, L, 1) 1 at image slots
+    text: mx.array | None  # (B, L, D) projected text features, 0 outside text slots
+    role: mx.array  # (B, L, D) image-indicator embedding rows
+    cos: mx.array  # (B, L, 1, head_dim)
+    sin: mx.array
+    mask: mx.array | None  # (B, 1, L, L) bool, None when every token attends to every token
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in vars(self).values() if a is not None]
+
+
 class Ideogram4Transformer(nn.Module):
     """The DiT. Inputs follow spec §C; the output is the velocity (B, L, 128) in fp32."""
 
@@ -295,6 +310,63 @@ class Ideogram4Transformer(nn.Module):
         t_cond = self.t_embedding(mx.array(sinusoid).astype(self.dtype))
         return silu(self.adaln_proj(t_cond))[:, None]
 
+    def prepare(
+        self,
+        llm_features: mx.array | None,
+        position_ids: np.ndarray | mx.array,
+        segment_ids: np.ndarray | mx.array,
+        indicator: np.ndarray | mx.array,
+    ) -> PreparedSequence:
+        """Everything about one sequence layout that does not change between sampler steps:
+        RoPE tables, attention mask, role masks and the projected text features. Computing
+        them once per image, not once per step, is exact (the same ops on the same inputs).
+
+        Args:
+            llm_features: (B, L', llm_features_dim) text features at text positions, covering
+                the first L' <= L positions (the text prefix suffices), or None when the
+                sequence has no text (unconditional branch): same result, no wasted work.
+            position_ids: (B, L, 3) int (t, h, w); segment_ids: (B, L) int; indicator: (B, L) int.
+        """
+        dtype = self.dtype
+        indicator = mx.array(indicator)
+        is_image = indicator == OUTPUT_IMAGE_INDICATOR
+        text = None
+        if llm_features is not None:
+            # The image slots' text contribution is exactly 0, so the 53248-wide projection
+            # runs on the leading [padding][text] slots only.
+            n = llm_features.shape[1]
+            m_txt = (indicator[:, :n] == LLM_TOKEN_INDICATOR)[..., None].astype(dtype)
+            f = self.llm_cond_norm(llm_features.astype(dtype) * m_txt)
+            text = mx.pad(
+                self.llm_cond_proj(f) * m_txt, [(0, 0), (0, indicator.shape[1] - n), (0, 0)]
+            )
+        cos, sin = self.rope_tables(position_ids)
+        prepared = PreparedSequence(
+            image_mask=is_image[..., None].astype(dtype),
+            text=text,
+            role=self.embed_image_indicator(is_image.astype(mx.int32)),
+            cos=cos,
+            sin=sin,
+            mask=segment_mask(segment_ids),
+        )
+        mx.eval(prepared.arrays())
+        return prepared
+
+    def run(self, x: mx.array, t: np.ndarray | mx.array, seq: PreparedSequence) -> mx.array:
+        """Velocity (B, L, 128) float32 for latents ``x`` (B, L, 128) at model time ``t`` (B,)
+        in [0, 1] (rounded to bf16 before the embedding, as the reference does); only image
+        positions are meaningful."""
+        m_img = seq.image_mask
+        # Biases are masked after the projection so they do not leak into other roles (spec §I.8).
+        h = self.input_proj(x.astype(self.dtype) * m_img) * m_img
+        if seq.text is not None:
+            h = h + seq.text
+        h = h + seq.role
+        c = self.conditioning(t)
+        for layer in self.layers:
+            h = layer(h, c, seq.cos, seq.sin, seq.mask)
+        return self.final_layer(h, c).astype(mx.float32)
+
     def __call__(
         self,
         x: mx.array,
@@ -304,40 +376,8 @@ class Ideogram4Transformer(nn.Module):
         segment_ids: np.ndarray | mx.array,
         indicator: np.ndarray | mx.array,
     ) -> mx.array:
-        """Velocity for every position of the packed sequence.
-
-        Args:
-            x: (B, L, 128) latents at image positions (other positions are masked to 0).
-            t: (B,) model time in [0, 1]; rounded to bf16 before the embedding (reference).
-            llm_features: (B, L', llm_features_dim) text features at text positions, covering
-                the first L' <= L positions (the text prefix suffices), or None when the
-                sequence has no text (unconditional branch): same result, no wasted work.
-            position_ids: (B, L, 3) int (t, h, w); segment_ids: (B, L) int; indicator: (B, L) int.
-
-        Returns:
-            (B, L, 128) float32; only image positions are meaningful.
-        """
-        dtype = self.dtype
-        indicator = mx.array(indicator)
-        m_img = (indicator == OUTPUT_IMAGE_INDICATOR)[..., None].astype(dtype)
-        # Biases are masked after the projection so they do not leak into other roles (spec §I.8).
-        h = self.input_proj(x.astype(dtype) * m_img) * m_img
-        if llm_features is not None:
-            # Features may cover only the leading [padding][text] slots: the image slots' text
-            # contribution is exactly 0, so the 53248-wide projection skips them.
-            n = llm_features.shape[1]
-            m_txt = (indicator[:, :n] == LLM_TOKEN_INDICATOR)[..., None].astype(dtype)
-            f = self.llm_cond_norm(llm_features.astype(dtype) * m_txt)
-            h_txt = self.llm_cond_proj(f) * m_txt
-            h = h + mx.pad(h_txt, [(0, 0), (0, h.shape[1] - n), (0, 0)])
-        h = h + self.embed_image_indicator((indicator == OUTPUT_IMAGE_INDICATOR).astype(mx.int32))
-
-        c = self.conditioning(t)
-        cos, sin = self.rope_tables(position_ids)
-        mask = segment_mask(segment_ids)
-        for layer in self.layers:
-            h = layer(h, c, cos, sin, mask)
-        return self.final_layer(h, c).astype(mx.float32)
+        """One forward: ``run(x, t, prepare(llm_features, position_ids, ...))`` (see both)."""
+        return self.run(x, t, self.prepare(llm_features, position_ids, segment_ids, indicator))
 
     @classmethod
     def from_pretrained(

@@ -261,3 +261,15 @@ def test_text_features_may_cover_only_the_text_prefix(tiny_model):
     # Same math; an optimised BLAS may block a 5-row GEMM differently from a 14-row one, so
     # allow fp32 summation-order noise, as the fp32 parity tests do (a formula error is >= 1e-2).
     assert rel_l2(prefix, full) <= 1e-5
+
+
+def test_one_prepared_sequence_serves_every_step(tiny_model):
+    """The pipeline prepares RoPE, masks and projected text once per image and reuses them:
+    each step must equal a fresh full forward (bit for bit: the same ops on the same inputs)."""
+    x, feats, pos, seg, ind = random_inputs([4, 2], 3, 2)
+    seq = tiny_model.prepare(mx.array(feats), pos, seg, ind)
+    for t in ([0.2, 0.9], [0.7, 0.1]):
+        x = x + 0.5
+        step = tiny_model.run(mx.array(x), np.array(t, np.float32), seq)
+        fresh = run(tiny_model, x, t, feats, pos, seg, ind)
+        np.testing.assert_array_equal(np.array(step), fresh)
