@@ -173,6 +173,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "preview is a full VAE decode, and the VAE sits in memory next to both DiTs while "
     "denoising: slower and more peak memory.",
 )
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Stream the DiT blocks from disk on every pass instead of holding both DiTs in "
+    "memory: same image, far lower peak, one read of the DiT files per step.",
+)
 @click.option("--verbose", is_flag=True, help="Print each stage's time and peak memory.")
 @click.pass_context
 def generate(
@@ -184,6 +190,7 @@ def generate(
     output: Path,
     overwrite: bool,
     stepwise_dir: Path | None,
+    low_memory: bool,
     verbose: bool,
     **settings,
 ) -> None:
@@ -212,7 +219,7 @@ def generate(
                 kwargs = replay_kwargs(read_metadata(from_metadata), explicit)
             model, dtype, revision = (kwargs.pop(k) for k in ("model", "dtype", "revision"))
             _check_before_loading(kwargs, strict_caption)
-            pipe = load(model, dtype=dtype, revision=revision)
+            pipe = load(model, dtype=dtype, revision=revision, low_memory=low_memory)
             previews = None
             if stepwise_dir is not None:
                 previews = preview_callback(pipe, stepwise_dir, kwargs["width"], kwargs["height"])

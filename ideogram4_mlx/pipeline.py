@@ -122,8 +122,10 @@ class Ideogram4Pipeline:
         keep_in_memory: bool = False,
         model_id: str | None = None,
         revision: str | None = None,
+        low_memory: bool = False,
     ):
         self.model_dir = Path(model_dir)
+        self.low_memory = low_memory
         self.dtype = dtype
         self.keep_in_memory = keep_in_memory
         self.model_id = model_id or str(self.model_dir)
@@ -143,11 +145,11 @@ class Ideogram4Pipeline:
 
     def dits(self) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
         if self._dits is None:
-            self._dits = (
-                Ideogram4Transformer.from_pretrained(self.model_dir / "transformer", self.dtype),
+            self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
-                    self.model_dir / "unconditional_transformer", self.dtype
-                ),
+                    self.model_dir / name, self.dtype, self.low_memory
+                )
+                for name in ("transformer", "unconditional_transformer")
             )
         return self._dits
 
@@ -300,11 +302,13 @@ def load(
     dtype: mx.Dtype = mx.bfloat16,
     keep_in_memory: bool = False,
     revision: str | None = None,
+    low_memory: bool = False,
 ) -> Ideogram4Pipeline:
     """A pipeline for a local checkpoint folder or a Hugging Face repo id.
 
     Components load on first use. A repo id is downloaded with huggingface_hub (only the
-    files the pipeline reads).
+    files the pipeline reads). ``low_memory`` streams the DiT blocks from disk on every pass
+    instead of keeping both DiTs resident (same images; one read of the DiT files per step).
     """
     model_dir, model_id, revision = resolve_model(model, revision)
-    return Ideogram4Pipeline(model_dir, dtype, keep_in_memory, model_id, revision)
+    return Ideogram4Pipeline(model_dir, dtype, keep_in_memory, model_id, revision, low_memory)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ideogram4_mlx.weights import (
     CheckpointError,
@@ -174,16 +174,60 @@ def load_component(
     component_dir: Path,
     sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]],
     dtype: mx.Dtype,
+    resident: Callable[[str], bool] | None = None,
 ) -> nn.Module:
     """Fill ``model`` from a raw snapshot folder (``sanitize`` applied) or a converted one
-    (MLX-native already; its quantized skeleton is built first), strictly, in ``dtype``."""
+    (MLX-native already; its quantized skeleton is built first), strictly, in ``dtype``.
+
+    Every key and shape is checked; only parameters for which ``resident(key)`` is true (all,
+    by default) are read. The others stay lazy: a :class:`WeightStream` reads them later.
+    """
     record = conversion_record(component_dir)
     quantize_skeleton(model, record)
-    weights = load_safetensors(component_files(component_dir))
-    weights = sanitize(weights) if record is None else weights
-    load_strict(model, cast_floats(weights, dtype), str(component_dir))
+    weights = read_component(component_dir, sanitize if record is None else None, dtype)
+    load_strict(model, weights, str(component_dir))
     del weights
-    for _, param in tree_flatten(model.parameters()):
-        # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.
-        mx.eval(param)
+    for key, param in tree_flatten(model.parameters()):
+        if resident is None or resident(key):
+            # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.
+            mx.eval(param)
     return model
+
+
+def read_component(
+    component_dir: Path,
+    sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]] | None,
+    dtype: mx.Dtype,
+) -> dict[str, mx.array]:
+    """All parameters of a component folder as lazy arrays (nothing is read until evaluated)."""
+    weights = load_safetensors(component_files(component_dir))
+    return cast_floats(sanitize(weights) if sanitize is not None else weights, dtype)
+
+
+class WeightStream:
+    """Parameters read from disk each time a pass needs them, for ``--low-memory``.
+
+    :meth:`take` hands out fresh lazy arrays for one key prefix; once the caller has evaluated
+    with them and dropped them, their memory is free again. Costs one read of the streamed
+    bytes per pass (the OS file cache usually serves repeats).
+    """
+
+    def __init__(
+        self,
+        component_dir: Path,
+        sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]],
+        dtype: mx.Dtype,
+    ):
+        self.component_dir = Path(component_dir)
+        self.sanitize = None if conversion_record(component_dir) else sanitize
+        self.dtype = dtype
+        self.pending: dict[str, mx.array] = {}
+
+    def open(self) -> None:
+        """Start a pass: (re)create the lazy arrays."""
+        self.pending = read_component(self.component_dir, self.sanitize, self.dtype)
+
+    def take(self, prefix: str) -> dict:
+        """The parameter tree under ``prefix``, removed from the pass (only the caller holds it)."""
+        keys = [k for k in self.pending if k.startswith(prefix)]
+        return tree_unflatten([(k[len(prefix) :], self.pending.pop(k)) for k in keys])

@@ -14,8 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
-from ideogram4_mlx.quantization import load_component
+from ideogram4_mlx.quantization import WeightStream, load_component
 from ideogram4_mlx.weights import (
     CheckpointError,
     dequantize_fp8_weights,
@@ -35,6 +36,9 @@ TIMESTEP_SCALE = 1e4
 QK_NORM_EPS = 1e-5
 LLM_COND_NORM_EPS = 1e-6
 FINAL_NORM_EPS = 1e-6
+# Attention scores materialised at once, per layer (see ``attention``); low-memory mode uses less.
+SCORE_BYTES = 1 << 30
+LOW_MEMORY_SCORE_BYTES = 1 << 28
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
@@ -179,6 +183,31 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x * cos + rotated * sin
 
 
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None, score_bytes: int
+) -> mx.array:
+    """SDPA on (B, H, L, D), heads taken in groups whose (L, L) scores fit in ``score_bytes``.
+
+    MLX has no fused kernel for head_dim 256 with long queries (CPU, and Metal before NAX), so
+    it materialises the scores: 18 x L^2 x 2 bytes, 0.9 GB at 1024^2 but 11 GB at 2048^2.
+    Heads are independent, so grouping them is exact.
+    """
+    b, heads, length, _ = q.shape
+    per_head = b * length * k.shape[2] * q.itemsize
+    group = max(1, min(heads, score_bytes // max(per_head, 1)))
+    if group >= heads:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    out = []
+    for h in range(0, heads, group):
+        part = slice(h, h + group)
+        o = mx.fast.scaled_dot_product_attention(
+            q[:, part], k[:, part], v[:, part], scale=scale, mask=mask
+        )
+        out.append(o)
+        mx.eval(o)  # one group's scores at a time
+    return mx.concatenate(out, axis=1)
+
+
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int):
         super().__init__()
@@ -188,6 +217,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.norm_q = RMSNorm(head_dim, QK_NORM_EPS)
         self.norm_k = RMSNorm(head_dim, QK_NORM_EPS)
+        self.score_bytes = SCORE_BYTES
 
     def __call__(
         self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None
@@ -197,7 +227,7 @@ class Attention(nn.Module):
         q = apply_rope(self.norm_q(qkv[:, :, 0]), cos, sin).transpose(0, 2, 1, 3)
         k = apply_rope(self.norm_k(qkv[:, :, 1]), cos, sin).transpose(0, 2, 1, 3)
         v = qkv[:, :, 2].transpose(0, 2, 1, 3)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        o = attention(q, k, v, self.head_dim**-0.5, mask, self.score_bytes)
         return self.o(o.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -288,6 +318,7 @@ class Ideogram4Transformer(nn.Module):
         self.embed_image_indicator = nn.Embedding(2, hidden)
         self.layers = [TransformerBlock(config) for _ in range(config.num_layers)]
         self.final_layer = FinalLayer(hidden, config.in_channels, config.adaln_dim)
+        self.stream: WeightStream | None = None  # set by from_pretrained(low_memory=True)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -363,8 +394,17 @@ class Ideogram4Transformer(nn.Module):
             h = h + seq.text
         h = h + seq.role
         c = self.conditioning(t)
-        for layer in self.layers:
+        if self.stream is not None:
+            self.stream.open()
+        for i, layer in enumerate(self.layers):
+            if self.stream is None:
+                h = layer(h, c, seq.cos, seq.sin, seq.mask)
+                continue
+            # Low memory: this block's weights are read now and dropped once it has run.
+            layer.update(self.stream.take(f"layers.{i}."))
             h = layer(h, c, seq.cos, seq.sin, seq.mask)
+            mx.eval(h)
+            drop_parameters(layer)
         return self.final_layer(h, c).astype(mx.float32)
 
     def __call__(
@@ -381,13 +421,36 @@ class Ideogram4Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16
+        cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, low_memory: bool = False
     ) -> Ideogram4Transformer:
-        """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16, split-qkv names)."""
+        """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16, split-qkv names).
+
+        ``low_memory`` keeps only the small parameters resident: each pass reads every block's
+        weights from disk just before the block runs and frees them after, and attention
+        scores are bounded to ``LOW_MEMORY_SCORE_BYTES``. The results are the same.
+        """
         component_dir = Path(component_dir)
         config = TransformerConfig.from_file(component_dir / "config.json")
         model = cls(config)
-        return load_component(model, component_dir, sanitize, dtype)
+
+        def resident(key: str) -> bool:
+            return not (low_memory and key.startswith("layers."))
+
+        load_component(model, component_dir, sanitize, dtype, resident)
+        if low_memory:
+            model.stream = WeightStream(component_dir, sanitize, dtype)
+            for layer in model.layers:
+                drop_parameters(layer)
+                layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
+        return model
+
+
+def drop_parameters(module: nn.Module) -> None:
+    """Release a streamed module's weights (replaced by empty arrays until the next pass)."""
+    module.update(tree_map(lambda _: EMPTY, module.parameters()))
+
+
+EMPTY = mx.array([], dtype=mx.float32)
 
 
 def segment_mask(segment_ids: np.ndarray | mx.array) -> mx.array | None:
