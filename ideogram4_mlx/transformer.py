@@ -36,9 +36,10 @@ TIMESTEP_SCALE = 1e4
 QK_NORM_EPS = 1e-5
 LLM_COND_NORM_EPS = 1e-6
 FINAL_NORM_EPS = 1e-6
-# Attention scores materialised at once, per layer (see ``attention``); low-memory mode uses less.
-SCORE_BYTES = 1 << 30
-LOW_MEMORY_SCORE_BYTES = 1 << 28
+# Attention scores materialised at once, per layer (see ``attention``): 256 MiB keeps 1024^2
+# activations near 1 GB in bf16 (all 18 heads at once would be 2 x 0.9 GB); low memory: 64 MiB.
+SCORE_BYTES = 1 << 28
+LOW_MEMORY_SCORE_BYTES = 1 << 26
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
