@@ -372,7 +372,8 @@ def main() -> None:
         help="the diffusers pipeline's max_sequence_length (its default: 2048)",
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ideo4-dit-bench"))
-    parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--json", type=Path, help="append each result here (JSON lines)")
+    parser.add_argument("--report", type=Path, help="only print the table of a --json file")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "CKPT", "SIDE"))
     args = parser.parse_args()
     if args.child:
@@ -382,6 +383,10 @@ def main() -> None:
         print(json.dumps(out))
         return
 
+    if args.report:
+        lines = args.report.read_text().splitlines()
+        report([json.loads(line) for line in lines if line.strip()], args)
+        return
     results = []
     for layers in args.layers:
         ckpt = synthetic_dits(args.workdir, layers)
@@ -389,12 +394,14 @@ def main() -> None:
             for impl in args.impls:
                 r = spawn(impl, ckpt, side, args)
                 r |= {"impl": impl, "side": side, "layers": layers, "n_text": CAPTION_TOKENS[side]}
+                r |= {"machine": machine(args.device), "dtype": args.dtype}
                 results.append(r)
+                if args.json:  # one line per run, appended, so runs can be split and merged
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
                 shown = f"{r['median_s']:.2f} s/step" if "median_s" in r else r["error"]
                 print(f"{side}^2, {layers} layers, {impl}: {shown}", flush=True)
     report(results, args)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine(args.device), "results": results}))
 
 
 if __name__ == "__main__":
