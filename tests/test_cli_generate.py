@@ -158,8 +158,9 @@ def fake(monkeypatch):
             seed = 1 if kwargs["seed"] is None else kwargs["seed"]
             return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
 
-    def fake_load(model, dtype, revision):
+    def fake_load(model, dtype, revision, low_memory):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
+        seen.low_memory = low_memory
         return FakePipe()
 
     monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", fake_load)
@@ -170,6 +171,7 @@ def test_defaults_reach_load_and_generate(fake, tmp_path):
     result = invoke("--prompt", CAPTION, "--output", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
+    assert fake.low_memory is False  # --low-memory is opt-in (tests/test_low_memory.py)
     callback = fake.generate.pop("callback")
     assert callable(callback)
     assert fake.generate == {
