@@ -303,7 +303,8 @@ def step_tflop(side: int, n_text: int, layers: int) -> float:
 
 
 def report(results: list[dict], args) -> None:
-    print(f"\nmachine: {machine(args.device)}; dtype {args.dtype}; device {args.device}")
+    host = results[0].get("machine") if results else None  # a --report file records it
+    print(f"\nmachine: {host or machine(args.device)}; dtype {args.dtype}; device {args.device}")
     print(f"median of {args.repeats} steps after {args.warmup} warm-up; one process per run")
     head = "size   layers impl       step_s  x ours  TFLOP/s  peak_GB  rss_GB"
     print(head)
@@ -388,13 +389,14 @@ def main() -> None:
         report([json.loads(line) for line in lines if line.strip()], args)
         return
     results = []
+    host = machine(args.device)
     for layers in args.layers:
         ckpt = synthetic_dits(args.workdir, layers)
         for side in args.sizes:
             for impl in args.impls:
                 r = spawn(impl, ckpt, side, args)
                 r |= {"impl": impl, "side": side, "layers": layers, "n_text": CAPTION_TOKENS[side]}
-                r |= {"machine": machine(args.device), "dtype": args.dtype}
+                r |= {"machine": host, "dtype": args.dtype}
                 results.append(r)
                 if args.json:  # one line per run, appended, so runs can be split and merged
                     with args.json.open("a") as f:

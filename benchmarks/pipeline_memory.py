@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ideogram4_mlx.transformer import LOW_MEMORY_SCORE_BYTES, SCORE_BYTES
+
 CAPTION_TOKENS = {512: 300, 1024: 1000, 2048: 1000}
 # benchmarks/vae_memory.py, full-size VAE in bf16, strip decode, MLX peak (measured 2026-11-22:
 # 1.47 GiB at 1024^2, 4.63 GiB at 2048^2; 512^2 was not measured and is bounded by 1024^2).
 GIB = 1 << 30
 VAE_DECODE_PEAK_GB = {512: 1.47 * GIB / 1e9, 1024: 1.47 * GIB / 1e9, 2048: 4.63 * GIB / 1e9}
-MODES = {"normal": 1 << 28, "low-memory": 1 << 26}  # transformer.SCORE_BYTES and the low one
+MODES = {"normal": SCORE_BYTES, "low-memory": LOW_MEMORY_SCORE_BYTES}
 
 
 def prepare(workdir: Path) -> Path:
@@ -68,18 +70,11 @@ def weights_child(q4: Path, what: str) -> dict:
 
 
 def block_gb(q4: Path) -> float:
-    """Bytes of one converted block (``layers.0.*``) from the safetensors headers."""
-    from ideogram4_mlx.weights import component_files
+    """Bytes of one converted block (``layers.0.*``), from the lazily loaded tensors."""
+    from ideogram4_mlx.weights import component_files, load_safetensors
 
-    total = 0
-    for path in component_files(q4 / "transformer"):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, info in header.items():
-            if key.startswith("layers.0."):
-                start, end = info["data_offsets"]
-                total += end - start
-    return total / 1e9
+    weights = load_safetensors(component_files(q4 / "transformer"))
+    return sum(v.nbytes for k, v in weights.items() if k.startswith("layers.0.")) / 1e9
 
 
 def activations_child(ckpt: Path, side: int, mode: str, dtype_name: str) -> dict:
