@@ -86,7 +86,9 @@ def run_ours(ckpt: Path, side: int, n_text: int, args) -> dict:
     dtype = getattr(mx, args.dtype)
     start = time.perf_counter()
     cond_dit = Ideogram4Transformer.from_pretrained(ckpt / "transformer", dtype)
-    uncond_dit = Ideogram4Transformer.from_pretrained(ckpt / "unconditional_transformer", dtype)
+    uncond_dit = Ideogram4Transformer.from_pretrained(
+        ckpt / "unconditional_transformer", dtype, text_input=False
+    )
     load_s = time.perf_counter() - start
     noise, features = inputs(side, n_text, cond_dit.config.llm_features_dim)
     grid = side // 16

@@ -4,7 +4,8 @@ Measured pieces, each in its own process (MLX active/peak memory, in GB = 1e9 by
 
 - ``weights``: the full-size synthetic DiT and text encoder (real layout and sizes, fp8),
   converted with ``ideo4-mlx convert --quantize 4`` and loaded as the pipeline loads them.
-  The DiT is loaded twice (conditional and unconditional have the same layout and size).
+  The DiT is loaded twice (conditional and unconditional have the same layout and size),
+  the second time as the unconditional branch (without its text projection).
 - ``activations``: one full-width DiT block (``benchmarks/dit_step.py``'s 1-layer synthetic
   checkpoint) at the real token counts (caption 300 tokens at 512^2, 1000 above); the peak of
   a conditional and an unconditional pass minus what was resident before. Blocks run one
@@ -62,9 +63,10 @@ def weights_child(q4: Path, what: str) -> dict:
         keep = [Qwen3VLTextEncoder.from_pretrained(q4 / "text_encoder")]
     else:
         low = what == "dits-low-memory"
+        # As the pipeline loads them: the unconditional DiT without its text projection.
         keep = [
-            Ideogram4Transformer.from_pretrained(q4 / "transformer", low_memory=low)
-            for _ in range(2)
+            Ideogram4Transformer.from_pretrained(q4 / "transformer", low_memory=low, text_input=t)
+            for t in (True, False)
         ]
     return {"resident_gb": mx.get_active_memory() / 1e9, "models": len(keep)}
 
@@ -85,7 +87,9 @@ def activations_child(ckpt: Path, side: int, mode: str, dtype_name: str) -> dict
 
     dtype = getattr(mx, dtype_name)
     cond_dit = dit.Ideogram4Transformer.from_pretrained(ckpt / "transformer", dtype)
-    uncond_dit = dit.Ideogram4Transformer.from_pretrained(ckpt / "unconditional_transformer", dtype)
+    uncond_dit = dit.Ideogram4Transformer.from_pretrained(
+        ckpt / "unconditional_transformer", dtype, text_input=False
+    )
     for model in (cond_dit, uncond_dit):
         for layer in model.layers:
             layer.attention.score_bytes = MODES[mode]

@@ -145,11 +145,12 @@ class Ideogram4Pipeline:
 
     def dits(self) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
         if self._dits is None:
+            # The unconditional branch sees image tokens only: its text projection is not read.
             self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
-                    self.model_dir / name, self.dtype, self.low_memory
+                    self.model_dir / name, self.dtype, self.low_memory, text_input=text
                 )
-                for name in ("transformer", "unconditional_transformer")
+                for name, text in (("transformer", True), ("unconditional_transformer", False))
             )
         return self._dits
 

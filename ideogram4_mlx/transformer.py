@@ -42,6 +42,8 @@ SCORE_BYTES = 1 << 28
 LOW_MEMORY_SCORE_BYTES = 1 << 26
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+# What ``from_pretrained(text_input=False)`` leaves unread (the unconditional branch).
+TEXT_INPUT_MODULES = ("llm_cond_norm.", "llm_cond_proj.")
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,14 @@ class TransformerConfig:
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """``1 / theta ** (arange(0, head_dim, 2) / head_dim)`` in fp32, correctly rounded."""
+    """``1 / theta ** (arange(0, head_dim, 2) / head_dim)`` in fp32, each step correctly rounded.
+
+    The power is taken in float64 and rounded: numpy's float32 ``**`` (SIMD since numpy 2.x)
+    is not correctly rounded and lands 1 ulp off in ~20 of the 128 slots.
+    """
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (1.0 / np.float32(theta) ** exponent).astype(np.float32)
+    power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def mrope_axis_of_slot(head_dim: int, mrope_section: tuple[int, int, int]) -> np.ndarray:
@@ -364,6 +371,11 @@ class Ideogram4Transformer(nn.Module):
         is_image = indicator == OUTPUT_IMAGE_INDICATOR
         text = None
         if llm_features is not None:
+            if self.llm_cond_proj is None:
+                raise ValueError(
+                    "this DiT was loaded with text_input=False (the unconditional branch) and "
+                    "takes no text features; pass llm_features=None or load it with text_input"
+                )
             # The image slots' text contribution is exactly 0, so the 53248-wide projection
             # runs on the leading [padding][text] slots only.
             n = llm_features.shape[1]
@@ -422,22 +434,35 @@ class Ideogram4Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, low_memory: bool = False
+        cls,
+        component_dir: Path | str,
+        dtype: mx.Dtype = mx.bfloat16,
+        low_memory: bool = False,
+        text_input: bool = True,
     ) -> Ideogram4Transformer:
         """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16, split-qkv names).
 
         ``low_memory`` keeps only the small parameters resident: each pass reads every block's
         weights from disk just before the block runs and frees them after, and attention
         scores are bounded to ``LOW_MEMORY_SCORE_BYTES``. The results are the same.
+
+        ``text_input=False`` is for the unconditional branch, which only ever sees image
+        tokens (spec §B.2): its text projection (``llm_cond_norm``, ``llm_cond_proj``, 245M
+        parameters) is checked like every other key but never read, and ``prepare`` then
+        refuses text features. Exact: with no text slots that projection contributes nothing.
         """
         component_dir = Path(component_dir)
         config = TransformerConfig.from_file(component_dir / "config.json")
         model = cls(config)
 
         def resident(key: str) -> bool:
+            if not text_input and key.startswith(TEXT_INPUT_MODULES):
+                return False
             return not (low_memory and key.startswith("layers."))
 
         load_component(model, component_dir, sanitize, dtype, resident)
+        if not text_input:
+            model.llm_cond_norm = model.llm_cond_proj = None  # their lazy arrays are never read
         if low_memory:
             model.stream = WeightStream(component_dir, sanitize, dtype)
             for layer in model.layers:

@@ -4,6 +4,7 @@ Both must give exactly the resident model's numbers (the same ops on the same we
 must actually keep the block weights out of memory between uses.
 """
 
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ from ideogram4_mlx.convert import convert
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 from ideogram4_mlx.transformer import Ideogram4Transformer, attention, sequence_ids
+from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = '{"high_level_description":"a blue door"}'
 
@@ -113,3 +115,48 @@ def test_low_memory_pipeline_and_cli_make_the_same_image(tiny_checkpoint, tmp_pa
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         np.testing.assert_array_equal(np.array(image), np.array(want.image))
+
+
+@pytest.mark.parametrize("source", ["raw fp8", "converted 4-bit"])
+def test_unconditional_dit_without_text_input_is_exact_and_skips_the_text_projection(
+    tiny_checkpoint, quantized, source
+):
+    folder = (tiny_checkpoint if source == "raw fp8" else quantized) / "transformer"
+    full = Ideogram4Transformer.from_pretrained(folder, mx.float32)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    lean = Ideogram4Transformer.from_pretrained(folder, mx.float32, text_input=False)
+    lean_bytes = mx.get_active_memory() - before
+    keys = {k for k, _ in tree_flatten(lean.parameters())}
+    assert not any(k.startswith(("llm_cond_norm.", "llm_cond_proj.")) for k in keys)
+    text_bytes = sum(
+        v.nbytes for k, v in tree_flatten(full.parameters()) if k.startswith("llm_cond_")
+    )
+    # What was read is the model less its text projection (never read, not only dropped);
+    # the allocator rounds small buffers up (seen: 1-8 KB here), hence the slack.
+    expected = sum(v.nbytes for _, v in tree_flatten(full.parameters())) - text_bytes
+    assert expected <= lean_bytes < expected + text_bytes / 10
+    x, _, _ = dit_inputs(full)
+    ids = sequence_ids([0], 4, 3)
+    for t in (0.3, 0.8):
+        want = full.run(x[:, -12:], np.array([t], np.float32), full.prepare(None, *ids))
+        got = lean.run(x[:, -12:], np.array([t], np.float32), lean.prepare(None, *ids))
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    with pytest.raises(ValueError, match="text_input=False"):
+        lean.prepare(*dit_inputs(lean)[1:2], *sequence_ids([5], 4, 3))
+
+
+def test_unconditional_dit_without_text_input_still_checks_the_text_keys(quantized, tmp_path):
+    folder = tmp_path / "uncond"
+    shutil.copytree(quantized / "transformer", folder)
+    (shard,) = [p for p in folder.glob("*.safetensors")]
+    tensors = mx.load(str(shard))
+    del tensors["llm_cond_proj.bias"]
+    mx.save_safetensors(str(shard), tensors)
+    with pytest.raises(CheckpointError, match=r"llm_cond_proj\.bias"):
+        Ideogram4Transformer.from_pretrained(folder, mx.float32, text_input=False)
+
+
+def test_pipeline_loads_the_unconditional_dit_without_its_text_projection(tiny_checkpoint):
+    cond_dit, uncond_dit = load(tiny_checkpoint, dtype=mx.float32).dits()
+    assert cond_dit.llm_cond_proj is not None and uncond_dit.llm_cond_proj is None
