@@ -30,14 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ideogram4_mlx.transformer import LOW_MEMORY_SCORE_BYTES, SCORE_BYTES
+from ideogram4_mlx.transformer import LOW_MEMORY_FFN_TOKENS, LOW_MEMORY_SCORE_BYTES, SCORE_BYTES
 
 CAPTION_TOKENS = {512: 300, 1024: 1000, 2048: 1000}
 # benchmarks/vae_memory.py, full-size VAE in bf16, strip decode, MLX peak (measured 2026-11-22:
 # 1.47 GiB at 1024^2, 4.63 GiB at 2048^2; 512^2 was not measured and is bounded by 1024^2).
 GIB = 1 << 30
 VAE_DECODE_PEAK_GB = {512: 1.47 * GIB / 1e9, 1024: 1.47 * GIB / 1e9, 2048: 4.63 * GIB / 1e9}
-MODES = {"normal": SCORE_BYTES, "low-memory": LOW_MEMORY_SCORE_BYTES}
+# Per mode: attention score budget, feed-forward tokens per chunk (as from_pretrained sets them).
+MODES = {
+    "normal": (SCORE_BYTES, None),
+    "low-memory": (LOW_MEMORY_SCORE_BYTES, LOW_MEMORY_FFN_TOKENS),
+}
 
 
 def prepare(workdir: Path) -> Path:
@@ -92,7 +96,7 @@ def activations_child(ckpt: Path, side: int, mode: str, dtype_name: str) -> dict
     )
     for model in (cond_dit, uncond_dit):
         for layer in model.layers:
-            layer.attention.score_bytes = MODES[mode]
+            layer.attention.score_bytes, layer.feed_forward.chunk_tokens = MODES[mode]
     resident = mx.get_active_memory()
     mx.reset_peak_memory()
     grid, n_text = side // 16, CAPTION_TOKENS[side]

@@ -40,6 +40,8 @@ FINAL_NORM_EPS = 1e-6
 # activations near 1 GB in bf16 (all 18 heads at once would be 2 x 0.9 GB); low memory: 64 MiB.
 SCORE_BYTES = 1 << 28
 LOW_MEMORY_SCORE_BYTES = 1 << 26
+# Low memory: the feed-forward runs over this many tokens at a time (see ``FeedForward``).
+LOW_MEMORY_FFN_TOKENS = 4096
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # What ``from_pretrained(text_input=False)`` leaves unread (the unconditional branch).
@@ -245,8 +247,24 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dims, hidden_dims, bias=False)
         self.w2 = nn.Linear(hidden_dims, dims, bias=False)
         self.w3 = nn.Linear(dims, hidden_dims, bias=False)
+        self.chunk_tokens: int | None = None  # low memory: tokens per evaluated chunk
 
     def __call__(self, x: mx.array) -> mx.array:
+        length = x.shape[1]
+        if self.chunk_tokens is None or length <= self.chunk_tokens:
+            return self.swiglu(x)
+        # Tokens are independent here, so chunking bounds the three (L, 12288) intermediates
+        # (fp32 inside SiLU; 2.5 GB at 2048^2) to one chunk's worth at no cost in accuracy.
+        # Equal-sized chunks: a BLAS may take other kernels (other rounding) for 1-2 rows.
+        size = -(-length // -(-length // self.chunk_tokens))
+        out = []
+        for start in range(0, length, size):
+            part = self.swiglu(x[:, start : start + size])
+            mx.eval(part)
+            out.append(part)
+        return mx.concatenate(out, axis=1)
+
+    def swiglu(self, x: mx.array) -> mx.array:
         return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
@@ -443,8 +461,11 @@ class Ideogram4Transformer(nn.Module):
         """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16, split-qkv names).
 
         ``low_memory`` keeps only the small parameters resident: each pass reads every block's
-        weights from disk just before the block runs and frees them after, and attention
-        scores are bounded to ``LOW_MEMORY_SCORE_BYTES``. The results are the same.
+        weights from disk just before the block runs and frees them after, attention scores
+        are bounded to ``LOW_MEMORY_SCORE_BYTES`` and the feed-forward runs over
+        ``LOW_MEMORY_FFN_TOKENS`` tokens at a time. The same results: the streamed weights and
+        grouped heads bit for bit; the feed-forward chunks are the same dot products (bit for
+        bit at real chunk sizes here, within fp32 rounding where a BLAS switches kernels).
 
         ``text_input=False`` is for the unconditional branch, which only ever sees image
         tokens (spec §B.2): its text projection (``llm_cond_norm``, ``llm_cond_proj``, 245M
@@ -468,6 +489,7 @@ class Ideogram4Transformer(nn.Module):
             for layer in model.layers:
                 drop_parameters(layer)
                 layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
+                layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
         return model
 
 

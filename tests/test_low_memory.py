@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import rel_l2
 from mlx.utils import tree_flatten
 from PIL import Image
 
@@ -19,7 +20,13 @@ from ideogram4_mlx.cli import main
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
-from ideogram4_mlx.transformer import Ideogram4Transformer, attention, sequence_ids
+from ideogram4_mlx.transformer import (
+    LOW_MEMORY_FFN_TOKENS,
+    FeedForward,
+    Ideogram4Transformer,
+    attention,
+    sequence_ids,
+)
 from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = '{"high_level_description":"a blue door"}'
@@ -160,3 +167,26 @@ def test_unconditional_dit_without_text_input_still_checks_the_text_keys(quantiz
 def test_pipeline_loads_the_unconditional_dit_without_its_text_projection(tiny_checkpoint):
     cond_dit, uncond_dit = load(tiny_checkpoint, dtype=mx.float32).dits()
     assert cond_dit.llm_cond_proj is not None and uncond_dit.llm_cond_proj is None
+
+
+@pytest.mark.parametrize(
+    "length, chunk, sizes", [(40, 16, [14, 14, 12]), (40, 30, [20, 20]), (5096, 4096, [2548] * 2)]
+)
+def test_chunked_feed_forward_equals_one_call(length, chunk, sizes, monkeypatch):
+    ffn = FeedForward(64, 192)
+    x = mx.array(np.random.default_rng(2).standard_normal((1, length, 64)), mx.float32)
+    want = ffn(x)
+    seen = []
+    swiglu = ffn.swiglu
+    monkeypatch.setattr(ffn, "swiglu", lambda part: seen.append(part.shape[1]) or swiglu(part))
+    ffn.chunk_tokens = chunk
+    got = ffn(x)
+    assert seen == sizes  # equal-sized chunks, never a 1-2 row remainder
+    # The same dot products; a BLAS may still pick another kernel for a few-row matrix (seen
+    # here: 1 ulp at 12-14 rows, bit for bit at 2548). Bound: fp32 rounding, 1e-6.
+    assert rel_l2(np.array(got), np.array(want)) < 1e-6
+
+
+def test_low_memory_dit_chunks_the_feed_forward(tiny_checkpoint):
+    model = Ideogram4Transformer.from_pretrained(tiny_checkpoint / "transformer", low_memory=True)
+    assert {layer.feed_forward.chunk_tokens for layer in model.layers} == {LOW_MEMORY_FFN_TOKENS}
