@@ -30,7 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ideogram4_mlx.transformer import LOW_MEMORY_FFN_TOKENS, LOW_MEMORY_SCORE_BYTES, SCORE_BYTES
+from ideogram4_mlx.transformer import (
+    FFN_TOKENS,
+    LOW_MEMORY_FFN_TOKENS,
+    LOW_MEMORY_SCORE_BYTES,
+    SCORE_BYTES,
+)
 
 CAPTION_TOKENS = {512: 300, 1024: 1000, 2048: 1000}
 # benchmarks/vae_memory.py, full-size VAE in bf16, strip decode, MLX peak (measured 2026-11-22:
@@ -39,7 +44,7 @@ GIB = 1 << 30
 VAE_DECODE_PEAK_GB = {512: 1.47 * GIB / 1e9, 1024: 1.47 * GIB / 1e9, 2048: 4.63 * GIB / 1e9}
 # Per mode: attention score budget, feed-forward tokens per chunk (as from_pretrained sets them).
 MODES = {
-    "normal": (SCORE_BYTES, None),
+    "normal": (SCORE_BYTES, FFN_TOKENS),
     "low-memory": (LOW_MEMORY_SCORE_BYTES, LOW_MEMORY_FFN_TOKENS),
 }
 

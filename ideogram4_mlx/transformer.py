@@ -40,7 +40,9 @@ FINAL_NORM_EPS = 1e-6
 # activations near 1 GB in bf16 (all 18 heads at once would be 2 x 0.9 GB); low memory: 64 MiB.
 SCORE_BYTES = 1 << 28
 LOW_MEMORY_SCORE_BYTES = 1 << 26
-# Low memory: the feed-forward runs over this many tokens at a time (see ``FeedForward``).
+# The feed-forward runs over at most this many tokens at a time (see ``FeedForward``): no
+# change up to 1024^2 (5096 tokens with a 1000-token caption), 3 chunks at 2048^2.
+FFN_TOKENS = 8192
 LOW_MEMORY_FFN_TOKENS = 4096
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -196,25 +198,36 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None, score_bytes: int
 ) -> mx.array:
-    """SDPA on (B, H, L, D), heads taken in groups whose (L, L) scores fit in ``score_bytes``.
+    """SDPA on (B, H, L, D), taken in pieces whose (rows, L) scores fit in ``score_bytes``.
 
     MLX has no fused kernel for head_dim 256 with long queries (CPU, and Metal before NAX), so
     it materialises the scores: 18 x L^2 x 2 bytes, 0.9 GB at 1024^2 but 11 GB at 2048^2.
-    Heads are independent, so grouping them is exact.
+    Heads are taken in groups; where one head's scores alone are over budget (2048^2: 0.6 GB
+    in bf16), its queries are split too. Heads and softmax rows are independent, so both are
+    the same arithmetic as one call.
     """
     b, heads, length, _ = q.shape
     per_head = b * length * k.shape[2] * q.itemsize
-    group = max(1, min(heads, score_bytes // max(per_head, 1)))
-    if group >= heads:
+    if heads * per_head <= score_bytes:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    group = max(1, min(heads, score_bytes // per_head))
+    pieces = 1 if group > 1 else -(-per_head // score_bytes)
+    rows = -(-length // pieces)
     out = []
     for h in range(0, heads, group):
         part = slice(h, h + group)
-        o = mx.fast.scaled_dot_product_attention(
-            q[:, part], k[:, part], v[:, part], scale=scale, mask=mask
-        )
-        out.append(o)
-        mx.eval(o)  # one group's scores at a time
+        done = []
+        for r in range(0, length, rows):
+            o = mx.fast.scaled_dot_product_attention(
+                q[:, part, r : r + rows],
+                k[:, part],
+                v[:, part],
+                scale=scale,
+                mask=None if mask is None else mask[:, :, r : r + rows],
+            )
+            mx.eval(o)  # one piece's scores at a time
+            done.append(o)
+        out.append(done[0] if len(done) == 1 else mx.concatenate(done, axis=2))
     return mx.concatenate(out, axis=1)
 
 
@@ -247,7 +260,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dims, hidden_dims, bias=False)
         self.w2 = nn.Linear(hidden_dims, dims, bias=False)
         self.w3 = nn.Linear(dims, hidden_dims, bias=False)
-        self.chunk_tokens: int | None = None  # low memory: tokens per evaluated chunk
+        self.chunk_tokens: int | None = FFN_TOKENS  # tokens per evaluated chunk
 
     def __call__(self, x: mx.array) -> mx.array:
         length = x.shape[1]

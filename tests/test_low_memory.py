@@ -95,14 +95,19 @@ def peak_of_a_pass(model):
     return mx.get_peak_memory()
 
 
-@pytest.mark.parametrize("score_bytes", [1, 3 * 7 * 7 * 4])
-def test_grouped_heads_equal_one_call(score_bytes):
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize(
+    "score_bytes",
+    [3 * 7 * 7 * 4, 7 * 7 * 4, 4 * 7 * 4, 1],  # 3 heads; 1 head; 1 head in 2 row pieces; 7 pieces
+)
+def test_attention_in_pieces_equals_one_call(score_bytes, with_mask):
     rng = np.random.default_rng(1)
     q, k, v = (mx.array(rng.standard_normal((1, 6, 7, 16)), mx.float32) for _ in range(3))
     mask = mx.array(rng.random((1, 1, 7, 7)) > 0.3) | mx.eye(7, dtype=mx.bool_)
+    mask = mask if with_mask else None
     full = attention(q, k, v, 0.25, mask, 1 << 40)
-    grouped = attention(q, k, v, 0.25, mask, score_bytes)  # 1 head, then 3 heads per group
-    np.testing.assert_array_equal(np.array(grouped), np.array(full))
+    pieces = attention(q, k, v, 0.25, mask, score_bytes)
+    np.testing.assert_array_equal(np.array(pieces), np.array(full))
 
 
 def test_low_memory_pipeline_and_cli_make_the_same_image(tiny_checkpoint, tmp_path):
