@@ -332,8 +332,10 @@ class PreparedSequence:
     """Per-image constants of one DiT input layout (see :meth:`Ideogram4Transformer.prepare`)."""
 
     image_mask: mx.array  # (B, L, 1) 1 at image slots
-    text: mx.array | None  # (B, L, D) projected text features, 0 outside text slots
-    role: mx.array  # (B, L, D) image-indicator embedding rows
+    # Per-token tensors are kept narrow: (L, D) copies would hold 3 x 0.16 GB over the whole
+    # denoise at 2048^2 (bf16); run() widens them for a moment each pass.
+    text: mx.array | None  # (B, L', D) projected text features of the leading L' slots
+    image_index: mx.array  # (B, L) int32, 1 at image slots: the indicator-embedding row
     cos: mx.array  # (B, L, 1, head_dim)
     sin: mx.array
     mask: mx.array | None  # (B, 1, L, L) bool, None when every token attends to every token
@@ -412,14 +414,12 @@ class Ideogram4Transformer(nn.Module):
             n = llm_features.shape[1]
             m_txt = (indicator[:, :n] == LLM_TOKEN_INDICATOR)[..., None].astype(dtype)
             f = self.llm_cond_norm(llm_features.astype(dtype) * m_txt)
-            text = mx.pad(
-                self.llm_cond_proj(f) * m_txt, [(0, 0), (0, indicator.shape[1] - n), (0, 0)]
-            )
+            text = self.llm_cond_proj(f) * m_txt
         cos, sin = self.rope_tables(position_ids)
         prepared = PreparedSequence(
             image_mask=is_image[..., None].astype(dtype),
             text=text,
-            role=self.embed_image_indicator(is_image.astype(mx.int32)),
+            image_index=is_image.astype(mx.int32),
             cos=cos,
             sin=sin,
             mask=segment_mask(segment_ids),
@@ -435,8 +435,10 @@ class Ideogram4Transformer(nn.Module):
         # Biases are masked after the projection so they do not leak into other roles (spec §I.8).
         h = self.input_proj(x.astype(self.dtype) * m_img) * m_img
         if seq.text is not None:
-            h = h + seq.text
-        h = h + seq.role
+            # 0 beyond the text prefix, as the full-length text input is there.
+            pad = [(0, 0), (0, h.shape[1] - seq.text.shape[1]), (0, 0)]
+            h = h + mx.pad(seq.text, pad)
+        h = h + self.embed_image_indicator(seq.image_index)
         c = self.conditioning(t)
         if self.stream is not None:
             self.stream.open()
