@@ -271,7 +271,8 @@ class FeedForward(nn.Module):
         if self.chunk_tokens is None or length <= self.chunk_tokens:
             return self.swiglu(x)
         # Tokens are independent here, so chunking bounds the three (L, 12288) intermediates
-        # (fp32 inside SiLU; 2.5 GB at 2048^2 unchunked) to one chunk's worth at no cost in accuracy.
+        # (fp32 inside SiLU; 2.5 GB at 2048^2 unchunked) to one chunk's worth, at no cost in
+        # accuracy.
         # Equal-sized chunks: a BLAS may take other kernels (other rounding) for 1-2 rows.
         size = -(-length // -(-length // self.chunk_tokens))
         out = []
