@@ -274,7 +274,8 @@ class FeedForward(nn.Module):
         # (fp32 inside SiLU; 2.5 GB at 2048^2 unchunked) to one chunk's worth, at no cost in
         # accuracy.
         # Equal-sized chunks: a BLAS may take other kernels (other rounding) for 1-2 rows.
-        size = -(-length // -(-length // self.chunk_tokens))
+        chunks = math.ceil(length / self.chunk_tokens)
+        size = math.ceil(length / chunks)
         out = []
         for start in range(0, length, size):
             part = self.swiglu(x[:, start : start + size])
