@@ -77,7 +77,29 @@ def weights_child(q4: Path, what: str) -> dict:
             Ideogram4Transformer.from_pretrained(q4 / "transformer", low_memory=low, text_input=t)
             for t in (True, False)
         ]
-    return {"resident_gb": mx.get_active_memory() / 1e9, "models": len(keep)}
+    out = {"resident_gb": mx.get_active_memory() / 1e9, "models": len(keep)}
+    if what == "dits-low-memory":
+        out["stream_s"] = stream_seconds(keep)
+    return out
+
+
+def stream_seconds(models: list) -> list[float]:
+    """Seconds to read every streamed block of both DiTs once, as one low-memory step does
+    (reads only, no compute); two rounds: the first may come from disk, the second from the
+    OS file cache when it holds the files."""
+    import mlx.core as mx
+
+    rounds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        for model in models:
+            model.stream.open()
+            for i in range(len(model.layers)):
+                block = model.stream.take(f"layers.{i}.")
+                mx.eval(block)
+                del block
+        rounds.append(time.perf_counter() - start)
+    return rounds
 
 
 def block_gb(q4: Path) -> float:
@@ -158,15 +180,18 @@ def main() -> None:
         return
 
     q4 = prepare(args.workdir)
-    w = {
-        what: spawn("weights", str(q4), what)["resident_gb"]
+    loaded = {
+        what: spawn("weights", str(q4), what)
         for what in ("text_encoder", "dits", "dits-low-memory")
     }
+    w = {what: r["resident_gb"] for what, r in loaded.items()}
+    stream_s = loaded["dits-low-memory"]["stream_s"]
     block = block_gb(q4)
     print(
         f"resident weights (GB): text encoder {w['text_encoder']:.2f}, both DiTs "
         f"{w['dits']:.2f}, both DiTs low-memory {w['dits-low-memory']:.2f}; one block {block:.3f}"
     )
+    print(f"low-memory: reading both DiTs' blocks once (one step) took {stream_s} s")
     rows = []
     for side in args.sizes:
         for mode in args.modes:
@@ -196,7 +221,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"weights": w, "block_gb": block, "rows": rows, "activation_dtype": args.dtype},
+                {
+                    "weights": w,
+                    "block_gb": block,
+                    "stream_s": stream_s,
+                    "rows": rows,
+                    "activation_dtype": args.dtype,
+                },
                 indent=1,
             )
         )
