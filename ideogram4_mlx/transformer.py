@@ -183,9 +183,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        xf = x.astype(mx.float32)
-        y = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.weight
+        # Normalise in fp32 and round to x's dtype (one fused kernel on Metal/CUDA; the same
+        # composed ops on the CPU, bit for bit), then multiply by the weight: the reference's
+        # two roundings (spec D.4).
+        return mx.fast.rms_norm(x, None, self.eps) * self.weight
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
