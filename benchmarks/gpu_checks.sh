@@ -5,7 +5,8 @@
 # Wheels for that machine (Python 3.12), fetched here into the ignored folder .whl/:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_35_x86_64 -d .whl \
-#     mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 diffusers==0.42.1
+#     mlx==0.32.4 mlx-cuda-13==0.32.4 diffusers==0.42.1
+# (the library imports no mlx-lm; the machine has the nvidia-* libraries mlx-cuda-13 needs)
 # mlx-cuda-13 (~90 MB) exceeds one call's 64 MiB, so it travels in two parts:
 #   (cd .whl && split -b 45M mlx_cuda_13-*.whl mlx_cuda_13.part- && rm mlx_cuda_13-*.whl)
 # Call 1 carries .whl with only part "aa" in it and runs `bash benchmarks/gpu_checks.sh stash`;
