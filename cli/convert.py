@@ -7,7 +7,7 @@ import click
 from ideogram4_mlx.cli.options import components_option
 from ideogram4_mlx.convert import COMPONENTS, DTYPES
 from ideogram4_mlx.convert import convert as convert_checkpoint
-from ideogram4_mlx.loading import ModelAccessError
+from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 
 

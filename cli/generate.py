@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt
-from ideogram4_mlx.loading import DEFAULT_REPO, ModelAccessError
+from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
 from ideogram4_mlx.metadata import DTYPES, read_metadata, replay_kwargs, save_png
 from ideogram4_mlx.pipeline import check_caption, check_request, load
 from ideogram4_mlx.previews import preview_callback

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx import __version__, text_encoder, transformer, vae
 from ideogram4_mlx.files import move_into_place
-from ideogram4_mlx.loading import check_components, resolve_model
+from ideogram4_mlx.hub import check_components, resolve_model
 from ideogram4_mlx.quantization import (
     MODE,
     RECORD_KEY,

@@ -20,7 +20,8 @@ from PIL import Image
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING, is_json_prompt, verify_raw
-from ideogram4_mlx.loading import resolve_model
+from ideogram4_mlx.hub import resolve_model
+from ideogram4_mlx.prompt import PromptEncoder
 from ideogram4_mlx.quantization import conversion_record
 from ideogram4_mlx.sampler import (
     DEFAULT_PRESET,
@@ -29,7 +30,6 @@ from ideogram4_mlx.sampler import (
     denoise,
     resolve_schedule,
 )
-from ideogram4_mlx.text_encoder import PromptEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode
 
@@ -137,11 +137,21 @@ class Ideogram4Pipeline:
     # -- components -------------------------------------------------------------------------
 
     def prompt_encoder(self) -> PromptEncoder:
+        """The tokenizer and prompt cache; the text encoder itself loads in :meth:`encode`."""
         if self._prompt_encoder is None:
-            self._prompt_encoder = PromptEncoder.from_pretrained(self.model_dir, dtype=self.dtype)
-        else:
-            self._prompt_encoder.load_model()
+            self._prompt_encoder = PromptEncoder.from_pretrained(
+                self.model_dir, dtype=self.dtype, load_model=False
+            )
         return self._prompt_encoder
+
+    def encode(self, prompt: str) -> mx.array:
+        """Text features (1, T, 13*D) fp32; the text encoder loads only for an uncached prompt."""
+        encoder = self.prompt_encoder()
+        if not encoder.is_cached(prompt):
+            encoder.load_model()
+        features = encoder.encode(prompt).features
+        mx.eval(features)
+        return features
 
     def dits(self) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
         if self._dits is None:
@@ -221,11 +231,10 @@ class Ideogram4Pipeline:
 
         stats: dict = {}
         with Stage(stats, "encode", verbose):
-            encoded = self.prompt_encoder().encode(prompt)
-            mx.eval(encoded.features)
+            features = self.encode(prompt)
             self.release("text_encoder")
         with Stage(stats, "denoise", verbose):
-            latents = self.denoise(encoded.features, z, grid_h, grid_w, schedule, callback)
+            latents = self.denoise(features, z, grid_h, grid_w, schedule, callback)
             self.release("transformers")
         with Stage(stats, "decode", verbose):
             pixels = decode(self.vae(), latents, grid_h, grid_w)

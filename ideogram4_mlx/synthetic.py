@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
 from ideogram4_mlx.files import move_into_place
-from ideogram4_mlx.loading import check_components
+from ideogram4_mlx.hub import check_components
 
 COMPONENTS = (
     "transformer",

@@ -2,25 +2,17 @@
 
 ``Qwen3VLTextEncoder`` is the text half of ``Qwen3VLModel`` (the vision tower is never used).
 Module attribute names equal the checkpoint keys under ``language_model.``, so the fp8 file
-loads without a mapping table. ``PromptEncoder`` owns the tokenizer, the chat template, the
-model and a small cache of encoded prompts.
+loads without a mapping table. Tokenizing and caching prompts is ``prompt.py``.
 """
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-# PreTrainedTokenizerFast, not AutoTokenizer: the auto mapping imports torch when it is installed.
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ideogram4_mlx.quantization import load_component
 from ideogram4_mlx.transformer import RMSNorm, apply_rope, rope_inv_freq, silu
@@ -34,11 +26,6 @@ from ideogram4_mlx.weights import (
 # 0-based decoder layers whose outputs (residual stream, before the final norm) are the
 # features; diffusers calls this QWEN3_VL_ACTIVATION_LAYERS (spec §D.2).
 TAP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
-# diffusers, mflux and DiffSynth cap the templated prompt at 2048 tokens (the official code
-# allows 8192). We follow the ports so that one prompt gives the same image in all of them.
-MAX_TEXT_TOKENS = 2048
-# Any id works for padding slots: they are masked out of attention and zeroed in the output.
-PAD_TOKEN_ID = 0
 
 LM_PREFIXES = ("model.language_model.", "language_model.")
 UNUSED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
@@ -274,150 +261,3 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     kept = strip_prefixes(kept, LM_PREFIXES)
     kept.pop("norm.weight", None)
     return dequantize_fp8_weights(kept)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts -> token ids -> cached features.
-
-
-def canonical_prompt(prompt: str) -> str:
-    """A JSON-object caption minified with literal UTF-8 and its key order kept; else as given."""
-    try:
-        obj = json.loads(prompt)
-    except ValueError:
-        return prompt
-    if not isinstance(obj, dict):
-        return prompt
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of one prompt in the Qwen3-VL chat template, no system prompt (spec §D.1).
-
-    Raises ValueError when the result is longer than ``MAX_TEXT_TOKENS``.
-    """
-    messages = [{"role": "user", "content": [{"type": "text", "text": canonical_prompt(prompt)}]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) > MAX_TEXT_TOKENS:
-        raise ValueError(
-            f"prompt is {len(ids)} tokens long in the chat template; the limit is "
-            f"{MAX_TEXT_TOKENS} tokens. Shorten the prompt."
-        )
-    return ids
-
-
-def pad_left(rows: list[list[int]], pad_id: int = PAD_TOKEN_ID) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad id lists to (B, T_max) ids and a 0/1 attention mask (int32)."""
-    length = max(len(r) for r in rows)
-    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), length), dtype=np.int32)
-    for b, row in enumerate(rows):
-        ids[b, length - len(row) :] = row
-        mask[b, length - len(row) :] = 1
-    return ids, mask
-
-
-class EncodedPrompts(NamedTuple):
-    features: mx.array  # (B, T_max, 13*D) float32, left-padded, padding rows 0
-    lengths: list[int]  # real tokens per row; row b holds them in [T_max - lengths[b], T_max)
-
-
-class PromptEncoder:
-    """Tokenizer + text encoder + an LRU cache of encoded prompts (keyed by the prompt alone).
-
-    ``release_model()`` frees the model and keeps the cache: cached prompts still encode, a new
-    prompt raises ``RuntimeError`` until ``load_model()`` is called (nothing reloads behind the
-    caller's back, so peak memory stays under the pipeline's control).
-    """
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        model: Qwen3VLTextEncoder | None,
-        cache_size: int = 4,
-        model_dir: Path | str | None = None,
-        dtype: mx.Dtype = mx.bfloat16,
-    ):
-        self.tokenizer = tokenizer
-        self.model = model
-        self.cache_size = cache_size
-        self.model_dir = model_dir
-        self.dtype = dtype
-        # canonical prompt -> (n, 13*D) features in the model dtype (bf16 halves the memory).
-        self._cache: OrderedDict[str, mx.array] = OrderedDict()
-
-    @classmethod
-    def from_pretrained(
-        cls, checkpoint_dir: Path | str, dtype: mx.Dtype = mx.bfloat16, cache_size: int = 4
-    ) -> PromptEncoder:
-        """Load ``tokenizer/`` and ``text_encoder/`` of a checkpoint folder (offline)."""
-        checkpoint_dir = Path(checkpoint_dir)
-        tokenizer_dir = checkpoint_dir / "tokenizer"
-        if not tokenizer_dir.is_dir():
-            raise CheckpointError(f"{tokenizer_dir}: tokenizer folder not found")
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(
-            str(tokenizer_dir), local_files_only=True
-        )
-        model_dir = checkpoint_dir / "text_encoder"
-        model = Qwen3VLTextEncoder.from_pretrained(model_dir, dtype=dtype)
-        return cls(tokenizer, model, cache_size=cache_size, model_dir=model_dir, dtype=dtype)
-
-    def token_ids(self, prompt: str) -> list[int]:
-        """``prompt_token_ids`` with this encoder's tokenizer."""
-        return prompt_token_ids(self.tokenizer, prompt)
-
-    def release_model(self) -> None:
-        """Free the text encoder's weights; the tokenizer and the cache stay."""
-        self.model = None
-        mx.clear_cache()
-
-    def load_model(self) -> None:
-        """(Re)load the text encoder after ``release_model()``."""
-        if self.model is None:
-            if self.model_dir is None:
-                raise RuntimeError("this PromptEncoder was built without a model folder")
-            self.model = Qwen3VLTextEncoder.from_pretrained(self.model_dir, dtype=self.dtype)
-
-    def encode(self, prompts: str | Sequence[str]) -> EncodedPrompts:
-        """Features of one prompt or a batch (left padding); repeated prompts hit the cache."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts to encode")
-        keys = [canonical_prompt(p) for p in prompts]
-        rows = {k: self._cache[k] for k in keys if k in self._cache}
-        missing = list(dict.fromkeys(k for k in keys if k not in rows))
-        if missing:
-            rows.update(self._run(missing))
-        for key in keys:
-            self._remember(key, rows[key])
-
-        lengths = [rows[k].shape[0] for k in keys]
-        t_max = max(lengths)
-        features = mx.stack(
-            [mx.pad(rows[k], [(t_max - n, 0), (0, 0)]) for k, n in zip(keys, lengths, strict=True)]
-        )
-        return EncodedPrompts(features.astype(mx.float32), lengths)
-
-    def _run(self, prompts: list[str]) -> dict[str, mx.array]:
-        ids = [self.token_ids(p) for p in prompts]  # length errors before any model work
-        if self.model is None:
-            raise RuntimeError(
-                f"the text encoder was released and {len(prompts)} prompt(s) are not cached, "
-                f"e.g. {prompts[0][:60]!r}; call load_model() first"
-            )
-        input_ids, mask = pad_left(ids)
-        taps = self.model.hidden_taps(input_ids, None if mask.all() else mask)
-        features = stack_taps(taps, mask)
-        mx.eval(features)
-        t_max = input_ids.shape[1]
-        rows = zip(prompts, ids, strict=True)
-        return {p: features[b, t_max - len(row) :] for b, (p, row) in enumerate(rows)}
-
-    def _remember(self, key: str, row: mx.array) -> None:
-        if self.cache_size <= 0:
-            return
-        self._cache[key] = row
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)

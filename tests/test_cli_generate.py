@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.cli import main
-from ideogram4_mlx.loading import DEFAULT_REPO
+from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay_kwargs, save_png
 from ideogram4_mlx.pipeline import GenerationResult
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from huggingface_hub.errors import GatedRepoError
 
-from ideogram4_mlx import loading
+from ideogram4_mlx import hub
 from ideogram4_mlx.pipeline import CaptionError, check_size, load
 from ideogram4_mlx.weights import CheckpointError
 
@@ -115,9 +115,9 @@ def test_gated_repo_message_says_how_to_get_access(monkeypatch):
         Exception.__init__(error, "403 Client Error: gated repo")
         raise error
 
-    monkeypatch.setattr(loading, "snapshot_download", refuse)
+    monkeypatch.setattr(hub, "snapshot_download", refuse)
     with pytest.raises(
-        loading.ModelAccessError, match="Request access on https://huggingface.co/.*HF_TOKEN"
+        hub.ModelAccessError, match="Request access on https://huggingface.co/.*HF_TOKEN"
     ):
         load("ideogram-ai/ideogram-4-fp8")
 
@@ -129,7 +129,19 @@ def test_repo_id_download_uses_only_needed_files(monkeypatch, tiny_checkpoint):
         seen.update(repo_id=repo_id, allow_patterns=allow_patterns)
         return str(tiny_checkpoint)
 
-    monkeypatch.setattr(loading, "snapshot_download", fake_download)
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
     pipe = load("ideogram-ai/ideogram-4-fp8")
     assert pipe.model_id == "ideogram-ai/ideogram-4-fp8" and pipe.revision == tiny_checkpoint.name
     assert "transformer/*" in seen["allow_patterns"] and "*" not in seen["allow_patterns"]
+
+
+def test_cached_prompt_does_not_load_the_text_encoder_again(tiny_checkpoint):
+    pipe = load(tiny_checkpoint, dtype=mx.float32)  # default policy: free each stage's model
+    first = pipe.generate(CAPTION, seed=1, **FAST)
+    again = pipe.generate(CAPTION, seed=1, **FAST)
+    encoder = pipe.prompt_encoder()
+    assert encoder.loads == 1 and encoder.model is None
+    np.testing.assert_array_equal(first.latents, again.latents)
+    with pytest.warns(UserWarning, match="plain-text prompt"):
+        pipe.generate("a new prompt", seed=1, **FAST)
+    assert encoder.loads == 2

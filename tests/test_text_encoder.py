@@ -11,17 +11,13 @@ from helpers import rel_l2
 from mlx.utils import tree_flatten
 from transformers import AutoTokenizer
 
+from ideogram4_mlx.prompt import pad_left, prompt_token_ids
 from ideogram4_mlx.text_encoder import (
-    MAX_TEXT_TOKENS,
     TAP_LAYERS,
-    PromptEncoder,
     Qwen3VLTextEncoder,
     TextEncoderConfig,
-    canonical_prompt,
     left_padding,
-    pad_left,
     position_ids,
-    prompt_token_ids,
     sanitize,
     stack_taps,
 )
@@ -39,24 +35,6 @@ def tokenizer(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def model32(tiny_checkpoint):
     return Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder", dtype=mx.float32)
-
-
-@pytest.fixture
-def encoder(tiny_checkpoint):
-    """A fresh encoder per test (cache and release state are per test); loads in ~0.1 s."""
-    return PromptEncoder.from_pretrained(tiny_checkpoint, dtype=mx.float32)
-
-
-def count_model_calls(encoder, monkeypatch) -> list[int]:
-    """Record the batch size of every model run."""
-    calls, run = [], encoder.model.hidden_taps
-
-    def counted(input_ids, attention_mask=None):
-        calls.append(np.asarray(input_ids).shape[0])
-        return run(input_ids, attention_mask)
-
-    monkeypatch.setattr(encoder.model, "hidden_taps", counted)
-    return calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,95 +253,3 @@ def test_layers_after_the_last_tap_are_never_run():
 
     model.layers[36] = model.layers[37] = Boom()
     assert model(np.array([[1, 2, 3]])).shape == (1, 3, 13 * 16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt preparation
-
-
-@pytest.mark.parametrize("prompt", ["a red fox in fresh snow", CAPTION_TEXT, ""])
-def test_chat_template_ids_equal_transformers(tokenizer, prompt):
-    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    expected = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    ids = prompt_token_ids(tokenizer, prompt)
-    assert ids == list(expected)
-    # The spec's literal form (§D.1): no system prompt, no special tokens added around it.
-    assert tokenizer.decode(ids) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def test_json_escapes_and_literal_characters_encode_the_same(tokenizer):
-    escaped = json.dumps(CAPTION, ensure_ascii=True)  # "Caf\u00e9 ...", spaces after , and :
-    pretty = json.dumps(CAPTION, ensure_ascii=False, indent=2)
-    assert "\\u00e9" in escaped
-    assert canonical_prompt(escaped) == canonical_prompt(pretty) == CAPTION_TEXT
-    ids = prompt_token_ids(tokenizer, CAPTION_TEXT)
-    assert prompt_token_ids(tokenizer, escaped) == ids == prompt_token_ids(tokenizer, pretty)
-
-
-@pytest.mark.parametrize("prompt", [" plain text, kept as given ", "[1, 2]", "42", '{"a": 1'])
-def test_non_object_prompts_are_kept_as_given(prompt):
-    assert canonical_prompt(prompt) == prompt
-
-
-def test_json_key_order_is_kept():
-    assert canonical_prompt('{"b": 1, "a": {"d": 2, "c": 3}}') == '{"b":1,"a":{"d":2,"c":3}}'
-
-
-def test_overlong_prompt_error_names_the_token_count(tokenizer):
-    prompt = "fox " * (MAX_TEXT_TOKENS + 10)
-    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert count > MAX_TEXT_TOKENS
-    with pytest.raises(ValueError, match=f"prompt is {count} tokens .* limit is 2048"):
-        prompt_token_ids(tokenizer, prompt)
-
-
-# ---------------------------------------------------------------------------------------------
-# PromptEncoder: batches, cache, release
-
-
-def test_encode_batch_layout_matches_the_model(encoder, model32):
-    prompts = [CAPTION_TEXT, "a quiet lake"]
-    out = encoder.encode(prompts)
-    rows = [encoder.token_ids(p) for p in prompts]
-    assert out.lengths == [len(r) for r in rows]
-    ids, mask = pad_left(rows)
-    assert out.features.dtype == mx.float32
-    np.testing.assert_array_equal(np.array(out.features), np.array(model32(ids, mask)))
-    single = encoder.encode("a quiet lake")  # one prompt: no padding at all
-    assert single.features.shape == (1, len(rows[1]), 13 * 64)
-
-
-def test_cache_hit_returns_the_same_features_without_the_model(encoder, monkeypatch):
-    calls = count_model_calls(encoder, monkeypatch)
-    first = encoder.encode(CAPTION_TEXT).features
-    again = encoder.encode(json.dumps(CAPTION)).features  # same caption, escaped: same key
-    assert calls == [1]
-    assert mx.array_equal(first, again)
-    batch = encoder.encode(["a new prompt", CAPTION_TEXT])
-    assert calls == [1, 1], "only the uncached prompt is run"
-    assert mx.array_equal(batch.features[1:, -first.shape[1] :], first)
-
-
-def test_cache_is_lru_and_bounded(tiny_checkpoint, monkeypatch):
-    encoder = PromptEncoder.from_pretrained(tiny_checkpoint, cache_size=2)
-    calls = count_model_calls(encoder, monkeypatch)
-    for p in ("a", "b", "a", "c", "a", "b"):  # "b" is evicted by "c"; "a" stays recent
-        encoder.encode(p)
-    assert len(calls) == 4
-
-
-def test_release_model_keeps_cached_prompts_and_new_ones_need_load_model(encoder):
-    before = encoder.encode("a red fox").features
-    encoder.release_model()
-    assert encoder.model is None
-    assert mx.array_equal(encoder.encode("a red fox").features, before)
-    with pytest.raises(RuntimeError, match="load_model"):
-        encoder.encode(["a red fox", "a new prompt"])
-    with pytest.raises(ValueError, match="tokens"):  # length errors still come first
-        encoder.encode("fox " * 3000)
-    encoder.load_model()
-    assert encoder.encode("a new prompt").features.shape[0] == 1

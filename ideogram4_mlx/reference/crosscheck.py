@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from ideogram4_mlx.pipeline import check_size, load
+from ideogram4_mlx.prompt import canonical_prompt
 from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
 from ideogram4_mlx.sampler import resolve_schedule
-from ideogram4_mlx.text_encoder import canonical_prompt
 
 DTYPES = {"float32": (mx.float32, torch.float32), "bfloat16": (mx.bfloat16, torch.bfloat16)}
 
@@ -69,7 +69,7 @@ def crosscheck(
     noise = np.random.default_rng(seed).standard_normal((1, grid_h * grid_w, 128), np.float32)
 
     pipe = load(model, dtype=mlx_dtype, keep_in_memory=True)
-    encoded = pipe.prompt_encoder().encode(prompt)
+    features = pipe.encode(prompt)
     first = {}
     result = pipe.generate(
         prompt,
@@ -99,7 +99,7 @@ def crosscheck(
     ours_image = np.array(result.image)
     return CrossCheck(
         token_ids_equal=pipe.prompt_encoder().token_ids(prompt) == ref.token_ids,
-        features_rel_l2=rel_l2(np.array(encoded.features), ref.features),
+        features_rel_l2=rel_l2(np.array(features), ref.features),
         first_velocity_rel_l2=rel_l2(ours_v, ref.first_velocity),
         latents_rel_l2=rel_l2(result.latents, ref.latents),
         image_max_abs_diff=int(np.abs(ours_image.astype(int) - ref.image.astype(int)).max()),
