@@ -5,7 +5,8 @@ from pathlib import Path
 import click
 
 from ideogram4_mlx.cli.options import components_option
-from ideogram4_mlx.convert import COMPONENTS, DTYPES
+from ideogram4_mlx.constants import DTYPE_ALIASES, DTYPES
+from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
@@ -16,7 +17,7 @@ from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
     "--dtype",
-    type=click.Choice(list(DTYPES)),
+    type=click.Choice([*DTYPE_ALIASES, *DTYPES]),
     default="bf16",
     show_default=True,
     help="Dtype of every unquantized tensor.",

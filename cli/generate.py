@@ -13,8 +13,9 @@ from click.core import ParameterSource
 from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt
+from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
-from ideogram4_mlx.metadata import DTYPES, read_metadata, replay_kwargs, save_png
+from ideogram4_mlx.metadata import read_metadata, replay_kwargs, save_png
 from ideogram4_mlx.pipeline import check_caption, check_request, load
 from ideogram4_mlx.previews import preview_callback
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
@@ -109,7 +110,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     type=click.Choice(["bfloat16", "float32"]),
     default="bfloat16",
     show_default=True,
-    callback=lambda ctx, param, value: DTYPES[value],
+    callback=lambda ctx, param, value: parse_dtype(value),
     help="Weights and activations (latents are always float32).",
 )
 @click.option(

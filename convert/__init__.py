@@ -1,5 +1,5 @@
 """Checkpoint conversion (fp8 snapshot -> MLX weights). Installed as `ideogram4_mlx.convert`."""
 
-from ideogram4_mlx.convert.convert import COMPONENTS, DTYPES, SHARD_BYTES, convert
+from ideogram4_mlx.convert.convert import COMPONENTS, SHARD_BYTES, convert
 
-__all__ = ["COMPONENTS", "DTYPES", "SHARD_BYTES", "convert"]
+__all__ = ["COMPONENTS", "SHARD_BYTES", "convert"]

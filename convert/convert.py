@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from ideogram4_mlx import __version__, text_encoder, transformer, vae
+from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import move_into_place
 from ideogram4_mlx.hub import check_components, resolve_model
 from ideogram4_mlx.quantization import (
@@ -50,14 +51,6 @@ from ideogram4_mlx.weights import (
 SHARD_BYTES = 1 << 30
 INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-DTYPES = {
-    "bfloat16": mx.bfloat16,
-    "bf16": mx.bfloat16,
-    "float16": mx.float16,
-    "fp16": mx.float16,
-    "float32": mx.float32,
-    "fp32": mx.float32,
-}
 
 
 @dataclass(frozen=True)
@@ -126,8 +119,7 @@ def convert(
         ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for an
         existing ``dst`` without ``force``, ``ModelAccessError`` for a refused download.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    parse_dtype(dtype)  # checks the name only
     quantization_plan(nn.Module(), quantize, group_size, recipe)  # checks the settings only
     components = check_components(components, COMPONENTS)
     dst = Path(dst).expanduser()
@@ -179,7 +171,7 @@ def convert_component(
     """Stream one model folder into ``out_dir``: shards, index and the annotated config."""
     spec = MODEL_COMPONENTS[name]
     config = read_config(src_dir)
-    dtype = DTYPES[settings["dtype"]]
+    dtype = parse_dtype(settings["dtype"])
     model = spec.build(config)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     quantization = None
@@ -191,7 +183,7 @@ def convert_component(
         "version": RECORD_VERSION,
         "converter": f"ideogram4_mlx {__version__}",
         "source": settings["source"],
-        "dtype": str(dtype).removeprefix("mlx.core."),
+        "dtype": dtype_name(dtype),
         "quantization": quantization,
     }
     quantize_skeleton(model, record)

@@ -1,6 +1,33 @@
 """Named constants shared across the package (defined once, imported everywhere)."""
 
+from __future__ import annotations
+
+import mlx.core as mx
 import numpy as np
+
+# Image geometry (spec §F.5): the VAE downsamples 8x, then 2x2 latent patches form one token.
+PATCH = 2  # latent pixels per token side
+VAE_CHANNELS = 32  # channels of the raw VAE latent
+PACKED_CHANNELS = PATCH * PATCH * VAE_CHANNELS  # 128: channels of one packed token
+PIXELS_PER_TOKEN = 16  # image pixels per token side (8 x PATCH)
+
+# Compute dtypes by name: one table for the CLI, metadata, convert and the reference path.
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    """``bfloat16``/``bf16``, ``float16``/``fp16``, ``float32``/``fp32`` -> the MLX dtype."""
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        valid = ", ".join([*DTYPES, *DTYPE_ALIASES])
+        raise ValueError(f"unknown dtype {name!r}; valid: {valid}")
+    return DTYPES[canonical]
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The table's name of an MLX dtype (``bfloat16``, ...)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def _floats(text: str) -> np.ndarray:

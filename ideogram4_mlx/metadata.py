@@ -13,14 +13,13 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import mlx.core as mx
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx import __version__
+from ideogram4_mlx.constants import parse_dtype
 
 PNG_KEY = "ideogram4-mlx"
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 LOAD_KEYS = ("model", "revision", "dtype")
 GENERATE_KEYS = (
     "prompt",
@@ -109,12 +108,6 @@ def read_metadata(path: Path | str) -> dict:
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}: the {PNG_KEY} metadata is not a JSON object")
     return metadata
-
-
-def parse_dtype(name: str) -> mx.Dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def replay_kwargs(metadata: Mapping, overrides: Mapping | None = None) -> dict:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING, is_json_prompt, verify_raw
+from ideogram4_mlx.constants import PACKED_CHANNELS, PIXELS_PER_TOKEN, dtype_name
 from ideogram4_mlx.hub import resolve_model
 from ideogram4_mlx.prompt import PromptEncoder
 from ideogram4_mlx.quantization import conversion_record
@@ -33,9 +34,7 @@ from ideogram4_mlx.sampler import (
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode
 
-PIXELS_PER_TOKEN = 16  # VAE x8, then 2x2 patches (spec §F.5)
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 256, 2048, 6.0
-LATENT_CHANNELS = 128
 MAX_SEED = 2**63 - 1
 
 
@@ -224,7 +223,7 @@ class Ideogram4Pipeline:
         findings = check_caption(prompt, strict_caption)
         if noise is None:
             seed = random.randint(0, MAX_SEED) if seed is None else int(seed)
-            z = mx.random.normal((1, grid_h * grid_w, LATENT_CHANNELS), key=mx.random.key(seed))
+            z = mx.random.normal((1, grid_h * grid_w, PACKED_CHANNELS), key=mx.random.key(seed))
         else:
             z = mx.array(check_noise(noise, grid_h, grid_w))
             seed = None
@@ -253,7 +252,7 @@ class Ideogram4Pipeline:
             "std": schedule.std,
             "model": self.model_id,
             "revision": self.revision,
-            "dtype": str(self.dtype).removeprefix("mlx.core."),
+            "dtype": dtype_name(self.dtype),
             "quantization": self.quantization(),
             "caption_findings": findings,
             "version": __version__,
@@ -287,7 +286,7 @@ def velocity_fns(
     n_text = features.shape[1]
     cond_seq = cond_dit.prepare(features, *sequence_ids([n_text], grid_h, grid_w))
     uncond_seq = uncond_dit.prepare(None, *sequence_ids([0], grid_h, grid_w))
-    text_slots = mx.zeros((1, n_text, LATENT_CHANNELS), mx.float32)
+    text_slots = mx.zeros((1, n_text, PACKED_CHANNELS), mx.float32)
 
     def cond(z: mx.array, t: float) -> mx.array:
         x = mx.concatenate([text_slots, z], axis=1)
@@ -300,7 +299,7 @@ def velocity_fns(
 
 
 def check_noise(noise: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
-    expected = (1, grid_h * grid_w, LATENT_CHANNELS)
+    expected = (1, grid_h * grid_w, PACKED_CHANNELS)
     noise = np.asarray(noise, dtype=np.float32)
     if noise.shape != expected:
         raise ValueError(f"noise has shape {noise.shape}; this size needs {expected}")

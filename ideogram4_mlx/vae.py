@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
+from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PATCH
 from ideogram4_mlx.quantization import conversion_record
 from ideogram4_mlx.weights import (
     CheckpointError,
@@ -33,7 +33,6 @@ from ideogram4_mlx.weights import (
     read_json,
 )
 
-PATCH = 2  # latents are packed in 2x2 patches: 128 = 2 * 2 * 32 channels (spec §F.5)
 RESNET_EPS = 1e-6  # every GroupNorm of the encoder and decoder
 BN_PREFIX = "bn."
 BN_TOLERANCE = 1e-6  # bn buffers vs the constants (spec §F.4)

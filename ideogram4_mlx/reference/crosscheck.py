@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 import torch
 
+from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.pipeline import check_size, load
 from ideogram4_mlx.prompt import canonical_prompt
 from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
 from ideogram4_mlx.sampler import resolve_schedule
-
-DTYPES = {"float32": (mx.float32, torch.float32), "bfloat16": (mx.bfloat16, torch.bfloat16)}
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,7 +61,7 @@ def crosscheck(
     dtype: str = "float32",
 ) -> CrossCheck:
     """Both pipelines on the same noise (drawn with numpy from ``seed``), stage by stage."""
-    mlx_dtype, torch_dtype = DTYPES[dtype]
+    mlx_dtype, torch_dtype = parse_dtype(dtype), getattr(torch, dtype)
     grid_h, grid_w = check_size(width, height)
     schedule = resolve_schedule(height, width, preset, num_steps, guidance_schedule, mu, std)
     noise = np.random.default_rng(seed).standard_normal((1, grid_h * grid_w, 128), np.float32)
