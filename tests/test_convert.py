@@ -370,3 +370,82 @@ def test_mixed_4_6_keeps_down_and_attention_projections_at_6_bits(tiny_checkpoin
     assert (
         overrides["layers.3.mlp.down_proj"]["bits"] == 6 and "layers.3.mlp.up_proj" not in overrides
     )
+
+
+def override(bits, group_size=64):
+    return {"bits": bits, "group_size": group_size}
+
+
+def expected_dit_overrides(setting):
+    """The tiny DiT (2 blocks): the timestep/AdaLN path, input and output layers stay float,
+    the text projection is never below 8 bits; recipes raise attention (and w2)."""
+    float_layers = [
+        "adaln_proj",
+        "embed_image_indicator",
+        "final_layer.adaln_modulation",
+        "final_layer.linear",
+        "input_proj",
+        "layers.0.adaln_modulation",
+        "layers.1.adaln_modulation",
+        "t_embedding.mlp_in",
+        "t_embedding.mlp_out",
+    ]
+    overrides = {**dict.fromkeys(float_layers, False), "llm_cond_proj": override(8)}
+    raised = {
+        "mixed-4-8": ("attention.qkv", "attention.o"),
+        "mixed-4-6": ("attention.qkv", "attention.o", "feed_forward.w2"),
+    }.get(setting, ())
+    bits = 8 if setting == "mixed-4-8" else 6
+    for i in (0, 1):
+        overrides |= {f"layers.{i}.{name}": override(bits) for name in raised}
+    return overrides
+
+
+def expected_text_overrides(setting):
+    """The tiny text encoder (36 layers): the embedding stays float; recipes raise the
+    attention projections (and down_proj)."""
+    names = {
+        "mixed-4-8": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "mixed-4-6": ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+    }.get(setting, ())
+    bits = 8 if setting == "mixed-4-8" else 6
+    overrides = {"embed_tokens": False}
+    for i in range(36):
+        for name in names:
+            block = "mlp" if name == "down_proj" else "self_attn"
+            overrides[f"layers.{i}.{block}.{name}"] = override(bits)
+    return overrides
+
+
+@pytest.mark.parametrize("setting", [4, "mixed-4-8", "mixed-4-6"])
+def test_quantization_plans_of_the_tiny_models_are_pinned(tiny_checkpoint, setting):
+    bits, recipe = (None, setting) if isinstance(setting, str) else (setting, None)
+    dit = TransformerConfig.from_file(tiny_checkpoint / "transformer" / "config.json")
+    text = TextEncoderConfig.from_file(tiny_checkpoint / "text_encoder" / "config.json")
+    for model, expected in (
+        (Ideogram4Transformer(dit), expected_dit_overrides(setting)),
+        (Qwen3VLTextEncoder(text), expected_text_overrides(setting)),
+    ):
+        plan = quantization_plan(model, bits, 64, recipe)
+        assert plan == {
+            "mode": "affine",
+            "bits": 4,
+            "group_size": 64,
+            "recipe": recipe,
+            "overrides": expected,
+        }
+        assert list(plan["overrides"]) == sorted(expected)
+
+
+def test_quantization_plan_keeps_float_what_the_group_size_does_not_divide(tiny_checkpoint):
+    """Group size 128: the DiT's 832-wide text projection and the text encoder's 64-wide inputs
+    stay float; of the text encoder only the 128-wide down projections are quantized."""
+    dit = TransformerConfig.from_file(tiny_checkpoint / "transformer" / "config.json")
+    plan = quantization_plan(Ideogram4Transformer(dit), 6, 128)
+    assert plan["overrides"] == dict.fromkeys(expected_dit_overrides(6), False)
+    text = TextEncoderConfig.from_file(tiny_checkpoint / "text_encoder" / "config.json")
+    plan = quantization_plan(Qwen3VLTextEncoder(text), 6, 128)
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    names += ("mlp.gate_proj", "mlp.up_proj")
+    expected = {f"layers.{i}.{name}": False for i in range(36) for name in names}
+    assert plan["overrides"] == {"embed_tokens": False, **expected}
