@@ -9,15 +9,17 @@ import warnings
 from pathlib import Path
 
 import click
+import mlx.core as mx
 from click.core import ParameterSource
 from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
-from ideogram4_mlx.metadata import read_metadata, replay_kwargs, save_png
-from ideogram4_mlx.pipeline import check_caption, check_request, load
-from ideogram4_mlx.previews import preview_callback
+from ideogram4_mlx.metadata import LOAD_KEYS, read_metadata, replay, save_png
+from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.previews import StepPreviews
+from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
 
 
@@ -60,23 +62,6 @@ def _parse_guidance(ctx, param, value: str | None) -> tuple[float, ...] | None:
     return weights
 
 
-def _progress(previews):
-    """The denoising callback: step previews (optional), then a tqdm bar on stderr."""
-    bar = None
-
-    def callback(step, num_steps, latents):
-        nonlocal bar
-        if previews is not None:
-            previews(step, num_steps, latents)
-        if bar is None:
-            bar = tqdm(total=num_steps, desc="denoise", unit="step", file=sys.stderr)
-        bar.update(1)
-        if step + 1 == num_steps:
-            bar.close()
-
-    return callback
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
 
@@ -95,8 +80,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Replay a PNG written by this command: its prompt, model, dtype, size, seed, preset, "
     "steps, guidance schedule, mu and std. Options given on the command line override the "
-    "stored ones; --model drops the stored revision, --preset the stored steps, guidance, mu "
-    "and std, --steps the stored guidance.",
+    "stored ones; --model drops the stored revision; --preset brings the new preset's steps, "
+    "guidance, mu and std except those the image set explicitly; --steps reshapes a "
+    "preset-shaped guidance schedule.",
 )
 @click.option(
     "--model",
@@ -166,7 +152,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "temporary file in the same folder and renamed at the end; missing folders are created. "
     "An existing file is an error (checked before generating) unless --force.",
 )
-@click.option("--force", "overwrite", is_flag=True, help="Replace an existing --output file.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing --output file, and write previews into a non-empty --stepwise-dir.",
+)
 @click.option(
     "--stepwise-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -184,53 +174,47 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 @click.pass_context
 def generate(
     ctx: click.Context,
-    prompt: str | None,
     prompt_file: str | None,
     from_metadata: Path | None,
-    strict_caption: bool,
     output: Path,
-    overwrite: bool,
+    force: bool,
     stepwise_dir: Path | None,
     low_memory: bool,
     verbose: bool,
     **settings,
 ) -> None:
     """Generate one image from a prompt, or replay one with --from-metadata."""
-    if prompt is not None and prompt_file is not None:
+    if settings["prompt"] is not None and prompt_file is not None:
         raise click.UsageError("give either --prompt or --prompt-file, not both")
-    prompt = prompt if prompt is not None else prompt_file
-    if prompt is None and from_metadata is None:
+    if prompt_file is not None:
+        settings["prompt"] = prompt_file
+    if settings["prompt"] is None and from_metadata is None:
         raise click.UsageError("give --prompt or --prompt-file (or --from-metadata)")
     if output.suffix.lower() != ".png":
         raise click.BadParameter(
             "the image is written as PNG: use a .png name", param_hint="--output"
         )
-    if output.exists() and not overwrite:
+    if output.exists() and not force:
         raise click.ClickException(f"{output} already exists; pass --force to replace it")
     explicit = {k: v for k, v in settings.items() if _given(ctx, k)}
-    if prompt is not None:
-        explicit["prompt"] = prompt
+    if prompt_file is not None:
+        explicit["prompt"] = prompt_file
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="caption:")
         warnings.showwarning = _show_warning
         try:
             if from_metadata is None:
-                kwargs = {**settings, "prompt": prompt}
+                load_kwargs = {k: settings.pop(k) for k in LOAD_KEYS}
+                request = GenerationRequest(**settings)
             else:
-                kwargs = replay_kwargs(read_metadata(from_metadata), explicit)
-            model, dtype, revision = (kwargs.pop(k) for k in ("model", "dtype", "revision"))
-            _check_before_loading(kwargs, strict_caption)
-            pipe = load(model, dtype=dtype, revision=revision, low_memory=low_memory)
+                load_kwargs, request = replay(read_metadata(from_metadata), explicit)
+            resolved = request.validate()  # every mistake shows before a model loads
             previews = None
             if stepwise_dir is not None:
-                previews = preview_callback(pipe, stepwise_dir, kwargs["width"], kwargs["height"])
-            result = pipe.generate(
-                **kwargs,
-                strict_caption=strict_caption,
-                callback=_progress(previews),
-                verbose=verbose,
-            )
-            save_png(result.image, output, result.metadata, overwrite)
+                previews = StepPreviews(stepwise_dir, resolved.grid_h, resolved.grid_w, force)
+            pipe = load(**load_kwargs, low_memory=low_memory)
+            result = _run(pipe, request, previews, verbose)
+            save_png(result.image, output, result.metadata, force)
         except (ValueError, ModelAccessError, OSError) as e:  # CaptionError, CheckpointError
             raise click.ClickException(str(e)) from e
     if verbose:
@@ -239,16 +223,21 @@ def generate(
     click.echo(f"{output} (seed {result.metadata['seed']})")
 
 
+def _run(pipe, request: GenerationRequest, previews: StepPreviews | None, verbose: bool):
+    """The denoising steps with a progress bar on stderr (and previews), then the image."""
+    generation = pipe.start(request, verbose=verbose)
+    steps = tqdm(
+        generation, total=generation.num_steps, desc="denoise", unit="step", file=sys.stderr
+    )
+    for step in steps:
+        mx.eval(step.latents)
+        if previews is not None:
+            previews.save(pipe, step)
+    return generation.result()
+
+
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (
         ParameterSource.DEFAULT,
         ParameterSource.DEFAULT_MAP,
     )
-
-
-def _check_before_loading(kwargs: dict, strict_caption: bool) -> None:
-    """The pipeline's own checks, run before ``load`` so a mistake never waits for a download."""
-    names = ("width", "height", "seed", "preset", "num_steps", "guidance_schedule", "mu", "std")
-    check_request(**{k: kwargs[k] for k in names})
-    if strict_caption:
-        check_caption(kwargs["prompt"], strict=True)  # raises on findings, silent otherwise

@@ -1,4 +1,4 @@
-"""Generation metadata in PNG files: write it, read it back, turn it into replay arguments.
+"""Generation metadata in PNG files: write it, read it back, turn it into a replay.
 
 The metadata (``GenerationResult.metadata``) is stored as JSON in one compressed iTXt chunk
 (UTF-8, so captions in any script survive) under the key :data:`PNG_KEY`.
@@ -11,6 +11,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -18,26 +19,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
 
 PNG_KEY = "ideogram4-mlx"
+# What ``load()`` needs to rebuild the pipeline an image was made with.
 LOAD_KEYS = ("model", "revision", "dtype")
-GENERATE_KEYS = (
-    "prompt",
-    "width",
-    "height",
-    "preset",
-    "seed",
-    "num_steps",
-    "guidance_schedule",
-    "mu",
-    "std",
-)
-# Stored values derived from a setting: overriding the setting drops them (see replay_kwargs).
-DERIVED = {
-    "model": ("revision",),
-    "preset": ("num_steps", "guidance_schedule", "mu", "std"),
-    "num_steps": ("guidance_schedule",),
-}
 
 
 def png_info(metadata: Mapping) -> PngInfo:
@@ -49,16 +35,17 @@ def png_info(metadata: Mapping) -> PngInfo:
 
 
 def save_png(
-    image: Image.Image, path: Path | str, metadata: Mapping | None = None, overwrite: bool = False
+    image: Image.Image, path: Path | str, metadata: Mapping | None = None, force: bool = False
 ) -> Path:
     """Write ``image`` (with ``metadata``) to ``path`` atomically.
 
     The PNG goes to a temporary file in the same folder, renamed into place at the end, so
-    ``path`` never holds a half-written image. Missing parent folders are created. An existing
-    ``path`` raises ``FileExistsError`` unless ``overwrite``.
+    ``path`` never holds a half-written image, and a link at ``path`` is replaced, never
+    written through. Missing parent folders are created. An existing ``path`` raises
+    ``FileExistsError`` unless ``force``.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not force:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -67,7 +54,7 @@ def save_png(
             pnginfo = None if metadata is None else png_info(metadata)
             image.save(f, format="PNG", pnginfo=pnginfo)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal new file's mode
-        if path.exists() and not overwrite:  # created while we were writing
+        if (path.exists() or path.is_symlink()) and not force:  # created while we were writing
             raise FileExistsError(f"{path} already exists")
         os.replace(tmp, path)
     except BaseException:
@@ -110,28 +97,31 @@ def read_metadata(path: Path | str) -> dict:
     return metadata
 
 
-def replay_kwargs(metadata: Mapping, overrides: Mapping | None = None) -> dict:
-    """``load()`` and ``generate()`` keyword arguments that reproduce ``metadata``.
+def replay(metadata: Mapping, overrides: Mapping | None = None) -> tuple[dict, GenerationRequest]:
+    """``load()`` keyword arguments and the ``GenerationRequest`` that reproduce ``metadata``.
 
-    Keys: ``model, revision, dtype`` (for ``load``) and ``prompt, width, height, preset, seed,
-    num_steps, guidance_schedule, mu, std`` (for ``generate``). ``overrides`` (same keys)
-    replace stored values; overriding a setting also drops the stored values derived from it:
-    ``model`` drops the revision, ``preset`` drops num_steps, guidance_schedule, mu and std
-    (the new preset's apply unless overridden too), ``num_steps`` drops guidance_schedule.
+    ``overrides`` holds load keys (``model``, ``revision``, ``dtype``) and request fields;
+    the request's are applied with ``dataclasses.replace`` to
+    ``GenerationRequest.from_metadata(metadata)``, where values that only came from the
+    preset are None: a new ``preset`` brings its own steps, guidance, mu and std unless the
+    image set them explicitly, a new ``num_steps`` reshapes a preset-shaped guidance schedule.
+    A new ``model`` drops the stored revision.
 
-    Raises ``ValueError`` when a key is missing, or when the image was made from given noise
-    (no seed) and no ``seed`` override is given.
+    Raises ``ValueError`` when a field is missing or mistyped, or when the image was made
+    from given noise (no seed) and no ``seed`` override is given.
     """
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(LOAD_KEYS + GENERATE_KEYS))
+    unknown = sorted(set(overrides) - set(LOAD_KEYS + SETTINGS))
     if unknown:
-        raise ValueError(
-            f"cannot override {unknown}; valid: {', '.join(LOAD_KEYS + GENERATE_KEYS)}"
-        )
-    missing = [k for k in LOAD_KEYS + GENERATE_KEYS if k not in metadata]
+        raise ValueError(f"cannot override {unknown}; valid: {', '.join(LOAD_KEYS + SETTINGS)}")
+    missing = [k for k in (*LOAD_KEYS, *METADATA_TYPES) if k not in metadata]
     if missing:
         raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
-    if metadata["seed"] is None and overrides.get("seed") is None:
+    check_type("model", metadata["model"], str)
+    check_type("revision", metadata["revision"], (str, type(None)))
+    check_type("dtype", metadata["dtype"], str)
+    request = GenerationRequest.from_metadata(metadata)
+    if request.seed is None and overrides.get("seed") is None:
         raise ValueError(
             "the image was made from given noise, not a seed, so it cannot be replayed; "
             "give a seed to reuse its other settings"
@@ -142,10 +132,11 @@ def replay_kwargs(metadata: Mapping, overrides: Mapping | None = None) -> dict:
             f"{__version__}: the replay may differ",
             stacklevel=2,
         )
-    kwargs = {k: metadata[k] for k in LOAD_KEYS + GENERATE_KEYS}
-    kwargs["dtype"] = parse_dtype(kwargs["dtype"])
-    for key in overrides:
-        for derived in DERIVED.get(key, ()):
-            kwargs[derived] = None
-    kwargs.update(overrides)
-    return kwargs
+    load = {k: metadata[k] for k in LOAD_KEYS}
+    if "model" in overrides:
+        load["revision"] = None
+    load.update({k: v for k, v in overrides.items() if k in LOAD_KEYS})
+    if isinstance(load["dtype"], str):
+        load["dtype"] = parse_dtype(load["dtype"])
+    request = replace(request, **{k: v for k, v in overrides.items() if k in SETTINGS})
+    return load, request

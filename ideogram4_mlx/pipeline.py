@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,68 +18,14 @@ import numpy as np
 from PIL import Image
 
 from ideogram4_mlx import __version__
-from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING, is_json_prompt, verify_raw
-from ideogram4_mlx.constants import PACKED_CHANNELS, PIXELS_PER_TOKEN, dtype_name
+from ideogram4_mlx.constants import PACKED_CHANNELS, dtype_name
 from ideogram4_mlx.hub import resolve_model
 from ideogram4_mlx.prompt import PromptEncoder
 from ideogram4_mlx.quantization import conversion_record
-from ideogram4_mlx.sampler import (
-    DEFAULT_PRESET,
-    Schedule,
-    VelocityFn,
-    denoise,
-    resolve_schedule,
-)
+from ideogram4_mlx.request import MAX_SEED, GenerationRequest, request_from_settings
+from ideogram4_mlx.sampler import VelocityFn, euler_steps
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode
-
-MIN_SIDE, MAX_SIDE, MAX_ASPECT = 256, 2048, 6.0
-MAX_SEED = 2**63 - 1
-
-
-class CaptionError(ValueError):
-    """The caption verifier reported findings and strict checking was requested."""
-
-
-def check_size(width: int, height: int) -> tuple[int, int]:
-    """Validate the image size (spec §E.5) and return the token grid (grid_h, grid_w)."""
-    for name, side in (("width", width), ("height", height)):
-        if side % PIXELS_PER_TOKEN or not MIN_SIDE <= side <= MAX_SIDE:
-            raise ValueError(
-                f"{name} {side} is not supported: use a multiple of {PIXELS_PER_TOKEN} "
-                f"between {MIN_SIDE} and {MAX_SIDE}"
-            )
-    if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise ValueError(f"aspect ratio {width}x{height} is wider than {MAX_ASPECT:g}:1")
-    return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
-
-
-def check_request(
-    width: int,
-    height: int,
-    seed: int | None = None,
-    preset: str = DEFAULT_PRESET,
-    num_steps: int | None = None,
-    guidance_schedule: Sequence[float] | None = None,
-    mu: float | None = None,
-    std: float | None = None,
-) -> tuple[int, int, Schedule]:
-    """Every check that needs no model: size, seed range, schedule. Returns (gh, gw, schedule)."""
-    grid_h, grid_w = check_size(width, height)
-    if seed is not None and not 0 <= int(seed) <= MAX_SEED:
-        raise ValueError(f"seed {seed} is out of range: use 0..{MAX_SEED}")
-    schedule = resolve_schedule(height, width, preset, num_steps, guidance_schedule, mu, std)
-    return grid_h, grid_w, schedule
-
-
-def check_caption(prompt: str, strict: bool = False) -> list[str]:
-    """Caption findings (spec §G.2); warns, or raises ``CaptionError`` when ``strict``."""
-    findings = verify_raw(prompt) if is_json_prompt(prompt) else [PLAIN_PROMPT_WARNING]
-    if findings and strict:
-        raise CaptionError("caption check failed: " + "; ".join(findings))
-    for finding in findings:
-        warnings.warn(f"caption: {finding}", stacklevel=3)
-    return findings
 
 
 @dataclass
@@ -89,6 +34,7 @@ class GenerationResult:
     latents: np.ndarray  # (1, H/16 * W/16, 128) float32: final packed normalised latents
     metadata: dict  # everything needed to reproduce the image
     stats: dict = field(default_factory=dict)  # per stage: seconds, peak memory (GB)
+    request: GenerationRequest | None = None  # the request as run (its seed drawn)
 
 
 class Stage:
@@ -185,92 +131,135 @@ class Ideogram4Pipeline:
         record = conversion_record(self.model_dir / "transformer")
         return None if record is None else record.get("quantization")
 
-    # -- generation ---------------------------------------------------------------------------
-
-    def generate(
-        self,
-        prompt: str,
-        width: int = 1024,
-        height: int = 1024,
-        preset: str = DEFAULT_PRESET,
-        seed: int | None = None,
-        num_steps: int | None = None,
-        guidance_schedule: Sequence[float] | None = None,
-        mu: float | None = None,
-        std: float | None = None,
-        noise: np.ndarray | None = None,
-        strict_caption: bool = False,
-        callback: Callable[[int, int, mx.array], None] | None = None,
-        verbose: bool = False,
-    ) -> GenerationResult:
-        """One image for one prompt.
-
-        Args:
-            prompt: a JSON caption (recommended) or plain text.
-            width, height: multiples of 16 in 256..2048, aspect ratio at most 6:1.
-            preset: ``V4_QUALITY_48``, ``V4_DEFAULT_20`` or ``V4_TURBO_12``; ``num_steps``,
-                ``guidance_schedule`` (chronological: entry 0 = first step), ``mu`` and
-                ``std`` override it.
-            seed: seeds the noise; None picks a random seed (recorded in the metadata).
-            noise: (1, H/16 * W/16, 128) float32 in the packed layout; replaces the seeded
-                draw (for parity with other implementations).
-            strict_caption: caption findings raise ``CaptionError`` before any model loads.
-            callback: ``callback(step, num_steps, latents)`` after every denoising step.
-        """
-        grid_h, grid_w, schedule = check_request(
-            width, height, seed, preset, num_steps, guidance_schedule, mu, std
-        )
-        findings = check_caption(prompt, strict_caption)
-        if noise is None:
-            seed = random.randint(0, MAX_SEED) if seed is None else int(seed)
-            z = mx.random.normal((1, grid_h * grid_w, PACKED_CHANNELS), key=mx.random.key(seed))
-        else:
-            z = mx.array(check_noise(noise, grid_h, grid_w))
-            seed = None
-
-        stats: dict = {}
-        with Stage(stats, "encode", verbose):
-            features = self.encode(prompt)
-            self.release("text_encoder")
-        with Stage(stats, "denoise", verbose):
-            latents = self.denoise(features, z, grid_h, grid_w, schedule, callback)
-            self.release("transformers")
-        with Stage(stats, "decode", verbose):
-            pixels = decode(self.vae(), latents, grid_h, grid_w)
-            self.release("vae")
-
-        metadata = {
-            "prompt": prompt,
-            "preset": preset,
-            "width": width,
-            "height": height,
-            "seed": seed,
-            "noise": "given" if seed is None else "seeded",
-            "num_steps": schedule.num_steps,
-            "guidance_schedule": list(schedule.guidance),
-            "mu": schedule.mu,
-            "std": schedule.std,
+    def settings(self) -> dict:
+        """What this pipeline adds to an image's metadata: model, revision, dtype, quantization."""
+        return {
             "model": self.model_id,
             "revision": self.revision,
             "dtype": dtype_name(self.dtype),
             "quantization": self.quantization(),
-            "caption_findings": findings,
+        }
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def start(
+        self,
+        request: GenerationRequest,
+        noise: np.ndarray | None = None,
+        verbose: bool = False,
+    ) -> Generation:
+        """Validate ``request`` (before any model loads) and return its :class:`Generation`:
+        iterate it for the denoising steps, then call ``result()``. See :meth:`generate`."""
+        return Generation(self, request, noise, verbose)
+
+    def generate(
+        self,
+        prompt: str | GenerationRequest,
+        noise: np.ndarray | None = None,
+        callback: Callable[[int, int, mx.array], None] | None = None,
+        verbose: bool = False,
+        **settings,
+    ) -> GenerationResult:
+        """One image for one prompt.
+
+        Args:
+            prompt: a JSON caption (recommended) or plain text, or a ``GenerationRequest``.
+            settings: the other ``GenerationRequest`` fields, by name: ``width``, ``height``
+                (multiples of 16 in 256..2048, aspect ratio at most 6:1), ``preset``
+                (``V4_QUALITY_48``, ``V4_DEFAULT_20``, ``V4_TURBO_12``), ``num_steps``,
+                ``guidance_schedule`` (chronological: entry 0 = first step), ``mu``, ``std``
+                (override the preset), ``seed`` (None: random, recorded in the metadata),
+                ``strict_caption`` (caption findings raise ``CaptionError`` before any model
+                loads).
+            noise: (1, H/16 * W/16, 128) float32 in the packed layout; replaces the seeded
+                draw (for parity with other implementations).
+            callback: ``callback(step, num_steps, latents)`` after every denoising step.
+            verbose: print each stage's time and peak memory.
+        """
+        generation = self.start(request_from_settings(prompt, settings), noise, verbose)
+        for step in generation:
+            mx.eval(step.latents)
+            if callback is not None:
+                callback(step.index, step.num_steps, step.latents)
+        return generation.result()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step: ``latents`` (1, N, 128) fp32 at model time ``t``, unevaluated."""
+
+    index: int  # 0-based
+    num_steps: int
+    t: float
+    latents: mx.array
+
+
+class Generation:
+    """One request in flight: ``for step in generation: mx.eval(step.latents)``, then
+    :meth:`result`. Progress bars, previews and callbacks are consumers of the steps.
+
+    The prompt is encoded when iteration starts; the text encoder is freed before the first
+    step and the DiTs after the last (unless the pipeline keeps them in memory).
+    """
+
+    def __init__(
+        self,
+        pipe: Ideogram4Pipeline,
+        request: GenerationRequest,
+        noise: np.ndarray | None = None,
+        verbose: bool = False,
+    ):
+        resolved = request.validate()
+        resolved.warn()
+        n = resolved.grid_h * resolved.grid_w
+        if noise is None:
+            seed = random.randint(0, MAX_SEED) if request.seed is None else int(request.seed)
+            request = replace(request, seed=seed)
+            self.noise = mx.random.normal((1, n, PACKED_CHANNELS), key=mx.random.key(seed))
+        else:
+            request = replace(request, seed=None)
+            self.noise = mx.array(check_noise(noise, resolved.grid_h, resolved.grid_w))
+        self.pipe, self.request, self.resolved, self.verbose = pipe, request, resolved, verbose
+        self.given_noise = noise is not None
+        self.stats: dict = {}
+        self.latents: mx.array | None = None
+        self.done = False
+
+    @property
+    def num_steps(self) -> int:
+        return self.resolved.schedule.num_steps
+
+    def __iter__(self) -> Iterator[Step]:
+        pipe, r = self.pipe, self.resolved
+        with Stage(self.stats, "encode", self.verbose):
+            features = pipe.encode(self.request.prompt)
+            pipe.release("text_encoder")
+        with Stage(self.stats, "denoise", self.verbose):
+            cond, uncond = velocity_fns(*pipe.dits(), features, r.grid_h, r.grid_w)
+            for index, t, z in euler_steps(self.noise, r.schedule, cond, uncond):
+                self.latents = z
+                yield Step(index, self.num_steps, t, z)
+            mx.eval(self.latents)
+            pipe.release("transformers")
+        self.done = True
+
+    def result(self) -> GenerationResult:
+        """Decode the final latents; the image, its metadata and per-stage stats."""
+        if not self.done:
+            raise RuntimeError("iterate over all the denoising steps before result()")
+        pipe, r = self.pipe, self.resolved
+        with Stage(self.stats, "decode", self.verbose):
+            pixels = decode(pipe.vae(), self.latents, r.grid_h, r.grid_w)
+            pipe.release("vae")
+        metadata = {
+            **self.request.to_metadata(),
+            "noise": "given" if self.given_noise else "seeded",
+            **pipe.settings(),
+            "caption_findings": r.caption_findings,
             "version": __version__,
         }
-        return GenerationResult(Image.fromarray(pixels[0]), np.array(latents), metadata, stats)
-
-    def denoise(
-        self,
-        features: mx.array,
-        noise: mx.array,
-        grid_h: int,
-        grid_w: int,
-        schedule: Schedule,
-        callback: Callable[[int, int, mx.array], None] | None = None,
-    ) -> mx.array:
-        """Euler + CFG from the noise to the final packed latents (1, N, 128) fp32."""
-        cond, uncond = velocity_fns(*self.dits(), features, grid_h, grid_w)
-        return denoise(noise, schedule, cond, uncond, callback)
+        image = Image.fromarray(pixels[0])
+        return GenerationResult(image, np.array(self.latents), metadata, self.stats, self.request)
 
 
 def velocity_fns(

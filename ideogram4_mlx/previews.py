@@ -7,42 +7,38 @@ full VAE decode.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 from PIL import Image
 
-from ideogram4_mlx.pipeline import Ideogram4Pipeline, check_size
+from ideogram4_mlx.metadata import save_png
+from ideogram4_mlx.pipeline import Ideogram4Pipeline, Step
 from ideogram4_mlx.vae import decode
 
 
-def save_step_preview(
-    pipe: Ideogram4Pipeline,
-    latents: mx.array | np.ndarray,
-    grid_h: int,
-    grid_w: int,
-    path: Path | str,
-) -> Path:
-    """Decode packed latents (1, grid_h * grid_w, 128) with the pipeline's VAE; save a PNG."""
-    pixels = decode(pipe.vae(), latents, grid_h, grid_w)
-    Image.fromarray(pixels[0]).save(path, format="PNG")
-    return Path(path)
+class StepPreviews:
+    """Writes ``folder/step_001.png``, ... (1-based) for the steps it is given; the last
+    preview is the final image.
 
-
-def preview_callback(
-    pipe: Ideogram4Pipeline, folder: Path | str, width: int, height: int
-) -> Callable[[int, int, mx.array], None]:
-    """A ``generate`` callback writing ``folder/step_001.png``, ... (1-based) after each step.
-
-    The last preview is the final image. ``folder`` is created if missing.
+    ``folder`` is created if missing; one that already holds files is refused unless
+    ``force`` (then its ``step_*.png`` are replaced). Each preview is written like the output
+    image: a temporary file renamed into place, never through a link.
     """
-    grid_h, grid_w = check_size(width, height)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
 
-    def callback(step: int, num_steps: int, latents: mx.array) -> None:
-        save_step_preview(pipe, latents, grid_h, grid_w, folder / f"step_{step + 1:03d}.png")
+    def __init__(self, folder: Path | str, grid_h: int, grid_w: int, force: bool = False):
+        self.folder = Path(folder)
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            raise FileExistsError(f"{self.folder} is not a folder; choose another previews folder")
+        if self.folder.is_dir() and any(self.folder.iterdir()) and not force:
+            raise FileExistsError(
+                f"{self.folder} is not empty; pass --force to write previews into it "
+                "(its step_*.png files are replaced)"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.grid_h, self.grid_w = grid_h, grid_w
 
-    return callback
+    def save(self, pipe: Ideogram4Pipeline, step: Step) -> Path:
+        """Decode ``step.latents`` with the pipeline's VAE and write its PNG."""
+        pixels = decode(pipe.vae(), step.latents, self.grid_h, self.grid_w)
+        path = self.folder / f"step_{step.index + 1:03d}.png"
+        return save_png(Image.fromarray(pixels[0]), path, force=True)

@@ -11,7 +11,7 @@ official code and mflux store them in loop-index order (entry 0 = last step); us
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -146,14 +146,12 @@ def resolve_schedule(
 VelocityFn = Callable[[mx.array, float], mx.array]
 
 
-def denoise(
-    noise: mx.array,
-    schedule: Schedule,
-    cond: VelocityFn,
-    uncond: VelocityFn,
-    callback: Callable[[int, int, mx.array], None] | None = None,
-) -> mx.array:
-    """Euler from ``t_min`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond`` (spec §E.2-3).
+def euler_steps(
+    noise: mx.array, schedule: Schedule, cond: VelocityFn, uncond: VelocityFn
+) -> Iterator[tuple[int, float, mx.array]]:
+    """Euler from ``t_min`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond`` (spec §E.2-3),
+    one step per iteration: yields ``(step, t, z)`` with the model time ``t`` reached and the
+    latents ``z`` (1, N, 128) fp32, unevaluated: the caller evaluates them (``mx.eval``).
 
     ``cond(z, t)`` and ``uncond(z, t)`` return the velocity (same shape as ``z``); latents,
     the CFG combination and the step are fp32. The unconditional call is skipped when
@@ -171,7 +169,20 @@ def denoise(
             g32 = mx.array(g, dtype=mx.float32)
             v = g32 * v + (1 - g32) * v_u
         z = z + v * mx.array(t_next - t_cur, dtype=mx.float32)
+        yield step, float(t_next), z
+
+
+def denoise(
+    noise: mx.array,
+    schedule: Schedule,
+    cond: VelocityFn,
+    uncond: VelocityFn,
+    callback: Callable[[int, int, mx.array], None] | None = None,
+) -> mx.array:
+    """All of :func:`euler_steps`, evaluating each step; ``callback(step, num_steps, z)``."""
+    z = mx.array(noise).astype(mx.float32)
+    for step, _, z in euler_steps(noise, schedule, cond, uncond):
         mx.eval(z)
         if callback is not None:
-            callback(step, n, z)
+            callback(step, schedule.num_steps, z)
     return z

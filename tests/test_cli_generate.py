@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -21,8 +22,10 @@ from PIL.PngImagePlugin import PngInfo
 from ideogram4_mlx import __version__
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.hub import DEFAULT_REPO
-from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay_kwargs, save_png
+from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import GenerationResult
+from ideogram4_mlx.previews import StepPreviews
+from ideogram4_mlx.request import GenerationRequest
 
 # the package attribute `generate` is the command, so patch by dotted module path
 GENERATE_MODULE = "ideogram4_mlx.cli.generate"
@@ -148,15 +151,25 @@ def test_plain_prompt_preset_random_seed_and_default_output(tiny_checkpoint, tmp
 
 @pytest.fixture
 def fake(monkeypatch):
-    """Replaces ``load``; records what ``load`` and ``generate`` receive."""
-    seen = SimpleNamespace(load=None, generate=None)
+    """Replaces ``load``; records what ``load`` and ``start`` receive."""
+    seen = SimpleNamespace(load=None, request=None)
+
+    class FakeGeneration:
+        num_steps = 0
+
+        def __iter__(self):
+            return iter(())
+
+        def result(self):
+            r = seen.request
+            image = Image.new("RGB", (r.width, r.height))
+            seed = 1 if r.seed is None else r.seed
+            return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
 
     class FakePipe:
-        def generate(self, **kwargs):
-            seen.generate = kwargs
-            image = Image.new("RGB", (kwargs["width"], kwargs["height"]))
-            seed = 1 if kwargs["seed"] is None else kwargs["seed"]
-            return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
+        def start(self, request, verbose=False):
+            seen.request, seen.verbose = request, verbose
+            return FakeGeneration()
 
     def fake_load(model, dtype, revision, low_memory):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
@@ -167,58 +180,38 @@ def fake(monkeypatch):
     return seen
 
 
-def test_defaults_reach_load_and_generate(fake, tmp_path):
+def test_defaults_reach_load_and_the_request(fake, tmp_path):
     result = invoke("--prompt", CAPTION, "--output", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
     assert fake.low_memory is False  # --low-memory is opt-in (tests/test_low_memory.py)
-    callback = fake.generate.pop("callback")
-    assert callable(callback)
-    assert fake.generate == {
-        "prompt": CAPTION,
-        "preset": "V4_DEFAULT_20",
-        "width": 1024,
-        "height": 1024,
-        "seed": None,
-        "num_steps": None,
-        "guidance_schedule": None,
-        "mu": None,
-        "std": None,
-        "strict_caption": False,
-        "verbose": False,
-    }
+    assert fake.verbose is False
+    assert fake.request == GenerationRequest(CAPTION)  # the CLI's defaults are the request's
 
 
 def test_num_steps_alias_and_one_guidance_weight(fake, tmp_path):
     args = ["--prompt", CAPTION, "--num-steps", 4, "--guidance-schedule", "4.5"]
     assert invoke(*args, "--output", tmp_path / "a.png").exit_code == 0
-    assert fake.generate["num_steps"] == 4 and fake.generate["guidance_schedule"] == (4.5,)
+    assert fake.request.num_steps == 4 and fake.request.guidance_schedule == (4.5,)
 
 
 @pytest.mark.parametrize(
-    "args, load_changes, generate_changes",
+    "args, load_changes, request_changes",
     [
         ([], {}, {}),
         (["--seed", 9], {}, {"seed": 9}),
         (["--model", "other/repo"], {"model": "other/repo", "revision": None}, {}),
         (["--dtype", "bfloat16"], {"dtype": mx.bfloat16}, {}),
         (["--prompt", "a dog", "--width", 512], {}, {"prompt": "a dog", "width": 512}),
-        (["--steps", 3], {}, {"num_steps": 3, "guidance_schedule": None}),
-        (
-            ["--preset", "V4_TURBO_12", "--std", 2.0],
-            {},
-            {
-                "preset": "V4_TURBO_12",
-                "num_steps": None,
-                "guidance_schedule": None,
-                "mu": None,
-                "std": 2.0,
-            },
-        ),
+        # the stored schedule is explicit (not the preset's shape): it must be given anew
+        (["--steps", 3, "--guidance-schedule", 4], {}, {"num_steps": 3, "guidance_schedule": (4,)}),
+        (["--strict-caption"], {}, {"strict_caption": True}),
+        # explicit settings of the image stay under the new preset
+        (["--preset", "V4_TURBO_12", "--std", 2.0], {}, {"preset": "V4_TURBO_12", "std": 2.0}),
     ],
 )
 def test_from_metadata_options_override_the_stored_ones(
-    fake, tmp_path, args, load_changes, generate_changes
+    fake, tmp_path, args, load_changes, request_changes
 ):
     stored = save_png(Image.new("RGB", (8, 8)), tmp_path / "stored.png", sample_metadata())
     result = invoke("--from-metadata", stored, *args, "--output", tmp_path / "new.png")
@@ -229,21 +222,10 @@ def test_from_metadata_options_override_the_stored_ones(
         "revision": "abc123",
         **load_changes,
     }
-    fake.generate.pop("callback")
-    assert fake.generate == {
-        "prompt": CAPTION,
-        "preset": "V4_DEFAULT_20",
-        "width": 320,
-        "height": 256,
-        "seed": 7,
-        "num_steps": 2,
-        "guidance_schedule": [5.0, 2.5],
-        "mu": 0.25,
-        "std": 1.5,
-        "strict_caption": False,
-        "verbose": False,
-        **generate_changes,
-    }
+    stored_request = GenerationRequest(
+        CAPTION, 320, 256, "V4_DEFAULT_20", 2, (5.0, 2.5), 0.25, 1.5, seed=7
+    )
+    assert fake.request == replace(stored_request, **request_changes)
 
 
 # -- bad inputs ----------------------------------------------------------------------------------
@@ -293,6 +275,29 @@ def test_bad_inputs_fail_before_loading_with_one_line(monkeypatch, tmp_path, arg
     assert not (tmp_path / "out.png").exists()
 
 
+def test_stepwise_dir_must_be_empty_unless_force_and_links_are_replaced(
+    fake, tmp_path, monkeypatch
+):
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (steps / "step_001.png").symlink_to(victim)
+    args = ["--prompt", CAPTION, "--stepwise-dir", steps, "--output", tmp_path / "a.png"]
+    result = invoke(*args)
+    assert result.exit_code == 1 and f"{steps} is not empty; pass --force" in result.output
+    assert fake.load is None  # refused before loading
+    previews = StepPreviews(steps, 16, 16, force=True)
+
+    # the preview path without a model: a stand-in VAE decode of the right size
+    black = lambda vae, z, gh, gw: np.zeros((1, 16 * gh, 16 * gw, 3), np.uint8)  # noqa: E731
+    monkeypatch.setattr(sys.modules["ideogram4_mlx.previews"], "decode", black)
+    step = SimpleNamespace(index=0, latents=mx.zeros((1, 256, 128)))
+    path = previews.save(SimpleNamespace(vae=lambda: None), step)
+    assert victim.read_text() == "keep me" and not path.is_symlink()
+    assert pixels(path).shape == (256, 256, 3)
+
+
 def test_nonexistent_model_folder(tmp_path):
     args = ["--model", tmp_path / "no" / "model", "--prompt", CAPTION]
     result = invoke(*args, "--output", tmp_path / "a.png")
@@ -326,10 +331,10 @@ def test_save_png_is_atomic_and_refuses_to_overwrite(tmp_path):
     assert read_metadata(path) == {"seed": 1}
     with pytest.raises(FileExistsError, match="a.png already exists"):
         save_png(Image.new("RGB", (4, 4)), path)
-    save_png(Image.new("RGB", (4, 4), "blue"), path, {"seed": 2}, overwrite=True)
+    save_png(Image.new("RGB", (4, 4), "blue"), path, {"seed": 2}, force=True)
     assert read_metadata(path) == {"seed": 2} and tuple(pixels(path)[0, 0]) == (0, 0, 255)
     with pytest.raises(TypeError):  # fails half-way: no temp file, the old image stays
-        save_png(Image.new("RGB", (4, 4)), path, {"bad": object()}, overwrite=True)
+        save_png(Image.new("RGB", (4, 4)), path, {"bad": object()}, force=True)
     assert [p.name for p in path.parent.iterdir()] == ["a.png"]
     umask = os.umask(0o022)
     os.umask(umask)
@@ -359,64 +364,85 @@ def test_read_metadata_errors_name_the_file(tmp_path):
         read_metadata(tmp_path / "missing.png")
 
 
-def test_replay_kwargs_maps_metadata_to_load_and_generate():
-    kwargs = replay_kwargs(sample_metadata())
-    assert kwargs == {
-        "model": "owner/repo",
-        "revision": "abc123",
-        "dtype": mx.float32,
-        "prompt": CAPTION,
-        "width": 320,
-        "height": 256,
-        "preset": "V4_DEFAULT_20",
-        "seed": 7,
-        "num_steps": 2,
-        "guidance_schedule": [5.0, 2.5],
-        "mu": 0.25,
-        "std": 1.5,
+def test_replay_maps_metadata_to_load_and_the_request():
+    load_kwargs, request = replay(sample_metadata())
+    assert load_kwargs == {"model": "owner/repo", "revision": "abc123", "dtype": mx.float32}
+    assert request == GenerationRequest(
+        CAPTION, 320, 256, "V4_DEFAULT_20", 2, (5.0, 2.5), 0.25, 1.5, seed=7
+    )
+    assert replay(sample_metadata(dtype="bfloat16"))[0]["dtype"] == mx.bfloat16
+    assert request.to_metadata() == {
+        k: v for k, v in sample_metadata().items() if k in request.to_metadata()
     }
-    assert replay_kwargs(sample_metadata(dtype="bfloat16"))["dtype"] == mx.bfloat16
 
 
-def test_replay_kwargs_overrides_drop_derived_values():
+def test_replay_of_preset_values_keeps_them_tied_to_the_preset():
+    """Stored values equal to the preset's are not overrides: a new preset or step count
+    brings its own, while the replay itself is unchanged."""
+    turbo = {"preset": "V4_TURBO_12", "num_steps": 12, "mu": 0.5, "std": 1.75}
+    stored = sample_metadata(**turbo, guidance_schedule=[7.0] * 11 + [3.0])
+    _, request = replay(stored)
+    assert (request.num_steps, request.guidance_schedule, request.mu, request.std) == (None,) * 4
+    assert request.to_metadata()["guidance_schedule"] == stored["guidance_schedule"]
+    _, default20 = replay(stored, {"preset": "V4_DEFAULT_20"})
+    assert default20.to_metadata()["num_steps"] == 20 and default20.schedule().std == 1.75
+    _, four = replay(stored, {"num_steps": 4})
+    assert four.to_metadata()["guidance_schedule"] == [7.0, 7.0, 7.0, 3.0]
+    _, fixed = replay(sample_metadata(**turbo, guidance_schedule=[5.0] * 12), {"num_steps": 4})
+    with pytest.raises(ValueError, match="guidance_schedule has 12 entries but num_steps is 4"):
+        fixed.schedule()  # an explicit schedule is kept: its length must be changed too
+
+
+def test_replay_overrides():
     def changed(overrides):
-        base = replay_kwargs(sample_metadata())
-        new = replay_kwargs(sample_metadata(), overrides)
-        return {k: v for k, v in new.items() if base[k] != v}
+        base_load, base = replay(sample_metadata())
+        load_kwargs, new = replay(sample_metadata(), overrides)
+        diff = {k: v for k, v in load_kwargs.items() if base_load[k] != v}
+        diff.update({k: v for k, v in vars(new).items() if vars(base)[k] != v})
+        return diff
 
     assert changed({"seed": 3, "width": 512}) == {"seed": 3, "width": 512}
     assert changed({"model": "a/b"}) == {"model": "a/b", "revision": None}
     assert changed({"model": "a/b", "revision": "main"}) == {"model": "a/b", "revision": "main"}
-    assert changed({"num_steps": 4}) == {"num_steps": 4, "guidance_schedule": None}
-    assert changed({"preset": "V4_TURBO_12", "mu": 0.0}) == {
-        "preset": "V4_TURBO_12",
-        "num_steps": None,
-        "guidance_schedule": None,
-        "mu": 0.0,
-        "std": None,
-    }
+    assert changed({"num_steps": 4}) == {"num_steps": 4}
 
 
-def test_replay_kwargs_errors():
+def test_replay_errors():
     with pytest.raises(ValueError, match="made from given noise"):
-        replay_kwargs(sample_metadata(seed=None, noise="given"))
-    assert replay_kwargs(sample_metadata(seed=None), {"seed": 5})["seed"] == 5
+        replay(sample_metadata(seed=None, noise="given"))
+    assert replay(sample_metadata(seed=None), {"seed": 5})[1].seed == 5
     metadata = sample_metadata()
     del metadata["mu"], metadata["prompt"]
     with pytest.raises(ValueError, match="the metadata has no prompt, mu"):
-        replay_kwargs(metadata)
+        replay(metadata)
     with pytest.raises(ValueError, match="cannot override \\['noise'\\]"):
-        replay_kwargs(sample_metadata(), {"noise": "given"})
+        replay(sample_metadata(), {"noise": "given"})
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
-        replay_kwargs(sample_metadata(dtype="int4"))
+        replay(sample_metadata(dtype="int4"))
 
 
-def test_replay_kwargs_warns_about_another_version():
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("width", "abc", "expected int"),
+        ("prompt", 12345, "expected str"),
+        ("guidance_schedule", "7,7", "expected a list of numbers"),
+        ("seed", "abc", "expected int or null"),
+        ("mu", True, "expected Real"),
+        ("model", 3, "expected str"),
+    ],
+)
+def test_replay_names_a_mistyped_field(field, value, expected):
+    with pytest.raises(ValueError, match=f"metadata field '{field}' is .*: {expected}"):
+        replay(sample_metadata(**{field: value}))
+
+
+def test_replay_warns_about_another_version():
     with pytest.warns(UserWarning, match="made by ideogram4-mlx 0.0.1"):
-        replay_kwargs(sample_metadata(version="0.0.1"))
+        replay(sample_metadata(version="0.0.1"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        replay_kwargs(sample_metadata())
+        replay(sample_metadata())
 
 
 def test_metadata_is_json_with_the_stored_key(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 from huggingface_hub.errors import GatedRepoError
 
 from ideogram4_mlx import hub
-from ideogram4_mlx.pipeline import CaptionError, check_size, load
+from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.request import CaptionError, GenerationRequest, check_size
 from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = (
@@ -145,3 +146,34 @@ def test_cached_prompt_does_not_load_the_text_encoder_again(tiny_checkpoint):
     with pytest.warns(UserWarning, match="plain-text prompt"):
         pipe.generate("a new prompt", seed=1, **FAST)
     assert encoder.loads == 2
+
+
+def test_start_yields_each_step_for_the_caller_to_evaluate(pipe):
+    request = GenerationRequest(CAPTION, seed=5, **FAST)
+    generation = pipe.start(request)
+    with pytest.raises(RuntimeError, match="iterate over all the denoising steps"):
+        generation.result()
+    steps = []
+    for step in generation:
+        mx.eval(step.latents)
+        steps.append((step.index, step.num_steps, step.t))
+    schedule = request.validate().schedule
+    assert steps == [(i, 3, float(schedule.grid[2 - i])) for i in range(3)]
+    assert steps[-1][2] == float(schedule.grid[0])  # ends at t_max
+    streamed = generation.result()
+    direct = pipe.generate(request)  # generate() consumes the same iterator
+    np.testing.assert_array_equal(streamed.latents, direct.latents)
+    assert streamed.request == request and streamed.metadata == direct.metadata
+
+
+def test_start_checks_the_request_before_any_model_loads(tiny_checkpoint):
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    pipe.prompt_encoder = pipe.dits = pipe.vae = no_models
+    with pytest.raises(ValueError, match="num_steps 5000 is out of range"):
+        pipe.start(GenerationRequest(CAPTION, **{**FAST, "num_steps": 5000}))
+    with pytest.raises(ValueError, match="mu must be a finite number"):
+        pipe.generate(CAPTION, mu=float("nan"), **FAST)

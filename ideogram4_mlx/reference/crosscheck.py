@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ideogram4_mlx.constants import parse_dtype
-from ideogram4_mlx.pipeline import check_size, load
+from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.request import check_size
 from ideogram4_mlx.prompt import canonical_prompt
 from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
 from ideogram4_mlx.sampler import resolve_schedule
@@ -71,9 +72,9 @@ def crosscheck(
     first = {}
     result = pipe.generate(
         prompt,
-        width,
-        height,
-        preset,
+        width=width,
+        height=height,
+        preset=preset,
         num_steps=num_steps,
         guidance_schedule=guidance_schedule,
         mu=mu,

@@ -1,0 +1,111 @@
+"""GenerationRequest: validation, the metadata round trip and replay by ``dataclasses.replace``."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ideogram4_mlx.request import (
+    MAX_STEPS,
+    SETTINGS,
+    CaptionError,
+    GenerationRequest,
+    check_size,
+    request_from_settings,
+)
+from ideogram4_mlx.sampler import PRESETS, resolve_schedule
+
+CAPTION = (
+    '{"high_level_description":"a sign","compositional_deconstruction":'
+    '{"background":"white","elements":[]}}'
+)
+
+
+def test_validate_gives_the_grid_the_schedule_and_the_findings():
+    resolved = GenerationRequest(CAPTION, width=512, height=768, preset="V4_TURBO_12").validate()
+    assert (resolved.grid_h, resolved.grid_w) == check_size(512, 768) == (48, 32)
+    expected = resolve_schedule(768, 512, "V4_TURBO_12")
+    np.testing.assert_array_equal(resolved.schedule.grid, expected.grid)
+    assert resolved.schedule.guidance == expected.guidance and resolved.caption_findings == []
+    plain = GenerationRequest("a cat").validate()
+    assert plain.caption_findings and "plain-text prompt" in plain.caption_findings[0]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_steps": MAX_STEPS + 1}, f"num_steps {MAX_STEPS + 1} is out of range: use 1..1000"),
+        ({"num_steps": 0}, "num_steps 0 is out of range"),
+        ({"mu": math.nan}, "mu must be a finite number, got nan"),
+        ({"std": math.inf}, "std must be a finite number, got inf"),
+        ({"std": -1.0}, "std must be > 0"),
+        ({"guidance_schedule": (7.0, math.inf)}, "must be finite"),
+        ({"guidance_schedule": ("7", "x")}, "is not a list of numbers"),
+        ({"seed": -1}, "seed -1 is out of range"),
+        ({"width": 250}, "width 250 is not supported"),
+        ({"prompt": "  "}, "the prompt is empty"),
+        ({"preset": "V4_NOPE"}, "unknown preset 'V4_NOPE'; valid presets"),
+    ],
+)
+def test_validate_names_the_bad_setting(changes, message):
+    with pytest.raises(ValueError, match=message):
+        replace(GenerationRequest(CAPTION), **changes).validate()
+
+
+def test_strict_caption_raises_on_findings():
+    with pytest.raises(CaptionError, match="caption check failed: plain-text prompt"):
+        GenerationRequest("a cat", strict_caption=True).validate()
+    GenerationRequest(CAPTION, strict_caption=True).validate()  # no findings: no error
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_steps": 5},
+        {"num_steps": 3, "guidance_schedule": (4.0, 1.0, 2.5)},
+        {"mu": 0.3, "std": 1.2},
+        {"guidance_schedule": (5.0,)},
+    ],
+)
+def test_metadata_round_trip_gives_the_same_schedule(preset, overrides):
+    request = GenerationRequest(CAPTION, 320, 256, preset, seed=11, **overrides)
+    back = GenerationRequest.from_metadata(request.to_metadata())
+    assert back.to_metadata() == request.to_metadata()
+    a, b = request.schedule(), back.schedule()
+    np.testing.assert_array_equal(a.grid, b.grid)
+    assert (a.guidance, a.mu, a.std) == (b.guidance, b.mu, b.std)
+
+
+def test_from_metadata_keeps_only_real_overrides():
+    preset_shaped = GenerationRequest(CAPTION, preset="V4_TURBO_12", num_steps=12, mu=0.5)
+    back = GenerationRequest.from_metadata(preset_shaped.to_metadata())
+    assert (back.num_steps, back.guidance_schedule, back.mu, back.std) == (None,) * 4
+    custom = GenerationRequest(CAPTION, num_steps=4, guidance_schedule=(6.0,), std=2.0)
+    back = GenerationRequest.from_metadata(custom.to_metadata())
+    assert (back.num_steps, back.guidance_schedule, back.mu, back.std) == (
+        4,
+        (6.0, 6.0, 6.0, 6.0),
+        None,
+        2.0,
+    )
+    # replace() with a new preset: its steps and mu, the image's own std
+    turbo = replace(back, preset="V4_TURBO_12", num_steps=None, guidance_schedule=None)
+    assert turbo.schedule().num_steps == 12 and turbo.schedule().std == 2.0
+
+
+def test_settings_are_the_dataclass_fields_and_unknown_ones_are_refused():
+    assert SETTINGS[0] == "prompt" and "strict_caption" in SETTINGS and "noise" not in SETTINGS
+    request = request_from_settings("a cat", {"width": 512, "seed": 3})
+    assert request == GenerationRequest("a cat", width=512, seed=3)
+    assert request_from_settings(request, {"seed": 4}) == replace(request, seed=4)
+    with pytest.raises(TypeError, match=r"unknown generation setting\(s\) \['steps'\]"):
+        request_from_settings("a cat", {"steps": 4})
+
+
+def test_guidance_is_stored_as_a_tuple_of_floats():
+    request = GenerationRequest(CAPTION, guidance_schedule=[7, 3])
+    assert request.guidance_schedule == (7.0, 3.0)
+    assert hash(request)  # frozen and hashable: usable as a cache or queue key
