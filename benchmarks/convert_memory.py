@@ -50,7 +50,7 @@ def main() -> None:
         child(Path(args.child[0]), Path(args.child[1]), args.child[2])
         return
 
-    from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
+    from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 
     src = args.workdir / "src"
     if not src.exists():

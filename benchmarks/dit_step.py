@@ -12,7 +12,7 @@ Implementations, on the same full-width synthetic DiT weights (real dims, fp8 + 
 
 Sizes: 512^2 with a 300-token caption and 1024^2 with a 1000-token caption. Warm-up steps are
 excluded; the median of ``--repeats`` steps is reported, with achieved TFLOP/s from
-``ideogram4_mlx.flops`` (the minimal work; padding and waste are not credited) and peak memory
+``benchmarks/flops.py`` (the minimal work; padding and waste are not credited) and peak memory
 (MLX's peak or torch.cuda's max allocated, and the process's peak RSS).
 
 With two or more ``--layers`` values, each time is also fitted as ``a + b * layers`` and
@@ -252,7 +252,7 @@ RUNNERS = {"ours": run_ours, "mflux": run_mflux, "diffusers": run_diffusers}
 
 
 def synthetic_dits(workdir: Path, layers: int) -> Path:
-    from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
+    from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 
     ckpt = workdir / f"dit-{layers}-layers"
     if not ckpt.exists():
@@ -298,7 +298,8 @@ def spawn(impl: str, ckpt: Path, side: int, args) -> dict:
 
 
 def step_tflop(side: int, n_text: int, layers: int) -> float:
-    from ideogram4_mlx.flops import cfg_step_flops
+    from flops import cfg_step_flops
+
     from ideogram4_mlx.transformer import TransformerConfig
 
     return cfg_step_flops(TransformerConfig(num_layers=layers), (side // 16) ** 2, n_text) / 1e12

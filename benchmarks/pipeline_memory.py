@@ -51,7 +51,7 @@ MODES = {
 
 def prepare(workdir: Path) -> Path:
     from ideogram4_mlx.convert import convert
-    from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
+    from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 
     src, q4 = workdir / "src", workdir / "q4"
     parts = ("transformer", "text_encoder")

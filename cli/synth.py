@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ideogram4_mlx.cli.options import components_option
-from ideogram4_mlx.synthetic import COMPONENTS, SYNTHETIC_PRESETS, write_synthetic_checkpoint
+from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
 
 
 @click.command()
@@ -30,6 +30,9 @@ from ideogram4_mlx.synthetic import COMPONENTS, SYNTHETIC_PRESETS, write_synthet
 @click.option("--force", "overwrite", is_flag=True, help="Replace DST if it exists.")
 def synth(dst: Path, preset: str, seed: int, components, dit_layers, overwrite: bool) -> None:
     """Write a seeded synthetic Ideogram 4 checkpoint at DST."""
+    # Imported here so other commands never load the writer and `tokenizers` (test tooling).
+    from ideogram4_mlx.synth.writer import write_synthetic_checkpoint
+
     spec = SYNTHETIC_PRESETS[preset]
     if dit_layers is not None:
         spec = dataclasses.replace(spec, dit_num_layers=dit_layers)

@@ -21,6 +21,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A whole synthetic snapshot in the real fp8 layout, tiny sizes (written once per session)."""
-    from ideogram4_mlx.synthetic import write_synthetic_checkpoint
+    from ideogram4_mlx.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)

@@ -53,7 +53,7 @@ def run(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write() -> None:
-    from ideogram4_mlx.synthetic import write_synthetic_checkpoint
+    from ideogram4_mlx.synth import write_synthetic_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_synthetic_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)

@@ -2,17 +2,18 @@
 
 Each test runs a component of the tiny synthetic checkpoint with its layers instrumented
 (every Linear, Conv2d and SDPA call adds its multiply-adds x 2 from the shapes it saw) and
-compares the count with ``ideogram4_mlx.flops`` exactly.
+compares the count with ``benchmarks/flops.py`` exactly.
 """
 
 import math
 
+import flops
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from ideogram4_mlx import flops, vae
+from ideogram4_mlx import vae
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
 

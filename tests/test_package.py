@@ -1,4 +1,4 @@
-"""Packaging promises: torch-free core imports, namespaced CLI, `python -m`."""
+"""Packaging promises: torch-free core imports, tooling off the runtime path, namespaced CLI."""
 
 import subprocess
 import sys
@@ -8,7 +8,9 @@ from click.testing import CliRunner
 from ideogram4_mlx import __version__
 from ideogram4_mlx.cli import main
 
-CORE_MODULES = ["transformer", "sampler", "caption", "weights", "synthetic", "constants", "cli"]
+CORE_MODULES = ["transformer", "sampler", "caption", "weights", "synth", "constants", "cli"]
+# Test and benchmark tooling that generation must never import.
+TOOLING = ["ideogram4_mlx.synth.writer", "ideogram4_mlx.synth.tokenizer", "flops", "torch"]
 
 
 def test_core_modules_import_without_torch():
@@ -18,6 +20,16 @@ def test_core_modules_import_without_torch():
         + "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtime_imports_leave_tooling_out():
+    code = (
+        "import sys\n"
+        "import ideogram4_mlx, ideogram4_mlx.cli, ideogram4_mlx.pipeline\n"
+        f"print([m for m in {TOOLING!r} if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_no_generic_top_level_packages_installed(tmp_path):

@@ -199,7 +199,7 @@ def test_sequence_ids_match_the_diffusers_pipeline(torch):
 def test_full_width_fp32_parity(tmp_path, torch):
     """Real DiT width (4608, 18x256 heads, FFN 12288, 53248 text features), 2 layers, fp32."""
     from ideogram4_mlx.reference.transformer import load_reference_transformer, reference_forward
-    from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
+    from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 
     spec = dataclasses.replace(SYNTHETIC_PRESETS["full-width"], dit_num_layers=2)
     ckpt = write_synthetic_checkpoint(tmp_path / "fw", spec, seed=3, components=("transformer",))

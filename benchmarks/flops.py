@@ -2,22 +2,22 @@
 
 Counts are multiply-adds x 2 of the matmuls, convolutions and attention products that the
 MLX code runs (``tests/test_flops.py`` checks them against counts taken while the code runs);
-norms, activations and other elementwise work are left out (< 1% at full size).
+norms, activations and other elementwise work are left out (< 1% at full size). Benchmark
+tooling, outside the package: scripts here import it as ``from flops import ...``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ideogram4_mlx.constants import PIXELS_PER_TOKEN
 from ideogram4_mlx.text_encoder import TAP_LAYERS, TextEncoderConfig
 from ideogram4_mlx.transformer import TransformerConfig
 from ideogram4_mlx.vae import VAEConfig
 
-PIXELS_PER_TOKEN = 16 * 16  # VAE downsampling x8, then a 2x2 patch
-
 
 def image_tokens(width: int, height: int) -> int:
-    return (width // 16) * (height // 16)
+    return (width // PIXELS_PER_TOKEN) * (height // PIXELS_PER_TOKEN)
 
 
 def dit_pass_flops(cfg: TransformerConfig, n_image: int, n_text: int = 0) -> int:
