@@ -27,8 +27,8 @@ from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
     help="Comma-separated sub-folders to write (model_index.json is always written).",
 )
 @click.option("--dit-layers", type=click.IntRange(min=1), help="Override the preset's DiT depth.")
-@click.option("--force", "overwrite", is_flag=True, help="Replace DST if it exists.")
-def synth(dst: Path, preset: str, seed: int, components, dit_layers, overwrite: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool) -> None:
     """Write a seeded synthetic Ideogram 4 checkpoint at DST."""
     # Imported here so other commands never load the writer and `tokenizers` (test tooling).
     from ideogram4_mlx.synth.writer import write_synthetic_checkpoint
@@ -38,7 +38,7 @@ def synth(dst: Path, preset: str, seed: int, components, dit_layers, overwrite: 
         spec = dataclasses.replace(spec, dit_num_layers=dit_layers)
     try:
         path = write_synthetic_checkpoint(
-            dst, spec, seed=seed, components=components, overwrite=overwrite, progress=True
+            dst, spec, seed=seed, components=components, force=force, progress=True
         )
     except FileExistsError as e:
         raise click.ClickException(f"{dst} already exists; pass --force to replace it") from e

@@ -412,14 +412,14 @@ def test_components_subset_and_dit_layer_override(tmp_path):
     assert json.loads((path / "transformer" / "config.json").read_text())["num_layers"] == 3
 
 
-def test_refuses_an_existing_destination_unless_overwrite(tmp_path):
+def test_refuses_an_existing_destination_unless_force(tmp_path):
     dst = tmp_path / "ckpt"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="--force"):
         write_synthetic_checkpoint(dst, components=())
     assert (dst / "keep.txt").exists()
-    write_synthetic_checkpoint(dst, components=("scheduler",), overwrite=True)
+    write_synthetic_checkpoint(dst, components=("scheduler",), force=True)
     assert set(files_of(dst)) == {"model_index.json", "scheduler/scheduler_config.json"}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

@@ -49,7 +49,7 @@ def write_synthetic_checkpoint(
     *,
     seed: int = 0,
     components=COMPONENTS,
-    overwrite: bool = False,
+    force: bool = False,
     progress: bool = False,
 ) -> Path:
     """Write a seeded synthetic checkpoint folder at `dst` and return its path.
@@ -62,9 +62,9 @@ def write_synthetic_checkpoint(
     spec = resolve_spec(spec)
     components = check_components(components, COMPONENTS)
     dst = Path(dst)
-    if dst.exists() and not overwrite:
+    if dst.exists() and not force:
         raise FileExistsError(
-            f"{dst} already exists; pass overwrite=True (--force on the command line) to replace it"
+            f"{dst} already exists; pass force=True (--force on the command line) to replace it"
         )
     files = _plan_files(spec, components)
     dst.parent.mkdir(parents=True, exist_ok=True)
