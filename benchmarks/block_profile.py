@@ -18,7 +18,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from ideogram4_mlx.transformer import TransformerBlock, TransformerConfig, apply_rope, silu
+from ideogram4_mlx.layers import apply_rope, silu
+from ideogram4_mlx.transformer import TransformerBlock, TransformerConfig
 
 
 def best_of(fn, repeats: int) -> float:

@@ -1,10 +1,11 @@
 """fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit or mixed), streaming, bounded memory.
 
-Each model component is read lazily (``mx.load``), sanitized by its own ``sanitize`` (fp8
-dequantized exactly, qkv fused, vision tower dropped, conv kernels transposed), quantized per
-layer as ``ideogram4_mlx.quantization`` decides, evaluated one layer at a time and written to
-safetensors shards with an index. The output is MLX-native: the loaders only rebuild the
-quantized skeleton from the ``mlx_conversion`` record in each ``config.json``.
+Each model component is read lazily (``mx.load``), sanitized by its model's own ``sanitize``
+(fp8 dequantized exactly, qkv fused, vision tower dropped, conv kernels transposed), quantized
+per layer as the model's ``quant_predicate`` and ``ideogram4_mlx.quantization`` decide, evaluated
+one layer at a time and written to safetensors shards with an index. The output is MLX-native:
+the loaders' ``sanitize`` leaves it as it is and the quantized skeleton is rebuilt from the
+``mlx_conversion`` record in each ``config.json``.
 
 Everything is written to a temporary sibling folder that is renamed into place at the end, so
 an interrupted run leaves no ``dst``.
@@ -33,6 +34,7 @@ from ideogram4_mlx.quantization import (
     MODE,
     RECORD_KEY,
     RECORD_VERSION,
+    check_settings,
     quantization_plan,
     quantize_skeleton,
 )
@@ -55,36 +57,28 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 @dataclass(frozen=True)
 class ModelComponent:
+    """How to build one component's model; the model's ``sanitize`` and ``quant_predicate``
+    do the rest."""
+
     build: Callable[[dict], nn.Module]  # config.json dict -> float skeleton (lazy, no memory)
-    sanitize: Callable[[dict], dict]
-    quantizable: bool
     ignored: tuple[str, ...] = ()  # source keys that sanitize drops unread
     extras: tuple[str, ...] = ()  # source keys kept as they are (not parameters)
 
 
+def build_dit(config: dict) -> nn.Module:
+    return transformer.Ideogram4Transformer(transformer.TransformerConfig.from_dict(config))
+
+
 MODEL_COMPONENTS = {
-    "transformer": ModelComponent(
-        lambda d: transformer.Ideogram4Transformer(transformer.TransformerConfig.from_dict(d)),
-        transformer.sanitize,
-        quantizable=True,
-    ),
-    "unconditional_transformer": ModelComponent(
-        lambda d: transformer.Ideogram4Transformer(transformer.TransformerConfig.from_dict(d)),
-        transformer.sanitize,
-        quantizable=True,
-    ),
+    "transformer": ModelComponent(build_dit),
+    "unconditional_transformer": ModelComponent(build_dit),
     "text_encoder": ModelComponent(
         lambda d: text_encoder.Qwen3VLTextEncoder(text_encoder.TextEncoderConfig.from_dict(d)),
-        text_encoder.sanitize,
-        quantizable=True,
         ignored=text_encoder.UNUSED_PREFIXES,
     ),
-    # The VAE is small and conv-heavy: never quantized. Its bn buffers are checked at load.
+    # The bn buffers travel along: the VAE loader checks them against the latent constants.
     "vae": ModelComponent(
-        lambda d: vae.Flux2VAE(vae.VAEConfig.from_dict(d)),
-        vae.sanitize,
-        quantizable=False,
-        extras=(vae.BN_PREFIX,),
+        lambda d: vae.Flux2VAE(vae.VAEConfig.from_dict(d)), extras=(vae.BN_PREFIX,)
     ),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler")
@@ -110,7 +104,7 @@ def convert(
     Args:
         dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``).
         quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128) for the DiTs and the text
-            encoder; sensitive layers stay float (``ideogram4_mlx.quantization``).
+            encoder; sensitive layers stay float (each model's ``quant_predicate``).
         recipe: a mixed-precision recipe name (e.g. ``mixed-4-8``) instead of ``quantize``.
         components: the sub-folders to write (default: all of ``COMPONENTS``).
         force: replace an existing ``dst``.
@@ -120,7 +114,7 @@ def convert(
         existing ``dst`` without ``force``, ``ModelAccessError`` for a refused download.
     """
     parse_dtype(dtype)  # checks the name only
-    quantization_plan(nn.Module(), quantize, group_size, recipe)  # checks the settings only
+    check_settings(quantize, group_size, recipe)
     components = check_components(components, COMPONENTS)
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
@@ -174,11 +168,9 @@ def convert_component(
     dtype = parse_dtype(settings["dtype"])
     model = spec.build(config)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    quantization = None
-    if spec.quantizable:
-        quantization = quantization_plan(
-            model, settings["bits"], settings["group_size"], settings["recipe"]
-        )
+    quantization = quantization_plan(
+        model, settings["bits"], settings["group_size"], settings["recipe"]
+    )
     record = {
         "version": RECORD_VERSION,
         "converter": f"ideogram4_mlx {__version__}",
@@ -192,11 +184,12 @@ def convert_component(
 
     files = component_files(src_dir)
     key_files = check_source_dtypes(files, spec)
+    weights = load_safetensors(files)
+    extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
     try:
-        weights = spec.sanitize(load_safetensors(files))
+        weights = model.sanitize(weights)
     except CheckpointError as e:
         raise CheckpointError(f"{src_dir}: {e}") from None
-    extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
     check_keys(weights, expected, key_files, src_dir)
 
     out_dir.mkdir(parents=True)

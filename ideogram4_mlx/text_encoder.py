@@ -7,19 +7,18 @@ loads without a mapping table. Tokenizing and caching prompts is ``prompt.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ideogram4_mlx.quantization import load_component
-from ideogram4_mlx.transformer import RMSNorm, apply_rope, rope_inv_freq, silu
+from ideogram4_mlx.layers import BaseConfig, RMSNorm, apply_rope, rope_cos_sin, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
     dequantize_fp8_weights,
-    read_json,
+    load_component,
     strip_prefixes,
 )
 
@@ -29,10 +28,12 @@ TAP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
 
 LM_PREFIXES = ("model.language_model.", "language_model.")
 UNUSED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
+# Quantization (``quant_predicate``): the token embedding stays in float.
+FLOAT_MODULES = frozenset({"embed_tokens"})
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(BaseConfig):
     """The ``text_config`` of ``text_encoder/config.json``; the defaults are Qwen3-VL-8B."""
 
     hidden_size: int = 4096
@@ -75,16 +76,8 @@ class TextEncoderConfig:
             raise CheckpointError(
                 f"rope_type {rope['rope_type']!r} is not supported (Qwen3-VL uses 'default')"
             )
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in text.items() if k in known}
         theta = rope.get("rope_theta", text.get("rope_theta", d.get("rope_theta")))
-        if theta is not None:
-            kwargs["rope_theta"] = theta
-        return cls(**kwargs)
-
-    @classmethod
-    def from_file(cls, path: Path) -> TextEncoderConfig:
-        return cls.from_dict(read_json(path))
+        return super().from_dict(text if theta is None else {**text, "rope_theta": theta})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,15 +164,6 @@ def padded_causal_mask(pad: np.ndarray, length: int) -> mx.array:
     return mx.array(mask[:, None])
 
 
-def rope_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, ...]:
-    """cos/sin (B, T, head_dim) fp32 for (B, T) positions: text-only MRoPE is plain 1-D RoPE
-    (all three axes share the id, spec §D.3). fp32 angles, as HF forms them, then exact cos/sin.
-    """
-    angles = position_ids.astype(np.float32)[..., None] * rope_inv_freq(head_dim, theta)
-    angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
 def stack_taps(taps: list[mx.array], attention_mask: mx.array | np.ndarray | None) -> mx.array:
     """13 x (B, T, D) -> (B, T, 13*D), interleaved: feature ``d*13 + slot`` (spec §D.2).
 
@@ -219,6 +203,7 @@ class Qwen3VLTextEncoder(nn.Module):
         b, length = input_ids.shape
         pad = np.zeros(b, np.int64) if attention_mask is None else left_padding(attention_mask)
         positions = position_ids(pad, length)
+        # Text-only MRoPE is plain 1-D RoPE: all three axes share the id (spec §D.3).
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         cos = mx.array(cos)[:, :, None].astype(self.dtype)
         sin = mx.array(sin)[:, :, None].astype(self.dtype)
@@ -247,17 +232,19 @@ class Qwen3VLTextEncoder(nn.Module):
         bf16 weights, one file or shards with an index. ``dtype`` is the compute dtype."""
         component_dir = Path(component_dir)
         config = TextEncoderConfig.from_file(component_dir / "config.json")
-        model = cls(config)
-        return load_component(model, component_dir, sanitize, dtype)
+        return load_component(cls(config), component_dir, dtype)
 
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint tensors -> parameters. Pure and idempotent.
 
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Checkpoint tensors -> ``Qwen3VLTextEncoder`` parameters. Pure and idempotent.
+        Keeps ``language_model.*`` (prefix stripped), drops the vision tower and any LM head,
+        drops the final ``norm`` (never applied to the features, spec §D.2) and dequantizes fp8.
+        """
+        kept = {k: v for k, v in weights.items() if not k.startswith(UNUSED_PREFIXES)}
+        kept = strip_prefixes(kept, LM_PREFIXES)
+        kept.pop("norm.weight", None)
+        return dequantize_fp8_weights(kept)
 
-    Keeps ``language_model.*`` (prefix stripped), drops the vision tower and any LM head,
-    drops the final ``norm`` (never applied to the features, spec §D.2) and dequantizes fp8.
-    """
-    kept = {k: v for k, v in weights.items() if not k.startswith(UNUSED_PREFIXES)}
-    kept = strip_prefixes(kept, LM_PREFIXES)
-    kept.pop("norm.weight", None)
-    return dequantize_fp8_weights(kept)
+    def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
+        """False keeps the layer at ``path`` in float, True quantizes it at the plan's bits."""
+        return not set(path.split(".")) & FLOAT_MODULES

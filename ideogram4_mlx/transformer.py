@@ -8,7 +8,7 @@ checkpoint keys, so the fp8 files load without a mapping table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,11 +16,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from ideogram4_mlx.quantization import WeightStream, load_component
+from ideogram4_mlx.layers import BaseConfig, RMSNorm, apply_rope, rope_inv_freq, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
+    WeightStream,
     dequantize_fp8_weights,
-    read_json,
+    load_component,
     strip_prefixes,
 )
 
@@ -48,10 +49,25 @@ LOW_MEMORY_FFN_TOKENS = 2048
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # What ``from_pretrained(text_input=False)`` leaves unread (the unconditional branch).
 TEXT_INPUT_MODULES = ("llm_cond_norm.", "llm_cond_proj.")
+# Quantization (``quant_predicate``): small but sensitive layers stay in float: the indicator
+# embedding, the timestep/AdaLN path (it scales every block), the 128-channel input projection
+# and the output layer. The text-feature projection (53248 -> 4608) sees features of very
+# different scales: at least 8 bits.
+FLOAT_MODULES = frozenset(
+    {
+        "embed_image_indicator",
+        "t_embedding",
+        "adaln_proj",
+        "adaln_modulation",
+        "final_layer",
+        "input_proj",
+    }
+)
+TEXT_PROJECTION_BITS = 8
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(BaseConfig):
     """Mirrors ``transformer/config.json`` (diffusers names); the defaults are the real model."""
 
     in_channels: int = 128
@@ -77,33 +93,9 @@ class TransformerConfig:
     def hidden_size(self) -> int:
         return self.attention_head_dim * self.num_attention_heads
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TransformerConfig:
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "mrope_section" in kwargs:
-            kwargs["mrope_section"] = tuple(kwargs["mrope_section"])
-        return cls(**kwargs)
-
-    @classmethod
-    def from_file(cls, path: Path) -> TransformerConfig:
-        return cls.from_dict(read_json(path))
-
 
 # ---------------------------------------------------------------------------------------------
-# Host-side tables. Angles reach ~6.6e4 rad, so they are evaluated in float64 from the fp32
-# products the reference forms, then rounded to fp32 (spec §C.3, §I.2).
-
-
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """``1 / theta ** (arange(0, head_dim, 2) / head_dim)`` in fp32, each step correctly rounded.
-
-    The power is taken in float64 and rounded: numpy's float32 ``**`` (SIMD since numpy 2.x)
-    is not correctly rounded and lands 1 ulp off in ~20 of the 128 slots.
-    """
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / power).astype(np.float32)
+# Host-side tables (in float64, rounded to fp32, as ``layers.rope_inv_freq``).
 
 
 def mrope_axis_of_slot(head_dim: int, mrope_section: tuple[int, int, int]) -> np.ndarray:
@@ -167,33 +159,7 @@ def sequence_ids(
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers. Rounding follows PyTorch's bf16 reference (spec §I.4-5): RMSNorm normalises in fp32,
-# rounds, then multiplies by the weight; SiLU is evaluated in fp32 and rounded once.
-
-
-def silu(x: mx.array) -> mx.array:
-    xf = x.astype(mx.float32)
-    return (xf * mx.sigmoid(xf)).astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # Normalise in fp32 and round to x's dtype (one fused kernel on Metal/CUDA; the same
-        # composed ops on the CPU, bit for bit), then multiply by the weight: the reference's
-        # two roundings (spec D.4).
-        return mx.fast.rms_norm(x, None, self.eps) * self.weight
-
-
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half RoPE on (B, L, H, D) with cos/sin (B, L, 1, D)."""
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+# Layers (RMSNorm, SiLU and RoPE are ``layers``'s).
 
 
 def attention(
@@ -503,16 +469,50 @@ class Ideogram4Transformer(nn.Module):
                 return False
             return not (low_memory and key.startswith("layers."))
 
-        load_component(model, component_dir, sanitize, dtype, resident)
+        load_component(model, component_dir, dtype, resident)
         if not text_input:
             model.llm_cond_norm = model.llm_cond_proj = None  # their lazy arrays are never read
         if low_memory:
-            model.stream = WeightStream(component_dir, sanitize, dtype)
+            model.stream = WeightStream(component_dir, model.sanitize, dtype)
             for layer in model.layers:
                 drop_parameters(layer)
                 layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
                 layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
         return model
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint tensors -> module parameters. Pure and idempotent.
+
+        Strips repack prefixes, dequantizes fp8 pairs (exact reference rounding), fuses diffusers'
+        split ``to_q/to_k/to_v`` into ``qkv`` and renames ``to_out.0`` to ``o``.
+        """
+        weights = dequantize_fp8_weights(strip_prefixes(weights, CHECKPOINT_PREFIXES))
+        weights.pop("rotary_emb.inv_freq", None)
+        out = {}
+        for key, value in weights.items():
+            if ".attention.to_q." in key:
+                names = [key.replace(".to_q.", f".{n}.") for n in ("to_q", "to_k", "to_v")]
+                missing = [n for n in names if n not in weights]
+                if missing:
+                    raise CheckpointError(
+                        f"split attention weights incomplete: {missing[0]} is missing"
+                    )
+                out[key.replace(".to_q.", ".qkv.")] = mx.concatenate(
+                    [weights[n] for n in names], axis=0
+                )
+            elif ".attention.to_k." in key or ".attention.to_v." in key:
+                continue
+            else:
+                out[key.replace(".attention.to_out.0.", ".attention.o.")] = value
+        return out
+
+    def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
+        """False keeps the layer at ``path`` in float, True quantizes it at the plan's bits,
+        ``{"bits": b}`` at no fewer than b bits."""
+        parts = set(path.split("."))
+        if parts & FLOAT_MODULES:
+            return False
+        return {"bits": TEXT_PROJECTION_BITS} if "llm_cond_proj" in parts else True
 
 
 def drop_parameters(module: nn.Module) -> None:
@@ -530,30 +530,3 @@ def segment_mask(segment_ids: np.ndarray | mx.array) -> mx.array | None:
         return None
     seg = mx.array(seg)
     return (seg[:, :, None] == seg[:, None, :])[:, None]
-
-
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Checkpoint tensors -> module parameters. Pure and idempotent.
-
-    Strips repack prefixes, dequantizes fp8 pairs (exact reference rounding), fuses diffusers'
-    split ``to_q/to_k/to_v`` into ``qkv`` and renames ``to_out.0`` to ``o``.
-    """
-    weights = dequantize_fp8_weights(strip_prefixes(weights, CHECKPOINT_PREFIXES))
-    weights.pop("rotary_emb.inv_freq", None)
-    out = {}
-    for key, value in weights.items():
-        if ".attention.to_q." in key:
-            names = [key.replace(".to_q.", f".{n}.") for n in ("to_q", "to_k", "to_v")]
-            missing = [n for n in names if n not in weights]
-            if missing:
-                raise CheckpointError(
-                    f"split attention weights incomplete: {missing[0]} is missing"
-                )
-            out[key.replace(".to_q.", ".qkv.")] = mx.concatenate(
-                [weights[n] for n in names], axis=0
-            )
-        elif ".attention.to_k." in key or ".attention.to_v." in key:
-            continue
-        else:
-            out[key.replace(".attention.to_out.0.", ".attention.o.")] = value
-    return out

@@ -1,5 +1,5 @@
-"""The FLUX.2 KL autoencoder (diffusers ``AutoencoderKLFlux2``) in NHWC, and the latent packing
-of Ideogram 4 (spec §F).
+"""The FLUX.2 KL autoencoder (diffusers ``AutoencoderKLFlux2``) in NHWC (spec §F); the latent
+packing it decodes from and encodes to is ``latents.py``.
 
 Module attribute names equal the diffusers keys of ``vae/diffusion_pytorch_model.safetensors``,
 so loading needs no mapping table; conv kernels are transposed once at load. The ``bn.*``
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,13 +24,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PATCH
-from ideogram4_mlx.quantization import conversion_record
+from ideogram4_mlx.latents import from_uint8, pack, to_uint8, unpack
+from ideogram4_mlx.layers import BaseConfig, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
     component_files,
+    load_component,
     load_safetensors,
-    load_strict,
-    read_json,
 )
 
 RESNET_EPS = 1e-6  # every GroupNorm of the encoder and decoder
@@ -42,7 +42,7 @@ ATTENTION_CHUNK_SCORES = 2**25
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(BaseConfig):
     """Mirrors ``vae/config.json`` (diffusers names); the defaults are the real model."""
 
     in_channels: int = 3
@@ -91,89 +91,9 @@ class VAEConfig:
         """Image pixels per latent pixel along each axis (8 for the real model)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for key in (
-            "down_block_types",
-            "up_block_types",
-            "block_out_channels",
-            "decoder_block_out_channels",
-            "patch_size",
-        ):
-            if kwargs.get(key) is not None:
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
-
-    @classmethod
-    def from_file(cls, path: Path) -> VAEConfig:
-        return cls.from_dict(read_json(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Latent packing (spec §F.4-F.5): packed channel index = pi * 2C + pj * C + c.
-
-
-def patchify(raw: mx.array) -> mx.array:
-    """(B, 2gh, 2gw, C) -> (B, gh * gw, 4C); a pure permutation (exact)."""
-    b, h, w, c = raw.shape
-    if h % PATCH or w % PATCH:
-        raise ValueError(f"latent size {h}x{w} is not a multiple of the {PATCH}x{PATCH} patch")
-    x = raw.reshape(b, h // PATCH, PATCH, w // PATCH, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // PATCH) * (w // PATCH), PATCH * PATCH * c)
-
-
-def unpatchify(packed: mx.array, grid_h: int, grid_w: int) -> mx.array:
-    """(B, gh * gw, 4C) -> (B, 2gh, 2gw, C) with ``raw[2r+pi, 2c+pj, ch] = packed[r*gw+c,
-    pi*2C + pj*C + ch]``; the inverse of :func:`patchify` (exact)."""
-    b, n, c4 = packed.shape
-    if n != grid_h * grid_w or c4 % (PATCH * PATCH):
-        raise ValueError(f"latents {tuple(packed.shape)} do not fit a {grid_h}x{grid_w} grid")
-    c = c4 // (PATCH * PATCH)
-    x = packed.reshape(b, grid_h, grid_w, PATCH, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, grid_h * PATCH, grid_w * PATCH, c)
-
-
-def denormalize(latents: mx.array) -> mx.array:
-    """Model latents -> raw packed VAE latents, fp32: ``z * LATENT_SCALE + LATENT_SHIFT``."""
-    return mx.array(latents).astype(mx.float32) * mx.array(LATENT_SCALE) + mx.array(LATENT_SHIFT)
-
-
-def normalize(raw_packed: mx.array) -> mx.array:
-    """Raw packed VAE latents -> model latents, fp32: ``(z - LATENT_SHIFT) / LATENT_SCALE``."""
-    z = raw_packed.astype(mx.float32)
-    return (z - mx.array(LATENT_SHIFT)) / mx.array(LATENT_SCALE)
-
-
-def unpack(latents: mx.array, grid_h: int, grid_w: int) -> mx.array:
-    """Packed normalised latents (B, gh * gw, 128) -> raw VAE latents (B, 2gh, 2gw, 32) fp32."""
-    return unpatchify(denormalize(latents), grid_h, grid_w)
-
-
-def pack(raw: mx.array) -> mx.array:
-    """Raw VAE latents (B, 2gh, 2gw, 32) -> packed normalised latents (B, gh * gw, 128) fp32."""
-    return normalize(patchify(raw))
-
-
-def to_uint8(x: mx.array | np.ndarray) -> np.ndarray:
-    """Decoder output in [-1, 1] -> uint8: ``round((clamp(x) + 1) * 127.5)``, ties to even."""
-    x = np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0)
-    return np.round((x + np.float32(1)) * np.float32(127.5)).astype(np.uint8)
-
-
-def from_uint8(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
-    return image.astype(np.float32) / np.float32(127.5) - np.float32(1)
-
 
 # ---------------------------------------------------------------------------------------------
 # Layers. All tensors are NHWC.
-
-
-def silu(x: mx.array) -> mx.array:
-    xf = x.astype(mx.float32)
-    return (xf * mx.sigmoid(xf)).astype(x.dtype)
 
 
 def group_moments(x: mx.array, groups: int) -> tuple[mx.array, mx.array]:
@@ -570,28 +490,58 @@ class Flux2VAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16) -> Flux2VAE:
-        """Load ``vae/`` (diffusers layout). Warns if the bn buffers are not the constants."""
+        """Load ``vae/`` (diffusers layout, or converted). Warns if the bn buffers are not the
+        constants."""
         component_dir = Path(component_dir)
         config = VAEConfig.from_file(component_dir / "config.json")
-        model = cls(config)
-        weights = load_safetensors(component_files(component_dir))
-        bn = {k: v for k, v in weights.items() if k.startswith(BN_PREFIX)}
+        tensors = load_safetensors(component_files(component_dir))  # lazy: only bn is read
+        bn = {k: v for k, v in tensors.items() if k.startswith(BN_PREFIX)}
         check_latent_stats(bn, config.batch_norm_eps, str(component_dir))
-        weights = {k: v for k, v in weights.items() if k not in bn}
-        # [convert] a converted folder already has MLX conv kernels: transpose only raw diffusers
-        weights = sanitize(weights) if conversion_record(component_dir) is None else weights
-        load_strict(model, {k: v.astype(dtype) for k, v in weights.items()}, str(component_dir))
-        mx.eval(model.parameters())
-        return model
+        return load_component(cls(config), component_dir, dtype)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """diffusers or converted tensors -> parameters. Pure, and idempotent whenever one
+        kernel shows its layout (see :func:`kernel_layout`): drops the ``bn.*`` buffers and,
+        when the kernels are in diffusers layout (O, I, kh, kw), transposes them to MLX's
+        (O, kh, kw, I)."""
+        weights = {k: v for k, v in weights.items() if not k.startswith(BN_PREFIX)}
+        if kernel_layout(weights) == "mlx":
+            return weights
+        return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in weights.items()}
+
+    def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
+        """Never quantized: small (84M parameters) and conv-heavy."""
+        return False
 
 
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """diffusers tensors -> module parameters: conv kernels (O, I, kh, kw) -> (O, kh, kw, I).
+def kernel_layout(weights: dict[str, mx.array]) -> str:
+    """``"diffusers"`` (O, I, k, k) or ``"mlx"`` (O, k, k, I): the layout of every conv kernel.
 
-    Pure, but not idempotent: ``encoder.conv_in`` (128, 3, 3, 3) has the same shape in both
-    layouts, so the layout cannot be detected. Apply it once, to diffusers files only.
+    A square kernel shows its layout unless its input channels equal its size:
+    ``encoder.conv_in`` (128, 3, 3, 3) reads the same both ways, so the other kernels decide.
+    All kernels of one dict share one layout (else a ``CheckpointError`` naming a key). A dict
+    whose every kernel is ambiguous is taken as diffusers, the layout of the source files
+    (sanitize is then not idempotent; a real VAE always has unambiguous kernels).
     """
-    return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in weights.items()}
+    layout, witness = None, None
+    for key, value in weights.items():
+        if value.ndim != 4:
+            continue
+        _, a, b, c = value.shape
+        if a == b == c:
+            continue
+        found = "diffusers" if b == c else "mlx" if a == b else None
+        if found is None:
+            continue  # square in neither layout: load_strict names its shape
+        if layout is None:
+            layout, witness = found, key
+        elif found != layout:
+            raise CheckpointError(
+                f"{key} {tuple(value.shape)} is a {found}-layout conv kernel, but {witness} "
+                f"{tuple(weights[witness].shape)} is {layout}-layout: one checkpoint must not "
+                "mix them"
+            )
+    return layout or "diffusers"
 
 
 def check_latent_stats(bn: dict[str, mx.array], eps: float, source: str) -> None:

@@ -1,4 +1,8 @@
-"""Reading checkpoint files: safetensors headers, fp8 dequantization, strict loading.
+"""Reading checkpoint files and loading them: safetensors, fp8 dequantization, strict loading.
+
+One loader serves every component (:func:`load_component`): raw snapshots and converted folders
+alike go through the model's own ``sanitize`` (idempotent, so converted weights pass unchanged),
+and a converted folder's quantized skeleton is rebuilt from its ``mlx_conversion`` record first.
 
 The fp8 layout (spec §A.2): every quantized ``nn.Linear`` stores ``<name>.weight`` as F8_E4M3
 ``(out, in)`` and ``<name>.weight_scale`` as F32 ``(out,)``. ``mx.load`` reads F8_E4M3 as uint8.
@@ -7,16 +11,21 @@ The fp8 layout (spec §A.2): every quantized ``nn.Linear`` stores ``<name>.weigh
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
+
+from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, quantize_skeleton
 
 FP8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = ".weight_scale"
 INDEX_SUFFIX = ".safetensors.index.json"
+# A model's ``sanitize``: checkpoint tensors -> its parameters (pure, idempotent).
+Sanitize = Callable[[dict[str, mx.array]], dict[str, mx.array]]
 
 
 class CheckpointError(ValueError):
@@ -149,3 +158,77 @@ def load_strict(model: nn.Module, weights: dict[str, mx.array], source: str) -> 
                 f"the model config expects {tuple(expected[key].shape)}"
             )
     model.load_weights(list(weights.items()), strict=True)
+
+
+def conversion_record(component_dir: Path | str) -> dict | None:
+    """The ``mlx_conversion`` record of a converted component folder; None for a raw snapshot."""
+    path = Path(component_dir) / "config.json"
+    record = read_json(path).get(RECORD_KEY)
+    if record is not None and record.get("version", 0) > RECORD_VERSION:
+        raise CheckpointError(
+            f"{path}: converted with format version {record['version']}, this version reads "
+            f"up to {RECORD_VERSION}; upgrade ideogram4_mlx or convert again"
+        )
+    return record
+
+
+def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Cast floating tensors to ``dtype``; packed quantized weights (uint32) stay as they are."""
+    return {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
+
+
+def load_component(
+    model: nn.Module,
+    component_dir: Path | str,
+    dtype: mx.Dtype,
+    resident: Callable[[str], bool] | None = None,
+) -> nn.Module:
+    """Fill ``model`` from a component folder, raw snapshot or converted, strictly, in ``dtype``.
+
+    The tensors go through ``model.sanitize`` (idempotent: a converted folder's MLX-layout
+    tensors pass unchanged); a converted folder's quantized skeleton is built first, from its
+    record. Every key and shape is checked; only parameters for which ``resident(key)`` is
+    true (all, by default) are read. The others stay lazy: a :class:`WeightStream` reads them.
+    """
+    quantize_skeleton(model, conversion_record(component_dir))
+    weights = read_component(component_dir, model.sanitize, dtype)
+    load_strict(model, weights, str(component_dir))
+    del weights
+    for key, param in tree_flatten(model.parameters()):
+        if resident is None or resident(key):
+            # One tensor at a time: each lazily loaded fp8 tensor is freed once dequantized.
+            mx.eval(param)
+    return model
+
+
+def read_component(component_dir: Path | str, sanitize: Sanitize, dtype: mx.Dtype) -> dict:
+    """All parameters of a component folder, sanitized, as lazy arrays (nothing is read until
+    evaluated)."""
+    weights = load_safetensors(component_files(component_dir))
+    return cast_floats(sanitize(weights), dtype)
+
+
+class WeightStream:
+    """Parameters read from disk each time a pass needs them, for ``--low-memory``.
+
+    :meth:`take` hands out fresh lazy arrays for one key prefix; once the caller has evaluated
+    with them and dropped them, their memory is free again. Costs one read of the streamed
+    bytes per pass (the OS file cache usually serves repeats).
+    """
+
+    def __init__(self, component_dir: Path | str, sanitize: Sanitize, dtype: mx.Dtype):
+        self.component_dir = Path(component_dir)
+        self.sanitize = sanitize
+        self.dtype = dtype
+        self.pending: dict[str, mx.array] = {}
+
+    def open(self) -> None:
+        """Start a pass: (re)create the lazy arrays."""
+        self.pending = read_component(self.component_dir, self.sanitize, self.dtype)
+
+    def take(self, prefix: str) -> dict:
+        """The parameter tree under ``prefix``, removed from the pass (only the caller holds it)."""
+        keys = [k for k in self.pending if k.startswith(prefix)]
+        return tree_unflatten([(k[len(prefix) :], self.pending.pop(k)) for k in keys])

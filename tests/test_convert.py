@@ -22,11 +22,11 @@ from mlx.utils import tree_flatten
 from ideogram4_mlx.cli.convert import convert as convert_command
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.pipeline import load
-from ideogram4_mlx.quantization import RECORD_KEY, conversion_record, quantization_plan
+from ideogram4_mlx.quantization import RECORD_KEY, quantization_plan
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE
-from ideogram4_mlx.weights import CheckpointError, read_header
+from ideogram4_mlx.weights import CheckpointError, conversion_record, read_header
 
 BOUNDS = {8: 0.05, "mixed-4-8": 0.12, 4: 0.15}
 TEXT_BOUND_8 = 0.15

@@ -18,13 +18,16 @@ from ideogram4_mlx.text_encoder import (
     TextEncoderConfig,
     left_padding,
     position_ids,
-    sanitize,
     stack_taps,
 )
 from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = {"high_level_description": "Café Ünïcode poster", "text": "東京 2025 🎆"}
 CAPTION_TEXT = json.dumps(CAPTION, ensure_ascii=False, separators=(",", ":"))
+TINY = TextEncoderConfig(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=36, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=8, vocab_size=32,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,7 @@ def test_sanitize_on_a_hand_built_dict():
         "visual.blocks.0.attn.qkv.weight_scale": mx.ones((2,)),
         "lm_head.weight": mx.ones((4, 3), mx.bfloat16),
     }
+    sanitize = Qwen3VLTextEncoder(TINY).sanitize
     out = sanitize(weights)
     assert sorted(out) == ["embed_tokens.weight", "layers.0.mlp.up_proj.weight"]
     up = out["layers.0.mlp.up_proj.weight"]

@@ -6,6 +6,7 @@ import pytest
 from helpers import rel_l2
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.layers import RMSNorm
 from ideogram4_mlx.transformer import (
     IMAGE_POSITION_OFFSET,
     LLM_TOKEN_INDICATOR,
@@ -13,10 +14,8 @@ from ideogram4_mlx.transformer import (
     PADDING_INDICATOR,
     PADDING_SEGMENT_ID,
     Ideogram4Transformer,
-    RMSNorm,
     TransformerConfig,
     mrope_axis_of_slot,
-    sanitize,
     segment_mask,
     sequence_ids,
     timestep_sinusoid,
@@ -159,6 +158,7 @@ def test_sanitize_strips_prefixes_dequantizes_and_fuses_split_qkv():
         raw[f"model.diffusion_model.layers.0.attention.{n}.weight"] = w
         raw[f"model.diffusion_model.layers.0.attention.{n}.weight_scale"] = s
     raw["model.diffusion_model.input_proj.bias"] = mx.ones((4,), dtype=mx.bfloat16)
+    sanitize = Ideogram4Transformer(TINY).sanitize
     out = sanitize(raw)
     assert set(out) == {
         "layers.0.attention.qkv.weight",
@@ -171,6 +171,14 @@ def test_sanitize_strips_prefixes_dequantizes_and_fuses_split_qkv():
     again = sanitize(out)
     assert set(again) == set(out)
     assert all(mx.array_equal(again[k], out[k]) for k in out)
+    # A converted 4-bit folder's tensors (packed weights, scales, biases) pass unchanged.
+    quantized = {
+        "layers.0.attention.qkv.weight": mx.zeros((12, 1), mx.uint32),
+        "layers.0.attention.qkv.scales": mx.ones((12, 1), mx.bfloat16),
+        "layers.0.attention.qkv.biases": mx.zeros((12, 1), mx.bfloat16),
+    }
+    kept = sanitize(quantized)
+    assert kept.keys() == quantized.keys() and all(kept[k] is v for k, v in quantized.items())
 
 
 @pytest.mark.parametrize(
@@ -187,7 +195,7 @@ def test_sanitize_strips_prefixes_dequantizes_and_fuses_split_qkv():
 )
 def test_sanitize_errors_name_the_key(raw, match):
     with pytest.raises(CheckpointError, match=match):
-        sanitize(raw)
+        Ideogram4Transformer(TINY).sanitize(raw)
 
 
 def test_load_strict_names_missing_unexpected_and_misshaped_keys(tiny_model):

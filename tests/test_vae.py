@@ -23,9 +23,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import rel_l2
+from mlx.utils import tree_flatten
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
-from ideogram4_mlx.synthetic import write_synthetic_checkpoint
+from ideogram4_mlx.latents import pack, patchify, to_uint8, unpack, unpatchify
+from ideogram4_mlx.synth import write_synthetic_checkpoint
 from ideogram4_mlx.vae import (
     DEFAULT_STRIP_PIXELS,
     Flux2VAE,
@@ -33,12 +35,7 @@ from ideogram4_mlx.vae import (
     count_parameters,
     decode,
     encode,
-    pack,
-    patchify,
-    sanitize,
-    to_uint8,
-    unpack,
-    unpatchify,
+    kernel_layout,
 )
 from ideogram4_mlx.weights import CheckpointError
 
@@ -168,13 +165,69 @@ def test_to_uint8_clamps_and_rounds_half_to_even():
 # --- loading --------------------------------------------------------------------------------
 
 
-def test_sanitize_transposes_conv_kernels():
-    w = mx.arange(2 * 3 * 1 * 1).reshape(2, 3, 1, 1)
-    k = mx.arange(4 * 2 * 3 * 3).reshape(4, 2, 3, 3)
-    out = sanitize({"a.weight": w, "b.weight": k, "c.bias": mx.ones((4,))})
-    assert out["a.weight"].shape == (2, 1, 1, 3)
-    np.testing.assert_array_equal(np.array(out["b.weight"]), np.array(k).transpose(0, 2, 3, 1))
-    assert out["c.bias"].shape == (4,)
+def sanitize(weights):
+    return Flux2VAE(VAEConfig()).sanitize(weights)  # lazy: the real-size skeleton costs nothing
+
+
+def assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].shape == b[key].shape and mx.array_equal(a[key], b[key]).item(), key
+
+
+def diffusers_dict():
+    """A hand-built diffusers dict: conv_in's (4, 3, 3, 3) reads the same in both layouts."""
+    return {
+        "encoder.conv_in.weight": mx.arange(4 * 27).reshape(4, 3, 3, 3),
+        "encoder.conv_in.bias": mx.ones((4,)),
+        "encoder.conv_out.weight": mx.arange(4 * 2 * 9).reshape(4, 2, 3, 3),
+        "quant_conv.weight": mx.arange(2 * 3).reshape(2, 3, 1, 1),
+        "bn.running_mean": mx.zeros((128,)),
+        "bn.running_var": mx.ones((128,)),
+    }
+
+
+def test_sanitize_transposes_drops_bn_and_is_idempotent():
+    raw = diffusers_dict()
+    out = sanitize(raw)
+    assert kernel_layout(raw) == "diffusers" and kernel_layout(out) == "mlx"
+    expected = {k: v for k, v in raw.items() if not k.startswith("bn.")}
+    expected = {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in expected.items()}
+    assert_same(out, expected)
+    assert_same(sanitize(out), out)  # already converted: conv_in is not transposed again
+    with_bn = {**out, "bn.running_mean": raw["bn.running_mean"]}  # as convert writes it
+    assert_same(sanitize(with_bn), out)
+
+
+def test_sanitize_of_the_synthetic_vae_is_idempotent(vae_dir):
+    once = sanitize(dict(mx.load(str(vae_dir / WEIGHTS))))
+    assert once["encoder.conv_in.weight"].shape == (32, 3, 3, 3)  # ambiguous by shape
+    assert once["decoder.conv_in.weight"].shape == (64, 3, 3, 32)
+    assert_same(sanitize(once), once)
+
+
+def test_kernel_layouts_must_not_mix_and_ambiguous_dicts_are_diffusers():
+    raw = diffusers_dict()
+    mixed = {**raw, "quant_conv.weight": raw["quant_conv.weight"].transpose(0, 2, 3, 1)}
+    with pytest.raises(CheckpointError, match=r"quant_conv\.weight \(2, 1, 1, 3\) is a mlx"):
+        sanitize(mixed)
+    ambiguous = {"encoder.conv_in.weight": raw["encoder.conv_in.weight"]}
+    assert kernel_layout(ambiguous) == "diffusers"
+    out = sanitize(ambiguous)["encoder.conv_in.weight"]
+    assert mx.array_equal(out, raw["encoder.conv_in.weight"].transpose(0, 2, 3, 1)).item()
+
+
+def test_vae_saved_in_mlx_layout_loads_equal_to_the_raw_one(vae_dir, tmp_path, models):
+    """No conversion record needed: the layout is read off the kernels; bn buffers travel."""
+    raw = dict(mx.load(str(vae_dir / WEIGHTS)))
+    bn = {k: v for k, v in raw.items() if k.startswith("bn.")}
+    mlx_dir = copy_vae(vae_dir, tmp_path / "vae", lambda w: {**sanitize(w), **bn})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bn buffers are still there and checked
+        loaded = Flux2VAE.from_pretrained(mlx_dir, dtype=mx.float32)
+    assert_same(
+        dict(tree_flatten(loaded.parameters())), dict(tree_flatten(models["float32"].parameters()))
+    )
 
 
 def test_loader_reads_config_and_dtype(models):

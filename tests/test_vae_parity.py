@@ -28,7 +28,8 @@ import pytest
 from helpers import rel_l2, require_reference
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
-from ideogram4_mlx.vae import Flux2VAE, decode, encode, to_uint8, unpack
+from ideogram4_mlx.latents import to_uint8, unpack
+from ideogram4_mlx.vae import Flux2VAE, decode, encode
 
 # (batch, grid_h, grid_w): 48x80 px, 64x32 px, 32x96 px
 CASES = [(2, 3, 5), (1, 4, 2), (1, 2, 6)]
