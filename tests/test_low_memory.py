@@ -19,7 +19,7 @@ from PIL import Image
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.pipeline import load
-from ideogram4_mlx.synthetic import SYNTHETIC_PRESETS, write_synthetic_checkpoint
+from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 from ideogram4_mlx.transformer import (
     LOW_MEMORY_FFN_TOKENS,
     FeedForward,

@@ -23,12 +23,8 @@ from helpers import rel_l2, require_reference
 from mlx.utils import tree_flatten
 from transformers import AutoTokenizer
 
-from ideogram4_mlx.text_encoder import (
-    TAP_LAYERS,
-    Qwen3VLTextEncoder,
-    pad_left,
-    prompt_token_ids,
-)
+from ideogram4_mlx.prompt import pad_left, prompt_token_ids
+from ideogram4_mlx.text_encoder import TAP_LAYERS, Qwen3VLTextEncoder
 
 CAPTION = '{"high_level_description":"Café Ünïcode poster","text":"東京 2025 🎆"}'
 CASES = {
