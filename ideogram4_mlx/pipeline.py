@@ -21,11 +21,11 @@ from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import PACKED_CHANNELS, dtype_name
 from ideogram4_mlx.hub import resolve_model
 from ideogram4_mlx.prompt import PromptEncoder
-from ideogram4_mlx.quantization import conversion_record
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, request_from_settings
 from ideogram4_mlx.sampler import VelocityFn, euler_steps
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode
+from ideogram4_mlx.weights import conversion_record
 
 
 @dataclass

@@ -147,13 +147,3 @@ def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:
         class_predicate=predicate,
     )
     return model
-
-
-def __getattr__(name: str):
-    # Transitional: pipeline.py still imports conversion_record from here; it now lives in
-    # weights.py (which imports this module). Delete once pipeline.py imports it from weights.
-    if name == "conversion_record":
-        from ideogram4_mlx.weights import conversion_record
-
-        return conversion_record
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

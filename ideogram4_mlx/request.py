@@ -100,19 +100,16 @@ class GenerationRequest:
         )
 
     def to_metadata(self) -> dict:
-        """The request as stored in a PNG: the resolved steps, guidance, mu and std."""
+        """The request as stored in a PNG, with the resolved steps, guidance, mu and std."""
         schedule = self.schedule()
-        return {
-            "prompt": self.prompt,
-            "preset": self.preset,
-            "width": self.width,
-            "height": self.height,
-            "seed": self.seed,
-            "num_steps": schedule.num_steps,
-            "guidance_schedule": list(schedule.guidance),
-            "mu": schedule.mu,
-            "std": schedule.std,
-        }
+        stored = {name: getattr(self, name) for name in METADATA_TYPES}
+        stored.update(
+            num_steps=schedule.num_steps,
+            guidance_schedule=list(schedule.guidance),
+            mu=schedule.mu,
+            std=schedule.std,
+        )
+        return stored
 
     @classmethod
     def from_metadata(cls, metadata: Mapping) -> GenerationRequest:
@@ -129,7 +126,7 @@ class GenerationRequest:
         for key, kind in METADATA_TYPES.items():
             check_type(key, metadata[key], kind)
         m = metadata
-        base = cls(m["prompt"], m["width"], m["height"], m["preset"], seed=m["seed"])
+        base = cls(**{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS})
         preset = get_preset(base.preset)
         steps = None if m["num_steps"] == preset.num_steps else m["num_steps"]
         shaped = replace(base, num_steps=steps).schedule().guidance
@@ -144,7 +141,8 @@ class GenerationRequest:
 
 
 SETTINGS = tuple(f.name for f in fields(GenerationRequest))
-# Field -> JSON types accepted in metadata ("seq" is a list of numbers); None allowed for seed.
+# The fields stored in a PNG and their JSON types ("seq": a list of numbers). strict_caption
+# is not stored: it decides whether to run, not what the image is.
 METADATA_TYPES = {
     "prompt": str,
     "width": int,
@@ -156,6 +154,8 @@ METADATA_TYPES = {
     "mu": numbers.Real,
     "std": numbers.Real,
 }
+# Stored resolved (the preset's values filled in): from_metadata turns them back into overrides.
+SCHEDULE_KEYS = ("num_steps", "guidance_schedule", "mu", "std")
 
 
 def check_type(key: str, value, kind) -> None:

@@ -10,9 +10,9 @@ import torch
 
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.pipeline import load
-from ideogram4_mlx.request import check_size
 from ideogram4_mlx.prompt import canonical_prompt
 from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
+from ideogram4_mlx.request import check_size
 from ideogram4_mlx.sampler import resolve_schedule
 
 
