@@ -62,18 +62,18 @@ class Ideogram4Pipeline:
 
     def __init__(
         self,
-        model_dir: Path,
+        checkpoint_dir: Path,
         dtype: mx.Dtype = mx.bfloat16,
         keep_in_memory: bool = False,
         model_id: str | None = None,
         revision: str | None = None,
         low_memory: bool = False,
     ):
-        self.model_dir = Path(model_dir)
+        self.checkpoint_dir = Path(checkpoint_dir)
         self.low_memory = low_memory
         self.dtype = dtype
         self.keep_in_memory = keep_in_memory
-        self.model_id = model_id or str(self.model_dir)
+        self.model_id = model_id or str(self.checkpoint_dir)
         self.revision = revision
         self._prompt_encoder: PromptEncoder | None = None
         self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
@@ -85,7 +85,7 @@ class Ideogram4Pipeline:
         """The tokenizer and prompt cache; the text encoder itself loads in :meth:`encode`."""
         if self._prompt_encoder is None:
             self._prompt_encoder = PromptEncoder.from_pretrained(
-                self.model_dir, dtype=self.dtype, load_model=False
+                self.checkpoint_dir, dtype=self.dtype, load_model=False
             )
         return self._prompt_encoder
 
@@ -103,7 +103,7 @@ class Ideogram4Pipeline:
             # The unconditional branch sees image tokens only: its text projection is not read.
             self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
-                    self.model_dir / name, self.dtype, self.low_memory, text_input=text
+                    self.checkpoint_dir / name, self.dtype, self.low_memory, text_input=text
                 )
                 for name, text in (("transformer", True), ("unconditional_transformer", False))
             )
@@ -111,7 +111,7 @@ class Ideogram4Pipeline:
 
     def vae(self) -> Flux2VAE:
         if self._vae is None:
-            self._vae = Flux2VAE.from_pretrained(self.model_dir / "vae", self.dtype)
+            self._vae = Flux2VAE.from_pretrained(self.checkpoint_dir / "vae", self.dtype)
         return self._vae
 
     def release(self, *names: str) -> None:
@@ -128,7 +128,7 @@ class Ideogram4Pipeline:
 
     def quantization(self) -> dict | None:
         """What ``ideo4-mlx convert`` recorded for the DiTs (None for a raw fp8 snapshot)."""
-        record = conversion_record(self.model_dir / "transformer")
+        record = conversion_record(self.checkpoint_dir / "transformer")
         return None if record is None else record.get("quantization")
 
     def settings(self) -> dict:
@@ -308,5 +308,5 @@ def load(
     files the pipeline reads). ``low_memory`` streams the DiT blocks from disk on every pass
     instead of keeping both DiTs resident (same images; one read of the DiT files per step).
     """
-    model_dir, model_id, revision = resolve_model(model, revision)
-    return Ideogram4Pipeline(model_dir, dtype, keep_in_memory, model_id, revision, low_memory)
+    checkpoint_dir, model_id, revision = resolve_model(model, revision)
+    return Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)

@@ -85,13 +85,13 @@ class PromptEncoder:
         tokenizer: PreTrainedTokenizerBase,
         model: Qwen3VLTextEncoder | None = None,
         cache_size: int = 4,
-        model_dir: Path | str | None = None,
+        component_dir: Path | str | None = None,
         dtype: mx.Dtype = mx.bfloat16,
     ):
         self.tokenizer = tokenizer
         self.model = model
         self.cache_size = cache_size
-        self.model_dir = model_dir
+        self.component_dir = component_dir  # text_encoder/
         self.dtype = dtype
         self.loads = 0
         # canonical prompt -> (n, 13*D) features in the model dtype (bf16 halves the memory).
@@ -114,8 +114,8 @@ class PromptEncoder:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(
             str(tokenizer_dir), local_files_only=True
         )
-        model_dir = checkpoint_dir / "text_encoder"
-        encoder = cls(tokenizer, None, cache_size=cache_size, model_dir=model_dir, dtype=dtype)
+        component_dir = checkpoint_dir / "text_encoder"
+        encoder = cls(tokenizer, None, cache_size, component_dir, dtype)
         if load_model:
             encoder.load_model()
         return encoder
@@ -131,9 +131,9 @@ class PromptEncoder:
     def load_model(self) -> None:
         """Load the text encoder (again, after ``release_model()``); a no-op when loaded."""
         if self.model is None:
-            if self.model_dir is None:
+            if self.component_dir is None:
                 raise RuntimeError("this PromptEncoder was built without a model folder")
-            self.model = Qwen3VLTextEncoder.from_pretrained(self.model_dir, dtype=self.dtype)
+            self.model = Qwen3VLTextEncoder.from_pretrained(self.component_dir, self.dtype)
             self.loads += 1
 
     def token_ids(self, prompt: str) -> list[int]:

@@ -340,13 +340,16 @@ class Upsample(nn.Module):
         return y
 
 
+def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int) -> list:
+    """``layers`` ResnetBlocks, the first changing the channel count."""
+    channels = [in_channels] + [out_channels] * layers
+    return [ResnetBlock(channels[j], out_channels, groups) for j in range(layers)]
+
+
 class DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, down: bool):
         super().__init__()
-        self.resnets = [
-            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups)
-            for j in range(layers)
-        ]
+        self.resnets = resnet_chain(in_channels, out_channels, layers, groups)
         self.downsamplers = [Downsample(out_channels)] if down else []
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -358,10 +361,7 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, up: bool):
         super().__init__()
-        self.resnets = [
-            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups)
-            for j in range(layers)
-        ]
+        self.resnets = resnet_chain(in_channels, out_channels, layers, groups)
         self.upsamplers = [Upsample(out_channels)] if up else []
 
     def __call__(self, x: mx.array) -> mx.array:

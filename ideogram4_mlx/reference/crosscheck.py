@@ -86,7 +86,7 @@ def crosscheck(
     ours_v = (first["z1"] - noise) / (t1 - t0)  # the first Euler step's velocity
 
     ref = reference_generate(
-        pipe.model_dir,
+        pipe.checkpoint_dir,
         canonical_prompt(prompt),
         width,
         height,
