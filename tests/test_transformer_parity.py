@@ -63,27 +63,30 @@ def models(tiny_checkpoint, torch):
 
 
 def case_inputs(model, text_lengths, grid, seed=0):
+    """Inputs for both sides: the MLX layout from ``sequence_ids``, the reference's from
+    diffusers' pipeline code (``reference_layout``), so neither side checks itself."""
+    from ideogram4_mlx.reference.transformer import reference_layout
+
     rng = np.random.default_rng(seed)
-    pos, seg, ind = sequence_ids(text_lengths, *grid)
-    b, length = ind.shape
+    ref_layout = reference_layout(text_lengths, *grid)
+    b, length = ref_layout[2].shape
     x = rng.standard_normal((b, length, model.config.in_channels)).astype(np.float32)
     feats = rng.standard_normal((b, length, model.config.llm_features_dim)).astype(np.float32)
-    feats *= (ind == 3)[..., None]  # the pipeline's layout: text features only at text slots
-    return x, feats, pos, seg, ind
+    feats *= (ref_layout[2] == 3)[..., None]  # text features only at text slots
+    return x, feats, sequence_ids(text_lengths, *grid), ref_layout
 
 
 def run_both(models, component, dtype, text_lengths, grid, t, ref_dtype=None):
     from ideogram4_mlx.reference.transformer import reference_forward
 
     mlx_model = models("mlx", component, dtype)
-    x, feats, pos, seg, ind = case_inputs(mlx_model, text_lengths, grid)
+    x, feats, ours_layout, ref_layout = case_inputs(mlx_model, text_lengths, grid)
     has_text = max(text_lengths) > 0
     t = np.array(t, np.float32)
-    ours = np.array(mlx_model(mx.array(x), t, mx.array(feats) if has_text else None, pos, seg, ind))
-    ref = reference_forward(
-        models("ref", component, ref_dtype or dtype), x, t, feats, pos, seg, ind
-    )
-    image = ind == OUTPUT_IMAGE_INDICATOR
+    text = mx.array(feats) if has_text else None
+    ours = np.array(mlx_model(mx.array(x), t, text, *ours_layout))
+    ref = reference_forward(models("ref", component, ref_dtype or dtype), x, t, feats, *ref_layout)
+    image = ref_layout[2] == OUTPUT_IMAGE_INDICATOR
     return ours[image], ref[image]
 
 
@@ -208,13 +211,13 @@ def test_full_width_fp32_parity(tmp_path, torch):
     assert config["llm_features_dim"] == 53248 and config["num_layers"] == 2
 
     model = Ideogram4Transformer.from_pretrained(ckpt / "transformer", dtype=mx.float32)
-    x, feats, pos, seg, ind = case_inputs(model, [12, 5], (4, 6))
+    x, feats, ours_layout, ref_layout = case_inputs(model, [12, 5], (4, 6))
     t = np.array([0.3123, 0.75], np.float32)
-    ours = np.array(model(mx.array(x), t, mx.array(feats), pos, seg, ind))
+    ours = np.array(model(mx.array(x), t, mx.array(feats), *ours_layout))
     del model
     ref_model = load_reference_transformer(ckpt / "transformer", dtype=torch.float32)
-    ref = reference_forward(ref_model, x, t, feats, pos, seg, ind)
-    image = ind == OUTPUT_IMAGE_INDICATOR
+    ref = reference_forward(ref_model, x, t, feats, *ref_layout)
+    image = ref_layout[2] == OUTPUT_IMAGE_INDICATOR
     assert np.abs(ref[image]).max() > 0.1
     err = rel_l2(ours[image], ref[image])
     assert err <= 1e-4, f"full-width fp32 rel L2 {err:.2e}"

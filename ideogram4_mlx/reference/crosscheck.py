@@ -10,7 +10,6 @@ import torch
 
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.pipeline import load
-from ideogram4_mlx.prompt import canonical_prompt
 from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
 from ideogram4_mlx.request import check_size
 from ideogram4_mlx.sampler import resolve_schedule
@@ -87,7 +86,7 @@ def crosscheck(
 
     ref = reference_generate(
         pipe.checkpoint_dir,
-        canonical_prompt(prompt),
+        prompt,
         width,
         height,
         schedule,

@@ -8,6 +8,7 @@ test vectors. Every stage's output is returned, for stage-by-stage cross-checks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +17,13 @@ import torch
 from transformers import AutoTokenizer
 
 from ideogram4_mlx.reference.text_encoder import load_reference_text_encoder, reference_taps
-from ideogram4_mlx.reference.transformer import load_reference_transformer, reference_forward
+from ideogram4_mlx.reference.transformer import (
+    load_reference_transformer,
+    reference_forward,
+    reference_layout,
+)
 from ideogram4_mlx.reference.vae import load_reference_vae, reference_decode
 from ideogram4_mlx.sampler import Schedule
-from ideogram4_mlx.transformer import sequence_ids
 
 
 @dataclass
@@ -39,6 +43,19 @@ def reference_token_ids(tokenizer_dir: Path, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def reference_canonical_prompt(prompt: str) -> str:
+    """The caption text the reference tokenizes: a JSON object re-serialised as mflux does
+    (spec §D.1: minified, ``ensure_ascii=False``, key order kept); other text as given.
+    Written here, apart from the MLX prompt code, so the two are checked against each other."""
+    try:
+        caption = json.loads(prompt)
+    except json.JSONDecodeError:
+        return prompt
+    if not isinstance(caption, dict):
+        return prompt
+    return json.dumps(caption, ensure_ascii=False, separators=(",", ":"))
+
+
 def reference_generate(
     checkpoint: Path | str,
     prompt: str,
@@ -49,12 +66,12 @@ def reference_generate(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> ReferenceRun:
-    """Run the reference on ``noise`` (1, H/16 * W/16, 128). ``prompt`` is used as given:
-    canonicalise JSON captions first, as the MLX pipeline does."""
+    """Run the reference on ``noise`` (1, H/16 * W/16, 128) for ``prompt`` (a JSON caption is
+    canonicalised by :func:`reference_canonical_prompt`)."""
     checkpoint = Path(checkpoint)
     grid_h, grid_w = height // 16, width // 16
 
-    ids = reference_token_ids(checkpoint / "tokenizer", prompt)
+    ids = reference_token_ids(checkpoint / "tokenizer", reference_canonical_prompt(prompt))
     text_model = load_reference_text_encoder(checkpoint / "text_encoder", device, dtype)
     _, features = reference_taps(text_model, np.array([ids]))
     del text_model
@@ -64,8 +81,8 @@ def reference_generate(
         checkpoint / "unconditional_transformer", device, dtype
     )
     n_text, n_img = len(ids), grid_h * grid_w
-    cond_ids = sequence_ids([n_text], grid_h, grid_w)
-    uncond_ids = sequence_ids([0], grid_h, grid_w)
+    cond_ids = reference_layout([n_text], grid_h, grid_w)
+    uncond_ids = tuple(a[:, n_text:] for a in cond_ids)  # the image slice, as diffusers does
     cond_features = np.concatenate(
         [features, np.zeros((1, n_img, features.shape[-1]), np.float32)], 1
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import Ideogram4Transformer2DModel
+from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel
 from safetensors import safe_open
 
 REPACK_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -81,6 +81,18 @@ def load_reference_transformer(
 
 def rope_theta(config: dict) -> float:
     return config.get("rope_theta", 5_000_000)
+
+
+def reference_layout(
+    text_lengths: list[int], grid_h: int, grid_w: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``position_ids``, ``segment_ids``, ``indicator`` (numpy) of the packed
+    ``[left padding][text][image]`` sequence, built by diffusers' pipeline, never by the MLX
+    helper, so a layout bug on either side shows as a parity failure. ``[0]``: image only."""
+    layout = Ideogram4Pipeline._prepare_ids(
+        text_lengths, grid_h, grid_w, max(text_lengths), torch.device("cpu")
+    )
+    return tuple(a.numpy() for a in layout)
 
 
 @torch.no_grad()
