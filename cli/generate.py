@@ -13,10 +13,10 @@ import mlx.core as mx
 from click.core import ParameterSource
 from tqdm import tqdm
 
-from ideogram4_mlx.caption import is_json_prompt
+from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
-from ideogram4_mlx.metadata import LOAD_KEYS, read_metadata, replay, save_png
+from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import GenerationRequest
@@ -34,11 +34,13 @@ def _read_prompt_file(ctx, param, path: Path | None) -> str | None:
         raise click.BadParameter(f"cannot read {path}: {e.strerror}") from e
     if path.suffix.lower() == ".json" or is_json_prompt(raw):
         try:
-            json.loads(raw)  # unstripped, so the error position is the file's
+            parse_json(raw)  # unstripped, so the error position is the file's
         except json.JSONDecodeError as e:
             raise click.BadParameter(
                 f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
             ) from e
+        except ValueError as e:  # too deep
+            raise click.BadParameter(f"{path}: {e}") from e
     return _check_prompt(ctx, param, raw.strip())
 
 
@@ -194,8 +196,6 @@ def generate(
         raise click.BadParameter(
             "the image is written as PNG: use a .png name", param_hint="--output"
         )
-    if output.exists() and not force:
-        raise click.ClickException(f"{output} already exists; pass --force to replace it")
     explicit = {k: v for k, v in settings.items() if _given(ctx, k)}
     if prompt_file is not None:
         explicit["prompt"] = prompt_file
@@ -208,6 +208,7 @@ def generate(
                 request = GenerationRequest(**settings)
             else:
                 load_kwargs, request = replay(read_metadata(from_metadata), explicit)
+            check_output(output, force)
             resolved = request.validate()  # every mistake shows before a model loads
             previews = None
             if stepwise_dir is not None:

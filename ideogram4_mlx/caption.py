@@ -22,6 +22,8 @@ HEX_COLOR = re.compile(r"#[0-9A-F]{6}")
 NON_ASCII_ESCAPE = re.compile(
     r"\\u(00[89a-fA-F][0-9a-fA-F]|0[1-9a-fA-F][0-9a-fA-F]{2}|[1-9a-fA-F][0-9a-fA-F]{3})"
 )
+# A caption nests about 4 levels; the bound keeps json's recursion far from Python's limit.
+MAX_JSON_DEPTH = 64
 PLAIN_PROMPT_WARNING = (
     "plain-text prompt: Ideogram 4 is trained on JSON captions; results are usually better "
     "with one (see `ideo4-mlx verify-caption`)"
@@ -36,10 +38,47 @@ def verify_raw(text: str) -> list[str]:
     """Check caption text: the unicode-escape heuristic, JSON parsing, then ``verify``."""
     warnings = _escape_warnings(text)
     try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as e:
+        parsed = parse_json(text)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
         return [*warnings, f"invalid JSON: {e}"]
     return warnings + verify(parsed)
+
+
+def parse_json(text: str) -> object:
+    """``json.loads``, refusing nesting deeper than ``MAX_JSON_DEPTH`` (ValueError) before it
+    can exhaust Python's recursion limit."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"the JSON nests {depth} levels deep; the limit is {MAX_JSON_DEPTH} "
+            "(a caption needs about 4)"
+        )
+    return json.loads(text)
+
+
+def json_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON text, strings skipped (stops counting past the
+    limit, so a hostile input costs one pass)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def verify_file(path: Path | str) -> list[str]:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx import __version__
+from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
 
@@ -63,6 +64,21 @@ def save_png(
     return path
 
 
+def check_output(path: Path | str, force: bool = False) -> None:
+    """What :func:`save_png` would refuse, checked before any work: an existing ``path``
+    without ``force``, a folder at ``path``, or a parent folder that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a .png file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # save_png creates the missing folders below the first one
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {parent}: choose another --output")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -89,8 +105,8 @@ def read_metadata(path: Path | str) -> dict:
             "or the metadata was stripped"
         )
     try:
-        metadata = json.loads(text[PNG_KEY])
-    except json.JSONDecodeError as e:
+        metadata = parse_json(text[PNG_KEY])
+    except ValueError as e:  # invalid or too deeply nested
         raise ValueError(f"{path}: the {PNG_KEY} metadata is not valid JSON ({e})") from e
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}: the {PNG_KEY} metadata is not a JSON object")

@@ -210,6 +210,7 @@ class Generation:
         verbose: bool = False,
     ):
         resolved = request.validate()
+        pipe.prompt_encoder().token_ids(request.prompt)  # too long: fails before any model loads
         resolved.warn()
         n = resolved.grid_h * resolved.grid_w
         if noise is None:
@@ -239,6 +240,7 @@ class Generation:
             for index, t, z in euler_steps(self.noise, r.schedule, cond, uncond):
                 self.latents = z
                 yield Step(index, self.num_steps, t, z)
+                check_finite(z, index)  # after the caller's evaluation: no extra work
             mx.eval(self.latents)
             pipe.release("transformers")
         self.done = True
@@ -285,6 +287,19 @@ def velocity_fns(
         return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
 
     return cond, uncond
+
+
+class NonFiniteError(ValueError):
+    """The latents became NaN or infinite: the image would be black."""
+
+
+def check_finite(latents: mx.array, index: int) -> None:
+    if not mx.all(mx.isfinite(latents)).item():
+        raise NonFiniteError(
+            f"the latents are NaN or infinite after step {index + 1}: the weights or settings "
+            "overflow; try --dtype float32, check the checkpoint, or use moderate mu, std and "
+            "guidance values"
+        )
 
 
 def check_noise(noise: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:

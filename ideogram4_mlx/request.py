@@ -14,7 +14,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
-from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING, is_json_prompt, verify_raw
+from ideogram4_mlx.caption import (
+    MAX_JSON_DEPTH,
+    PLAIN_PROMPT_WARNING,
+    is_json_prompt,
+    json_depth,
+    verify_raw,
+)
 from ideogram4_mlx.constants import PIXELS_PER_TOKEN
 from ideogram4_mlx.sampler import DEFAULT_PRESET, Schedule, get_preset, resolve_schedule
 
@@ -68,6 +74,12 @@ class GenerationRequest:
         """
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("the prompt is empty")
+        # Any prompt may be parsed as JSON (canonical form), not only those starting with "{".
+        if json_depth(self.prompt) > MAX_JSON_DEPTH:
+            raise ValueError(
+                f"the prompt nests brackets more than {MAX_JSON_DEPTH} levels deep; "
+                "a JSON caption needs about 4"
+            )
         grid_h, grid_w = check_size(self.width, self.height)
         if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
             raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")

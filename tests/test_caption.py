@@ -163,3 +163,84 @@ def test_verify_caption_command(tmp_path):
     assert result.exit_code == 1 and "compositional_deconstruction is missing" in result.output
     result = CliRunner().invoke(main, ["verify-caption", str(tmp_path / "missing.json")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def bbox_findings(bbox):
+    return [f for f in mutated(lambda o: o["compositional_deconstruction"]["elements"][0].update(
+        bbox=bbox)) if ".bbox" in f]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bbox, expected",
+    [
+        ([0, 0, 1000, 1000], None),  # the grid's edges are inside
+        ([7, 7, 7, 7], None),  # min == max on both axes
+        ([0, 500, 100, 499], "x_min <= x_max"),  # x order alone (y is fine)
+        ([500, 0, 499, 100], "y_min <= y_max"),  # y order alone
+        ([-1, 0, 10, 10], "[0, 1000]"),
+        ([0, 0, 10, 1001], "[0, 1000]"),
+        ([False, False, True, True], None),  # booleans pass, as in the official verifier
+        ([0, 0, 10.0, 10], "integers"),
+        (["0", 0, 10, 10], "integers"),
+    ],
+)
+def test_bbox_boundaries(bbox, expected):
+    findings = bbox_findings(bbox)
+    if expected is None:
+        assert findings == []
+    else:
+        assert len(findings) == 1 and expected in findings[0], findings
+
+
+@pytest.mark.parametrize(
+    "where, limit",
+    [("style", 16), ("element", 5)],
+)
+def test_palette_size_limits_are_inclusive(where, limit):
+    def set_palette(n):
+        def change(o):
+            target = (
+                o["style_description"]
+                if where == "style"
+                else o["compositional_deconstruction"]["elements"][1]
+            )
+            target["color_palette"] = ["#ABCDEF"] * n
+
+        return [f for f in mutated(change) if "colour" in f]
+
+    assert set_palette(limit) == []
+    assert set_palette(limit + 1) == [
+        f"{'style_description' if where == 'style' else 'compositional_deconstruction.elements[1]'}"
+        f".color_palette: {limit + 1} colours, at most {limit} allowed"
+    ]
+
+
+def test_deeply_nested_json_is_a_finding_not_a_crash(tmp_path):
+    from ideogram4_mlx.caption import MAX_JSON_DEPTH, json_depth
+
+    deep = "[" * 100_000 + "]" * 100_000
+    findings = verify_raw(deep)
+    assert (
+        len(findings) == 1
+        and "nests" in findings[0]
+        and f"limit is {MAX_JSON_DEPTH}" in findings[0]
+    )
+    assert json_depth('{"a": "[[[[{{{{", "b": [[1]]}') == 3  # brackets in strings do not count
+    assert json_depth('{"a": "\\"[[[["}') == 1  # nor after an escaped quote
+    ok = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert not any("nests" in f for f in verify_raw(ok))
+
+
+def test_verify_caption_command_bad_inputs(tmp_path):
+    from click.testing import CliRunner
+
+    from ideogram4_mlx.cli import main
+
+    latin1, deep = tmp_path / "latin1.json", tmp_path / "deep.json"
+    latin1.write_bytes('{"high_level_description": "caf\u00e9"}'.encode("latin-1"))
+    deep.write_text("{" + '"a":[' * 50_000, encoding="utf-8")
+    result = CliRunner().invoke(main, ["verify-caption", str(latin1)])
+    assert result.exit_code == 1 and "latin1.json is not UTF-8 text" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["verify-caption", str(deep)])
+    assert result.exit_code == 1 and "nests" in result.output and "Traceback" not in result.output

@@ -256,6 +256,18 @@ def test_from_metadata_options_override_the_stored_ones(
         (["--prompt", "x", "--seed", 2**63], f"seed {2**63} is out of range"),
         (["--prompt", "x", "--output", "{tmp}/out.jpg"], "use a .png name"),
         (["--prompt", "x", "--dtype", "int8"], "Invalid value for '--dtype'"),
+        (["--prompt", "x", "--steps", 10**9], "num_steps 1000000000 is out of range: use 1..1000"),
+        (["--prompt", "x", "--mu", "nan"], "mu must be a finite number, got nan"),
+        (["--prompt", "x", "--std", "inf"], "std must be a finite number, got inf"),
+        (["--prompt", "x", "--guidance-schedule", "7,inf"], "must be finite"),
+        (["--prompt", "[" * 5000 + "]" * 5000], "nests brackets more than 64 levels"),
+        (["--prompt-file", "{tmp}/deep.json"], "deep.json: the JSON nests"),
+        (["--prompt", "x", "--output", "{tmp}/ok.txt/out.png"], "cannot write into"),
+        (["--prompt", "x", "--output", "{tmp}/dir.png"], "dir.png' is a directory"),
+        (["--from-metadata", "{tmp}/huge_steps.png"], "num_steps 1000000000 is out of range"),
+        (["--from-metadata", "{tmp}/nan_mu.png"], "mu must be a finite number, got nan"),
+        (["--from-metadata", "{tmp}/text_mu.png"], "metadata field 'mu' is 'NaN': expected Real"),
+        (["--from-metadata", "{tmp}/text_width.png"], "metadata field 'width' is 'abc'"),
     ],
 )
 def test_bad_inputs_fail_before_loading_with_one_line(monkeypatch, tmp_path, args, message):
@@ -267,6 +279,16 @@ def test_bad_inputs_fail_before_loading_with_one_line(monkeypatch, tmp_path, arg
     (tmp_path / "bad.txt").write_text('{"a": 1,\n', encoding="utf-8")
     (tmp_path / "ok.txt").write_text("a cat", encoding="utf-8")
     (tmp_path / "latin1.txt").write_text("un café", encoding="latin-1")
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    (tmp_path / "dir.png").mkdir()
+    stored = {
+        "huge_steps.png": sample_metadata(num_steps=10**9),
+        "nan_mu.png": sample_metadata(mu=float("nan")),
+        "text_mu.png": sample_metadata(mu="NaN"),
+        "text_width.png": sample_metadata(width="abc"),
+    }
+    for name, metadata in stored.items():
+        save_png(Image.new("RGB", (8, 8)), tmp_path / name, metadata)
     args = [str(a).format(tmp=tmp_path) for a in args]
     result = invoke("--output", tmp_path / "out.png", *args)  # a later --output wins
     assert result.exit_code != 0

@@ -177,3 +177,26 @@ def test_start_checks_the_request_before_any_model_loads(tiny_checkpoint):
         pipe.start(GenerationRequest(CAPTION, **{**FAST, "num_steps": 5000}))
     with pytest.raises(ValueError, match="mu must be a finite number"):
         pipe.generate(CAPTION, mu=float("nan"), **FAST)
+
+
+def test_nan_latents_stop_with_a_clear_error(tiny_checkpoint, monkeypatch):
+    from ideogram4_mlx import pipeline
+
+    def nan_velocity(*args):
+        def v(z, t):
+            return mx.full(z.shape, float("nan"))
+
+        return v, v
+
+    monkeypatch.setattr(pipeline, "velocity_fns", nan_velocity)
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+    with pytest.raises(pipeline.NonFiniteError, match="NaN or infinite after step 1"):
+        pipe.generate(CAPTION, seed=1, **FAST)
+    assert pipe._vae is None  # stopped before decoding a black image
+
+
+def test_overlong_prompt_fails_before_the_text_encoder_loads(tiny_checkpoint):
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+    with pytest.raises(ValueError, match="tokens long in the chat template; the limit is 2048"):
+        pipe.start(GenerationRequest("word " * 3000, **FAST))
+    assert pipe.prompt_encoder().loads == 0 and pipe._dits is None
