@@ -75,13 +75,20 @@ def test_given_noise_replaces_the_seed_and_callback_sees_every_step(pipe):
         pipe.generate(CAPTION, noise=noise[:, :10], **FAST)
 
 
-def test_plain_prompt_warns_once_and_strict_caption_fails_before_loading(tiny_checkpoint):
+@pytest.fixture
+def modelless(tiny_checkpoint):
+    """A pipeline whose components raise when asked for: checks must come first."""
     pipe = load(tiny_checkpoint, dtype=mx.float32)
 
     def no_models(*a, **k):
         raise AssertionError("a model was loaded")
 
     pipe.prompt_encoder = pipe.dits = pipe.vae = no_models
+    return pipe
+
+
+def test_strict_caption_fails_before_loading(modelless):
+    pipe = modelless
     with pytest.raises(CaptionError, match="plain-text prompt"):
         pipe.generate("a cat", strict_caption=True, **FAST)
     with pytest.raises(CaptionError, match="compositional_deconstruction is missing"):
@@ -166,13 +173,8 @@ def test_start_yields_each_step_for_the_caller_to_evaluate(pipe):
     assert streamed.request == request and streamed.metadata == direct.metadata
 
 
-def test_start_checks_the_request_before_any_model_loads(tiny_checkpoint):
-    pipe = load(tiny_checkpoint, dtype=mx.float32)
-
-    def no_models(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    pipe.prompt_encoder = pipe.dits = pipe.vae = no_models
+def test_start_checks_the_request_before_any_model_loads(modelless):
+    pipe = modelless
     with pytest.raises(ValueError, match="num_steps 5000 is out of range"):
         pipe.start(GenerationRequest(CAPTION, **{**FAST, "num_steps": 5000}))
     with pytest.raises(ValueError, match="mu must be a finite number"):
