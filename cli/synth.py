@@ -27,7 +27,11 @@ from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
     help="Comma-separated sub-folders to write (model_index.json is always written).",
 )
 @click.option("--dit-layers", type=click.IntRange(min=1), help="Override the preset's DiT depth.")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace DST if it is empty or holds only checkpoint files (an earlier synth).",
+)
 def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool) -> None:
     """Write a seeded synthetic Ideogram 4 checkpoint at DST."""
     # Imported here so other commands never load the writer and `tokenizers` (test tooling).
@@ -40,6 +44,6 @@ def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool
         path = write_synthetic_checkpoint(
             dst, spec, seed=seed, components=components, force=force, progress=True
         )
-    except FileExistsError as e:
-        raise click.ClickException(f"{dst} already exists; pass --force to replace it") from e
+    except (ValueError, OSError) as e:  # FileExistsError: refused DST; a full disk
+        raise click.ClickException(str(e)) from e
     click.echo(str(path))

@@ -1,9 +1,13 @@
 """Synthetic checkpoints: the exact layout of ideogram-ai/ideogram-4-fp8 (spec A), deterministic."""
 
 import dataclasses
+import errno
 import inspect
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -412,26 +416,60 @@ def test_components_subset_and_dit_layer_override(tmp_path):
     assert json.loads((path / "transformer" / "config.json").read_text())["num_layers"] == 3
 
 
-def test_refuses_an_existing_destination_unless_force(tmp_path):
+def test_force_replaces_only_an_earlier_checkpoint_never_a_link(tmp_path):
     dst = tmp_path / "ckpt"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("x")
+    write_synthetic_checkpoint(dst, components=("vae",))
     with pytest.raises(FileExistsError, match="--force"):
         write_synthetic_checkpoint(dst, components=())
-    assert (dst / "keep.txt").exists()
     write_synthetic_checkpoint(dst, components=("scheduler",), force=True)
     assert set(files_of(dst)) == {"model_index.json", "scheduler/scheduler_config.json"}
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    (dst / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"not a synthetic checkpoint \(e\.g\. keep\.txt\)"):
+        write_synthetic_checkpoint(dst, components=(), force=True)
+    (tmp_path / "link").symlink_to(dst, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        write_synthetic_checkpoint(tmp_path / "link", components=(), force=True)
+    assert (dst / "keep.txt").exists() and (dst / "scheduler").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
 
 
 def test_failed_write_leaves_no_destination_and_no_temp_folder(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError("disk broke")
 
     monkeypatch.setattr(writer, "_write_safetensors", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk broke"):
         write_synthetic_checkpoint(tmp_path / "ckpt", "tiny")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as os.pwrite raises it
+
+    monkeypatch.setattr(writer, "_pwrite_all", full)
+    with pytest.raises(
+        OSError,
+        match=r"no space left writing \S*ckpt/vae/diffusion_pytorch_"
+        r"model\.safetensors; the output needs \d+\.\d [KM]B",
+    ):
+        write_synthetic_checkpoint(tmp_path / "ckpt", components=("vae",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_partial_folder_is_removed_and_a_held_lock_refuses(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".ckpt.{child.pid}.abcd1234.partial"
+    stale.mkdir()
+    with pytest.warns(UserWarning, match=f"removed {stale}"):
+        write_synthetic_checkpoint(tmp_path / "ckpt", components=())
+    (tmp_path / ".again.lock").write_text(f"{os.getpid()}\n")
+    with pytest.raises(
+        FileExistsError, match=f"being written by another process \\(pid {os.getpid()}"
+    ):
+        write_synthetic_checkpoint(tmp_path / "again", components=())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".again.lock", "ckpt"]
 
 
 def test_bad_names_are_rejected_with_the_valid_ones():

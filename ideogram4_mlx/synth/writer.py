@@ -13,8 +13,6 @@ the full-size 9.3 GB transformer file is written with bounded memory.
 import functools
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ from statistics import NormalDist
 import numpy as np
 from tqdm import tqdm
 
-from ideogram4_mlx.files import move_into_place
+from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components
 from ideogram4_mlx.synth import configs
 from ideogram4_mlx.synth.plan import (
@@ -41,6 +39,7 @@ from ideogram4_mlx.synth.plan import (
 from ideogram4_mlx.synth.tokenizer import text_vocab_size, tokenizer_files
 
 FP8_MAX = 448.0
+KIND = "a synthetic checkpoint"
 
 
 def write_synthetic_checkpoint(
@@ -55,32 +54,37 @@ def write_synthetic_checkpoint(
     """Write a seeded synthetic checkpoint folder at `dst` and return its path.
 
     `spec` is a SyntheticSpec or a SYNTHETIC_PRESETS name. `components` picks the sub-folders
-    (model_index.json is always written). Files are built in a temporary sibling folder that is
-    renamed into place at the end, so `dst` never holds a half-written checkpoint. The same
-    spec and seed give byte-identical files.
+    (model_index.json is always written). Files are built in a partial sibling folder that is
+    renamed into place at the end (`ideogram4_mlx.files`), so `dst` never holds a half-written
+    checkpoint. `force` replaces only an empty folder or one holding nothing but checkpoint
+    files (model_index.json and component folders). The same spec and seed give byte-identical
+    files.
     """
     spec = resolve_spec(spec)
     components = check_components(components, COMPONENTS)
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(
-            f"{dst} already exists; pass force=True (--force on the command line) to replace it"
-        )
+    dst = Path(dst).expanduser()
+    check_destination(dst, force, _foreign_entry, KIND)
     files = _plan_files(spec, components)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
-        total = sum(f.size for f in files)
+    total = sum(f.size for f in files)
+    with write_folder(dst, force, _foreign_entry, KIND, total) as tmp:
         with tqdm(
             total=total, unit="B", unit_scale=True, desc=dst.name, disable=not progress
         ) as bar:
             for f in files:
                 _write_file(tmp, f, seed, bar.update)
-        move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
+
+
+def _foreign_entry(dst: Path) -> str | None:
+    """The first thing in `dst` that is not a checkpoint file or component folder, or None."""
+    for entry in sorted(dst.iterdir()):
+        if entry.is_symlink():
+            return entry.name
+        if entry.name == "model_index.json" and entry.is_file():
+            continue
+        if not (entry.name in COMPONENTS and entry.is_dir()):
+            return entry.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,12 @@ def _write_file(root: Path, f: _File, seed: int, on_bytes) -> None:
         on_bytes(len(f.text.encode("utf-8")))
         return
     # The folder is part of the RNG key so the two DiTs get different weights.
-    _write_safetensors(path, f.tensors, seed, Path(f.path).parent.name, on_bytes)
+    try:
+        _write_safetensors(path, f.tensors, seed, Path(f.path).parent.name, on_bytes)
+    except OSError as e:  # pwrite names no file; a full disk is reported with it
+        if e.errno is None or e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 # Streaming safetensors writer (header layout as safetensors' own serializer writes it)

@@ -1,0 +1,135 @@
+"""Writing output folders (ideogram4_mlx/files.py): locks, partial folders, signals, sizes.
+
+The writers' own rules (what ``force`` may replace) are tested with them: test_convert.py and
+test_synthetic.py.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from ideogram4_mlx.files import (
+    format_size,
+    lock_path,
+    locked,
+    move_into_place,
+    remove_stale,
+    sigterm_exits,
+    write_folder,
+)
+
+
+def nothing_foreign(dst):
+    return None
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (4096, "4.1 KB"),
+        (6_100_000, "6.1 MB"),
+        (9_300_000_000, "9.3 GB"),
+    ],
+)
+def test_format_size_picks_a_unit_that_shows_small_sizes(n, text):
+    assert format_size(n) == text
+
+
+def test_write_folder_builds_a_partial_folder_and_renames_it(tmp_path):
+    dst = tmp_path / "sub" / "out"
+    with write_folder(dst, False, nothing_foreign, "an output") as tmp:
+        assert tmp.parent == dst.parent and tmp.name.startswith(f".out.{os.getpid()}.")
+        assert lock_path(dst).read_text() == f"{os.getpid()}\n"
+        (tmp / "a.txt").write_text("a")
+    assert (dst / "a.txt").read_text() == "a"
+    assert [p.name for p in dst.parent.iterdir()] == ["out"]
+
+
+def test_sigterm_inside_write_folder_cleans_up_and_exits_143(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        with write_folder(tmp_path / "out", False, nothing_foreign, "an output") as tmp:
+            (tmp / "a.txt").write_text("a")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+    assert info.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_handler_only_in_the_main_thread_and_only_over_the_default():
+    seen = []
+    with sigterm_exits():
+        seen.append(signal.getsignal(signal.SIGTERM))
+    assert seen[0] not in (signal.SIG_DFL, None)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def in_thread():
+        with sigterm_exits():  # signal.signal would raise ValueError outside the main thread
+            seen.append("ran")
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen[1] == "ran"
+
+    def mine(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        with sigterm_exits():
+            assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_held_lock_refuses_and_a_stale_one_is_taken_over(tmp_path):
+    dst = tmp_path / "out"
+    lock = lock_path(dst)
+    lock.write_text("")  # created but no pid written yet: held
+    with pytest.raises(FileExistsError, match=rf"another process; wait for it, or remove {lock}"):
+        with locked(dst):
+            pass
+    lock.write_text(f"{dead_pid()}\n")
+    with pytest.warns(UserWarning, match="removed a stale lock"):
+        with locked(dst):
+            assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+
+
+def test_stale_folders_go_a_replaced_one_comes_back_unknown_ones_are_only_reported(tmp_path):
+    dst = tmp_path / "out"
+    old = tmp_path / f".out.{dead_pid()}.abcd1234.old"
+    (old / "replaced").mkdir(parents=True)
+    (old / "replaced" / "a.txt").write_text("old output")
+    unknown = tmp_path / ".out.abcd1234.partial"  # an earlier version's: no pid in the name
+    unknown.mkdir()
+    with pytest.warns(UserWarning) as warned:
+        remove_stale(dst)
+    messages = " | ".join(str(w.message) for w in warned)
+    assert "restored" in messages and "no owner recorded" in messages
+    assert (dst / "a.txt").read_text() == "old output" and not old.exists() and unknown.exists()
+
+
+def test_move_into_place_swaps_the_folders_and_leaves_no_sibling(tmp_path):
+    tmp, dst = tmp_path / "tmp", tmp_path / "dst"
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    dst.mkdir()
+    (dst / "theirs.txt").write_text("x")
+    move_into_place(tmp, dst)
+    assert [p.name for p in dst.iterdir()] == ["new.txt"] and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
