@@ -1,5 +1,6 @@
 """`ideo4-mlx convert`: an fp8 snapshot -> an MLX folder (bf16, 8/6/4-bit or a mixed recipe)."""
 
+import warnings
 from pathlib import Path
 
 import click
@@ -49,21 +50,29 @@ from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
     help=f"Comma-separated sub-folders to write (default: all of {', '.join(COMPONENTS)}).",
 )
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option(
+    "--force", is_flag=True, help="Replace DST if it is an earlier conversion or an empty folder."
+)
 def convert(src, dst, dtype, quantize, group_size, recipe, components, revision, force) -> None:
     """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST."""
-    try:
-        path = convert_checkpoint(
-            src,
-            dst,
-            dtype=dtype,
-            quantize=None if quantize is None else int(quantize),
-            group_size=int(group_size),
-            recipe=recipe,
-            components=components,
-            force=force,
-            revision=revision,
-        )
-    except (ValueError, ModelAccessError, OSError) as e:  # CheckpointError, FileExistsError
-        raise click.ClickException(str(e)) from e
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning  # stale lock / partial folder reports: one line each
+        try:
+            path = convert_checkpoint(
+                src,
+                dst,
+                dtype=dtype,
+                quantize=None if quantize is None else int(quantize),
+                group_size=int(group_size),
+                recipe=recipe,
+                components=components,
+                force=force,
+                revision=revision,
+            )
+        except (ValueError, ModelAccessError, OSError) as e:  # CheckpointError, FileExistsError
+            raise click.ClickException(str(e)) from e
     click.echo(str(path))
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)

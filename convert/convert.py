@@ -7,16 +7,18 @@ one layer at a time and written to safetensors shards with an index. The output 
 the loaders' ``sanitize`` leaves it as it is and the quantized skeleton is rebuilt from the
 ``mlx_conversion`` record in each ``config.json``.
 
-Everything is written to a temporary sibling folder that is renamed into place at the end, so
-an interrupted run leaves no ``dst``.
+Everything is written to a partial sibling folder that is renamed into place at the end
+(``ideogram4_mlx.files``), so an interrupted run leaves no ``dst``, or the old one. ``force``
+replaces only an empty folder or an earlier conversion: component folders whose config.json
+records ``mlx_conversion``, ``tokenizer/``, ``scheduler/`` and ``model_index.json``, nothing else.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ideogram4_mlx import __version__, text_encoder, transformer, vae
 from ideogram4_mlx.constants import dtype_name, parse_dtype
-from ideogram4_mlx.files import move_into_place
+from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_model
 from ideogram4_mlx.quantization import (
     MODE,
@@ -84,6 +87,7 @@ MODEL_COMPONENTS = {
 COPIED_COMPONENTS = ("tokenizer", "scheduler")
 COMPONENTS = (*MODEL_COMPONENTS, *COPIED_COMPONENTS)
 COPIED_FILES = ("model_index.json",)
+KIND = "an ideo4-mlx conversion"
 
 
 def convert(
@@ -107,30 +111,30 @@ def convert(
             encoder; sensitive layers stay float (each model's ``quant_predicate``).
         recipe: a mixed-precision recipe name (e.g. ``mixed-4-8``) instead of ``quantize``.
         components: the sub-folders to write (default: all of ``COMPONENTS``).
-        force: replace an existing ``dst``.
+        force: replace an existing ``dst`` that is empty or an earlier conversion.
 
     Returns:
-        ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for an
-        existing ``dst`` without ``force``, ``ModelAccessError`` for a refused download.
+        ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for a
+        ``dst`` that must not be replaced (see ``ideogram4_mlx.files``), ``ModelAccessError``
+        for a refused download, ``OSError`` for a full disk.
     """
     parse_dtype(dtype)  # checks the name only
     check_settings(quantize, group_size, recipe)
     components = check_components(components, COMPONENTS)
     dst = Path(dst).expanduser()
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
+    check_apart(Path(src).expanduser(), dst)
+    check_destination(dst, force, foreign_entry, KIND)  # before a download can start
     src_dir, source = resolve_source(src, revision)
-    if dst.resolve() == src_dir.resolve() or src_dir.resolve() in dst.resolve().parents:
-        raise ValueError(f"{dst}: the output folder must not be the source folder or inside it")
     for name in components:
         folder = src_dir / name
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
+    if "tokenizer" in components:
+        check_tokenizer_folder(src_dir / "tokenizer")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
-    try:
+    needed = output_bytes(src_dir, components, settings)
+    with write_folder(dst, force, foreign_entry, KIND, needed) as tmp:
         for name in components:
             if name in MODEL_COMPONENTS:
                 convert_component(src_dir / name, tmp / name, name, settings, progress, shard_bytes)
@@ -139,10 +143,6 @@ def convert(
         for name in COPIED_FILES:
             if (src_dir / name).is_file():
                 shutil.copyfile(src_dir / name, tmp / name)
-        move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -155,18 +155,91 @@ def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:
     return folder, f"{model_id}@{revision}"
 
 
+def check_apart(src: Path, dst: Path) -> None:
+    """A local source and the output folder are different folders, neither inside the other
+    (replacing one would delete the other)."""
+    if not src.exists():
+        return  # a repo id
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(
+            f"{dst}: the output folder and the source {src} must not be the same or inside "
+            "each other; choose an output folder outside the source"
+        )
+
+
+def foreign_entry(dst: Path) -> str | None:
+    """The first thing in ``dst`` that an earlier conversion would not have written, or None."""
+    for entry in sorted(dst.iterdir()):
+        if entry.is_symlink():
+            return entry.name
+        if entry.name in MODEL_COMPONENTS and entry.is_dir():
+            if not is_converted(entry):
+                return f"{entry.name}/config.json has no {RECORD_KEY} record"
+        elif not (
+            (entry.name in COPIED_COMPONENTS and entry.is_dir())
+            or (entry.name in COPIED_FILES and entry.is_file())
+        ):
+            return entry.name
+    return None
+
+
+def is_converted(component_dir: Path) -> bool:
+    try:
+        config = read_json(component_dir / "config.json")
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return isinstance(config, dict) and RECORD_KEY in config
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """``tokenizer.json`` loads with ``tokenizers`` and ``tokenizer_config.json`` is a JSON
+    object; a bad file is a ``CheckpointError`` naming it, raised before anything is written."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = folder / name
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"{path}: expected a JSON object, found a {type(data).__name__}; "
+                "restore the file from the original checkpoint"
+            )
+    path = folder / "tokenizer.json"
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception carrying serde's message
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a tokenizer that `tokenizers` can load ({reason}); "
+            "restore the file from the original checkpoint"
+        ) from None
+
+
+def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> int:
+    """The size of the whole output: skeleton sizes in the target dtype plus copied files."""
+    dtype = parse_dtype(settings["dtype"])
+    total = sum(
+        (src_dir / name).stat().st_size for name in COPIED_FILES if (src_dir / name).is_file()
+    )
+    for name in components:
+        if name in MODEL_COMPONENTS:
+            _, model, _, _ = build_skeleton(src_dir / name, name, settings)
+            total += sum(
+                v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
+                for _, v in tree_flatten(model.parameters())
+            )
+        else:
+            total += sum(p.stat().st_size for p in (src_dir / name).rglob("*") if p.is_file())
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # One component.
 
 
-def convert_component(
-    src_dir: Path, out_dir: Path, name: str, settings: dict, progress: bool, shard_bytes: int
-) -> None:
-    """Stream one model folder into ``out_dir``: shards, index and the annotated config."""
-    spec = MODEL_COMPONENTS[name]
+def build_skeleton(src_dir: Path, name: str, settings: dict) -> tuple[dict, nn.Module, dict, dict]:
+    """``(config, quantized skeleton, mlx_conversion record, float parameter shapes)``; lazy."""
     config = read_config(src_dir)
-    dtype = parse_dtype(settings["dtype"])
-    model = spec.build(config)
+    model = MODEL_COMPONENTS[name].build(config)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     quantization = quantization_plan(
         model, settings["bits"], settings["group_size"], settings["recipe"]
@@ -175,10 +248,20 @@ def convert_component(
         "version": RECORD_VERSION,
         "converter": f"ideogram4_mlx {__version__}",
         "source": settings["source"],
-        "dtype": dtype_name(dtype),
+        "dtype": dtype_name(parse_dtype(settings["dtype"])),
         "quantization": quantization,
     }
     quantize_skeleton(model, record)
+    return config, model, record, expected
+
+
+def convert_component(
+    src_dir: Path, out_dir: Path, name: str, settings: dict, progress: bool, shard_bytes: int
+) -> None:
+    """Stream one model folder into ``out_dir``: shards, index and the annotated config."""
+    spec = MODEL_COMPONENTS[name]
+    dtype = parse_dtype(settings["dtype"])
+    config, model, record, expected = build_skeleton(src_dir, name, settings)
     targets = dict(tree_flatten(model.parameters()))  # lazy: shapes and dtypes only
     modules = dict(model.named_modules())
 
@@ -197,9 +280,6 @@ def convert_component(
         v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
         for v in targets.values()
     )
-    free = shutil.disk_usage(out_dir).free
-    if total > free:
-        raise OSError(f"{out_dir}: {name} needs {total / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
         for key in sorted(weights):
@@ -326,7 +406,12 @@ class ShardWriter:
         if not self.pending:
             return
         path = self.folder / f"model-{len(self.shards) + 1:05d}.safetensors"
-        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        try:
+            mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        except RuntimeError as e:  # mlx names no file; write(2) failing is a full disk in practice
+            if not str(e).startswith("[write] Unable to write"):
+                raise
+            raise OSError(errno.ENOSPC, str(e), str(path)) from e
         self.shards.append(sorted(self.pending))
         self.total_size += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0

@@ -8,8 +8,13 @@ rounding adds ~1%. Measured: 8-bit 0.020, mixed-4-8 0.040, 4-bit 0.051; bounds a
 The tiny text encoder has 36 layers, so its 8-bit error compounds to ~6%: bound 0.15.
 """
 
+import importlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import warnings
 
 import mlx.core as mx
@@ -28,6 +33,8 @@ from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, s
 from ideogram4_mlx.vae import Flux2VAE
 from ideogram4_mlx.weights import CheckpointError, conversion_record, read_header
 
+# the package exports the function `convert` under the module's name
+convert_module = importlib.import_module("ideogram4_mlx.convert.convert")
 BOUNDS = {8: 0.05, "mixed-4-8": 0.12, 4: 0.15}
 TEXT_BOUND_8 = 0.15
 CAPTION = (
@@ -215,16 +222,222 @@ def test_vae_is_never_quantized(tiny_checkpoint, tmp_path):
 # Safety and failure paths
 
 
+def files_of(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def test_existing_dst_is_refused_without_force(tiny_checkpoint, tmp_path):
-    dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("x")
+    dst = convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
     with pytest.raises(FileExistsError, match="--force"):
-        convert(tiny_checkpoint, dst, components=("vae",), progress=False)
-    assert (dst / "keep.txt").exists()
-    convert(tiny_checkpoint, dst, components=("vae",), progress=False, force=True)
-    assert not (dst / "keep.txt").exists() and (dst / "vae" / "config.json").exists()
+        convert(tiny_checkpoint, dst, components=("scheduler",), progress=False)
+    convert(tiny_checkpoint, dst, components=("scheduler",), progress=False, force=True)
+    assert set(files_of(dst)) == {"model_index.json", "scheduler/scheduler_config.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_replaces_only_an_empty_folder_or_an_earlier_conversion(tiny_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    convert(tiny_checkpoint, tmp_path / "empty", components=("vae",), progress=False, force=True)
+    dst = tmp_path / "notes"
+    dst.mkdir()
+    (dst / "precious.txt").write_text("x")
+    raw = copy_checkpoint(tiny_checkpoint, tmp_path / "raw", parts=("vae", "tokenizer"))
+    for folder, match in [
+        (dst, r"not an ideo4-mlx conversion \(e\.g\. precious\.txt\); choose another folder"),
+        (raw, r"not an ideo4-mlx conversion \(e\.g\. vae/config\.json has no mlx_conversion"),
+    ]:
+        before = files_of(folder)
+        with pytest.raises(FileExistsError, match=match):
+            convert(tiny_checkpoint, folder, components=("vae",), progress=False, force=True)
+        assert files_of(folder) == before
+    dst = convert(tiny_checkpoint, tmp_path / "conv", components=("vae",), progress=False)
+    (dst / "precious.txt").write_text("x")  # a conversion plus a file of the user's
+    with pytest.raises(FileExistsError, match=r"\(e\.g\. precious\.txt\)"):
+        convert(tiny_checkpoint, dst, components=("vae",), progress=False, force=True)
+
+
+def test_source_inside_dst_is_refused_even_with_force(tiny_checkpoint, tmp_path):
+    nest = tmp_path / "nest"
+    copy_checkpoint(tiny_checkpoint, nest / "src", parts=("vae",))
+    (nest / "precious.txt").write_text("x")
+    before = files_of(nest)
+    for src, dst in [(nest / "src", nest), (nest / "src", nest / "src")]:
+        with pytest.raises(ValueError, match="must not be the same or inside each other"):
+            convert(src, dst, components=("vae",), progress=False, force=True)
+    result = CliRunner().invoke(convert_command, [str(nest / "src"), str(nest), "--force"])
+    assert result.exit_code == 1 and "inside" in result.output
+    assert files_of(nest) == before and sorted(p.name for p in tmp_path.iterdir()) == ["nest"]
+
+
+def test_dst_that_is_a_link_or_a_file_is_refused(tiny_checkpoint, tmp_path):
+    target = convert(tiny_checkpoint, tmp_path / "target", components=("vae",), progress=False)
+    before = files_of(target)
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        convert(tiny_checkpoint, tmp_path / "link", components=("vae",), progress=False, force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        convert(tiny_checkpoint, tmp_path / "file", components=("vae",), progress=False, force=True)
+    assert files_of(target) == before and (tmp_path / "file").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "target"]
+
+
+def test_a_second_convert_to_a_locked_dst_fails_naming_the_owner(tiny_checkpoint, tmp_path):
+    lock = tmp_path / ".out.lock"
+    lock.write_text(str(os.getpid()))  # a live owner: this process
+    with pytest.raises(
+        FileExistsError, match=f"being written by another process \\(pid {os.getpid()}"
+    ):
+        convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+    lock.write_text(str(dead_pid()))
+    with pytest.warns(UserWarning, match="stale lock"):
+        convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_dst_appearing_during_the_conversion_is_not_replaced(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    dst = tmp_path / "out"
+    real = convert_module.convert_component
+
+    def racing(src_dir, out_dir, *args, **kwargs):
+        real(src_dir, out_dir, *args, **kwargs)
+        dst.mkdir(exist_ok=True)  # another program (not holding our lock) got there first
+        (dst / "theirs.txt").write_text("x")
+
+    monkeypatch.setattr(convert_module, "convert_component", racing)
+    with pytest.raises(FileExistsError, match="appeared while"):
+        convert(tiny_checkpoint, dst, components=("vae",), progress=False)
+    assert files_of(dst) == {"theirs.txt": b"x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(FileExistsError, match=r"e\.g\. theirs\.txt"):
+        convert(tiny_checkpoint, dst, components=("vae",), progress=False, force=True)
+    assert files_of(dst) == {"theirs.txt": b"x"}
+
+
+def test_interrupted_forced_conversion_leaves_the_old_dst_intact(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    dst = convert(
+        tiny_checkpoint, tmp_path / "out", components=("vae", "transformer"), progress=False
+    )
+    before = files_of(dst)
+    real = convert_module.convert_component
+
+    def second_fails(src_dir, out_dir, name, *args, **kwargs):
+        if name == "vae":
+            raise RuntimeError("boom")
+        real(src_dir, out_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "convert_component", second_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        convert(
+            tiny_checkpoint,
+            dst,
+            components=("vae", "transformer"),
+            quantize=4,
+            progress=False,
+            force=True,
+        )
+    assert files_of(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_full_disk_mid_convert_names_the_file_and_the_fix(tiny_checkpoint, tmp_path, monkeypatch):
+    def full(path, *args, **kwargs):
+        raise RuntimeError("[write] Unable to write 1048576 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    with pytest.raises(
+        OSError,
+        match=r"no space left writing \S*out/vae/model-00001\.safetensors; "
+        r"the output needs \d+\.\d MB, .* are free",
+    ) as info:
+        convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(convert_command, [str(tiny_checkpoint), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no space left writing" in result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_free_space_is_checked_once_for_the_whole_output(tiny_checkpoint, tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2048))
+    with pytest.raises(OSError, match=r"needs \d+\.\d MB, 2\.0 KB are free; free \d+\.\d MB or"):
+        convert(tiny_checkpoint, tmp_path / "out", components=("vae", "scheduler"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_partial_folders_are_reported_and_removed_when_their_owner_is_gone(
+    tiny_checkpoint, tmp_path
+):
+    stale = tmp_path / f".out.{dead_pid()}.abcd1234.partial"
+    live = tmp_path / f".out.{os.getpid()}.abcd1234.partial"
+    other = tmp_path / f".other.{dead_pid()}.abcd1234.partial"  # another DST's: not ours
+    for folder in (stale, live, other):
+        (folder / "vae").mkdir(parents=True)
+    with pytest.warns(UserWarning) as warned:
+        convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
+    messages = " | ".join(str(w.message) for w in warned)
+    assert f"removed {stale}" in messages and f"{live} is being written by pid" in messages
+    assert not stale.exists() and live.exists() and other.exists()
+    stale.mkdir()
+    args = [str(tiny_checkpoint), str(tmp_path / "out"), "--components", "vae", "--force"]
+    result = CliRunner().invoke(convert_command, args)
+    assert result.exit_code == 0 and f"warning: removed {stale}" in result.output
+
+
+SIGTERM_CHILD = """
+import sys, time
+from pathlib import Path
+import importlib
+c = importlib.import_module("ideogram4_mlx.convert.convert")
+
+def slow_flush(self):
+    print("writing", flush=True)
+    time.sleep(60)
+
+c.ShardWriter.flush = slow_flush
+c.convert(sys.argv[1], sys.argv[2], components=("vae",), progress=False)
+"""
+
+
+def test_sigterm_mid_convert_removes_the_partial_folder(tiny_checkpoint, tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_CHILD, str(tiny_checkpoint), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline() == "writing\n", child.stderr.read()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM, child.stderr.read()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_copied_tokenizer_is_validated_first(tiny_checkpoint, tmp_path):
+    for name, text, match in [
+        ("tokenizer.json", "{not json", r"tokenizer/tokenizer\.json: invalid JSON"),
+        ("tokenizer.json", '{"model": 3}', r"tokenizer/tokenizer\.json: not a tokenizer"),
+        ("tokenizer_config.json", "[1, 2]", r"tokenizer_config\.json: expected a JSON object"),
+    ]:
+        src = copy_checkpoint(tiny_checkpoint, tmp_path / "src", parts=("tokenizer",))
+        (src / "tokenizer" / name).write_text(text)
+        with pytest.raises(CheckpointError, match=match) as info:
+            convert(src, tmp_path / "out", components=("tokenizer",), progress=False)
+        assert "\n" not in str(info.value)
+        shutil.rmtree(src)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_run_leaves_no_dst_and_no_temp(tiny_checkpoint, tmp_path, monkeypatch):
@@ -322,7 +535,7 @@ def test_converted_folder_is_not_a_source_and_settings_are_checked(converted, tm
         convert(converted, tmp_path / "x", quantize=5, progress=False)
     with pytest.raises(ValueError, match="not both"):
         convert(converted, tmp_path / "x", quantize=4, recipe="mixed-4-8", progress=False)
-    with pytest.raises(ValueError, match="must not be the source folder"):
+    with pytest.raises(ValueError, match="must not be the same or inside each other"):
         convert(converted, converted / "inside", components=("vae",), progress=False)
     assert list(tmp_path.iterdir()) == []
 
