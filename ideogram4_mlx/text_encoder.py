@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +18,9 @@ import numpy as np
 from ideogram4_mlx.layers import BaseConfig, RMSNorm, apply_rope, rope_cos_sin, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
+    DtypeRule,
+    HeaderCheck,
+    checked_config,
     dequantize_fp8_weights,
     load_component,
     strip_prefixes,
@@ -46,6 +50,9 @@ class TextEncoderConfig(BaseConfig):
     vocab_size: int = 151936
     rope_theta: float = 5_000_000
 
+    layer_fields: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
+    weight_prefixes: ClassVar[tuple[str, ...]] = LM_PREFIXES
+
     def __post_init__(self):
         if self.num_hidden_layers <= TAP_LAYERS[-1]:
             raise CheckpointError(
@@ -63,6 +70,29 @@ class TextEncoderConfig(BaseConfig):
         """Width of one token's features: 13 taps x hidden_size (53248 for the real model)."""
         return self.hidden_size * len(TAP_LAYERS)
 
+    def header_checks(self) -> list[HeaderCheck]:
+        """Each size against a tensor of the checkpoint (rows: the same when quantized)."""
+        layer = "layers.0.self_attn."
+        return [
+            HeaderCheck("num_hidden_layers", self.num_hidden_layers, "layers."),
+            HeaderCheck("vocab_size", self.vocab_size, "embed_tokens.weight"),
+            HeaderCheck("hidden_size", self.hidden_size, "embed_tokens.weight", axis=1),
+            HeaderCheck("head_dim", self.head_dim, layer + "q_norm.weight"),
+            HeaderCheck(
+                "num_attention_heads x head_dim",
+                self.num_attention_heads * self.head_dim,
+                layer + "q_proj.weight",
+            ),
+            HeaderCheck(
+                "num_key_value_heads x head_dim",
+                self.num_key_value_heads * self.head_dim,
+                layer + "k_proj.weight",
+            ),
+            HeaderCheck(
+                "intermediate_size", self.intermediate_size, "layers.0.mlp.gate_proj.weight"
+            ),
+        ]
+
     @classmethod
     def from_dict(cls, d: dict) -> TextEncoderConfig:
         """From a whole ``Qwen3VLConfig`` dict or its ``text_config``; unknown keys are ignored.
@@ -71,7 +101,11 @@ class TextEncoderConfig(BaseConfig):
         configs, from ``text_config.rope_theta`` or the top level.
         """
         text = d.get("text_config", d)
+        if not isinstance(text, dict):
+            raise CheckpointError(f"text_config is {type(text).__name__}, expected an object")
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"rope_parameters is {type(rope).__name__}, expected an object")
         if rope.get("rope_type", "default") != "default":
             raise CheckpointError(
                 f"rope_type {rope['rope_type']!r} is not supported (Qwen3-VL uses 'default')"
@@ -180,6 +214,10 @@ def stack_taps(taps: list[mx.array], attention_mask: mx.array | np.ndarray | Non
 class Qwen3VLTextEncoder(nn.Module):
     """Qwen3-VL's text decoder returning the Ideogram 4 prompt features (spec §D.2-D.3)."""
 
+    # Raw files (spec §A.4): LM linears F8_E4M3 + F32 scale [V], embedding and norms BF16 [I];
+    # a BF16 repack stores its weights as BF16. The vision tower's dtypes are [?] and unread.
+    dtype_rule: ClassVar[DtypeRule] = DtypeRule(skip=UNUSED_PREFIXES)
+
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = config
@@ -230,9 +268,13 @@ class Qwen3VLTextEncoder(nn.Module):
     ) -> Qwen3VLTextEncoder:
         """Load ``text_encoder/``: fp8 + per-row scales (dequantized once, spec §A.2) or plain
         bf16 weights, one file or shards with an index. ``dtype`` is the compute dtype."""
-        component_dir = Path(component_dir)
-        config = TextEncoderConfig.from_file(component_dir / "config.json")
-        return load_component(cls(config), component_dir, dtype)
+        return load_component(cls.build(component_dir), component_dir, dtype)
+
+    @classmethod
+    def build(cls, component_dir: Path | str) -> Qwen3VLTextEncoder:
+        """The float skeleton (lazy arrays, no memory yet) of a component folder, its
+        config.json first checked against the weight files' headers."""
+        return cls(checked_config(TextEncoderConfig, component_dir))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Checkpoint tensors -> parameters. Pure and idempotent.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +20,10 @@ from mlx.utils import tree_map
 from ideogram4_mlx.layers import BaseConfig, RMSNorm, apply_rope, rope_inv_freq, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
+    DtypeRule,
+    HeaderCheck,
     WeightStream,
+    checked_config,
     dequantize_fp8_weights,
     load_component,
     strip_prefixes,
@@ -81,6 +85,9 @@ class TransformerConfig(BaseConfig):
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     norm_eps: float = 1e-5
 
+    layer_fields: ClassVar[tuple[str, ...]] = ("num_layers",)
+    weight_prefixes: ClassVar[tuple[str, ...]] = CHECKPOINT_PREFIXES
+
     def __post_init__(self):
         h, w = self.mrope_section[1], self.mrope_section[2]
         if 3 * max(h, w) > self.attention_head_dim // 2:
@@ -92,6 +99,23 @@ class TransformerConfig(BaseConfig):
     @property
     def hidden_size(self) -> int:
         return self.attention_head_dim * self.num_attention_heads
+
+    def header_checks(self) -> list[HeaderCheck]:
+        """Each size against a tensor of the checkpoint (rows: the same when quantized)."""
+        heads = "num_attention_heads x attention_head_dim"
+        return [
+            HeaderCheck("num_layers", self.num_layers, "layers."),
+            HeaderCheck(
+                "attention_head_dim", self.attention_head_dim, "layers.0.attention.norm_q.weight"
+            ),
+            HeaderCheck(heads, self.hidden_size, "input_proj.weight"),
+            HeaderCheck("in_channels", self.in_channels, "final_layer.linear.weight"),
+            HeaderCheck(
+                "intermediate_size", self.intermediate_size, "layers.0.feed_forward.w1.weight"
+            ),
+            HeaderCheck("adaln_dim", self.adaln_dim, "adaln_proj.weight"),
+            HeaderCheck("llm_features_dim", self.llm_features_dim, "llm_cond_norm.weight"),
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +344,10 @@ class PreparedSequence:
 class Ideogram4Transformer(nn.Module):
     """The DiT. Inputs follow spec §C; the output is the velocity (B, L, 128) in fp32."""
 
+    # Raw files (spec §A.2-A.3): every nn.Linear F8_E4M3 + F32 scale [V], the rest BF16 [I,
+    # pinned by the file's exact byte count]; a BF16 repack stores its weights as BF16.
+    dtype_rule: ClassVar[DtypeRule] = DtypeRule()
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
@@ -461,8 +489,7 @@ class Ideogram4Transformer(nn.Module):
         refuses text features. Exact: with no text slots that projection contributes nothing.
         """
         component_dir = Path(component_dir)
-        config = TransformerConfig.from_file(component_dir / "config.json")
-        model = cls(config)
+        model = cls.build(component_dir)
 
         def resident(key: str) -> bool:
             if not text_input and key.startswith(TEXT_INPUT_MODULES):
@@ -479,6 +506,12 @@ class Ideogram4Transformer(nn.Module):
                 layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
                 layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
         return model
+
+    @classmethod
+    def build(cls, component_dir: Path | str) -> Ideogram4Transformer:
+        """The float skeleton (lazy arrays, no memory yet) of a component folder, its
+        config.json first checked against the weight files' headers."""
+        return cls(checked_config(TransformerConfig, component_dir))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Checkpoint tensors -> module parameters. Pure and idempotent.

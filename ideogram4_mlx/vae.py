@@ -17,6 +17,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +29,9 @@ from ideogram4_mlx.latents import from_uint8, pack, to_uint8, unpack
 from ideogram4_mlx.layers import BaseConfig, silu
 from ideogram4_mlx.weights import (
     CheckpointError,
+    DtypeRule,
+    HeaderCheck,
+    checked_config,
     component_files,
     load_component,
     load_safetensors,
@@ -61,6 +65,8 @@ class VAEConfig(BaseConfig):
     batch_norm_eps: float = 1e-4
     patch_size: tuple[int, int] = (PATCH, PATCH)
 
+    layer_fields: ClassVar[tuple[str, ...]] = ("layers_per_block",)
+
     def __post_init__(self):
         n = len(self.block_out_channels)
         problems = []
@@ -90,6 +96,24 @@ class VAEConfig(BaseConfig):
     def scale_factor(self) -> int:
         """Image pixels per latent pixel along each axis (8 for the real model)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def header_checks(self) -> list[HeaderCheck]:
+        """Block counts and widths against the checkpoint (a kernel's axis 0 is its output
+        channels in both the diffusers and the MLX layout)."""
+        down, up = "encoder.down_blocks.", "decoder.up_blocks."
+        checks = [
+            HeaderCheck("block_out_channels (its length)", len(self.block_out_channels), down),
+            HeaderCheck("layers_per_block", self.layers_per_block, down + "0.resnets."),
+            HeaderCheck("layers_per_block + 1", self.layers_per_block + 1, up + "0.resnets."),
+        ]
+        for i, c in enumerate(self.block_out_channels):
+            field = f"block_out_channels[{i}]"
+            checks.append(HeaderCheck(field, c, f"{down}{i}.resnets.0.conv2.weight"))
+        n = len(self.decoder_channels)
+        for i, c in enumerate(self.decoder_channels):
+            field = f"decoder_block_out_channels[{i}] (or block_out_channels)"
+            checks.append(HeaderCheck(field, c, f"{up}{n - 1 - i}.resnets.0.conv2.weight"))
+        return checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +474,11 @@ class Decoder(nn.Module):
 class Flux2VAE(nn.Module):
     """``AutoencoderKLFlux2``; the latent normalisation lives in :func:`pack`/:func:`unpack`."""
 
+    # Raw files (spec §A.1, §F.1): BF16 [I, from the file size]; the FLUX.2 VAE files it matches
+    # are F32 (336 MB), so both are taken, but not F16 (no release; a BF16 retag reads as it).
+    # The bn buffers are no parameters: check_latent_stats compares them with the constants.
+    dtype_rule: ClassVar[DtypeRule] = DtypeRule(("BF16", "F32"), fp8=False, skip=(BN_PREFIX,))
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
@@ -492,12 +521,17 @@ class Flux2VAE(nn.Module):
     def from_pretrained(cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16) -> Flux2VAE:
         """Load ``vae/`` (diffusers layout, or converted). Warns if the bn buffers are not the
         constants."""
-        component_dir = Path(component_dir)
-        config = VAEConfig.from_file(component_dir / "config.json")
+        model = cls.build(component_dir)
         tensors = load_safetensors(component_files(component_dir))  # lazy: only bn is read
         bn = {k: v for k, v in tensors.items() if k.startswith(BN_PREFIX)}
-        check_latent_stats(bn, config.batch_norm_eps, str(component_dir))
-        return load_component(cls(config), component_dir, dtype)
+        check_latent_stats(bn, model.config.batch_norm_eps, str(component_dir))
+        return load_component(model, component_dir, dtype)
+
+    @classmethod
+    def build(cls, component_dir: Path | str) -> Flux2VAE:
+        """The float skeleton (lazy arrays, no memory yet) of a component folder, its
+        config.json first checked against the weight files' headers."""
+        return cls(checked_config(VAEConfig, component_dir))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """diffusers or converted tensors -> parameters. Pure, and idempotent whenever one

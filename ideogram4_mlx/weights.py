@@ -6,13 +6,19 @@ and a converted folder's quantized skeleton is rebuilt from its ``mlx_conversion
 
 The fp8 layout (spec §A.2): every quantized ``nn.Linear`` stores ``<name>.weight`` as F8_E4M3
 ``(out, in)`` and ``<name>.weight_scale`` as F32 ``(out,)``. ``mx.load`` reads F8_E4M3 as uint8.
+
+Before anything is built or read, the headers are checked: every file lies inside its component
+folder, config.json agrees with the tensors (:func:`checked_config`) and every tensor has the
+dtype of its layout (:func:`check_raw_dtypes`, :func:`check_converted_dtypes`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,23 +30,62 @@ from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, quantize_skel
 FP8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = ".weight_scale"
 INDEX_SUFFIX = ".safetensors.index.json"
+QUANTIZED_DTYPE = "U32"  # the packed weight of a quantized layer
+# The safetensors dtype of each dtype name a conversion record may hold.
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # A model's ``sanitize``: checkpoint tensors -> its parameters (pure, idempotent).
 Sanitize = Callable[[dict[str, mx.array]], dict[str, mx.array]]
+Config = TypeVar("Config")  # a config dataclass (``layers.BaseConfig``)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory is missing, damaged or does not match the model."""
 
 
+@dataclass(frozen=True)
+class DtypeRule:
+    """The safetensors dtypes a model's raw snapshot files may hold (spec §A)."""
+
+    floats: tuple[str, ...] = ("BF16",)  # every tensor but fp8 weights and their scales
+    fp8: bool = True  # a ``.weight`` may be F8_E4M3 next to an F32 ``.weight_scale``
+    skip: tuple[str, ...] = ()  # key prefixes nobody reads as parameters (checked elsewhere)
+
+
+class HeaderCheck(NamedTuple):
+    """One config.json value against the checkpoint's tensors (a config's ``header_checks``)."""
+
+    field: str  # the config.json field(s) it comes from, for the message
+    value: int
+    key: str  # a tensor key (repack prefixes stripped); ending in ".": count its ".N." children
+    axis: int = 0
+
+
 def read_json(path: Path) -> dict:
-    """A config file; a missing or malformed one is a ``CheckpointError`` naming it."""
+    """A JSON object file (config, index); a missing, malformed or non-object one is a
+    ``CheckpointError`` naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: invalid JSON ({e}); restore the file from the original checkpoint"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path}: expected a JSON object ({{...}}), found {json_kind(data)}; "
+            "restore the file from the original checkpoint"
+        )
+    return data
+
+
+def json_kind(value) -> str:
+    """How a JSON value that should have been an object reads, for messages."""
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -57,17 +102,90 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def tensor_headers(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...], Path]]:
+    """``{key: (dtype, shape, file)}`` over all files of a component, from the headers only."""
+    return {
+        key: (dtype, shape, path)
+        for path in files
+        for key, (dtype, shape) in read_header(path).items()
+    }
+
+
 def component_files(component_dir: Path) -> list[Path]:
-    """The safetensors files of one component folder: an index's shards, or the single file."""
+    """The safetensors files of one component folder: an index's shards, or the single file.
+
+    Each must resolve (links followed) inside the folder: an index cannot point elsewhere.
+    """
     component_dir = Path(component_dir)
     indexes = sorted(component_dir.glob(f"*{INDEX_SUFFIX}"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return [component_dir / name for name in sorted(set(weight_map.values()))]
+        source = f"{indexes[0]}: weight_map entry"
+        return [
+            inside(component_dir, name, f"{source} {name!r}") for name in index_shards(indexes[0])
+        ]
     files = sorted(component_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{component_dir}: no .safetensors file found")
-    return files
+    return [inside(component_dir, path.name, str(path)) for path in files]
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard file names of a safetensors index, checked to be a map of strings."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index}: weight_map must be an object mapping tensor names to shard files, "
+            f"found {json_kind(weight_map)}; restore the index from the original checkpoint"
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(
+                f"{index}: weight_map[{key!r}] is {name!r}, expected a shard file name; "
+                "restore the index from the original checkpoint"
+            )
+    return sorted(set(weight_map.values()))
+
+
+def inside(component_dir: Path, name: str, source: str) -> Path:
+    """``component_dir / name``, which must name a file in the folder and, links followed, land
+    there too; else a ``CheckpointError`` starting with ``source``."""
+    path = component_dir / name
+    try:
+        target = path.resolve()
+        roots = allowed_roots(component_dir)
+    except (OSError, RuntimeError, ValueError) as e:  # link loops, NUL bytes
+        raise CheckpointError(f"{source}: cannot be resolved ({e})") from None
+    relative = Path(name)
+    if (
+        relative.is_absolute()
+        or ".." in relative.parts
+        or not any(target.is_relative_to(root) for root in roots)
+    ):
+        raise CheckpointError(
+            f"{source} resolves to {target}, outside {roots[0]}; weight files must be inside "
+            "their component folder (copy the file there)"
+        )
+    return path
+
+
+def allowed_roots(component_dir: Path) -> list[Path]:
+    """Where the files of a component folder may really live: the folder itself, and the
+    ``blobs/`` of a Hugging Face cache snapshot, whose files are all links into it
+    (``models--org--name/snapshots/<rev>/<component>/x -> ../../../blobs/<hash>``)."""
+    root = component_dir.resolve()
+    for parent in root.parents:
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            return [root, (parent.parent / "blobs").resolve()]
+    return [root]
+
+
+def check_fp8_pair(key: str, tensors: dict, path: Path) -> None:
+    """An F8_E4M3 tensor must be a ``.weight`` with a ``.weight_scale`` partner (spec §A.2)."""
+    if not key.endswith(".weight"):
+        raise CheckpointError(f"{path}: unexpected fp8 tensor {key} (only .weight may be fp8)")
+    scale_key = key[: -len(".weight")] + SCALE_SUFFIX
+    if scale_key not in tensors:
+        raise CheckpointError(f"{path}: fp8 tensor {key} has no {scale_key}")
 
 
 def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
@@ -75,24 +193,119 @@ def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
 
     F8_E4M3 tensors come back as uint8 and must have a ``.weight_scale`` partner.
     """
+    tensors = tensor_headers(files)
+    for key, (dtype, _, path) in tensors.items():
+        if dtype == FP8_DTYPE:
+            check_fp8_pair(key, tensors, path)
     weights: dict[str, mx.array] = {}
     for path in files:
-        header = read_header(path)
         try:
-            loaded = mx.load(str(path))
+            weights.update(mx.load(str(path)))
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot be read ({e}); the file may be truncated") from e
-        for key, (dtype, _) in header.items():
-            if dtype == FP8_DTYPE and key.endswith(".weight"):
-                scale_key = key[: -len(".weight")] + SCALE_SUFFIX
-                if scale_key not in header and scale_key not in weights:
-                    raise CheckpointError(f"{path}: fp8 tensor {key} has no {scale_key}")
-            elif dtype == FP8_DTYPE:
-                raise CheckpointError(
-                    f"{path}: unexpected fp8 tensor {key} (only .weight may be fp8)"
-                )
-        weights.update(loaded)
     return weights
+
+
+def check_raw_dtypes(files: list[Path], rule: DtypeRule) -> dict[str, Path]:
+    """Every tensor of a raw snapshot has its layout's dtype (headers only): fp8 only as a
+    ``.weight`` with an F32 ``.weight_scale``, every other tensor one of ``rule.floats``.
+
+    A retagged tensor (BF16 bits labelled F16 or I16) would load as garbage, so it is an error
+    naming the file and key. Returns ``{key: file}``.
+    """
+    tensors = tensor_headers(files)
+    for key, (dtype, _, path) in tensors.items():
+        if key.startswith(rule.skip):
+            continue
+        if rule.fp8 and key.endswith(SCALE_SUFFIX):
+            allowed = ("F32",)
+            weight_key = key[: -len(SCALE_SUFFIX)] + ".weight"
+            found = tensors.get(weight_key, ("missing",))[0]
+            if found != FP8_DTYPE:
+                raise CheckpointError(
+                    f"{path}: {key} scales no fp8 tensor ({weight_key} is {found}, "
+                    f"expected {FP8_DTYPE})"
+                )
+        elif rule.fp8 and key.endswith(".weight"):
+            allowed = (FP8_DTYPE, *rule.floats)
+        else:
+            allowed = rule.floats
+        if dtype not in allowed:
+            raise CheckpointError(
+                f"{path}: {key} has dtype {dtype}, expected {' or '.join(allowed)}"
+            )
+        if dtype == FP8_DTYPE:
+            check_fp8_pair(key, tensors, path)
+    return {key: path for key, (_, _, path) in tensors.items()}
+
+
+def check_converted_dtypes(files: list[Path], model: nn.Module, record: dict) -> None:
+    """Every parameter of a converted folder has the dtype its ``mlx_conversion`` record says:
+    quantized weights U32, every other parameter (scales and biases too) the record's float
+    dtype. ``model`` is the skeleton already quantized from the record; other keys (bn
+    buffers, or unexpected ones ``load_strict`` names) are not checked here."""
+    float_dtype = SAFETENSORS_DTYPES[record["dtype"]]
+    expected = {
+        k: QUANTIZED_DTYPE if v.dtype == mx.uint32 else float_dtype
+        for k, v in tree_flatten(model.parameters())
+    }
+    for key, (dtype, _, path) in tensor_headers(files).items():
+        if key in expected and dtype != expected[key]:
+            raise CheckpointError(
+                f"{path}: {key} has dtype {dtype}, expected {expected[key]} (the dtype its "
+                f"config.json's {RECORD_KEY} records); convert the checkpoint again"
+            )
+
+
+def checked_config(config_class: type[Config], component_dir: Path | str) -> Config:
+    """A component folder's ``config.json`` as ``config_class``, checked (before any model is
+    built) against the tensors its weight files hold: see :func:`check_config_against_files`."""
+    component_dir = Path(component_dir)
+    path = component_dir / "config.json"
+    config = config_class.from_file(path)
+    check_config_against_files(config, component_files(component_dir), path)
+    return config
+
+
+def check_config_against_files(config, files: list[Path], config_path: Path) -> None:
+    """The layer count and key widths of ``config`` (its ``header_checks()``) against the
+    tensors in ``files`` (headers only), so that a config that does not describe these weights
+    fails before a model of its size is built. Keys lose the config's ``weight_prefixes``."""
+    tensors = {
+        key: (shape, path)
+        for key, (_, shape, path) in strip_prefixes(
+            tensor_headers(files), config.weight_prefixes
+        ).items()
+    }
+    for check in config.header_checks():
+        if check.key.endswith("."):
+            held = layer_count(tensors, check.key)
+            if held != check.value:
+                span = f"{check.key}0 to {check.key}{held - 1}" if held else f"no {check.key}N"
+                raise CheckpointError(
+                    f"{config_path}: {check.field} is {check.value}, but the weight files hold "
+                    f"{held} ({span}); fix config.json or use the weights it came with"
+                )
+            continue
+        if check.key not in tensors:
+            raise CheckpointError(
+                f"{config_path.parent}: {check.key} is missing from the weight files "
+                f"(config.json's {check.field} is checked against it)"
+            )
+        shape, path = tensors[check.key]
+        held = shape[check.axis] if len(shape) > check.axis else None
+        if held != check.value:
+            raise CheckpointError(
+                f"{config_path}: {check.field} is {check.value}, but {path.name} holds "
+                f"{check.key} of shape {shape} ({held} at axis {check.axis}); fix config.json "
+                "or use the weights it came with"
+            )
+
+
+def layer_count(keys, prefix: str) -> int:
+    """1 + the highest N among keys ``{prefix}N.*`` (0 when there are none)."""
+    indices = [k[len(prefix) :].partition(".")[0] for k in keys if k.startswith(prefix)]
+    return 1 + max((int(i) for i in indices if i.isdecimal()), default=-1)
 
 
 def dequantize_fp8(weight: mx.array, scale: mx.array) -> mx.array:
@@ -164,10 +377,18 @@ def conversion_record(component_dir: Path | str) -> dict | None:
     """The ``mlx_conversion`` record of a converted component folder; None for a raw snapshot."""
     path = Path(component_dir) / "config.json"
     record = read_json(path).get(RECORD_KEY)
-    if record is not None and record.get("version", 0) > RECORD_VERSION:
+    if record is None:
+        return None
+    version = record.get("version", 0) if isinstance(record, dict) else None
+    if isinstance(version, int) and version > RECORD_VERSION:
         raise CheckpointError(
-            f"{path}: converted with format version {record['version']}, this version reads "
+            f"{path}: converted with format version {version}, this version reads "
             f"up to {RECORD_VERSION}; upgrade ideogram4_mlx or convert again"
+        )
+    if not isinstance(version, int) or record.get("dtype") not in SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{path}: {RECORD_KEY} is damaged (expected an object with an integer version and "
+            f"a dtype in {list(SAFETENSORS_DTYPES)}); convert the checkpoint again"
         )
     return record
 
@@ -189,10 +410,17 @@ def load_component(
 
     The tensors go through ``model.sanitize`` (idempotent: a converted folder's MLX-layout
     tensors pass unchanged); a converted folder's quantized skeleton is built first, from its
-    record. Every key and shape is checked; only parameters for which ``resident(key)`` is
-    true (all, by default) are read. The others stay lazy: a :class:`WeightStream` reads them.
+    record. Every dtype (raw: ``model.dtype_rule``; converted: the record), key and shape is
+    checked; only parameters for which ``resident(key)`` is true (all, by default) are read.
+    The others stay lazy: a :class:`WeightStream` reads them.
     """
-    quantize_skeleton(model, conversion_record(component_dir))
+    record = conversion_record(component_dir)
+    quantize_skeleton(model, record)
+    files = component_files(component_dir)
+    if record is None:
+        check_raw_dtypes(files, model.dtype_rule)
+    else:
+        check_converted_dtypes(files, model, record)
     weights = read_component(component_dir, model.sanitize, dtype)
     load_strict(model, weights, str(component_dir))
     del weights
