@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import jinja2
 import mlx.core as mx
 import numpy as np
 
@@ -19,7 +20,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, stack_taps
-from ideogram4_mlx.weights import CheckpointError
+from ideogram4_mlx.weights import CheckpointError, read_json
 
 # diffusers, mflux and DiffSynth cap the templated prompt at 2048 tokens (the official code
 # allows 8192). We follow the ports so that one prompt gives the same image in all of them.
@@ -42,10 +43,17 @@ def canonical_prompt(prompt: str) -> str:
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of one prompt in the Qwen3-VL chat template, no system prompt (spec §D.1).
 
-    Raises ValueError when the result is longer than ``MAX_TEXT_TOKENS``.
+    Raises ValueError when the result is longer than ``MAX_TEXT_TOKENS``, ``CheckpointError``
+    naming the template file when the chat template fails (the Jinja sandbox refused it).
     """
     messages = [{"role": "user", "content": [{"type": "text", "text": canonical_prompt(prompt)}]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except (jinja2.TemplateError, OverflowError) as e:  # OverflowError: the sandbox's range cap
+        raise CheckpointError(
+            f"{template_file(tokenizer.name_or_path)}: the chat template failed "
+            f"({reason(e)}); restore the Qwen3-VL template of the original checkpoint"
+        ) from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > MAX_TEXT_TOKENS:
         raise ValueError(
@@ -53,6 +61,43 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
             f"{MAX_TEXT_TOKENS} tokens. Shorten the prompt."
         )
     return ids
+
+
+def reason(e: Exception) -> str:
+    """An exception as one line: its type and its message, whitespace collapsed."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def template_file(tokenizer_dir: Path | str) -> Path:
+    """Where a tokenizer folder keeps its chat template (transformers reads the .jinja first)."""
+    jinja = Path(tokenizer_dir) / "chat_template.jinja"
+    return jinja if jinja.is_file() else Path(tokenizer_dir) / "tokenizer_config.json"
+
+
+def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of a checkpoint folder (offline), its chat template tried once; any
+    damage is one ``CheckpointError`` naming the file."""
+    if not tokenizer_dir.is_dir():
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer folder not found")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        read_json(tokenizer_dir / name)  # JSON objects, or an error naming the file
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+            str(tokenizer_dir), local_files_only=True
+        )
+    # The tokenizers library raises bare Exceptions (e.g. "expected value at line 1").
+    except Exception as e:
+        raise CheckpointError(
+            f"{tokenizer_dir}: the tokenizer cannot be loaded ({reason(e)}); "
+            "restore tokenizer/ from the original checkpoint"
+        ) from None
+    if tokenizer.chat_template is None:
+        raise CheckpointError(
+            f"{tokenizer_dir}: no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json); restore tokenizer/ from the original checkpoint"
+        )
+    prompt_token_ids(tokenizer, "")  # a template that fails, fails now, before any model loads
+    return tokenizer
 
 
 def pad_left(rows: list[list[int]], pad_id: int = PAD_TOKEN_ID) -> tuple[np.ndarray, np.ndarray]:
@@ -108,12 +153,7 @@ class PromptEncoder:
         """``tokenizer/`` of a checkpoint folder (offline) and, if ``load_model``, its
         ``text_encoder/`` (otherwise loaded by the first :meth:`load_model`)."""
         checkpoint_dir = Path(checkpoint_dir)
-        tokenizer_dir = checkpoint_dir / "tokenizer"
-        if not tokenizer_dir.is_dir():
-            raise CheckpointError(f"{tokenizer_dir}: tokenizer folder not found")
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(
-            str(tokenizer_dir), local_files_only=True
-        )
+        tokenizer = load_tokenizer(checkpoint_dir / "tokenizer")
         component_dir = checkpoint_dir / "text_encoder"
         encoder = cls(tokenizer, None, cache_size, component_dir, dtype)
         if load_model:

@@ -1,6 +1,7 @@
 """Prompt preparation and the prompt encoder: chat template, canonical captions, cache, release."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -15,6 +16,7 @@ from ideogram4_mlx.prompt import (
     prompt_token_ids,
 )
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
+from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = {"high_level_description": "Café Ünïcode poster", "text": "東京 2025 🎆"}
 CAPTION_TEXT = json.dumps(CAPTION, ensure_ascii=False, separators=(",", ":"))
@@ -90,6 +92,75 @@ def test_overlong_prompt_error_names_the_token_count(tokenizer):
     assert count > MAX_TEXT_TOKENS
     with pytest.raises(ValueError, match=f"prompt is {count} tokens .* limit is 2048"):
         prompt_token_ids(tokenizer, prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged tokenizer folders: one line naming the file and the fix, before any model loads
+
+
+def tokenizer_copy(tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint / "tokenizer", tmp_path / "tokenizer")
+    return tmp_path / "tokenizer"
+
+
+def load_error(checkpoint_dir) -> str:
+    with pytest.raises(CheckpointError) as info:
+        PromptEncoder.from_pretrained(checkpoint_dir, load_model=False)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("tokenizer.json", "garbage{", "tokenizer.json: invalid JSON"),
+        ("tokenizer.json", "{}", "tokenizer: the tokenizer cannot be loaded (Exception: "),
+        ("tokenizer_config.json", "{bad", "tokenizer_config.json: invalid JSON"),
+        ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json: expected a JSON object"),
+    ],
+)
+def test_damaged_tokenizer_file_is_one_line_naming_it(
+    tiny_checkpoint, tmp_path, name, text, message
+):
+    folder = tokenizer_copy(tiny_checkpoint, tmp_path)
+    (folder / name).write_text(text)
+    error = load_error(tmp_path)
+    assert error.startswith(str(tmp_path / "tokenizer")) and message in error
+    assert "restore" in error
+
+
+@pytest.mark.parametrize(
+    "template, kind",
+    [
+        ("{{ messages.append(1) }}", "SecurityError"),
+        ("{% for %}", "TemplateSyntaxError"),
+        ("{{ range(10**9) | list }}", "OverflowError"),
+    ],
+)
+def test_chat_template_the_sandbox_refuses_is_one_line_naming_it(
+    tiny_checkpoint, tmp_path, template, kind
+):
+    folder = tokenizer_copy(tiny_checkpoint, tmp_path)
+    (folder / "chat_template.jinja").write_text(template)
+    error = load_error(tmp_path)
+    assert error.startswith(f"{folder / 'chat_template.jinja'}: the chat template failed ({kind}")
+    assert error.endswith("restore the Qwen3-VL template of the original checkpoint")
+
+
+def test_missing_chat_template_is_one_line(tiny_checkpoint, tmp_path):
+    (tokenizer_copy(tiny_checkpoint, tmp_path) / "chat_template.jinja").unlink()
+    assert "no chat template (chat_template.jinja" in load_error(tmp_path)
+
+
+def test_template_failing_for_one_prompt_names_the_template(tiny_checkpoint, tmp_path):
+    folder = tokenizer_copy(tiny_checkpoint, tmp_path)
+    template = (folder / "chat_template.jinja").read_text()
+    refuse = "{% if 'boom' in messages[0].content[0].text %}{{ raise_exception('no boom') }}"
+    (folder / "chat_template.jinja").write_text(refuse + "{% endif %}" + template)
+    encoder = PromptEncoder.from_pretrained(tmp_path, load_model=False)
+    assert encoder.token_ids("a fox")
+    with pytest.raises(CheckpointError, match=r"chat_template\.jinja: .*\(TemplateError: no boom"):
+        encoder.token_ids("boom")
 
 
 # ---------------------------------------------------------------------------------------------
