@@ -19,20 +19,19 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ideogram4_mlx import __version__, text_encoder, transformer, vae
+from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_model
+from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import (
     MODE,
     RECORD_KEY,
@@ -41,13 +40,14 @@ from ideogram4_mlx.quantization import (
     quantization_plan,
     quantize_skeleton,
 )
+from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
+from ideogram4_mlx.transformer import Ideogram4Transformer
+from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.weights import (
-    FP8_DTYPE,
-    SCALE_SUFFIX,
     CheckpointError,
+    check_raw_dtypes,
     component_files,
     load_safetensors,
-    read_header,
     read_json,
 )
 
@@ -55,34 +55,23 @@ from ideogram4_mlx.weights import (
 # the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.
 SHARD_BYTES = 1 << 30
 INDEX_NAME = "model.safetensors.index.json"
-FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
 @dataclass(frozen=True)
 class ModelComponent:
-    """How to build one component's model; the model's ``sanitize`` and ``quant_predicate``
-    do the rest."""
+    """One component's model class: its ``build`` (config checked against the weight files),
+    ``dtype_rule``, ``sanitize`` and ``quant_predicate`` do the work."""
 
-    build: Callable[[dict], nn.Module]  # config.json dict -> float skeleton (lazy, no memory)
-    ignored: tuple[str, ...] = ()  # source keys that sanitize drops unread
+    model: type[nn.Module]
     extras: tuple[str, ...] = ()  # source keys kept as they are (not parameters)
 
 
-def build_dit(config: dict) -> nn.Module:
-    return transformer.Ideogram4Transformer(transformer.TransformerConfig.from_dict(config))
-
-
 MODEL_COMPONENTS = {
-    "transformer": ModelComponent(build_dit),
-    "unconditional_transformer": ModelComponent(build_dit),
-    "text_encoder": ModelComponent(
-        lambda d: text_encoder.Qwen3VLTextEncoder(text_encoder.TextEncoderConfig.from_dict(d)),
-        ignored=text_encoder.UNUSED_PREFIXES,
-    ),
+    "transformer": ModelComponent(Ideogram4Transformer),
+    "unconditional_transformer": ModelComponent(Ideogram4Transformer),
+    "text_encoder": ModelComponent(Qwen3VLTextEncoder),
     # The bn buffers travel along: the VAE loader checks them against the latent constants.
-    "vae": ModelComponent(
-        lambda d: vae.Flux2VAE(vae.VAEConfig.from_dict(d)), extras=(vae.BN_PREFIX,)
-    ),
+    "vae": ModelComponent(Flux2VAE, extras=(BN_PREFIX,)),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler")
 COMPONENTS = (*MODEL_COMPONENTS, *COPIED_COMPONENTS)
@@ -130,7 +119,7 @@ def convert(
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
     if "tokenizer" in components:
-        check_tokenizer_folder(src_dir / "tokenizer")
+        load_tokenizer(src_dir / "tokenizer")  # a damaged tokenizer fails before any writing
 
     settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
     needed = output_bytes(src_dir, components, settings)
@@ -192,28 +181,6 @@ def is_converted(component_dir: Path) -> bool:
     return isinstance(config, dict) and RECORD_KEY in config
 
 
-def check_tokenizer_folder(folder: Path) -> None:
-    """``tokenizer.json`` loads with ``tokenizers`` and ``tokenizer_config.json`` is a JSON
-    object; a bad file is a ``CheckpointError`` naming it, raised before anything is written."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        path = folder / name
-        data = read_json(path)
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"{path}: expected a JSON object, found a {type(data).__name__}; "
-                "restore the file from the original checkpoint"
-            )
-    path = folder / "tokenizer.json"
-    try:
-        Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception carrying serde's message
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path}: not a tokenizer that `tokenizers` can load ({reason}); "
-            "restore the file from the original checkpoint"
-        ) from None
-
-
 def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> int:
     """The size of the whole output: skeleton sizes in the target dtype plus copied files."""
     dtype = parse_dtype(settings["dtype"])
@@ -239,7 +206,7 @@ def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> 
 def build_skeleton(src_dir: Path, name: str, settings: dict) -> tuple[dict, nn.Module, dict, dict]:
     """``(config, quantized skeleton, mlx_conversion record, float parameter shapes)``; lazy."""
     config = read_config(src_dir)
-    model = MODEL_COMPONENTS[name].build(config)
+    model = MODEL_COMPONENTS[name].model.build(src_dir)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     quantization = quantization_plan(
         model, settings["bits"], settings["group_size"], settings["recipe"]
@@ -266,7 +233,7 @@ def convert_component(
     modules = dict(model.named_modules())
 
     files = component_files(src_dir)
-    key_files = check_source_dtypes(files, spec)
+    key_files = check_raw_dtypes(files, spec.model.dtype_rule)
     weights = load_safetensors(files)
     extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
     try:
@@ -318,30 +285,6 @@ def read_config(src_dir: Path) -> dict:
     if RECORD_KEY in config:
         raise CheckpointError(f"{path}: already converted ({RECORD_KEY} is set); use it as it is")
     return config
-
-
-def check_source_dtypes(files: list[Path], spec: ModelComponent) -> dict[str, Path]:
-    """Every kept source tensor has a float dtype (fp8 only as a weight with an F32 scale).
-
-    Returns ``{source key: file}`` for error messages.
-    """
-    key_files = {}
-    for path in files:
-        for key, (dtype, _) in read_header(path).items():
-            key_files[key] = path
-            if key.startswith(spec.ignored + spec.extras):
-                continue
-            if key.endswith(SCALE_SUFFIX):
-                allowed = ("F32",)
-            elif key.endswith(".weight"):
-                allowed = (*FLOAT_DTYPES, FP8_DTYPE)
-            else:
-                allowed = FLOAT_DTYPES
-            if dtype not in allowed:
-                raise CheckpointError(
-                    f"{path}: {key} has dtype {dtype}, expected {' or '.join(allowed)}"
-                )
-    return key_files
 
 
 def check_keys(
