@@ -125,6 +125,29 @@ def quantization_plan(
     }
 
 
+def check_record(quantization: object) -> None:
+    """A record's ``quantization`` entry as :func:`quantization_plan` writes it (or null);
+    a ``ValueError`` names the first field that is off."""
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict):
+        raise ValueError(f"quantization is {quantization!r}, expected an object or null")
+    if quantization.get("mode", MODE) != MODE:
+        raise ValueError(f"quantization mode is {quantization['mode']!r}, expected {MODE!r}")
+    overrides = quantization.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise ValueError(f"quantization overrides is {overrides!r}, expected an object")
+    for where, entry in [("quantization", quantization), *overrides.items()]:
+        if entry is False:
+            continue  # a layer kept in float
+        if not isinstance(entry, dict):
+            raise ValueError(f"overrides[{where!r}] is {entry!r}, expected false or an object")
+        for key, valid in (("bits", BITS), ("group_size", GROUP_SIZES)):
+            value = entry.get(key)
+            if isinstance(value, bool) or value not in valid:
+                raise ValueError(f"{where} {key} is {value!r}, expected one of {list(valid)}")
+
+
 def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:
     """Swap the layers a conversion quantized for ``QuantizedLinear`` (in place), before loading."""
     quantization = (record or {}).get("quantization")

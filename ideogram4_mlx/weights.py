@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 
-from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, quantize_skeleton
+from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, check_record, quantize_skeleton
 
 FP8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = ".weight_scale"
@@ -390,6 +390,12 @@ def conversion_record(component_dir: Path | str) -> dict | None:
             f"{path}: {RECORD_KEY} is damaged (expected an object with an integer version and "
             f"a dtype in {list(SAFETENSORS_DTYPES)}); convert the checkpoint again"
         )
+    try:
+        check_record(record.get("quantization"))
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path}: {RECORD_KEY} is damaged ({e}); convert the checkpoint again"
+        ) from None
     return record
 
 

@@ -249,7 +249,25 @@ def test_converted_floats_must_match_the_record_dtype(converted, tmp_path):
         load(folder, "transformer")
 
 
-@pytest.mark.parametrize("record", [[1], {"version": "1", "dtype": "bfloat16"}, {"version": 1}])
+RECORD = {"version": 1, "dtype": "bfloat16"}
+Q4 = {"mode": "affine", "bits": 4, "group_size": 64, "overrides": {}}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        [1],
+        {"version": "1", "dtype": "bfloat16"},
+        {"version": 1},
+        {**RECORD, "quantization": {"mode": "affine", "group_size": 64}},  # no bits
+        {**RECORD, "quantization": {**Q4, "bits": 3}},
+        {**RECORD, "quantization": {**Q4, "group_size": True}},
+        {**RECORD, "quantization": {**Q4, "mode": "mxfp4"}},
+        {**RECORD, "quantization": {**Q4, "overrides": {"layers.0.attention.qkv": {"bits": 4}}}},
+        {**RECORD, "quantization": {**Q4, "overrides": [1]}},
+        {**RECORD, "quantization": "4-bit"},
+    ],
+)
 def test_damaged_conversion_record_is_one_line(converted, tmp_path, record):
     folder, _ = converted_copy(converted, tmp_path)
     config = json.loads((folder / "config.json").read_text())
