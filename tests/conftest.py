@@ -2,7 +2,11 @@
 
 import os
 
+import mlx.core as mx
 import pytest
+from transformers import AutoTokenizer
+
+from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
 
 
 def pytest_addoption(parser):
@@ -24,3 +28,15 @@ def tiny_checkpoint(tmp_path_factory):
     from ideogram4_mlx.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    """The tiny checkpoint's tokenizer through transformers (the reference's way to load it)."""
+    return AutoTokenizer.from_pretrained(str(tiny_checkpoint / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model32(tiny_checkpoint):
+    """The tiny text encoder in fp32."""
+    return Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder", dtype=mx.float32)

@@ -1,6 +1,7 @@
 """Test helpers shared by several test files."""
 
 import importlib
+import json
 import os
 
 import numpy as np
@@ -24,3 +25,8 @@ def require_reference():
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+# A caption with non-ASCII text in several scripts, and its canonical (minified) form.
+CAPTION = {"high_level_description": "Café Ünïcode poster", "text": "東京 2025 🎆"}
+CAPTION_TEXT = json.dumps(CAPTION, ensure_ascii=False, separators=(",", ":"))

@@ -6,7 +6,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from helpers import CAPTION, CAPTION_TEXT
 
 from ideogram4_mlx.prompt import (
     MAX_TEXT_TOKENS,
@@ -15,21 +15,7 @@ from ideogram4_mlx.prompt import (
     pad_left,
     prompt_token_ids,
 )
-from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
 from ideogram4_mlx.weights import CheckpointError
-
-CAPTION = {"high_level_description": "Café Ünïcode poster", "text": "東京 2025 🎆"}
-CAPTION_TEXT = json.dumps(CAPTION, ensure_ascii=False, separators=(",", ":"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return AutoTokenizer.from_pretrained(str(tiny_checkpoint / "tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model32(tiny_checkpoint):
-    return Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder", dtype=mx.float32)
 
 
 @pytest.fixture

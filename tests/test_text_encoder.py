@@ -7,9 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import rel_l2
+from helpers import CAPTION_TEXT, rel_l2
 from mlx.utils import tree_flatten
-from transformers import AutoTokenizer
 
 from ideogram4_mlx.prompt import pad_left, prompt_token_ids
 from ideogram4_mlx.text_encoder import (
@@ -22,22 +21,10 @@ from ideogram4_mlx.text_encoder import (
 )
 from ideogram4_mlx.weights import CheckpointError
 
-CAPTION = {"high_level_description": "Café Ünïcode poster", "text": "東京 2025 🎆"}
-CAPTION_TEXT = json.dumps(CAPTION, ensure_ascii=False, separators=(",", ":"))
 TINY = TextEncoderConfig(
     hidden_size=16, intermediate_size=32, num_hidden_layers=36, num_attention_heads=2,
     num_key_value_heads=1, head_dim=8, vocab_size=32,
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return AutoTokenizer.from_pretrained(str(tiny_checkpoint / "tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model32(tiny_checkpoint):
-    return Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder", dtype=mx.float32)
 
 
 # ---------------------------------------------------------------------------------------------
