@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
 from ideogram4_mlx.weights import CheckpointError
 
@@ -27,6 +32,9 @@ ALLOW_PATTERNS = [
     "unconditional_transformer/*",
     "vae/*",
 ]
+# Connection failures of huggingface_hub's HTTP stacks (httpx, httpx2, requests, sockets),
+# matched by class name so none of those libraries has to be importable.
+NETWORK_ERRORS = ("TransportError", "ConnectionError", "Timeout", "TimeoutError")
 
 
 def check_components(components, valid: tuple[str, ...]) -> tuple[str, ...]:
@@ -41,7 +49,8 @@ def check_components(components, valid: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class ModelAccessError(RuntimeError):
-    """The Hub refused the download (gated or private repo, missing token)."""
+    """The Hub refused the download (gated or private repo, missing token) or could not be
+    reached with no complete copy in the cache."""
 
 
 def check_checkpoint_dir(path: Path) -> Path:
@@ -61,8 +70,31 @@ def access_message(repo_id: str) -> str:
     )
 
 
+def offline_message(repo_id: str, error: BaseException) -> str:
+    cause = error.__cause__ or error  # huggingface_hub wraps the connection error
+    detail = (str(cause).splitlines() or [""])[0][:200]
+    reason = f"{type(cause).__name__}: {detail}" if detail else type(cause).__name__
+    gated = (
+        f"{repo_id} is gated" if repo_id == DEFAULT_REPO else f"if {repo_id} is gated or private"
+    )
+    return (
+        f"could not reach the Hugging Face Hub to download {repo_id} ({reason}), and the "
+        "cache holds no complete copy. Check the connection (and that HF_HUB_OFFLINE is not "
+        f"set); {gated}: request access on https://huggingface.co/{repo_id}, then run "
+        "`hf auth login` or set HF_TOKEN. To work offline, pass a local checkpoint folder "
+        "instead of the repo id (generate --model LOCAL_FOLDER)"
+    )
+
+
+def is_network_error(error: BaseException) -> bool:
+    if isinstance(error, LocalEntryNotFoundError):  # offline and not (fully) cached
+        return True
+    return any(c.__name__ in NETWORK_ERRORS for c in type(error).__mro__)
+
+
 def download(repo_id: str, revision: str | None = None) -> Path:
-    """Download the files the pipeline needs; a refusal becomes a ``ModelAccessError``."""
+    """Download the files the pipeline needs; a refusal, or no connection and no cached copy,
+    becomes a ``ModelAccessError`` saying what to do."""
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except (GatedRepoError, RepositoryNotFoundError) as e:
@@ -71,6 +103,10 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
             raise ModelAccessError(access_message(repo_id)) from e
+        raise
+    except Exception as e:
+        if is_network_error(e):
+            raise ModelAccessError(offline_message(repo_id, e)) from e
         raise
 
 
