@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 import mlx.core as mx
+import numpy as np
 from click.core import ParameterSource
+from PIL import Image
 from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json
@@ -139,6 +141,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 @click.option("--mu", type=float, help="Mean of the logit-normal time grid (default: preset's).")
 @click.option("--std", type=float, help="Its standard deviation, > 0 (default: preset's).")
 @click.option(
+    "--allow-invalid-caption",
+    is_flag=True,
+    help="Run a prompt that starts with '{' but is not valid JSON as plain text (otherwise "
+    "an error).",
+)
+@click.option(
     "--strict-caption",
     is_flag=True,
     help="Fail (before loading any model) if the caption checker has findings, "
@@ -208,12 +216,12 @@ def generate(
                 request = GenerationRequest(**settings)
             else:
                 load_kwargs, request = replay(read_metadata(from_metadata), explicit)
-            check_output(output, force)
-            resolved = request.validate()  # every mistake shows before a model loads
-            previews = None
-            if stepwise_dir is not None:
-                previews = StepPreviews(stepwise_dir, resolved.grid_h, resolved.grid_w, force)
-            pipe = load(**load_kwargs, low_memory=low_memory)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        previews = _preflight(request, output, force, stepwise_dir)
+        try:
+            # One image per process: free each model after its stage (lowest peak memory).
+            pipe = load(**load_kwargs, keep_in_memory=False, low_memory=low_memory)
             result = _run(pipe, request, previews, verbose)
             save_png(result.image, output, result.metadata, force)
         except (ValueError, ModelAccessError, OSError) as e:  # CaptionError, CheckpointError
@@ -221,12 +229,53 @@ def generate(
     if verbose:
         total = sum(s["seconds"] for s in result.stats.values())
         click.echo(f"[total] {total:.1f} s")
+    if from_metadata is not None and not (set(explicit) - {"model", "revision"}):
+        click.echo(_compare(from_metadata, output), err=True)
     click.echo(f"{output} (seed {result.metadata['seed']})")
 
 
+def _preflight(
+    request: GenerationRequest, output: Path, force: bool, stepwise_dir: Path | None
+) -> StepPreviews | None:
+    """Every check that needs no model, all of them reported at once, before anything loads."""
+    problems, resolved, previews = [], None, None
+    try:
+        check_output(output, force)
+    except OSError as e:
+        problems.append(str(e))
+    try:
+        resolved = request.validate()
+    except ValueError as e:  # CaptionError too
+        problems.append(str(e))
+    if stepwise_dir is not None and resolved is not None:
+        try:
+            previews = StepPreviews(stepwise_dir, resolved.grid_h, resolved.grid_w, force)
+        except OSError as e:
+            problems.append(str(e))
+    if problems:
+        raise click.ClickException("\n".join(problems))
+    return previews
+
+
+def _compare(original: Path, replayed: Path) -> str:
+    """How a replay's pixels compare with the image it replays."""
+    with Image.open(original) as a, Image.open(replayed) as b:
+        old, new = np.asarray(a.convert("RGB"), np.int16), np.asarray(b, np.int16)
+    if old.shape != new.shape:
+        return f"replay: {replayed} and {original} differ in size"
+    diff = np.abs(old - new).max(axis=-1)
+    if not diff.any():
+        return f"replay: identical to {original}"
+    return (
+        f"replay: differs from {original} in {100 * (diff > 0).mean():.1f}% of pixels, "
+        f"by at most {int(diff.max())} levels"
+    )
+
+
 def _run(pipe, request: GenerationRequest, previews: StepPreviews | None, verbose: bool):
-    """The denoising steps with a progress bar on stderr (and previews), then the image."""
-    generation = pipe.start(request, verbose=verbose)
+    """Stage lines and a progress bar on stderr (and previews), then the image."""
+    report = lambda line: click.echo(line, err=True)  # noqa: E731
+    generation = pipe.start(request, verbose=verbose, report=report)
     steps = tqdm(
         generation, total=generation.num_steps, desc="denoise", unit="step", file=sys.stderr
     )

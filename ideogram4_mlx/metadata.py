@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
 
 PNG_KEY = "ideogram4-mlx"
@@ -146,6 +147,13 @@ def replay(metadata: Mapping, overrides: Mapping | None = None) -> tuple[dict, G
         warnings.warn(
             f"the image was made by ideogram4-mlx {metadata.get('version')}, this is "
             f"{__version__}: the replay may differ",
+            stacklevel=2,
+        )
+    changed = differences(metadata.get("environment"), describe())
+    if changed:
+        warnings.warn(
+            f"the image was made on another setup ({'; '.join(changed)}): the replay may "
+            "differ by a few levels in some pixels",
             stacklevel=2,
         )
     load = {k: metadata[k] for k in LOAD_KEYS}

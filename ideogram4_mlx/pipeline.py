@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,8 +19,10 @@ import numpy as np
 from PIL import Image
 
 from ideogram4_mlx import __version__
-from ideogram4_mlx.constants import PACKED_CHANNELS, dtype_name
+from ideogram4_mlx.constants import DTYPES, PACKED_CHANNELS, dtype_name, parse_dtype
+from ideogram4_mlx.environment import describe, fits_in_memory, is_slow
 from ideogram4_mlx.hub import resolve_model
+from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import PromptEncoder
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, request_from_settings
 from ideogram4_mlx.sampler import VelocityFn, euler_steps
@@ -36,16 +39,26 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # per stage: seconds, peak memory (GB)
     request: GenerationRequest | None = None  # the request as run (its seed drawn)
 
+    def save(self, path: Path | str, force: bool = False) -> Path:
+        """Write the PNG with its metadata (replayable), atomically; see ``save_png``."""
+        return save_png(self.image, path, self.metadata, force)
+
+
+Report = Callable[[str], None]
+
 
 class Stage:
-    """Times a stage and records MLX's peak memory within it."""
+    """Times a stage and records MLX's peak memory within it; ``report`` gets a line when it
+    starts and one when it ends (with the peak memory when ``verbose``)."""
 
-    def __init__(self, stats: dict, name: str, verbose: bool):
-        self.stats, self.name, self.verbose = stats, name, verbose
+    def __init__(self, stats: dict, name: str, report: Report | None, verbose: bool):
+        self.stats, self.name, self.report, self.verbose = stats, name, report, verbose
 
     def __enter__(self):
         mx.reset_peak_memory()
         self.start = time.perf_counter()
+        if self.report is not None and self.name != "denoise":  # denoise has its own bar
+            self.report(f"[{self.name}] ...")
 
     def __exit__(self, *exc):
         record = {
@@ -53,8 +66,10 @@ class Stage:
             "peak_gb": round(mx.get_peak_memory() / 1e9, 3),
         }
         self.stats[self.name] = record
-        if self.verbose and exc[0] is None:
-            print(f"[{self.name}] {record['seconds']:.1f} s, peak {record['peak_gb']:.2f} GB")
+        if self.report is None or exc[0] is not None:
+            return
+        line = f"[{self.name}] {record['seconds']:.1f} s"
+        self.report(line + (f", peak {record['peak_gb']:.2f} GB" if self.verbose else ""))
 
 
 class Ideogram4Pipeline:
@@ -64,7 +79,7 @@ class Ideogram4Pipeline:
         self,
         checkpoint_dir: Path,
         dtype: mx.Dtype = mx.bfloat16,
-        keep_in_memory: bool = False,
+        keep_in_memory: bool | None = None,
         model_id: str | None = None,
         revision: str | None = None,
         low_memory: bool = False,
@@ -72,9 +87,11 @@ class Ideogram4Pipeline:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.low_memory = low_memory
         self.dtype = dtype
-        self.keep_in_memory = keep_in_memory
         self.model_id = model_id or str(self.checkpoint_dir)
         self.revision = revision
+        if keep_in_memory is None:
+            keep_in_memory = fits_in_memory(self.checkpoint_dir, dtype)
+        self.keep_in_memory = keep_in_memory
         self._prompt_encoder: PromptEncoder | None = None
         self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
         self._vae: Flux2VAE | None = None
@@ -138,6 +155,7 @@ class Ideogram4Pipeline:
             "revision": self.revision,
             "dtype": dtype_name(self.dtype),
             "quantization": self.quantization(),
+            "environment": describe(),
         }
 
     # -- generation ---------------------------------------------------------------------------
@@ -147,10 +165,15 @@ class Ideogram4Pipeline:
         request: GenerationRequest,
         noise: np.ndarray | None = None,
         verbose: bool = False,
+        report: Report | None = None,
     ) -> Generation:
         """Validate ``request`` (before any model loads) and return its :class:`Generation`:
-        iterate it for the denoising steps, then call ``result()``. See :meth:`generate`."""
-        return Generation(self, request, noise, verbose)
+        iterate it for the denoising steps, then call ``result()``. ``report`` receives a
+        line as the encode and decode stages start and end (``verbose`` adds peak memory);
+        the default prints them when ``verbose``. See :meth:`generate`."""
+        if report is None and verbose:
+            report = print
+        return Generation(self, request, noise, verbose, report)
 
     def generate(
         self,
@@ -173,8 +196,13 @@ class Ideogram4Pipeline:
                 loads).
             noise: (1, H/16 * W/16, 128) float32 in the packed layout; replaces the seeded
                 draw (for parity with other implementations).
-            callback: ``callback(step, num_steps, latents)`` after every denoising step.
+            callback: ``callback(step, num_steps, latents)`` after every denoising step
+                (0-based ``step``; ``latents`` (1, N, 128) fp32, evaluated): progress bars,
+                previews, cancelling (raise).
             verbose: print each stage's time and peak memory.
+
+        Returns a :class:`GenerationResult`; ``result.save(path)`` writes the PNG with its
+        metadata (``result.image.save`` would drop it).
         """
         generation = self.start(request_from_settings(prompt, settings), noise, verbose)
         for step in generation:
@@ -208,6 +236,7 @@ class Generation:
         request: GenerationRequest,
         noise: np.ndarray | None = None,
         verbose: bool = False,
+        report: Report | None = None,
     ):
         resolved = request.validate()
         pipe.prompt_encoder().token_ids(request.prompt)  # too long: fails before any model loads
@@ -220,7 +249,8 @@ class Generation:
         else:
             request = replace(request, seed=None)
             self.noise = mx.array(check_noise(noise, resolved.grid_h, resolved.grid_w))
-        self.pipe, self.request, self.resolved, self.verbose = pipe, request, resolved, verbose
+        self.pipe, self.request, self.resolved = pipe, request, resolved
+        self.verbose, self.report = verbose, report
         self.given_noise = noise is not None
         self.stats: dict = {}
         self.latents: mx.array | None = None
@@ -232,10 +262,10 @@ class Generation:
 
     def __iter__(self) -> Iterator[Step]:
         pipe, r = self.pipe, self.resolved
-        with Stage(self.stats, "encode", self.verbose):
+        with Stage(self.stats, "encode", self.report, self.verbose):
             features = pipe.encode(self.request.prompt)
             pipe.release("text_encoder")
-        with Stage(self.stats, "denoise", self.verbose):
+        with Stage(self.stats, "denoise", self.report, self.verbose):
             cond, uncond = velocity_fns(*pipe.dits(), features, r.grid_h, r.grid_w)
             for index, t, z in euler_steps(self.noise, r.schedule, cond, uncond):
                 self.latents = z
@@ -250,7 +280,7 @@ class Generation:
         if not self.done:
             raise RuntimeError("iterate over all the denoising steps before result()")
         pipe, r = self.pipe, self.resolved
-        with Stage(self.stats, "decode", self.verbose):
+        with Stage(self.stats, "decode", self.report, self.verbose):
             pixels = decode(pipe.vae(), self.latents, r.grid_h, r.grid_w)
             pipe.release("vae")
         metadata = {
@@ -312,16 +342,33 @@ def check_noise(noise: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
 
 def load(
     model: str | Path,
-    dtype: mx.Dtype = mx.bfloat16,
-    keep_in_memory: bool = False,
+    dtype: mx.Dtype | str = mx.bfloat16,
+    keep_in_memory: bool | None = None,
     revision: str | None = None,
     low_memory: bool = False,
 ) -> Ideogram4Pipeline:
-    """A pipeline for a local checkpoint folder or a Hugging Face repo id.
+    """A pipeline for a local checkpoint folder or a Hugging Face repo id: load once, then
+    generate many images.
 
-    Components load on first use. A repo id is downloaded with huggingface_hub (only the
-    files the pipeline reads). ``low_memory`` streams the DiT blocks from disk on every pass
-    instead of keeping both DiTs resident (same images; one read of the DiT files per step).
+    Components load on first use. A repo id is downloaded with huggingface_hub into its cache
+    (only the files the pipeline reads). ``dtype`` is an MLX dtype or its name
+    (``"bfloat16"``, ``"float32"``, ...). ``keep_in_memory``: True keeps every model loaded
+    between images (fast, most memory), False frees each after its stage (least memory, each
+    image reloads), None (default) keeps them when their weights take at most 60% of RAM.
+    ``low_memory`` streams the DiT blocks from disk on every pass instead of keeping both DiTs
+    resident (same images; one read of the DiT files per step).
     """
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     checkpoint_dir, model_id, revision = resolve_model(model, revision)
-    return Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
+    pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
+    if is_slow(dtype, pipe.quantization() is not None):
+        warnings.warn(
+            f"MLX runs on its CPU backend here, where {dtype_name(dtype)} "
+            f"{'and quantized ' if pipe.quantization() else ''}matmuls are 10-50x slower than "
+            "float32: for speed use --dtype float32 (dtype=mx.float32) with an unquantized "
+            "checkpoint; on a Mac (Metal) this does not apply",
+            stacklevel=2,
+        )
+    return pipe

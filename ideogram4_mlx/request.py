@@ -8,6 +8,7 @@ it, and a CLI option of the same name. Replaying an image is
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import warnings
@@ -40,9 +41,11 @@ class GenerationRequest:
 
     ``num_steps``, ``guidance_schedule`` (chronological: entry 0 = first, noisiest step; one
     value per step or one for all), ``mu`` and ``std`` override the preset when not None.
-    ``seed`` None means a random seed, drawn and recorded when the generation starts.
-    ``strict_caption`` turns caption findings into a :class:`CaptionError` before any model
-    loads.
+    ``prompt`` is caption text or a caption dict (stored as minified JSON). ``seed`` None
+    means a random seed, drawn and recorded when the generation starts. ``strict_caption``
+    turns caption findings into a :class:`CaptionError` before any model loads;
+    ``allow_invalid_caption`` lets a prompt that starts with ``{`` but is not valid JSON run
+    as plain text (otherwise an error).
     """
 
     prompt: str
@@ -55,8 +58,12 @@ class GenerationRequest:
     std: float | None = None
     seed: int | None = None
     strict_caption: bool = False
+    allow_invalid_caption: bool = False
 
     def __post_init__(self):
+        if isinstance(self.prompt, dict):
+            text = json.dumps(self.prompt, ensure_ascii=False, separators=(",", ":"))
+            object.__setattr__(self, "prompt", text)
         if self.guidance_schedule is not None:
             try:
                 weights = tuple(float(g) for g in self.guidance_schedule)
@@ -85,6 +92,13 @@ class GenerationRequest:
             raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
         schedule = self.schedule()
         findings = caption_findings(self.prompt)
+        invalid = [f for f in findings if f.startswith("invalid JSON")]
+        if invalid and not self.allow_invalid_caption:
+            raise CaptionError(
+                f"the prompt starts with '{{' but is not valid JSON ({invalid[0]}); fix it "
+                "(ideo4-mlx verify-caption shows where) or allow it as plain text "
+                "(--allow-invalid-caption, allow_invalid_caption=True)"
+            )
         if findings and self.strict_caption:
             raise CaptionError("caption check failed: " + "; ".join(findings))
         return ResolvedRequest(self, grid_h, grid_w, schedule, findings)
@@ -154,7 +168,7 @@ class GenerationRequest:
 
 SETTINGS = tuple(f.name for f in fields(GenerationRequest))
 # The fields stored in a PNG and their JSON types ("seq": a list of numbers). strict_caption
-# is not stored: it decides whether to run, not what the image is.
+# and allow_invalid_caption are not stored: they decide whether to run, not the image.
 METADATA_TYPES = {
     "prompt": str,
     "width": int,

@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.environment import describe
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import GenerationResult
@@ -64,6 +65,7 @@ def sample_metadata(**changes):
         "quantization": None,
         "caption_findings": [],
         "version": __version__,
+        "environment": describe(),
     }
     return {**metadata, **changes}
 
@@ -100,11 +102,12 @@ def test_png_and_its_metadata(made):
 
 
 def test_verbose_prints_stages_and_the_progress_bar_goes_to_stderr(made):
-    out = made.result.stdout
+    err = made.result.stderr
     for stage in ("encode", "denoise", "decode"):
-        assert f"[{stage}] " in out and " GB" in out
+        assert f"[{stage}] " in err and " GB" in err  # with --verbose: peak memory per stage
+    out = made.result.stdout
     assert "[total]" in out and out.endswith(f"{made.output} (seed 7)\n")
-    assert "denoise" in made.result.stderr and "2/2" in made.result.stderr
+    assert "denoise" in err and "2/2" in err
     assert "warning" not in made.result.stderr  # a valid caption has no findings
 
 
@@ -123,6 +126,21 @@ def test_from_metadata_replays_pixel_identical(made, tmp_path):
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(pixels(replay), pixels(made.output))
     assert read_metadata(replay) == read_metadata(made.output)
+    assert f"replay: identical to {made.output}" in result.stderr
+    assert "another setup" not in result.stderr  # same machine, same libraries
+
+
+def test_replay_on_another_setup_warns_and_reports_the_difference(made, tmp_path):
+    stored = read_metadata(made.output)
+    stored["environment"] = {**stored["environment"], "backend": "metal", "blas": "accelerate"}
+    elsewhere = save_png(Image.open(made.output).convert("RGB"), tmp_path / "mac.png", stored)
+    changed = pixels(elsewhere).copy()
+    changed[0, :10] ^= 1  # as if the Mac's pixels differed by one level in 10 places
+    save_png(Image.fromarray(changed), elsewhere, stored, force=True)
+    result = invoke("--from-metadata", elsewhere, "--output", tmp_path / "replay.png")
+    assert result.exit_code == 0, result.output
+    assert "warning: the image was made on another setup (backend: metal -> cpu" in result.stderr
+    assert "replay: differs from" in result.stderr and "by at most 1 levels" in result.stderr
 
 
 def test_plain_prompt_preset_random_seed_and_default_output(tiny_checkpoint, tmp_path, monkeypatch):
@@ -132,6 +150,10 @@ def test_plain_prompt_preset_random_seed_and_default_output(tiny_checkpoint, tmp
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "warning: caption: plain-text prompt" in result.stderr
+    # one line as each quiet stage starts and ends, without --verbose
+    for line in ("[encode] ...", "[decode] ...", "[encode] ", "[decode] "):
+        assert line in result.stderr
+    assert " GB" not in result.stderr
     metadata = read_metadata(tmp_path / "ideogram4.png")
     assert isinstance(metadata["seed"], int)
     assert result.stdout == f"ideogram4.png (seed {metadata['seed']})\n"
@@ -167,13 +189,13 @@ def fake(monkeypatch):
             return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
 
     class FakePipe:
-        def start(self, request, verbose=False):
+        def start(self, request, verbose=False, report=None):
             seen.request, seen.verbose = request, verbose
             return FakeGeneration()
 
-    def fake_load(model, dtype, revision, low_memory):
+    def fake_load(model, dtype, revision, keep_in_memory, low_memory):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
-        seen.low_memory = low_memory
+        seen.low_memory, seen.keep_in_memory = low_memory, keep_in_memory
         return FakePipe()
 
     monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", fake_load)
@@ -185,6 +207,7 @@ def test_defaults_reach_load_and_the_request(fake, tmp_path):
     assert result.exit_code == 0, result.output
     assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
     assert fake.low_memory is False  # --low-memory is opt-in (tests/test_low_memory.py)
+    assert fake.keep_in_memory is False  # one image per process: free each model after use
     assert fake.verbose is False
     assert fake.request == GenerationRequest(CAPTION)  # the CLI's defaults are the request's
 
@@ -318,6 +341,30 @@ def test_stepwise_dir_must_be_empty_unless_force_and_links_are_replaced(
     path = previews.save(SimpleNamespace(vae=lambda: None), step)
     assert victim.read_text() == "keep me" and not path.is_symlink()
     assert pixels(path).shape == (256, 256, 3)
+
+
+def test_every_problem_is_reported_at_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", lambda **k: 1 / 0)
+    (tmp_path / "out.png").write_bytes(b"x")
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "old.png").write_bytes(b"x")
+    args = ["--prompt", "a cat", "--width", 250, "--output", tmp_path / "out.png"]
+    result = invoke(*args, "--stepwise-dir", tmp_path / "steps")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "out.png already exists" in result.output and "width 250" in result.output
+    result = invoke("--prompt", "a cat", "--output", tmp_path / "out.png", "--force",
+                    "--stepwise-dir", tmp_path / "steps", "--seed", -1)  # fmt: skip
+    assert result.exit_code == 2  # click's own range check comes first
+
+
+def test_invalid_json_prompt_is_an_error_unless_allowed(fake, tmp_path):
+    args = ["--prompt", '{"high_level_description": "x",}', "--output", tmp_path / "a.png"]
+    result = invoke(*args)
+    assert result.exit_code == 1 and "starts with '{' but is not valid JSON" in result.output
+    assert fake.load is None
+    result = invoke(*args, "--allow-invalid-caption")
+    assert result.exit_code == 0, result.output
+    assert fake.request.allow_invalid_caption  # the pipeline then warns (test_request)
 
 
 def test_nonexistent_model_folder(tmp_path):

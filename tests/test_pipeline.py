@@ -4,6 +4,7 @@ Runs the whole pipeline in fp32 on the tiny synthetic checkpoint (bf16 matmuls a
 MLX's CPU backend); parity with the PyTorch reference is in test_pipeline_parity.py.
 """
 
+import json
 import shutil
 import warnings
 
@@ -96,7 +97,7 @@ def test_strict_caption_fails_before_loading(modelless):
 
 
 def test_memory_policy_frees_components_unless_kept(tiny_checkpoint):
-    pipe = load(tiny_checkpoint, dtype=mx.float32)
+    pipe = load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=False)
     with pytest.warns(UserWarning, match="plain-text prompt"):
         pipe.generate("a cat", seed=1, **FAST)
     assert pipe._dits is None and pipe._vae is None and pipe._prompt_encoder.model is None
@@ -144,7 +145,7 @@ def test_repo_id_download_uses_only_needed_files(monkeypatch, tiny_checkpoint):
 
 
 def test_cached_prompt_does_not_load_the_text_encoder_again(tiny_checkpoint):
-    pipe = load(tiny_checkpoint, dtype=mx.float32)  # default policy: free each stage's model
+    pipe = load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=False)  # free after use
     first = pipe.generate(CAPTION, seed=1, **FAST)
     again = pipe.generate(CAPTION, seed=1, **FAST)
     encoder = pipe.prompt_encoder()
@@ -202,3 +203,44 @@ def test_overlong_prompt_fails_before_the_text_encoder_loads(tiny_checkpoint):
     with pytest.raises(ValueError, match="tokens long in the chat template; the limit is 2048"):
         pipe.start(GenerationRequest("word " * 3000, **FAST))
     assert pipe.prompt_encoder().loads == 0 and pipe._dits is None
+
+
+def test_by_default_models_stay_loaded_when_they_fit(tiny_checkpoint, monkeypatch):
+    from ideogram4_mlx import environment
+
+    assert load(tiny_checkpoint, dtype=mx.float32).keep_in_memory  # a few MB: load once
+    weights = environment.weight_bytes(tiny_checkpoint, mx.float32)
+    assert weights > 0
+    monkeypatch.setattr(environment, "physical_memory", lambda: int(weights / 0.6) - 1)
+    assert not load(tiny_checkpoint, dtype=mx.float32).keep_in_memory
+    assert load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=True).keep_in_memory
+
+
+def test_dtype_by_name_and_bad_dtypes_fail_at_load(tiny_checkpoint):
+    assert load(tiny_checkpoint, dtype="float32").dtype == mx.float32
+    assert load(tiny_checkpoint, dtype="bf16").dtype == mx.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        load(tiny_checkpoint, dtype="int8")
+    with pytest.raises(ValueError, match="is not supported; use one of bfloat16"):
+        load(tiny_checkpoint, dtype=np.float32)
+
+
+def test_cpu_backend_warns_once_about_slow_bf16(tiny_checkpoint):
+    with pytest.warns(UserWarning, match="CPU backend here, where bfloat16 matmuls are 10-50x"):
+        load(tiny_checkpoint, dtype=mx.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(tiny_checkpoint, dtype=mx.float32)
+
+
+def test_dict_caption_and_result_save_keep_the_metadata(pipe, tmp_path):
+    from ideogram4_mlx.metadata import read_metadata
+
+    caption = json.loads(CAPTION)
+    result = pipe.generate(caption, seed=2, **FAST)
+    assert result.request.prompt == CAPTION  # minified JSON, key order kept
+    path = result.save(tmp_path / "a.png")
+    assert read_metadata(path) == result.metadata
+    assert read_metadata(path)["environment"]["mlx"] == mx.__version__
+    with pytest.raises(FileExistsError):
+        result.save(path)

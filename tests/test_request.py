@@ -109,3 +109,15 @@ def test_guidance_is_stored_as_a_tuple_of_floats():
     request = GenerationRequest(CAPTION, guidance_schedule=[7, 3])
     assert request.guidance_schedule == (7.0, 3.0)
     assert hash(request)  # frozen and hashable: usable as a cache or queue key
+
+
+def test_a_caption_dict_is_stored_as_minified_json():
+    request = GenerationRequest({"high_level_description": "Café", "b": [1, 2]})
+    assert request.prompt == '{"high_level_description":"Café","b":[1,2]}'
+
+
+def test_a_prompt_that_looks_like_json_but_is_not_is_an_error_unless_allowed():
+    with pytest.raises(CaptionError, match=r"starts with '\{' but is not valid JSON"):
+        GenerationRequest('{"high_level_description": "x",}').validate()
+    resolved = GenerationRequest('{"oops"', allow_invalid_caption=True).validate()
+    assert any(f.startswith("invalid JSON") for f in resolved.caption_findings)
