@@ -10,7 +10,7 @@ MINIMAL_CAPTION = (
 )
 
 
-@click.command("crosscheck")
+@click.command("crosscheck", short_help="Compare the MLX pipeline with the PyTorch reference.")
 @click.argument("model")
 @click.option(
     "--prompt",
@@ -18,21 +18,45 @@ MINIMAL_CAPTION = (
     show_default=False,
     help="Caption or plain text (default: a minimal JSON caption).",
 )
-@click.option("--width", default=256, show_default=True)
-@click.option("--height", default=256, show_default=True)
 @click.option(
-    "--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True
+    "--width", default=256, show_default=True, help="Image width: a multiple of 16, 256..2048."
+)
+@click.option("--height", default=256, show_default=True, help="Image height, as --width.")
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help="Sampler preset (the same default as generate; V4_TURBO_12 is the quickest).",
 )
 @click.option("--steps", "num_steps", type=int, default=None, help="Override the preset's steps.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the shared noise (numpy).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
-    "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the PyTorch reference runs (MLX uses its default device).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Weights and activations of both pipelines.",
 )
 def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dtype):
-    """Run both pipelines on the same prompt and noise; print per-stage differences.
+    """Run the MLX pipeline and the PyTorch reference on the same prompt and noise, and print
+    the difference at each stage (token ids, text features, first velocity, final latents,
+    image).
 
-    Needs the `reference` extra (torch + diffusers). MODEL is a checkpoint folder or repo id.
+    MODEL is the original fp8 snapshot: a folder or a repo id (not a folder written by
+    `ideo4-mlx convert`). Needs the `reference` extra (torch + diffusers).
+
+    \b
+    Example (a synthetic checkpoint; under a minute on a CPU):
+      ideo4-mlx synth /tmp/ideo4-tiny
+      ideo4-mlx crosscheck /tmp/ideo4-tiny --preset V4_TURBO_12
     """
     try:
         # torch is optional: only this command needs it.

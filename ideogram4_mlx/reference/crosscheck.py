@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.pipeline import load
-from ideogram4_mlx.reference.pipeline import ReferenceRun, reference_generate
+from ideogram4_mlx.reference.pipeline import ReferenceRun, check_original, reference_generate
 from ideogram4_mlx.request import check_size
-from ideogram4_mlx.sampler import resolve_schedule
+from ideogram4_mlx.sampler import DEFAULT_PRESET, resolve_schedule
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -51,7 +52,7 @@ def crosscheck(
     prompt: str,
     width: int = 256,
     height: int = 256,
-    preset: str = "V4_DEFAULT_20",
+    preset: str = DEFAULT_PRESET,
     num_steps: int | None = None,
     guidance_schedule: list[float] | None = None,
     mu: float | None = None,
@@ -60,7 +61,13 @@ def crosscheck(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> CrossCheck:
-    """Both pipelines on the same noise (drawn with numpy from ``seed``), stage by stage."""
+    """Both pipelines on the same noise (drawn with numpy from ``seed``), stage by stage.
+
+    ``model`` is the original fp8 snapshot (folder or repo id); a converted folder is refused
+    before anything loads.
+    """
+    if Path(model).expanduser().is_dir():
+        check_original(Path(model).expanduser())
     mlx_dtype, torch_dtype = parse_dtype(dtype), getattr(torch, dtype)
     grid_h, grid_w = check_size(width, height)
     schedule = resolve_schedule(height, width, preset, num_steps, guidance_schedule, mu, std)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from ideogram4_mlx.quantization import RECORD_KEY
 from ideogram4_mlx.reference.text_encoder import load_reference_text_encoder, reference_taps
 from ideogram4_mlx.reference.transformer import (
     load_reference_transformer,
@@ -24,6 +25,9 @@ from ideogram4_mlx.reference.transformer import (
 )
 from ideogram4_mlx.reference.vae import load_reference_vae, reference_decode
 from ideogram4_mlx.sampler import Schedule
+from ideogram4_mlx.weights import CheckpointError, read_json
+
+MODEL_COMPONENTS = ("text_encoder", "transformer", "unconditional_transformer", "vae")
 
 
 @dataclass
@@ -33,6 +37,24 @@ class ReferenceRun:
     first_velocity: np.ndarray  # (1, N, 128) CFG velocity of the first step
     latents: np.ndarray  # (1, N, 128) final packed normalised latents
     image: np.ndarray  # (H, W, 3) uint8
+
+
+def check_original(checkpoint: Path) -> None:
+    """Refuse a folder written by ``ideo4-mlx convert``: the reference reads the original fp8
+    layout, and a converted folder would fail deep inside diffusers with every key listed."""
+    for name in MODEL_COMPONENTS:
+        config = checkpoint / name / "config.json"
+        if not config.is_file():
+            continue
+        record = read_json(config).get(RECORD_KEY)
+        if record is not None:
+            source = record.get("source") if isinstance(record, dict) else None
+            origin = f" ({source})" if source else ""
+            raise CheckpointError(
+                f"crosscheck needs the original fp8 snapshot ({checkpoint} was converted by "
+                f"ideo4-mlx convert: {name}/config.json has an {RECORD_KEY} record); pass the "
+                f"snapshot folder or repo id it was converted from{origin}"
+            )
 
 
 def reference_token_ids(tokenizer_dir: Path, prompt: str) -> list[int]:
@@ -69,6 +91,7 @@ def reference_generate(
     """Run the reference on ``noise`` (1, H/16 * W/16, 128) for ``prompt`` (a JSON caption is
     canonicalised by :func:`reference_canonical_prompt`)."""
     checkpoint = Path(checkpoint)
+    check_original(checkpoint)
     grid_h, grid_w = height // 16, width // 16
 
     ids = reference_token_ids(checkpoint / "tokenizer", reference_canonical_prompt(prompt))

@@ -26,7 +26,11 @@ def load_reference_vae(
     (de)normalisation, so a bf16 reference then differs from fp32 by the network alone.
     """
     component_dir = Path(component_dir)
-    model = AutoencoderKLFlux2.from_pretrained(str(component_dir), torch_dtype=dtype)
+    # low_cpu_mem_usage=False: the default warns "install accelerate" when accelerate is absent;
+    # the VAE is small, so the plain load costs nothing.
+    model = AutoencoderKLFlux2.from_pretrained(
+        str(component_dir), torch_dtype=dtype, low_cpu_mem_usage=False
+    )
     path = component_dir / "diffusion_pytorch_model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         for key in BN_BUFFERS:
