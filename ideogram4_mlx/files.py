@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The command-line flag first: most readers come from the CLI.
+FORCE_HINT = "pass --force to replace it (force=True from Python)"
 
 
 def format_size(n: int) -> str:
@@ -61,7 +63,7 @@ def check_destination(
     if not dst.exists():
         return
     if not force:
-        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
+        raise FileExistsError(f"{dst} already exists; {FORCE_HINT}")
     found = foreign(dst)
     if found is not None:
         raise FileExistsError(
@@ -98,8 +100,7 @@ def write_folder(
             yield tmp
             if (dst.exists() or dst.is_symlink()) and not force:
                 raise FileExistsError(
-                    f"{dst} appeared while it was being written; it was left as it is: "
-                    "pass force=True (--force) to replace it"
+                    f"{dst} appeared while it was being written; it was left as it is: {FORCE_HINT}"
                 )
             check_destination(dst, force, foreign, kind)
             move_into_place(tmp, dst)

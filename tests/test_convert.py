@@ -553,7 +553,7 @@ def test_cli_converts_and_reports_errors_in_one_line(tiny_checkpoint, tmp_path):
     q = conversion_record(tmp_path / "out" / "transformer")["quantization"]
     assert (q["bits"], q["group_size"]) == (8, 32)
     again = runner.invoke(convert_command, args)
-    assert again.exit_code != 0 and "already exists" in again.output
+    assert again.exit_code != 0 and "already exists; pass --force to replace it" in again.output
     assert "Traceback" not in again.output
     forced = runner.invoke(convert_command, [*args, "--force", "--recipe", "mixed-4-8"])
     assert forced.exit_code == 0, forced.output

@@ -494,7 +494,7 @@ def test_cli_writes_a_checkpoint_and_reports_bad_options(tmp_path):
     assert not (dst / "vae").exists()
 
     result = runner.invoke(main, args)
-    assert result.exit_code != 0 and "--force" in result.output
+    assert result.exit_code != 0 and "already exists; pass --force to replace it" in result.output
     assert runner.invoke(main, [*args, "--force"]).exit_code == 0
 
     result = runner.invoke(main, ["synth", str(dst), "--preset", "huge"])
