@@ -14,10 +14,33 @@ from ideogram4_mlx.cli.models import models
 from ideogram4_mlx.cli.synth import synth
 
 
-@click.group()
+class Commands(click.Group):
+    """Lists each command's whole first sentence (click cuts it near 60 columns with "...")."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=Commands)
 @click.version_option(__version__, prog_name="ideo4-mlx")
 def main() -> None:
-    """Ideogram 4 on MLX."""
+    """Ideogram 4 text-to-image on MLX.
+
+    \b
+    Examples:
+      ideo4-mlx verify-caption examples/poster.json
+      ideo4-mlx generate --prompt-file examples/poster.json --output poster.png
+      ideo4-mlx models
+
+    Run `ideo4-mlx COMMAND --help` for a command's options and an example.
+    """
 
 
 main.add_command(generate)

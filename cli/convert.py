@@ -13,7 +13,7 @@ from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 
 
-@click.command()
+@click.command(short_help="Convert the fp8 checkpoint to MLX (bf16 or quantized).")
 @click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
@@ -54,7 +54,14 @@ from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
     "--force", is_flag=True, help="Replace DST if it is an earlier conversion or an empty folder."
 )
 def convert(src, dst, dtype, quantize, group_size, recipe, components, revision, force) -> None:
-    """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST."""
+    """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST: bf16 by
+    default, or quantized with --quantize or --recipe. Load DST with generate --model DST.
+
+    \b
+    Example:
+      ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-q4 --quantize 4
+      ideo4-mlx generate --model ~/models/ideo4-q4 --prompt-file examples/poster.json
+    """
     with warnings.catch_warnings():
         warnings.showwarning = show_warning  # stale lock / partial folder reports: one line each
         try:

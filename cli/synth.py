@@ -9,7 +9,7 @@ from ideogram4_mlx.cli.options import components_option
 from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
 
 
-@click.command()
+@click.command(short_help="Write a synthetic checkpoint with random weights.")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
     "--preset",
@@ -33,7 +33,16 @@ from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
     help="Replace DST if it is empty or holds only checkpoint files (an earlier synth).",
 )
 def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool) -> None:
-    """Write a seeded synthetic Ideogram 4 checkpoint at DST."""
+    """Write a seeded synthetic Ideogram 4 checkpoint at DST: the folder layout, configs, dtypes
+    and tokenizer of ideogram-ai/ideogram-4-fp8 with small random weights. Every command
+    accepts it, so the whole tool can be tried without the real model (images are noise).
+
+    \b
+    Example:
+      ideo4-mlx synth /tmp/ideo4-tiny
+      ideo4-mlx generate --model /tmp/ideo4-tiny --dtype float32 --width 256 --height 256 \\
+          --prompt "a cat" --output /tmp/cat.png
+    """
     # Imported here so other commands never load the writer and `tokenizers` (test tooling).
     from ideogram4_mlx.synth.writer import write_synthetic_checkpoint
 
