@@ -54,7 +54,7 @@ def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dt
     `ideo4-mlx convert`). Needs the `reference` extra (torch + diffusers).
 
     \b
-    Example (a synthetic checkpoint; under a minute on a CPU):
+    Example (on a synthetic checkpoint):
       ideo4-mlx synth /tmp/ideo4-tiny
       ideo4-mlx crosscheck /tmp/ideo4-tiny --preset V4_TURBO_12
     """
