@@ -70,7 +70,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
 
 
-@click.command()
+@click.command(short_help="Generate an image from a prompt, or replay a PNG.")
 @click.option("--prompt", callback=_check_prompt, help="A JSON caption (recommended) or text.")
 @click.option(
     "--prompt-file",
@@ -193,7 +193,13 @@ def generate(
     verbose: bool,
     **settings,
 ) -> None:
-    """Generate one image from a prompt, or replay one with --from-metadata."""
+    """Generate one image from a prompt, or replay one with --from-metadata.
+
+    \b
+    Examples:
+      ideo4-mlx generate --prompt-file examples/poster.json --seed 42 --output poster.png
+      ideo4-mlx generate --from-metadata poster.png --seed 43 --output poster-43.png
+    """
     if settings["prompt"] is not None and prompt_file is not None:
         raise click.UsageError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:

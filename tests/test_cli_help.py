@@ -12,9 +12,6 @@ from helpers import require_reference
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.sampler import DEFAULT_PRESET
 
-# cli/generate.py is edited outside this change; its example lands there (#15 item 6).
-PENDING = {"generate"}
-
 
 def help_text(*args: str) -> str:
     result = CliRunner().invoke(main, [*args, "--help"], terminal_width=80)
@@ -28,15 +25,7 @@ def example_commands(text: str) -> list[str]:
     return [] if match is None else [line.strip() for line in match.group(2).splitlines()]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason="example pending in cli/generate.py"))
-        if n in PENDING
-        else n
-        for n in sorted(main.commands)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(main.commands))
 def test_every_command_help_shows_an_example(name):
     lines = example_commands(help_text(name))
     assert any(line.startswith(f"ideo4-mlx {name}") for line in lines), lines
