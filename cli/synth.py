@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ideogram4_mlx.cli.options import components_option
-from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
+from ideogram4_mlx.synth.plan import ALL_COMPONENTS, COMPONENTS, SYNTHETIC_PRESETS
 
 
 @click.command(short_help="Write a synthetic checkpoint with random weights.")
@@ -23,8 +23,9 @@ from ideogram4_mlx.synth.plan import COMPONENTS, SYNTHETIC_PRESETS
     "--components",
     default=",".join(COMPONENTS),
     show_default=True,
-    callback=components_option(COMPONENTS),
-    help="Comma-separated sub-folders to write (model_index.json is always written).",
+    callback=components_option(ALL_COMPONENTS),
+    help="Comma-separated sub-folders to write (model_index.json is always written); "
+    "prompt_enhancer_head adds the magic-prompt lm_head.",
 )
 @click.option("--dit-layers", type=click.IntRange(min=1), help="Override the preset's DiT depth.")
 @click.option(

@@ -331,6 +331,36 @@ def test_vae_loads_in_diffusers_with_no_missing_keys(tiny_checkpoint):
     assert vae.config.latent_channels == 32 and tuple(vae.config.patch_size) == (2, 2)
 
 
+def test_prompt_enhancer_head_is_optional_and_in_the_diffusers_layout(tiny_checkpoint, tmp_path):
+    head_folder = "prompt_enhancer_head"
+    assert not (tiny_checkpoint / head_folder).exists()  # the default output is unchanged
+    path = write_synthetic_checkpoint(tmp_path / "head", components=[head_folder])
+    head_file = f"{head_folder}/{DIT_FILE}"
+    assert set(files_of(path)) == {"model_index.json", f"{head_folder}/config.json", head_file}
+    vocab = text_vocab_size(SYNTHETIC_PRESETS["tiny"])
+    hidden = SYNTHETIC_PRESETS["tiny"].text_hidden_size
+    assert shapes_of(path / head_file) == {"lm_head.weight": (vocab, hidden)}
+    with safe_open(path / head_file, framework="numpy") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
+    config = json.loads((path / head_folder / "config.json").read_text())
+    assert config["_class_name"] == "Ideogram4PromptEnhancerHead"
+    assert (config["hidden_size"], config["vocab_size"]) == (hidden, vocab)
+
+    require_reference()
+    from diffusers.pipelines.ideogram4.prompt_enhancer import Ideogram4PromptEnhancerHead
+
+    head, info = Ideogram4PromptEnhancerHead.from_pretrained(
+        path / head_folder, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    assert tuple(head.lm_head.weight.shape) == (vocab, hidden)
+    # What diffusers' own save writes, key for key (it adds only where it was loaded from).
+    head.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    resaved.pop("_name_or_path", None)
+    assert resaved == config
+
+
 def test_scheduler_config_loads(tiny_checkpoint):
     require_reference()
     from diffusers import FlowMatchEulerDiscreteScheduler

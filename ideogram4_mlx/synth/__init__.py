@@ -14,11 +14,13 @@ Test and benchmark tooling, never imported by generation:
 import importlib
 
 from ideogram4_mlx.synth.plan import (
+    ALL_COMPONENTS,
     COMPONENTS,
     SYNTHETIC_PRESETS,
     SyntheticSpec,
     TensorPlan,
     dit_tensors,
+    prompt_enhancer_head_tensors,
     resolve_spec,
     text_encoder_tensors,
     vae_tensors,
@@ -36,11 +38,13 @@ _LAZY = {
 }
 
 __all__ = [
+    "ALL_COMPONENTS",
     "COMPONENTS",
     "SYNTHETIC_PRESETS",
     "SyntheticSpec",
     "TensorPlan",
     "dit_tensors",
+    "prompt_enhancer_head_tensors",
     "resolve_spec",
     "text_encoder_tensors",
     "vae_tensors",

@@ -111,6 +111,16 @@ def vae_config(spec: SyntheticSpec) -> dict:
     }
 
 
+def prompt_enhancer_head_config(spec: SyntheticSpec, vocab_size: int) -> dict:
+    """What diffusers' ``save_pretrained`` writes for ``Ideogram4PromptEnhancerHead``."""
+    return {
+        "_class_name": "Ideogram4PromptEnhancerHead",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "hidden_size": spec.text_hidden_size,
+        "vocab_size": vocab_size,
+    }
+
+
 def text_encoder_json(spec: SyntheticSpec, vocab_size: int, ids: dict[str, int]) -> str:
     """Qwen3VLConfig as transformers saves it; `ids` are the tokenizer's special-token ids."""
     text = {

@@ -19,6 +19,10 @@ COMPONENTS = (
     "vae",
     "scheduler",
 )
+# Written only when asked for: the prompt-enhancer lm_head, which the real checkpoint does not
+# ship (diffusers keeps it in its own repo, diffusers/qwen3-vl-8b-instruct-lm-head).
+OPTIONAL_COMPONENTS = ("prompt_enhancer_head",)
+ALL_COMPONENTS = COMPONENTS + OPTIONAL_COMPONENTS
 
 NUM_TEXT_TAPS = 13  # QWEN3_VL_ACTIVATION_LAYERS has 13 entries, the last is layer 35
 # Little-endian numpy storage of each safetensors dtype (BF16 and F8_E4M3 as their raw bits).
@@ -236,6 +240,13 @@ def text_encoder_tensors(spec: SyntheticSpec, vocab_size: int) -> list[TensorPla
             _norm(p + "post_attention_layernorm", h),
         ]
     return out + _vision_tensors(spec)
+
+
+def prompt_enhancer_head_tensors(spec: SyntheticSpec, vocab_size: int) -> list[TensorPlan]:
+    """``Ideogram4PromptEnhancerHead``: one bias-free ``lm_head`` (vocab, hidden). BF16 like the
+    Qwen3-VL-8B-Instruct head it holds [I: the repo's dtype is not stated; a bf16 save]."""
+    h = spec.text_hidden_size
+    return [_normal("lm_head.weight", (vocab_size, h), std=h**-0.5)]
 
 
 def _vision_tensors(spec: SyntheticSpec) -> list[TensorPlan]:

@@ -27,11 +27,13 @@ from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components
 from ideogram4_mlx.synth import configs
 from ideogram4_mlx.synth.plan import (
+    ALL_COMPONENTS,
     COMPONENTS,
     NUMPY_DTYPES,
     SyntheticSpec,
     TensorPlan,
     dit_tensors,
+    prompt_enhancer_head_tensors,
     resolve_spec,
     text_encoder_tensors,
     vae_tensors,
@@ -54,14 +56,15 @@ def write_synthetic_checkpoint(
     """Write a seeded synthetic checkpoint folder at `dst` and return its path.
 
     `spec` is a SyntheticSpec or a SYNTHETIC_PRESETS name. `components` picks the sub-folders
-    (model_index.json is always written). Files are built in a partial sibling folder that is
-    renamed into place at the end (`ideogram4_mlx.files`), so `dst` never holds a half-written
-    checkpoint. `force` replaces only an empty folder or one holding nothing but checkpoint
-    files (model_index.json and component folders). The same spec and seed give byte-identical
-    files.
+    (model_index.json is always written); `"prompt_enhancer_head"` (not a default) adds the
+    diffusers lm-head folder, laid out as its repo is. Files are built in a partial sibling
+    folder that is renamed into place at the end (`ideogram4_mlx.files`), so `dst` never holds
+    a half-written checkpoint. `force` replaces only an empty folder or one holding nothing but
+    checkpoint files (model_index.json and component folders). The same spec and seed give
+    byte-identical files.
     """
     spec = resolve_spec(spec)
-    components = check_components(components, COMPONENTS)
+    components = check_components(components, ALL_COMPONENTS)
     dst = Path(dst).expanduser()
     check_destination(dst, force, _foreign_entry, KIND)
     files = _plan_files(spec, components)
@@ -82,7 +85,7 @@ def _foreign_entry(dst: Path) -> str | None:
             return entry.name
         if entry.name == "model_index.json" and entry.is_file():
             continue
-        if not (entry.name in COMPONENTS and entry.is_dir()):
+        if not (entry.name in ALL_COMPONENTS and entry.is_dir()):
             return entry.name
     return None
 
@@ -126,6 +129,13 @@ def _plan_files(spec: SyntheticSpec, components: tuple[str, ...]) -> list[_File]
         files.append(_File("vae/config.json", text=text))
         tensors = tuple(vae_tensors(spec))
         files.append(_File("vae/diffusion_pytorch_model.safetensors", tensors=tensors))
+    if "prompt_enhancer_head" in components:
+        vocab = text_vocab_size(spec)
+        text = configs.diffusers_json(configs.prompt_enhancer_head_config(spec, vocab))
+        files.append(_File("prompt_enhancer_head/config.json", text=text))
+        tensors = tuple(prompt_enhancer_head_tensors(spec, vocab))
+        path = "prompt_enhancer_head/diffusion_pytorch_model.safetensors"
+        files.append(_File(path, tensors=tensors))
     return files
 
 
