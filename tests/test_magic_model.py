@@ -16,6 +16,7 @@ from ideogram4_mlx.magic.model import (
     HEAD_FOLDER,
     MissingHeadError,
     TextBody,
+    from_text_encoder,
     load_magic_model,
     model_args,
     resolve_head,
@@ -68,6 +69,16 @@ def test_body_keeps_the_final_norm_and_matches_the_feature_taps(magic32, tiny_ch
         h = layer(h, "causal")
     expected = np.array(encoder.hidden_taps(ids)[-1])
     assert rel_l2(np.array(h), expected) < 1e-5
+
+
+def test_from_text_encoder_shares_the_encoders_arrays(magic32, head_checkpoint):
+    model, tokenizer = magic32
+    text_dir = head_checkpoint / "text_encoder"
+    encoder = Qwen3VLTextEncoder.from_pretrained(text_dir, dtype=mx.float32)
+    shared = from_text_encoder(encoder, text_dir, model.lm_head)
+    assert shared.model.layers[3].mlp.up_proj.weight is encoder.layers[3].mlp.up_proj.weight
+    ids = mx.array([prompt_ids(tokenizer)])
+    np.testing.assert_array_equal(np.array(shared(ids)), np.array(model(ids)))
 
 
 def test_sanitize_is_idempotent_and_drops_vision_and_prefixes():
@@ -148,6 +159,9 @@ def test_quantized_converted_text_encoder_loads_with_its_record(
     ids = mx.array([prompt_ids(tokenizer)])
     # 8-bit affine weights in all 36 x 7 linears of a random model: measured 3.7% here.
     assert rel_l2(np.array(quantized(ids)), np.array(magic32[0](ids))) < 0.1
+    encoder = Qwen3VLTextEncoder.from_pretrained(dst / "text_encoder", dtype=mx.float32)
+    shared = from_text_encoder(encoder, dst / "text_encoder", quantized.lm_head)
+    np.testing.assert_array_equal(np.array(shared(ids)), np.array(quantized(ids)))
 
 
 def test_head_folder_is_checked_against_the_text_encoder(head_checkpoint, tmp_path):

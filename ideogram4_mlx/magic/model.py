@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from mlx.utils import tree_flatten
 from mlx_lm.models.qwen3 import Model, ModelArgs, Qwen3Model
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
@@ -32,6 +33,7 @@ from mlx_lm.tokenizer_utils import (
 from ideogram4_mlx.hub import is_network_error
 from ideogram4_mlx.layers import BaseConfig
 from ideogram4_mlx.prompt import load_tokenizer
+from ideogram4_mlx.quantization import quantize_skeleton
 from ideogram4_mlx.text_encoder import (
     LM_PREFIXES,
     UNUSED_PREFIXES,
@@ -47,6 +49,7 @@ from ideogram4_mlx.weights import (
     conversion_record,
     dequantize_fp8_weights,
     load_component,
+    read_component,
     strip_prefixes,
     tensor_headers,
 )
@@ -196,6 +199,24 @@ def load_body(component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16) -> TextB
     if conversion_record(component_dir) is not None:
         check_final_norm(component_dir)
     return load_component(TextBody(model_args(config)), component_dir, dtype)
+
+
+def from_text_encoder(
+    encoder: Qwen3VLTextEncoder, component_dir: Path | str, lm_head: nn.Linear
+) -> Model:
+    """The LM over an already loaded ``encoder``'s arrays (shared, not copied: expanding costs
+    no second body); only the final norm is read from ``component_dir`` (its ``text_encoder/``).
+    The encoder must hold its weights (not a ``--low-memory`` stream)."""
+    component_dir = Path(component_dir)
+    check_final_norm(component_dir)
+    model = Model(model_args(encoder.config))
+    quantize_skeleton(model.model, conversion_record(component_dir))
+    sanitize = TextBody.sanitize.__get__(model.model)
+    norm = read_component(component_dir, sanitize, encoder.dtype)[FINAL_NORM]
+    shared = tree_flatten(encoder.parameters())
+    model.model.load_weights([*shared, (FINAL_NORM, norm)], strict=True)
+    model.lm_head = lm_head
+    return model
 
 
 def magic_tokenizer(tokenizer_dir: Path | str) -> TokenizerWrapper:
