@@ -5,6 +5,11 @@ Tolerances (issue acceptance, justified by the per-component parity tests):
   to ~1e-5 and the text features to ~1e-6; over <= 48 Euler steps the errors add, so 1e-3
   has a wide margin. One uint8 level can flip where a value sits on a rounding boundary; 2
   allows that plus fp32 noise.
+  Cases: QUALITY_48, the most steps a preset runs (the case this bound is set for), and a
+  custom schedule (6 steps, weight-1 steps where the official loop skips the unconditional
+  pass, mu and std overrides) on a non-square image. DEFAULT_20 and TURBO_12 run the same code
+  with fewer steps and other numbers: the reference is handed our resolved schedule, and the
+  schedules themselves are checked against the spec's vectors in test_sampler.py.
 - bf16: both sides carry bf16 rounding noise of ~1e-2 per DiT call (see the DiT parity
   tests); over 12 steps the latents may drift by a few 1e-2, so the bound is 5e-2 relative
   and image PSNR >= 30 dB.
@@ -29,11 +34,9 @@ def crosscheck():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
-    "preset, overrides",
+    "preset, overrides, width, height",
     [
-        ("V4_DEFAULT_20", {}),
-        ("V4_TURBO_12", {}),
-        ("V4_QUALITY_48", {}),
+        ("V4_QUALITY_48", {}, 256, 256),
         (
             "V4_DEFAULT_20",
             {
@@ -42,13 +45,15 @@ def crosscheck():
                 "mu": 0.3,
                 "std": 1.2,
             },
+            256,
+            320,
         ),
     ],
-    ids=["default20", "turbo12", "quality48", "custom"],
+    ids=["quality48", "custom"],
 )
-def test_fp32_end_to_end(tiny_checkpoint, crosscheck, preset, overrides):
+def test_fp32_end_to_end(tiny_checkpoint, crosscheck, preset, overrides, width, height):
     result = crosscheck(
-        str(tiny_checkpoint), CAPTION, 256, 320, preset, seed=1, dtype="float32", **overrides
+        str(tiny_checkpoint), CAPTION, width, height, preset, seed=1, dtype="float32", **overrides
     )
     assert result.token_ids_equal
     assert result.features_rel_l2 <= 1e-4
