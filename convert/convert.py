@@ -40,7 +40,7 @@ from ideogram4_mlx.quantization import (
     quantization_plan,
     quantize_skeleton,
 )
-from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
+from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.weights import (
@@ -66,10 +66,12 @@ class ModelComponent:
     extras: tuple[str, ...] = ()  # source keys kept as they are (not parameters)
 
 
+FINAL_NORM_KEYS = tuple(f"{prefix}norm." for prefix in LM_PREFIXES)
 MODEL_COMPONENTS = {
     "transformer": ModelComponent(Ideogram4Transformer),
     "unconditional_transformer": ModelComponent(Ideogram4Transformer),
-    "text_encoder": ModelComponent(Qwen3VLTextEncoder),
+    # The final norm is not a feature-tap parameter, but the magic prompt's LM applies it.
+    "text_encoder": ModelComponent(Qwen3VLTextEncoder, extras=FINAL_NORM_KEYS),
     # The bn buffers travel along: the VAE loader checks them against the latent constants.
     "vae": ModelComponent(Flux2VAE, extras=(BN_PREFIX,)),
 }

@@ -10,6 +10,7 @@ import pytest
 from helpers import rel_l2, require_reference
 from mlx_lm.generate import generate_step
 
+from ideogram4_mlx.convert import convert
 from ideogram4_mlx.magic import model as magic
 from ideogram4_mlx.magic.model import (
     DEFAULT_HEAD_REPO,
@@ -22,7 +23,7 @@ from ideogram4_mlx.magic.model import (
     resolve_head,
 )
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
-from ideogram4_mlx.weights import CheckpointError, component_files, load_safetensors
+from ideogram4_mlx.weights import CheckpointError
 
 IDEA = "a fox reading a neon sign that says OPEN"
 GREEDY_TOKENS = 32
@@ -125,35 +126,28 @@ def test_logits_and_greedy_tokens_match_diffusers_prompt_enhancer(magic32, head_
     assert tokens == expected_tokens
 
 
-def with_final_norm(converted, raw_dir, keep: bool) -> None:
-    """Make a converted text encoder hold the final norm (an extra shard) or lack it."""
+def drop_final_norm(converted) -> None:
+    """Make a converted text encoder look like one written before convert kept the norm."""
     folder = converted / "text_encoder"
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"].pop("norm.weight", None)
-    if keep:
-        raw = load_safetensors(component_files(raw_dir / "text_encoder"))
-        mx.save_safetensors(str(folder / "norm.safetensors"), {"norm.weight": raw[NORM_KEY]})
-        index["weight_map"]["norm.weight"] = "norm.safetensors"
+    for key in [k for k in index["weight_map"] if k.endswith(NORM_KEY)]:
+        shard = folder / index["weight_map"].pop(key)
+        tensors = mx.load(str(shard))
+        tensors.pop(key)
+        mx.save_safetensors(str(shard), tensors, metadata={"format": "mlx"})
     index_path.write_text(json.dumps(index))
 
 
 def test_quantized_converted_text_encoder_loads_with_its_record(
     magic32, tiny_checkpoint, head_checkpoint, tmp_path
 ):
-    from convert.convert import convert
-
     dst = convert(
         tiny_checkpoint, tmp_path / "q8", quantize=8, components=("text_encoder",), progress=False
     )
     (dst / "tokenizer").symlink_to(tiny_checkpoint / "tokenizer", target_is_directory=True)
     head = head_checkpoint / HEAD_FOLDER
-    with_final_norm(dst, tiny_checkpoint, keep=False)
-    with pytest.raises(CheckpointError, match="no final norm"):
-        load_magic_model(dst, head, dtype=mx.float32)
-
-    with_final_norm(dst, tiny_checkpoint, keep=True)
-    quantized, tokenizer = load_magic_model(dst, head, dtype=mx.float32)
+    quantized, tokenizer = load_magic_model(dst, head, dtype=mx.float32)  # convert keeps the norm
     assert isinstance(quantized.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
     assert not isinstance(quantized.model.embed_tokens, nn.QuantizedEmbedding)  # as recorded
     ids = mx.array([prompt_ids(tokenizer)])
@@ -162,6 +156,9 @@ def test_quantized_converted_text_encoder_loads_with_its_record(
     encoder = Qwen3VLTextEncoder.from_pretrained(dst / "text_encoder", dtype=mx.float32)
     shared = from_text_encoder(encoder, dst / "text_encoder", quantized.lm_head)
     np.testing.assert_array_equal(np.array(shared(ids)), np.array(quantized(ids)))
+    drop_final_norm(dst)
+    with pytest.raises(CheckpointError, match="no final norm"):
+        load_magic_model(dst, head, dtype=mx.float32)
 
 
 def test_head_folder_is_checked_against_the_text_encoder(head_checkpoint, tmp_path):
