@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json
+from ideogram4_mlx.cli.magic import magic_options
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
 from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
@@ -141,6 +142,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 @click.option("--mu", type=float, help="Mean of the logit-normal time grid (default: preset's).")
 @click.option("--std", type=float, help="Its standard deviation, > 0 (default: preset's).")
 @click.option(
+    "--magic-prompt",
+    is_flag=True,
+    help="Treat the prompt as an idea: expand it into a JSON caption first (see "
+    "`ideo4-mlx magic-prompt`); the PNG stores the idea and the caption, and a replay uses "
+    "the caption.",
+)
+@magic_options
+@click.option(
     "--allow-invalid-caption",
     is_flag=True,
     help="Run a prompt that starts with '{' but is not valid JSON as plain text (otherwise "
@@ -191,6 +200,7 @@ def generate(
     stepwise_dir: Path | None,
     low_memory: bool,
     verbose: bool,
+    magic_head: str | None,
     **settings,
 ) -> None:
     """Generate one image from a prompt, or replay one with --from-metadata.
@@ -210,6 +220,7 @@ def generate(
         raise click.BadParameter(
             "the image is written as PNG: use a .png name", param_hint="--output"
         )
+    magic = {k: settings.pop(k) for k in MAGIC_OPTIONS}
     explicit = {k: v for k, v in settings.items() if _given(ctx, k)}
     if prompt_file is not None:
         explicit["prompt"] = prompt_file
@@ -227,7 +238,10 @@ def generate(
         previews = _preflight(request, output, force, stepwise_dir)
         try:
             # One image per process: free each model after its stage (lowest peak memory).
-            pipe = load(**load_kwargs, keep_in_memory=False, low_memory=low_memory)
+            pipe = load(
+                **load_kwargs, keep_in_memory=False, low_memory=low_memory, magic_head=magic_head
+            )
+            pipe.magic_options = magic
             result = _run(pipe, request, previews, verbose)
             save_png(result.image, output, result.metadata, force)
         except (ValueError, ModelAccessError, OSError) as e:  # CaptionError, CheckpointError
@@ -290,6 +304,10 @@ def _run(pipe, request: GenerationRequest, previews: StepPreviews | None, verbos
         if previews is not None:
             previews.save(pipe, step)
     return generation.result()
+
+
+# expand()'s options (cli/magic.py), not request fields: they shape the caption, which is stored.
+MAGIC_OPTIONS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")
 
 
 def _given(ctx: click.Context, name: str) -> bool:

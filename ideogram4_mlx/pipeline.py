@@ -95,6 +95,9 @@ class Ideogram4Pipeline:
         self._prompt_encoder: PromptEncoder | None = None
         self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
         self._vae: Flux2VAE | None = None
+        self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
+        self.magic_head: str | Path | None = None  # lm_head folder or repo (None: default)
+        self.magic_options: dict = {}  # expand()'s options when generate expands an idea
 
     # -- components -------------------------------------------------------------------------
 
@@ -114,6 +117,40 @@ class Ideogram4Pipeline:
         features = encoder.encode(prompt).features
         mx.eval(features)
         return features
+
+    def magic_model(self) -> tuple:
+        """(mlx-lm causal LM, tokenizer) for the magic prompt: the loaded text encoder's own
+        arrays plus the prompt-enhancer lm_head (1.2 GB in bf16), so expanding and encoding
+        share one 8B body."""
+        # mlx-lm imports transformers' auto classes, which import torch when it is installed:
+        # only the magic prompt pays for that, never `import ideogram4_mlx`.
+        from ideogram4_mlx.magic.model import (
+            from_text_encoder,
+            load_head,
+            magic_tokenizer,
+            resolve_head,
+        )
+
+        encoder = self.prompt_encoder()
+        encoder.load_model()
+        if self._magic is None:
+            head_dir = resolve_head(self.magic_head, self.checkpoint_dir)
+            lm_head = load_head(head_dir, encoder.model.config, self.dtype)
+            text_dir = self.checkpoint_dir / "text_encoder"
+            lm = from_text_encoder(encoder.model, text_dir, lm_head)
+            self._magic = (lm, magic_tokenizer(self.checkpoint_dir / "tokenizer"))
+        return self._magic
+
+    def expand(
+        self, idea: str, width: int = 1024, height: int = 1024, seed: int | None = None, **options
+    ) -> str:
+        """A JSON caption for a plain ``idea`` (magic prompt), verifier-clean; ``options`` as
+        :func:`ideogram4_mlx.magic.expand.expand` (temperature, top_p, max_tokens,
+        keep_bboxes, system_prompt, on_text)."""
+        from ideogram4_mlx.magic.expand import expand  # mlx-lm: see magic_model
+
+        model, tokenizer = self.magic_model()
+        return expand(model, tokenizer, idea, width, height, seed, **options)
 
     def dits(self) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
         if self._dits is None:
@@ -137,6 +174,7 @@ class Ideogram4Pipeline:
             return
         if "text_encoder" in names and self._prompt_encoder is not None:
             self._prompt_encoder.release_model()  # the tokenizer and the feature cache stay
+            self._magic = None  # it holds the text encoder's arrays
         if "transformers" in names:
             self._dits = None
         if "vae" in names:
@@ -239,7 +277,8 @@ class Generation:
         report: Report | None = None,
     ):
         resolved = request.validate()
-        pipe.prompt_encoder().token_ids(request.prompt)  # too long: fails before any model loads
+        if not request.magic_prompt:  # too long: fails before any model loads
+            pipe.prompt_encoder().token_ids(request.prompt)
         resolved.warn()
         n = resolved.grid_h * resolved.grid_w
         if noise is None:
@@ -252,6 +291,7 @@ class Generation:
         self.pipe, self.request, self.resolved = pipe, request, resolved
         self.verbose, self.report = verbose, report
         self.given_noise = noise is not None
+        self.idea: str | None = None  # the magic prompt's idea, once expanded
         self.stats: dict = {}
         self.latents: mx.array | None = None
         self.done = False
@@ -262,6 +302,11 @@ class Generation:
 
     def __iter__(self) -> Iterator[Step]:
         pipe, r = self.pipe, self.resolved
+        if self.request.magic_prompt:
+            with Stage(self.stats, "expand", self.report, self.verbose):
+                idea, r0 = self.request.prompt, self.request
+                caption = pipe.expand(idea, r0.width, r0.height, r0.seed, **pipe.magic_options)
+                self.idea, self.request = idea, replace(r0, prompt=caption, magic_prompt=False)
         with Stage(self.stats, "encode", self.report, self.verbose):
             features = pipe.encode(self.request.prompt)
             pipe.release("text_encoder")
@@ -288,6 +333,7 @@ class Generation:
             "noise": "given" if self.given_noise else "seeded",
             **pipe.settings(),
             "caption_findings": r.caption_findings,
+            **({"idea": self.idea} if self.idea is not None else {}),
             "version": __version__,
         }
         image = Image.fromarray(pixels[0])
@@ -346,6 +392,7 @@ def load(
     keep_in_memory: bool | None = None,
     revision: str | None = None,
     low_memory: bool = False,
+    magic_head: str | Path | None = None,
 ) -> Ideogram4Pipeline:
     """A pipeline for a local checkpoint folder or a Hugging Face repo id: load once, then
     generate many images.
@@ -356,13 +403,16 @@ def load(
     between images (fast, most memory), False frees each after its stage (least memory, each
     image reloads), None (default) keeps them when their weights take at most 60% of RAM.
     ``low_memory`` streams the DiT blocks from disk on every pass instead of keeping both DiTs
-    resident (same images; one read of the DiT files per step).
+    resident (same images; one read of the DiT files per step). ``magic_head``: the magic
+    prompt's lm_head, a folder or repo id (default: the checkpoint's ``prompt_enhancer_head/``,
+    else ``diffusers/qwen3-vl-8b-instruct-lm-head``).
     """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     checkpoint_dir, model_id, revision = resolve_model(model, revision)
     pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
+    pipe.magic_head = magic_head
     if is_slow(dtype, pipe.quantization() is not None):
         warnings.warn(
             f"MLX runs on its CPU backend here, where {dtype_name(dtype)} "

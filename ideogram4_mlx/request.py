@@ -45,7 +45,8 @@ class GenerationRequest:
     means a random seed, drawn and recorded when the generation starts. ``strict_caption``
     turns caption findings into a :class:`CaptionError` before any model loads;
     ``allow_invalid_caption`` lets a prompt that starts with ``{`` but is not valid JSON run
-    as plain text (otherwise an error).
+    as plain text (otherwise an error). ``magic_prompt`` treats ``prompt`` as an idea that
+    the pipeline first expands into a JSON caption (seeded by ``seed``).
     """
 
     prompt: str
@@ -59,6 +60,7 @@ class GenerationRequest:
     seed: int | None = None
     strict_caption: bool = False
     allow_invalid_caption: bool = False
+    magic_prompt: bool = False
 
     def __post_init__(self):
         if isinstance(self.prompt, dict):
@@ -91,7 +93,8 @@ class GenerationRequest:
         if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
             raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
         schedule = self.schedule()
-        findings = caption_findings(self.prompt)
+        # An idea for the magic prompt is plain text by design; its caption is checked instead.
+        findings = [] if self.magic_prompt else caption_findings(self.prompt)
         invalid = [f for f in findings if f.startswith("invalid JSON")]
         if invalid and not self.allow_invalid_caption:
             raise CaptionError(
@@ -168,7 +171,8 @@ class GenerationRequest:
 
 SETTINGS = tuple(f.name for f in fields(GenerationRequest))
 # The fields stored in a PNG and their JSON types ("seq": a list of numbers). strict_caption
-# and allow_invalid_caption are not stored: they decide whether to run, not the image.
+# and allow_invalid_caption are not stored: they decide whether to run, not the image; nor is
+# magic_prompt: the stored prompt is the caption it wrote (the idea is kept beside it).
 METADATA_TYPES = {
     "prompt": str,
     "width": int,

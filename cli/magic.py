@@ -1,0 +1,99 @@
+"""`ideo4-mlx magic-prompt IDEA`: a plain idea -> a JSON caption, written on this machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
+from ideogram4_mlx.pipeline import load
+
+
+def magic_options(function):
+    """The expansion options shared by `magic-prompt` and `generate --magic-prompt`."""
+    options = [
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(32, 4096),
+            default=1024,
+            show_default=True,
+            help="Longest caption, in tokens.",
+        ),
+        click.option("--temperature", type=click.FloatRange(0, 2), default=1.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
+        click.option("--keep-bboxes", is_flag=True, help="Keep element bounding boxes."),
+        click.option(
+            "--system-prompt",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="A file with another system prompt.",
+        ),
+        click.option(
+            "--magic-head",
+            help="The lm_head: a folder or repo id (default: the checkpoint's "
+            "prompt_enhancer_head/, else diffusers/qwen3-vl-8b-instruct-lm-head).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.command("magic-prompt", short_help="Expand a plain idea into a JSON caption.")
+@click.argument("idea")
+@click.option("--model", default=DEFAULT_REPO, show_default=True, help="Checkpoint folder or repo.")
+@click.option("--revision", help="Hub revision of a repo id.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    callback=lambda ctx, param, value: parse_dtype(value),
+)
+@click.option("--width", type=int, default=1024, show_default=True, help="Target width.")
+@click.option("--height", type=int, default=1024, show_default=True, help="Target height.")
+@click.option("--seed", type=click.IntRange(min=0), help="Sampling seed (default: random).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--verbose", is_flag=True, help="Stream the caption as it is written.")
+@magic_options
+def magic_prompt(idea, model, revision, dtype, output, force, verbose, magic_head, **options):
+    """Expand IDEA into a JSON caption in Ideogram 4's schema with the checkpoint's own text
+    encoder and the prompt-enhancer lm_head, under a grammar: the caption always passes
+    `verify-caption`. Prints it, or writes it to --output.
+
+    \b
+    Example:
+      ideo4-mlx magic-prompt "a fox reading a sign that says OPEN" --width 1536 -o fox.json
+    """
+    if output is not None and output.exists() and not force:
+        raise click.ClickException(f"{output} already exists; pass --force to replace it")
+    stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
+    try:
+        pipe = load(model, dtype=dtype, revision=revision, magic_head=magic_head)
+        caption = pipe.expand(idea, on_text=stream, **options)
+    except (ValueError, ModelAccessError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    if verbose:
+        click.echo("", err=True)
+    if output is None:
+        click.echo(caption)
+        return
+    write_text(output, caption + "\n")
+    click.echo(str(output))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

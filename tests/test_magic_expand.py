@@ -1,0 +1,111 @@
+"""The magic prompt end to end on the tiny synthetic checkpoint (random weights, the real
+grammar): expand(), generate(magic_prompt=True) and `ideo4-mlx magic-prompt`.
+
+A random model writes nonsense, but under the grammar always a caption the verifier accepts;
+the grammar's string and element bounds are tightened (``SMALL``) only to keep the test short.
+"""
+
+import functools
+import json
+import sys
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from ideogram4_mlx import GenerationRequest, load
+from ideogram4_mlx.caption import verify_raw
+from ideogram4_mlx.cli import main
+from ideogram4_mlx.magic import constrain
+from ideogram4_mlx.magic.expand import MagicPromptError, aspect_ratio, user_message
+from ideogram4_mlx.metadata import read_metadata
+
+SMALL = {"max_string_chars": 12, "max_elements": 3}
+FAST = {"width": 256, "height": 256, "num_steps": 2}
+PARTS = ("transformer", "unconditional_transformer", "text_encoder", "tokenizer", "vae")
+
+
+@pytest.fixture(scope="module")
+def magic_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint (linked) plus a synthetic ``prompt_enhancer_head/``."""
+    from ideogram4_mlx.synth import write_synthetic_checkpoint
+
+    root = tmp_path_factory.mktemp("magic") / "tiny"
+    write_synthetic_checkpoint(root, "tiny", components=("prompt_enhancer_head",))
+    for folder in PARTS:
+        (root / folder).symlink_to(tiny_checkpoint / folder, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(magic_checkpoint):
+    pipe = load(magic_checkpoint, dtype=mx.float32, keep_in_memory=True)
+    pipe.magic_options = {"grammar_limits": SMALL}
+    return pipe
+
+
+def test_expand_is_verifier_clean_and_seeded(pipe):
+    first = pipe.expand("a fox reading a neon sign", 1536, 1024, seed=3, grammar_limits=SMALL)
+    assert verify_raw(first) == [] and json.loads(first)["compositional_deconstruction"]
+    again = pipe.expand("a fox reading a neon sign", 1536, 1024, seed=3, grammar_limits=SMALL)
+    assert again == first
+    other = pipe.expand("a fox reading a neon sign", 1536, 1024, seed=4, grammar_limits=SMALL)
+    assert other != first and verify_raw(other) == []
+
+
+def test_the_aspect_ratio_goes_into_the_request():
+    assert aspect_ratio(1536, 1024) == "3:2" and aspect_ratio(1024, 1024) == "1:1"
+    assert "Target aspect ratio 3:2 (width:height)" in user_message("a fox", 1536, 1024)
+
+
+def test_bad_ideas_and_too_few_tokens_are_clear_errors(pipe, tmp_path):
+    with pytest.raises(MagicPromptError, match="the idea is empty"):
+        pipe.expand("   ")
+    with pytest.raises(MagicPromptError, match="max_tokens 5000 is out of range"):
+        pipe.expand("a fox", max_tokens=5000)
+    with pytest.raises(MagicPromptError, match="not finished within max_tokens 32"):
+        pipe.expand("a fox", seed=1, max_tokens=32)
+    empty = tmp_path / "system.txt"
+    empty.write_text(" ")
+    with pytest.raises(MagicPromptError, match="the system prompt is empty"):
+        pipe.expand("a fox", system_prompt=empty)
+
+
+def test_generate_expands_the_idea_and_stores_both(pipe):
+    result = pipe.generate("a fox reading a neon sign", magic_prompt=True, seed=5, **FAST)
+    metadata = result.metadata
+    assert metadata["idea"] == "a fox reading a neon sign"
+    assert verify_raw(metadata["prompt"]) == [] and metadata["caption_findings"] == []
+    assert "expand" in result.stats
+    replayed = GenerationRequest.from_metadata(metadata)  # replay uses the caption as it is
+    assert replayed.prompt == metadata["prompt"] and not replayed.magic_prompt
+
+
+def test_magic_prompt_command(magic_checkpoint, tmp_path, monkeypatch):
+    small = functools.partial(constrain.caption_processor, **SMALL)
+    monkeypatch.setattr(sys.modules["ideogram4_mlx.magic.expand"], "caption_processor", small)
+    out = tmp_path / "fox.json"
+    args = ["magic-prompt", "a fox", "--model", str(magic_checkpoint), "--dtype", "float32"]
+    result = CliRunner().invoke(main, [*args, "--seed", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert verify_raw(out.read_text(encoding="utf-8").strip()) == []
+    again = CliRunner().invoke(main, [*args, "--seed", "2", "-o", str(out)])
+    assert again.exit_code == 1 and "already exists; pass --force" in again.output
+    short = CliRunner().invoke(main, [*args, "--max-tokens", "32", "-o", str(tmp_path / "x.json")])
+    assert short.exit_code == 1 and "not finished within max_tokens 32" in short.output
+    assert not (tmp_path / "x.json").exists()  # no partial JSON written
+    missing = CliRunner().invoke(main, [*args, "--magic-head", str(tmp_path / "nohead")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+
+
+def test_generate_command_with_magic_prompt(magic_checkpoint, tmp_path, monkeypatch):
+    small = functools.partial(constrain.caption_processor, **SMALL)
+    monkeypatch.setattr(sys.modules["ideogram4_mlx.magic.expand"], "caption_processor", small)
+    out = tmp_path / "fox.png"
+    args = ["generate", "--model", str(magic_checkpoint), "--dtype", "float32", "--steps", "2"]
+    args += ["--width", "256", "--height", "256", "--seed", "3", "--output", str(out)]
+    result = CliRunner().invoke(main, [*args, "--prompt", "a fox", "--magic-prompt"])
+    assert result.exit_code == 0, result.output
+    assert "warning: caption" not in result.stderr  # the idea is not checked as a caption
+    metadata = read_metadata(out)
+    assert metadata["idea"] == "a fox" and verify_raw(metadata["prompt"]) == []
