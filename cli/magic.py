@@ -23,8 +23,20 @@ def magic_options(function):
             show_default=True,
             help="Longest caption, in tokens.",
         ),
-        click.option("--temperature", type=click.FloatRange(0, 2), default=1.0, show_default=True),
-        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(0, 2),
+            default=1.0,
+            show_default=True,
+            help="Sampling temperature (0: greedy).",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1),
+            default=1.0,
+            show_default=True,
+            help="Nucleus sampling: keep the most likely tokens up to this mass (1: all).",
+        ),
         click.option("--keep-bboxes", is_flag=True, help="Keep element bounding boxes."),
         click.option(
             "--system-prompt",
@@ -52,11 +64,17 @@ def magic_options(function):
     default="bfloat16",
     show_default=True,
     callback=lambda ctx, param, value: parse_dtype(value),
+    help="Weights and activations (float32 is the fast one on a CPU).",
 )
 @click.option("--width", type=int, default=1024, show_default=True, help="Target width.")
 @click.option("--height", type=int, default=1024, show_default=True, help="Target height.")
 @click.option("--seed", type=click.IntRange(min=0), help="Sampling seed (default: random).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the caption here (atomically) instead of printing it.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--verbose", is_flag=True, help="Stream the caption as it is written.")
 @magic_options

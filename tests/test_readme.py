@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from helpers import require_reference
 from PIL import Image
 
+from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.weights import conversion_record
@@ -224,6 +225,11 @@ def check_crosscheck(params: dict, output: str):
         assert stage in output, output
 
 
+def check_magic_prompt(params: dict, output: str):
+    caption = Path(params["output"]).read_text(encoding="utf-8") if params["output"] else output
+    assert verify_raw(caption.strip()) == [], caption  # the grammar's promise
+
+
 def check_models(params: dict, output: str):
     assert "Hugging Face cache" in output, output
     for path in params["paths"]:
@@ -237,4 +243,5 @@ CHECKS = {
     "verify-caption": check_verify_caption,
     "crosscheck": check_crosscheck,
     "models": check_models,
+    "magic-prompt": check_magic_prompt,
 }
