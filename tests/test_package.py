@@ -56,3 +56,21 @@ def test_cli_lists_commands():
     assert result.exit_code == 0
     for command in ("generate", "convert", "crosscheck", "synth", "verify-caption"):
         assert command in result.output
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every folder with an __init__.py (a missing
+    entry works in an editable install and breaks a wheel)."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    packages = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(("ideogram4_mlx", *p.parent.relative_to(root / "ideogram4_mlx").parts))
+        for p in (root / "ideogram4_mlx").rglob("__init__.py")
+    }
+    assert found <= packages, sorted(found - packages)
