@@ -201,6 +201,7 @@ def generate(
     low_memory: bool,
     verbose: bool,
     magic_head: str | None,
+    magic_model: str | None,
     **settings,
 ) -> None:
     """Generate one image from a prompt, or replay one with --from-metadata.
@@ -239,7 +240,11 @@ def generate(
         try:
             # One image per process: free each model after its stage (lowest peak memory).
             pipe = load(
-                **load_kwargs, keep_in_memory=False, low_memory=low_memory, magic_head=magic_head
+                **load_kwargs,
+                keep_in_memory=False,
+                low_memory=low_memory,
+                magic_head=magic_head,
+                magic_model=magic_model,
             )
             pipe.magic_options = magic
             result = _run(pipe, request, previews, verbose)

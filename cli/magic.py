@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import mlx.core as mx
 
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
@@ -44,6 +45,11 @@ def magic_options(function):
             help="A file with another system prompt.",
         ),
         click.option(
+            "--magic-model",
+            help="Expand with another mlx-lm chat model (a folder or repo id, e.g. a quantized "
+            "Qwen3 instruct) instead of the checkpoint's text encoder + lm_head.",
+        ),
+        click.option(
             "--magic-head",
             help="The lm_head: a folder or repo id (default: the checkpoint's "
             "prompt_enhancer_head/, else diffusers/qwen3-vl-8b-instruct-lm-head).",
@@ -78,7 +84,9 @@ def magic_options(function):
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--verbose", is_flag=True, help="Stream the caption as it is written.")
 @magic_options
-def magic_prompt(idea, model, revision, dtype, output, force, verbose, magic_head, **options):
+def magic_prompt(
+    idea, model, revision, dtype, output, force, verbose, magic_head, magic_model, **options
+):
     """Expand IDEA into a JSON caption in Ideogram 4's schema with the checkpoint's own text
     encoder and the prompt-enhancer lm_head, under a grammar: the caption always passes
     `verify-caption`. Prints it, or writes it to --output.
@@ -91,12 +99,15 @@ def magic_prompt(idea, model, revision, dtype, output, force, verbose, magic_hea
         raise click.ClickException(f"{output} already exists; pass --force to replace it")
     stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
     try:
-        pipe = load(model, dtype=dtype, revision=revision, magic_head=magic_head)
+        pipe = load(
+            model, dtype=dtype, revision=revision, magic_head=magic_head, magic_model=magic_model
+        )
+        mx.reset_peak_memory()
         caption = pipe.expand(idea, on_text=stream, **options)
     except (ValueError, ModelAccessError, OSError) as e:
         raise click.ClickException(str(e)) from e
     if verbose:
-        click.echo("", err=True)
+        click.echo(f"\n[expand] peak {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
     if output is None:
         click.echo(caption)
         return

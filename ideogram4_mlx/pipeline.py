@@ -98,6 +98,7 @@ class Ideogram4Pipeline:
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
         self.magic_head: str | Path | None = None  # lm_head folder or repo (None: default)
         self.magic_options: dict = {}  # expand()'s options when generate expands an idea
+        self.magic_model_name: str | Path | None = None  # another mlx-lm chat model to expand
 
     # -- components -------------------------------------------------------------------------
 
@@ -126,11 +127,16 @@ class Ideogram4Pipeline:
         # only the magic prompt pays for that, never `import ideogram4_mlx`.
         from ideogram4_mlx.magic.model import (
             from_text_encoder,
+            load_chat_model,
             load_head,
             magic_tokenizer,
             resolve_head,
         )
 
+        if self.magic_model_name is not None:
+            if self._magic is None:
+                self._magic = load_chat_model(self.magic_model_name)
+            return self._magic
         encoder = self.prompt_encoder()
         encoder.load_model()
         if self._magic is None:
@@ -174,7 +180,7 @@ class Ideogram4Pipeline:
             return
         if "text_encoder" in names and self._prompt_encoder is not None:
             self._prompt_encoder.release_model()  # the tokenizer and the feature cache stay
-            self._magic = None  # it holds the text encoder's arrays
+            self._magic = None  # it holds the text encoder's arrays (or is another model)
         if "transformers" in names:
             self._dits = None
         if "vae" in names:
@@ -393,6 +399,7 @@ def load(
     revision: str | None = None,
     low_memory: bool = False,
     magic_head: str | Path | None = None,
+    magic_model: str | Path | None = None,
 ) -> Ideogram4Pipeline:
     """A pipeline for a local checkpoint folder or a Hugging Face repo id: load once, then
     generate many images.
@@ -405,14 +412,15 @@ def load(
     ``low_memory`` streams the DiT blocks from disk on every pass instead of keeping both DiTs
     resident (same images; one read of the DiT files per step). ``magic_head``: the magic
     prompt's lm_head, a folder or repo id (default: the checkpoint's ``prompt_enhancer_head/``,
-    else ``diffusers/qwen3-vl-8b-instruct-lm-head``).
+    else ``diffusers/qwen3-vl-8b-instruct-lm-head``). ``magic_model``: expand with another
+    mlx-lm chat model instead (a folder or repo id).
     """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     checkpoint_dir, model_id, revision = resolve_model(model, revision)
     pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
-    pipe.magic_head = magic_head
+    pipe.magic_head, pipe.magic_model_name = magic_head, magic_model
     if is_slow(dtype, pipe.quantization() is not None):
         warnings.warn(
             f"MLX runs on its CPU backend here, where {dtype_name(dtype)} "

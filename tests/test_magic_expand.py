@@ -7,6 +7,7 @@ the grammar's string and element bounds are tightened (``SMALL``) only to keep t
 
 import functools
 import json
+import shutil
 import sys
 
 import mlx.core as mx
@@ -109,3 +110,39 @@ def test_generate_command_with_magic_prompt(magic_checkpoint, tmp_path, monkeypa
     assert "warning: caption" not in result.stderr  # the idea is not checked as a caption
     metadata = read_metadata(out)
     assert metadata["idea"] == "a fox" and verify_raw(metadata["prompt"]) == []
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_checkpoint, tmp_path_factory):
+    """A tiny random mlx-lm Qwen3 chat model folder (config, weights, tokenizer)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3
+
+    folder = tmp_path_factory.mktemp("chat") / "qwen3-tiny"
+    shutil.copytree(tiny_checkpoint / "tokenizer", folder)
+    config = {
+        "model_type": "qwen3", "hidden_size": 32, "num_hidden_layers": 2,
+        "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "rms_norm_eps": 1e-6, "vocab_size": 2048, "rope_theta": 1e6,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True,
+    }  # fmt: skip
+    mx.random.seed(0)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_another_mlx_lm_chat_model_expands_too(magic_checkpoint, chat_model, tmp_path, monkeypatch):
+    small = functools.partial(constrain.caption_processor, **SMALL)
+    monkeypatch.setattr(sys.modules["ideogram4_mlx.magic.expand"], "caption_processor", small)
+    args = ["magic-prompt", "a fox", "--model", str(magic_checkpoint), "--seed", "1"]
+    result = CliRunner().invoke(main, [*args, "--magic-model", str(chat_model), "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert verify_raw(result.stdout.strip()) == [] and "[expand] peak" in result.stderr
+    for bad in (str(tmp_path / "missing"), "no-such-form"):
+        result = CliRunner().invoke(main, [*args, "--magic-model", bad])
+        assert result.exit_code == 1 and f"--magic-model {bad}: no such folder" in result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, [*args, "--magic-model", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "mlx-lm cannot load it" in result.output

@@ -23,6 +23,7 @@ import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_lm_load
 from mlx_lm.models.qwen3 import Model, ModelArgs, Qwen3Model
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
@@ -258,3 +259,24 @@ def load_magic_model(
     model.model = load_body(text_dir, dtype)
     model.lm_head = lm_head
     return model, tokenizer
+
+
+def load_chat_model(model: str | Path) -> tuple[nn.Module, TokenizerWrapper]:
+    """Any mlx-lm chat model (``--magic-model``): a local folder or a hub repo id that
+    ``mlx_lm.load`` reads; anything else is one ``CheckpointError`` naming it."""
+    path = Path(model).expanduser()
+    name = str(model)
+    if not path.exists() and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
+        raise CheckpointError(
+            f"--magic-model {model}: no such folder, and not a Hugging Face repo id "
+            "(owner/name) of an mlx-lm chat model"
+        )
+    try:
+        loaded = mlx_lm_load(str(path) if path.exists() else name)
+    except Exception as e:  # mlx-lm raises several types (missing files, hub, config)
+        raise CheckpointError(
+            f"--magic-model {model}: mlx-lm cannot load it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); give an mlx-lm chat model "
+            "(a folder with config.json, weights and tokenizer) or a repo id"
+        ) from None
+    return loaded[0], loaded[1]
