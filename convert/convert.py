@@ -31,6 +31,7 @@ from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_model
+from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import (
     MODE,
@@ -74,7 +75,10 @@ MODEL_COMPONENTS = {
     "text_encoder": ModelComponent(Qwen3VLTextEncoder, extras=FINAL_NORM_KEYS),
     # The bn buffers travel along: the VAE loader checks them against the latent constants.
     "vae": ModelComponent(Flux2VAE, extras=(BN_PREFIX,)),
+    # The magic prompt's lm_head, when the source bundles one: quantized like the text encoder.
+    HEAD_FOLDER: ModelComponent(PromptEnhancerHead),
 }
+OPTIONAL_COMPONENTS = (HEAD_FOLDER,)  # converted when the source has them
 COPIED_COMPONENTS = ("tokenizer", "scheduler")
 COMPONENTS = (*MODEL_COMPONENTS, *COPIED_COMPONENTS)
 COPIED_FILES = ("model_index.json",)
@@ -111,11 +115,16 @@ def convert(
     """
     parse_dtype(dtype)  # checks the name only
     check_settings(quantize, group_size, recipe)
+    default = components is None
     components = check_components(components, COMPONENTS)
     dst = Path(dst).expanduser()
     check_apart(Path(src).expanduser(), dst)
     check_destination(dst, force, foreign_entry, KIND)  # before a download can start
     src_dir, source = resolve_source(src, revision)
+    if default:
+        components = tuple(
+            n for n in components if n not in OPTIONAL_COMPONENTS or (src_dir / n).is_dir()
+        )
     for name in components:
         folder = src_dir / name
         if not folder.is_dir():

@@ -11,6 +11,8 @@ import shutil
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -23,7 +25,14 @@ from ideogram4_mlx.metadata import read_metadata
 
 SMALL = {"max_string_chars": 12, "max_elements": 3}
 FAST = {"width": 256, "height": 256, "num_steps": 2}
-PARTS = ("transformer", "unconditional_transformer", "text_encoder", "tokenizer", "vae")
+PARTS = (
+    "transformer",
+    "unconditional_transformer",
+    "text_encoder",
+    "tokenizer",
+    "vae",
+    "scheduler",
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +155,24 @@ def test_another_mlx_lm_chat_model_expands_too(magic_checkpoint, chat_model, tmp
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, [*args, "--magic-model", str(tmp_path / "empty")])
     assert result.exit_code == 1 and "mlx-lm cannot load it" in result.output
+
+
+def test_convert_quantizes_a_bundled_head_with_the_text_encoder(magic_checkpoint, tmp_path):
+    from ideogram4_mlx.convert import convert
+    from ideogram4_mlx.magic.model import load_magic_model
+    from ideogram4_mlx.weights import conversion_record
+
+    parts = ("text_encoder", "tokenizer", "prompt_enhancer_head")
+    dst = convert(magic_checkpoint, tmp_path / "q8", quantize=8, components=parts, progress=False)
+    record = conversion_record(dst / "prompt_enhancer_head")
+    assert record["quantization"]["bits"] == 8
+    model, tokenizer = load_magic_model(dst, dtype=mx.float32)  # the bundled head, quantized
+    assert isinstance(model.lm_head, nn.QuantizedLinear)
+    float_model, _ = load_magic_model(magic_checkpoint, dtype=mx.float32)
+    ids = mx.array([tokenizer.encode("a fox")])
+    a, b = np.array(model(ids)), np.array(float_model(ids))
+    # 8-bit affine weights in every linear of a random model (head included): a few percent.
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
+    # by default the head comes along when the source has one (test_convert: and not otherwise)
+    everything = convert(magic_checkpoint, tmp_path / "all", progress=False)
+    assert conversion_record(everything / "prompt_enhancer_head") is not None

@@ -14,7 +14,6 @@ Memory: the real head is 151936 x 4096 bf16, 1.2 GB on top of the body (16.4 GB 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,7 +31,7 @@ from mlx_lm.tokenizer_utils import (
 )
 
 from ideogram4_mlx.hub import is_network_error
-from ideogram4_mlx.layers import BaseConfig
+from ideogram4_mlx.magic.head import HEAD_FOLDER, HeadConfig, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import quantize_skeleton
 from ideogram4_mlx.text_encoder import (
@@ -44,7 +43,6 @@ from ideogram4_mlx.text_encoder import (
 from ideogram4_mlx.weights import (
     CheckpointError,
     DtypeRule,
-    HeaderCheck,
     checked_config,
     component_files,
     conversion_record,
@@ -56,7 +54,6 @@ from ideogram4_mlx.weights import (
 )
 
 DEFAULT_HEAD_REPO = "diffusers/qwen3-vl-8b-instruct-lm-head"
-HEAD_FOLDER = "prompt_enhancer_head"  # the head bundled inside a checkpoint folder
 HEAD_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
 # Qwen3-VL-8B's max_position_embeddings (spec §D.5); mlx-lm reads it only for scaled RoPE.
 MAX_POSITIONS = 262144
@@ -98,37 +95,6 @@ class TextBody(Qwen3Model):
         but the final norm is kept (the LM applies it before the head)."""
         kept = {k: v for k, v in weights.items() if not k.startswith(UNUSED_PREFIXES)}
         return dequantize_fp8_weights(strip_prefixes(kept, LM_PREFIXES))
-
-
-@dataclass(frozen=True)
-class HeadConfig(BaseConfig):
-    """``config.json`` of ``Ideogram4PromptEnhancerHead`` (its defaults are Qwen3-VL-8B's)."""
-
-    hidden_size: int = 4096
-    vocab_size: int = 151936
-
-    def header_checks(self) -> list[HeaderCheck]:
-        return [
-            HeaderCheck("vocab_size", self.vocab_size, "lm_head.weight"),
-            HeaderCheck("hidden_size", self.hidden_size, "lm_head.weight", axis=1),
-        ]
-
-
-class PromptEnhancerHead(nn.Module):
-    """The bias-free ``lm_head`` (vocab, hidden) of diffusers' ``Ideogram4PromptEnhancerHead``."""
-
-    # [I] the repo's dtype is not documented: a diffusers save keeps the model's float dtype.
-    dtype_rule: ClassVar[DtypeRule] = DtypeRule(floats=("BF16", "F16", "F32"), fp8=False)
-
-    def __init__(self, config: HeadConfig):
-        super().__init__()
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return dict(weights)
-
-    def quant_predicate(self, path: str, module: nn.Module) -> bool | dict:
-        return True
 
 
 def missing_head_message(repo_id: str, reason: str) -> str:
