@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.cli.magic import magic_options
-from ideogram4_mlx.constants import parse_dtype
-from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
+from ideogram4_mlx.cli.options import model_options
+from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.previews import StepPreviews
@@ -89,21 +89,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "guidance, mu and std except those the image set explicitly; --steps reshapes a "
     "preset-shaped guidance schedule.",
 )
-@click.option(
-    "--model",
-    default=DEFAULT_REPO,
-    show_default=True,
-    help="A local checkpoint folder or a Hugging Face repo id.",
-)
-@click.option("--revision", help="Hub revision (branch, tag or commit) of a repo id.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["bfloat16", "float32"]),
-    default="bfloat16",
-    show_default=True,
-    callback=lambda ctx, param, value: parse_dtype(value),
-    help="Weights and activations (latents are always float32).",
-)
+@model_options
 @click.option(
     "--preset",
     type=click.Choice(list(PRESETS)),

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
-from ideogram4_mlx.constants import parse_dtype
-from ideogram4_mlx.hub import DEFAULT_REPO, ModelAccessError
+from ideogram4_mlx.cli.options import model_options
+from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.pipeline import load
 
 
@@ -62,16 +62,7 @@ def magic_options(function):
 
 @click.command("magic-prompt", short_help="Expand a plain idea into a JSON caption.")
 @click.argument("idea")
-@click.option("--model", default=DEFAULT_REPO, show_default=True, help="Checkpoint folder or repo.")
-@click.option("--revision", help="Hub revision of a repo id.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["bfloat16", "float32"]),
-    default="bfloat16",
-    show_default=True,
-    callback=lambda ctx, param, value: parse_dtype(value),
-    help="Weights and activations (float32 is the fast one on a CPU).",
-)
+@model_options
 @click.option("--width", type=int, default=1024, show_default=True, help="Target width.")
 @click.option("--height", type=int, default=1024, show_default=True, help="Target height.")
 @click.option("--seed", type=click.IntRange(min=0), help="Sampling seed (default: random).")

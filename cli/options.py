@@ -2,6 +2,9 @@
 
 import click
 
+from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.hub import DEFAULT_REPO
+
 
 def components_option(valid: tuple[str, ...]):
     """A click callback parsing ``a,b,c`` into a tuple of names from ``valid`` (None stays None)."""
@@ -18,3 +21,28 @@ def components_option(valid: tuple[str, ...]):
         return names
 
     return parse
+
+
+def model_options(function):
+    """``--model``, ``--revision`` and ``--dtype``: which checkpoint, and how to run it."""
+    options = [
+        click.option(
+            "--model",
+            default=DEFAULT_REPO,
+            show_default=True,
+            help="A local checkpoint folder or a Hugging Face repo id.",
+        ),
+        click.option("--revision", help="Hub revision (branch, tag or commit) of a repo id."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["bfloat16", "float32"]),
+            default="bfloat16",
+            show_default=True,
+            callback=lambda ctx, param, value: parse_dtype(value),
+            help="Weights and activations (latents are always float32; float32 is the fast "
+            "one on MLX's CPU backend).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function

@@ -22,17 +22,11 @@ from ideogram4_mlx.cli import main
 from ideogram4_mlx.magic import constrain
 from ideogram4_mlx.magic.expand import MagicPromptError, aspect_ratio, user_message
 from ideogram4_mlx.metadata import read_metadata
+from ideogram4_mlx.synth import COMPONENTS
 
 SMALL = {"max_string_chars": 12, "max_elements": 3}
 FAST = {"width": 256, "height": 256, "num_steps": 2}
-PARTS = (
-    "transformer",
-    "unconditional_transformer",
-    "text_encoder",
-    "tokenizer",
-    "vae",
-    "scheduler",
-)
+PARTS = COMPONENTS  # the tiny checkpoint's folders, linked beside the head
 
 
 @pytest.fixture(scope="module")
