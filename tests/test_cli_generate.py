@@ -193,7 +193,7 @@ def fake(monkeypatch):
             seen.request, seen.verbose = request, verbose
             return FakeGeneration()
 
-    def fake_load(model, dtype, revision, keep_in_memory, low_memory, magic_head):
+    def fake_load(model, dtype, revision, keep_in_memory, low_memory, magic_head, magic_model):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
         seen.low_memory, seen.keep_in_memory = low_memory, keep_in_memory
         return FakePipe()
