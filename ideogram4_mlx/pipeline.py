@@ -422,11 +422,13 @@ def load(
     pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
     pipe.magic_head, pipe.magic_model_name = magic_head, magic_model
     if is_slow(dtype, pipe.quantization() is not None):
+        slow = [dtype_name(dtype)] if dtype != mx.float32 else []
+        slow += ["quantized"] if pipe.quantization() else []
         warnings.warn(
-            f"MLX runs on its CPU backend here, where {dtype_name(dtype)} "
-            f"{'and quantized ' if pipe.quantization() else ''}matmuls are 10-50x slower than "
-            "float32: for speed use --dtype float32 (dtype=mx.float32) with an unquantized "
-            "checkpoint; on a Mac (Metal) this does not apply",
+            f"MLX runs on its CPU backend here, where {' and '.join(slow)} matmuls are 10-50x "
+            "slower than dense float32 (no BLAS): for speed use --dtype float32 "
+            "(dtype=mx.float32) with an unquantized checkpoint; on a Mac (Metal) this does "
+            "not apply",
             stacklevel=2,
         )
     return pipe
