@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 import mlx.core as mx
 
 from ideogram4_mlx.cli.options import model_options
+from ideogram4_mlx.files import write_file
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.pipeline import load
 
@@ -102,18 +101,8 @@ def magic_prompt(
     if output is None:
         click.echo(caption)
         return
-    write_text(output, caption + "\n")
-    click.echo(str(output))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
+    except OSError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(str(output))

@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # The command-line flag first: most readers come from the CLI.
@@ -253,3 +254,32 @@ def sigterm_exits() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def write_file(path: Path | str, write: Callable[[BinaryIO], None], force: bool = False) -> Path:
+    """Write one file atomically: ``write(f)`` fills a temporary file in the same folder,
+    renamed onto ``path`` at the end, so ``path`` is never half-written and a link at ``path``
+    is replaced, never written through. Missing parent folders are created; an existing
+    ``path`` raises ``FileExistsError`` unless ``force``, checked again at the rename."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not force:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: a new file's usual mode
+        if (path.exists() or path.is_symlink()) and not force:  # created while we were writing
+            raise FileExistsError(f"{path} already exists")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

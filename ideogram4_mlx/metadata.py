@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
@@ -21,6 +20,7 @@ from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.environment import describe, differences
+from ideogram4_mlx.files import write_file
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
 
 PNG_KEY = "ideogram4-mlx"
@@ -46,23 +46,8 @@ def save_png(
     written through. Missing parent folders are created. An existing ``path`` raises
     ``FileExistsError`` unless ``force``.
     """
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not force:
-        raise FileExistsError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pnginfo = None if metadata is None else png_info(metadata)
-            image.save(f, format="PNG", pnginfo=pnginfo)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal new file's mode
-        if (path.exists() or path.is_symlink()) and not force:  # created while we were writing
-            raise FileExistsError(f"{path} already exists")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    pnginfo = None if metadata is None else png_info(metadata)
+    return write_file(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo), force)
 
 
 def check_output(path: Path | str, force: bool = False) -> None:
@@ -78,12 +63,6 @@ def check_output(path: Path | str, force: bool = False) -> None:
         parent = parent.parent  # save_png creates the missing folders below the first one
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write into {parent}: choose another --output")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def read_metadata(path: Path | str) -> dict:

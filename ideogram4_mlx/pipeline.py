@@ -421,9 +421,10 @@ def load(
     checkpoint_dir, model_id, revision = resolve_model(model, revision)
     pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
     pipe.magic_head, pipe.magic_model_name = magic_head, magic_model
-    if is_slow(dtype, pipe.quantization() is not None):
+    quantized = pipe.quantization() is not None
+    if is_slow(dtype, quantized):
         slow = [dtype_name(dtype)] if dtype != mx.float32 else []
-        slow += ["quantized"] if pipe.quantization() else []
+        slow += ["quantized"] if quantized else []
         warnings.warn(
             f"MLX runs on its CPU backend here, where {' and '.join(slow)} matmuls are 10-50x "
             "slower than dense float32 (no BLAS): for speed use --dtype float32 "
