@@ -13,13 +13,14 @@ one for a new environment from a pre-change checkout, or for a deliberate numeri
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from ideogram4_mlx.environment import describe
 
 DATA = Path(__file__).parent / "data"
 CAPTION = (
@@ -30,11 +31,10 @@ CASE = {"width": 256, "height": 320, "preset": "V4_TURBO_12", "num_steps": 4, "s
 
 
 def environment() -> str:
-    """What decides fp32 rounding on the CPU: MLX build, machine, the BLAS in use."""
-    import os
-
-    blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
-    return f"mlx-{mx.__version__}-{platform.system()}-{platform.machine()}-{blas}".lower()
+    """What decides fp32 rounding on the CPU: MLX build, machine, the BLAS in use (the
+    facts the PNG metadata records, ``ideogram4_mlx.environment.describe``)."""
+    facts = describe()
+    return f"mlx-{facts['mlx']}-{facts['platform']}-{facts['blas']}".replace(" ", "-").lower()
 
 
 def pinned_file(env: str | None = None) -> Path:
