@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.cli.magic import magic_options
 from ideogram4_mlx.cli.options import model_options
+from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import load
@@ -67,6 +68,22 @@ def _parse_guidance(ctx, param, value: str | None) -> tuple[float, ...] | None:
     return weights
 
 
+def _parse_expand(ctx, param, value: str | None) -> tuple[int, int, int, int] | None:
+    if value is None:
+        return None
+    try:
+        sides = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not LEFT,TOP,RIGHT,BOTTOM in pixels (e.g. 0,0,256,0)"
+        ) from None
+    if len(sides) == 1:
+        sides *= 4
+    if len(sides) != 4:
+        raise click.BadParameter(f"{value!r}: give 4 numbers LEFT,TOP,RIGHT,BOTTOM (or one)")
+    return sides
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
 
@@ -87,7 +104,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "steps, guidance schedule, mu and std. Options given on the command line override the "
     "stored ones; --model drops the stored revision; --preset brings the new preset's steps, "
     "guidance, mu and std except those the image set explicitly; --steps reshapes a "
-    "preset-shaped guidance schedule.",
+    "preset-shaped guidance schedule. An edit replays when given the same --image (and "
+    "--mask) again: they are checked against the SHA-256 fingerprints stored in the PNG.",
 )
 @model_options
 @click.option(
@@ -100,11 +118,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 @click.option(
     "--width",
     type=int,
-    default=1024,
-    show_default=True,
-    help="Multiple of 16 in 256..2048; aspect ratio at most 6:1.",
+    help="Multiple of 16 in 256..2048; aspect ratio at most 6:1. Default: 1024, or the "
+    "--image's own size (rounded to a multiple of 16, scaled into the limits) plus --expand.",
 )
-@click.option("--height", type=int, default=1024, show_default=True, help="As --width.")
+@click.option("--height", type=int, help="As --width.")
 @click.option(
     "--seed",
     type=click.IntRange(min=0),
@@ -135,6 +152,51 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "the caption.",
 )
 @magic_options
+@click.option(
+    "--image",
+    type=click.Path(path_type=Path),
+    help="Start from this image (image-to-image): resized and centre-cropped to the output "
+    "size. EXIF rotation applied, transparency composited on white.",
+)
+@click.option(
+    "--strength",
+    type=float,
+    help="How much of --image to redraw, in (0, 1]: the steps run from the time S(strength) "
+    "of the preset's grid; 1 starts from noise. Default: 0.6, or 1 with --mask or --expand.",
+)
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path),
+    help="Inpainting: white (luminance >= 128) = regenerate, black = keep. Same size as "
+    "--image. A 16x16-pixel token is regenerated if any of its pixels is white.",
+)
+@click.option(
+    "--mask-grow",
+    type=click.IntRange(0, MAX_MASK_TOKENS),
+    default=0,
+    show_default=True,
+    help="Grow the regenerated region by this many tokens (16 px each) in every direction.",
+)
+@click.option(
+    "--mask-feather",
+    type=click.IntRange(0, MAX_MASK_TOKENS),
+    default=0,
+    show_default=True,
+    help="Blend this many more rings of tokens around the region (weights falling to 0).",
+)
+@click.option(
+    "--paste-back",
+    is_flag=True,
+    help="Keep every unmasked pixel of the input exactly in the output (the model's pixels "
+    "only where the mask, grown by --mask-grow, is white).",
+)
+@click.option(
+    "--expand",
+    callback=_parse_expand,
+    help="Outpainting: add LEFT,TOP,RIGHT,BOTTOM pixels (multiples of 16; one value for all "
+    "four) around --image and generate them. With --width/--height, the image is fitted "
+    "into the output size minus the border.",
+)
 @click.option(
     "--allow-invalid-caption",
     is_flag=True,
@@ -196,6 +258,9 @@ def generate(
     Examples:
       ideo4-mlx generate --prompt-file examples/poster.json --seed 42 --output poster.png
       ideo4-mlx generate --from-metadata poster.png --seed 43 --output poster-43.png
+      ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --strength 0.5
+      ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --mask m.png
+      ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --expand 0,0,256,0
     """
     if settings["prompt"] is not None and prompt_file is not None:
         raise click.UsageError("give either --prompt or --prompt-file, not both")
@@ -240,7 +305,7 @@ def generate(
     if verbose:
         total = sum(s["seconds"] for s in result.stats.values())
         click.echo(f"[total] {total:.1f} s")
-    if from_metadata is not None and not (set(explicit) - {"model", "revision"}):
+    if from_metadata is not None and not (set(explicit) - {"model", "revision", "image", "mask"}):
         click.echo(_compare(from_metadata, output), err=True)
     click.echo(f"{output} (seed {result.metadata['seed']})")
 
@@ -256,7 +321,7 @@ def _preflight(
         problems.append(str(e))
     try:
         resolved = request.validate()
-    except ValueError as e:  # CaptionError too
+    except (ValueError, OSError) as e:  # CaptionError, an unreadable --image or --mask
         problems.append(str(e))
     if stepwise_dir is not None and resolved is not None:
         try:

@@ -25,9 +25,9 @@ from ideogram4_mlx.hub import resolve_model
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import PromptEncoder
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, request_from_settings
-from ideogram4_mlx.sampler import VelocityFn, euler_steps
+from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
-from ideogram4_mlx.vae import Flux2VAE, decode
+from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.weights import conversion_record
 
 
@@ -237,7 +237,9 @@ class Ideogram4Pipeline:
                 ``guidance_schedule`` (chronological: entry 0 = first step), ``mu``, ``std``
                 (override the preset), ``seed`` (None: random, recorded in the metadata),
                 ``strict_caption`` (caption findings raise ``CaptionError`` before any model
-                loads).
+                loads); edits: ``image`` (image-to-image, ``strength``), ``mask`` (inpainting,
+                ``mask_grow``, ``mask_feather``, ``paste_back``), ``expand`` (outpainting);
+                see :class:`GenerationRequest`.
             noise: (1, H/16 * W/16, 128) float32 in the packed layout; replaces the seeded
                 draw (for parity with other implementations).
             callback: ``callback(step, num_steps, latents)`` after every denoising step
@@ -286,6 +288,7 @@ class Generation:
         if not request.magic_prompt:  # too long: fails before any model loads
             pipe.prompt_encoder().token_ids(request.prompt)
         resolved.warn()
+        request = resolved.request  # size, strength and input fingerprints filled in
         n = resolved.grid_h * resolved.grid_w
         if noise is None:
             seed = random.randint(0, MAX_SEED) if request.seed is None else int(request.seed)
@@ -316,9 +319,19 @@ class Generation:
         with Stage(self.stats, "encode", self.report, self.verbose):
             features = pipe.encode(self.request.prompt)
             pipe.release("text_encoder")
+        start, known = self.noise, None
+        if r.edit is not None:
+            with Stage(self.stats, "encode_image", self.report, self.verbose):
+                x0 = encode(pipe.vae(), r.edit.canvas[None])
+                mx.eval(x0)
+                pipe.release("vae")
+            start = noised(x0, self.noise, r.schedule.start_time)
+            if r.edit.token_mask is not None:
+                mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
+                known = KnownLatents(x0, self.noise, mask)
         with Stage(self.stats, "denoise", self.report, self.verbose):
             cond, uncond = velocity_fns(*pipe.dits(), features, r.grid_h, r.grid_w)
-            for index, t, z in euler_steps(self.noise, r.schedule, cond, uncond):
+            for index, t, z in euler_steps(start, r.schedule, cond, uncond, known):
                 self.latents = z
                 yield Step(index, self.num_steps, t, z)
                 check_finite(z, index)  # after the caller's evaluation: no extra work
@@ -334,6 +347,8 @@ class Generation:
         with Stage(self.stats, "decode", self.report, self.verbose):
             pixels = decode(pipe.vae(), self.latents, r.grid_h, r.grid_w)
             pipe.release("vae")
+            if r.edit is not None:
+                pixels = r.edit.paste(pixels[0])[None]
         metadata = {
             **self.request.to_metadata(),
             "noise": "given" if self.given_noise else "seeded",

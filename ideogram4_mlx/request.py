@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
+
 from ideogram4_mlx.caption import (
     MAX_JSON_DEPTH,
     PLAIN_PROMPT_WARNING,
@@ -23,6 +25,15 @@ from ideogram4_mlx.caption import (
     verify_raw,
 )
 from ideogram4_mlx.constants import PIXELS_PER_TOKEN
+from ideogram4_mlx.edit import (
+    DEFAULT_SIZE,
+    Edit,
+    ImageInput,
+    check_edit_settings,
+    edit_size,
+    load_image,
+    prepare_edit,
+)
 from ideogram4_mlx.sampler import DEFAULT_PRESET, Schedule, get_preset, resolve_schedule
 
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 256, 2048, 6.0
@@ -47,11 +58,20 @@ class GenerationRequest:
     ``allow_invalid_caption`` lets a prompt that starts with ``{`` but is not valid JSON run
     as plain text (otherwise an error). ``magic_prompt`` treats ``prompt`` as an idea that
     the pipeline first expands into a JSON caption (seeded by ``seed``).
+
+    Edits (``edit.py``): ``image`` (a path, PIL image or uint8 array) starts the run from that
+    image: image-to-image with ``strength`` in (0, 1] (default 0.6; 1 = from noise, spec §H).
+    ``mask`` (white = regenerate, the image's size) makes it inpainting (default strength 1):
+    ``mask_grow`` and ``mask_feather`` widen it by tokens (16 px), ``paste_back`` keeps every
+    unmasked pixel of the input exactly. ``expand`` (left, top, right, bottom pixels,
+    multiples of 16) outpaints a border. ``width`` and ``height`` are the output size: 1024,
+    or the image's own size (plus ``expand``) when None. ``image_sha256``/``mask_sha256``,
+    when set (a replay), must match the inputs' fingerprints (``edit.fingerprint``).
     """
 
     prompt: str
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None
+    height: int | None = None
     preset: str = DEFAULT_PRESET
     num_steps: int | None = None
     guidance_schedule: tuple[float, ...] | None = None
@@ -61,8 +81,23 @@ class GenerationRequest:
     strict_caption: bool = False
     allow_invalid_caption: bool = False
     magic_prompt: bool = False
+    image: ImageInput | None = None
+    mask: ImageInput | None = None
+    strength: float | None = None
+    mask_grow: int = 0
+    mask_feather: int = 0
+    paste_back: bool = False
+    expand: tuple[int, int, int, int] | None = None
+    image_sha256: str | None = None
+    mask_sha256: str | None = None
 
     def __post_init__(self):
+        for name in ("image", "mask"):  # arrays as images: a request compares with ==
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                object.__setattr__(self, name, load_image(value, name).image)
+        if self.expand is not None and not isinstance(self.expand, tuple):
+            object.__setattr__(self, "expand", tuple(self.expand))
         if isinstance(self.prompt, dict):
             text = json.dumps(self.prompt, ensure_ascii=False, separators=(",", ":"))
             object.__setattr__(self, "prompt", text)
@@ -89,10 +124,11 @@ class GenerationRequest:
                 f"the prompt nests brackets more than {MAX_JSON_DEPTH} levels deep; "
                 "a JSON caption needs about 4"
             )
-        grid_h, grid_w = check_size(self.width, self.height)
         if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
             raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
-        schedule = self.schedule()
+        resolved, edit = self.resolve_edit()
+        grid_h, grid_w = check_size(resolved.width, resolved.height)
+        schedule = resolved.schedule()
         # An idea for the magic prompt is plain text by design; its caption is checked instead.
         findings = [] if self.magic_prompt else caption_findings(self.prompt)
         invalid = [f for f in findings if f.startswith("invalid JSON")]
@@ -104,10 +140,71 @@ class GenerationRequest:
             )
         if findings and self.strict_caption:
             raise CaptionError("caption check failed: " + "; ".join(findings))
-        return ResolvedRequest(self, grid_h, grid_w, schedule, findings)
+        return ResolvedRequest(resolved, grid_h, grid_w, schedule, findings, edit)
+
+    def resolve_edit(self) -> tuple[GenerationRequest, Edit | None]:
+        """This request with the output size (and, for an edit, the strength and the inputs'
+        fingerprints) filled in, and the prepared :class:`~ideogram4_mlx.edit.Edit`."""
+        if self.image is None and self.image_sha256 is not None:
+            raise ValueError(
+                f"this image was made from an input image (sha256 {self.image_sha256[:12]}...): "
+                "give that image with --image (image=)"
+            )
+        check_edit_settings(
+            self.image is not None,
+            self.mask is not None,
+            self.strength,
+            self.mask_grow,
+            self.mask_feather,
+            self.paste_back,
+            self.expand,
+        )
+        if self.image is None:
+            size = {k: getattr(self, k) or DEFAULT_SIZE for k in ("width", "height")}
+            return replace(self, **size), None
+        image = load_image(self.image, "image")
+        mask = None if self.mask is None else load_image(self.mask, "mask")
+        for what, given, expected in (
+            ("image", image, self.image_sha256),
+            ("mask", mask, self.mask_sha256),
+        ):
+            if expected is not None and (given is None or given.sha256 != expected):
+                found = "none was given" if given is None else f"{given.name} has {given.sha256}"
+                raise ValueError(
+                    f"the {what} differs from the one this image was made from (sha256 "
+                    f"{expected}; {found}): give the same file with --{what} ({what}=)"
+                )
+        width, height, inner_w, inner_h = edit_size(
+            image, self.width, self.height, self.expand, MIN_SIDE, MAX_SIDE
+        )
+        try:
+            check_size(width, height)
+        except ValueError as e:
+            grown = f" ({inner_w}x{inner_h} expanded by {self.expand})" if self.expand else ""
+            raise ValueError(f"the output {width}x{height}{grown}: {e}") from None
+        edit = prepare_edit(
+            image,
+            mask,
+            (inner_w, inner_h),
+            self.strength,
+            self.mask_grow,
+            self.mask_feather,
+            self.paste_back,
+            self.expand,
+        )
+        resolved = replace(
+            self,
+            width=width,
+            height=height,
+            strength=edit.strength,
+            image_sha256=edit.image_sha256,
+            mask_sha256=edit.mask_sha256,
+        )
+        return resolved, edit
 
     def schedule(self) -> Schedule:
-        """The preset with this request's overrides applied (errors name the setting)."""
+        """The preset with this request's overrides applied (errors name the setting); the
+        size must be resolved (see :meth:`resolve_edit`)."""
         if self.num_steps is not None and not 1 <= int(self.num_steps) <= MAX_STEPS:
             raise ValueError(f"num_steps {self.num_steps} is out of range: use 1..{MAX_STEPS}")
         for name in ("mu", "std"):
@@ -118,6 +215,8 @@ class GenerationRequest:
             math.isfinite(g) for g in self.guidance_schedule
         ):
             raise ValueError(f"guidance_schedule {list(self.guidance_schedule)} must be finite")
+        if self.width is None or self.height is None:
+            raise ValueError("the size is not resolved yet: call validate() or resolve_edit()")
         return resolve_schedule(
             self.height,
             self.width,
@@ -126,18 +225,27 @@ class GenerationRequest:
             self.guidance_schedule,
             self.mu,
             self.std,
+            1.0 if self.strength is None else self.strength,
         )
 
     def to_metadata(self) -> dict:
-        """The request as stored in a PNG, with the resolved steps, guidance, mu and std."""
-        schedule = self.schedule()
-        stored = {name: getattr(self, name) for name in METADATA_TYPES}
+        """The request as stored in a PNG, with the resolved size, steps, guidance, mu and
+        std; an edit adds its settings and the inputs' fingerprints (never their pixels)."""
+        resolved = self
+        unresolved_edit = self.image is not None and None in (self.strength, self.image_sha256)
+        if self.width is None or self.height is None or unresolved_edit:
+            resolved = self.resolve_edit()[0]
+        schedule = resolved.schedule()
+        stored = {name: getattr(resolved, name) for name in METADATA_TYPES}
         stored.update(
             num_steps=schedule.num_steps,
             guidance_schedule=list(schedule.guidance),
             mu=schedule.mu,
             std=schedule.std,
         )
+        if resolved.image_sha256 is not None:
+            stored.update({name: getattr(resolved, name) for name in EDIT_METADATA_TYPES})
+            stored["expand"] = None if resolved.expand is None else list(resolved.expand)
         return stored
 
     @classmethod
@@ -155,7 +263,16 @@ class GenerationRequest:
         for key, kind in METADATA_TYPES.items():
             check_type(key, metadata[key], kind)
         m = metadata
-        base = cls(**{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS})
+        edit = {}
+        if "image_sha256" in m:  # an edit; its inputs are given again at the replay
+            missing = [k for k in EDIT_METADATA_TYPES if k not in m]
+            if missing:
+                raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
+            for key, kind in EDIT_METADATA_TYPES.items():
+                check_type(key, m[key], kind)
+            edit = {k: m[k] for k in EDIT_METADATA_TYPES}
+            edit["expand"] = None if m["expand"] is None else tuple(m["expand"])
+        base = cls(**{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS}, **edit)
         preset = get_preset(base.preset)
         steps = None if m["num_steps"] == preset.num_steps else m["num_steps"]
         shaped = replace(base, num_steps=steps).schedule().guidance
@@ -184,13 +301,32 @@ METADATA_TYPES = {
     "mu": numbers.Real,
     "std": numbers.Real,
 }
+# An edit's settings, stored beside them; the inputs themselves only as fingerprints.
+EDIT_METADATA_TYPES = {
+    "strength": numbers.Real,
+    "image_sha256": str,
+    "mask_sha256": (str, type(None)),
+    "mask_grow": int,
+    "mask_feather": int,
+    "paste_back": bool,
+    "expand": "ints4",
+}
 # Stored resolved (the preset's values filled in): from_metadata turns them back into overrides.
 SCHEDULE_KEYS = ("num_steps", "guidance_schedule", "mu", "std")
 
 
 def check_type(key: str, value, kind) -> None:
     """One metadata field against its JSON type (bools are not numbers here)."""
-    if kind == "seq":
+    if kind is bool:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind == "ints4":
+        ok = value is None or (
+            isinstance(value, list)
+            and len(value) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
+        expected = "null or a list of 4 integers"
+    elif kind == "seq":
         ok = isinstance(value, list) and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
         )
@@ -205,13 +341,15 @@ def check_type(key: str, value, kind) -> None:
 
 @dataclass(frozen=True)
 class ResolvedRequest:
-    """A validated request and what the pipeline runs on: token grid, schedule, findings."""
+    """A validated request (size, strength and fingerprints filled in) and what the pipeline
+    runs on: token grid, schedule, caption findings, the prepared edit."""
 
     request: GenerationRequest
     grid_h: int
     grid_w: int
     schedule: Schedule
     caption_findings: list[str]
+    edit: Edit | None = None  # image-to-image, inpainting or outpainting
 
     def warn(self) -> None:
         """Emit the caption findings as warnings (``caption: ...``)."""

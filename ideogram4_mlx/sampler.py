@@ -70,16 +70,23 @@ def schedule_mean(mu: float, height: int, width: int) -> float:
     return mu + 0.5 * math.log(height * width / BASE_RESOLUTION_PIXELS)
 
 
-def time_grid(num_steps: int, height: int, width: int, mu: float, std: float) -> np.ndarray:
+def time_grid(
+    num_steps: int, height: int, width: int, mu: float, std: float, strength: float = 1.0
+) -> np.ndarray:
     """``S[0..N]`` float32, from ``t_max`` (S[0], clean end) down to ``t_min`` (S[N], noise end).
 
     A float32 linspace feeds float64 ndtri and sigmoid, then the result is clamped and cast
-    to float32 (official ``scheduler.py``; spec §E.1, §I.13).
+    to float32 (official ``scheduler.py``; spec §E.1, §I.13). ``strength`` s < 1 is
+    image-to-image (spec §H, DiffSynth's ``denoising_strength``): ``u = linspace(0, s)``, so all
+    N steps are spent between ``S(s)`` (S[N], the start) and ``t_max``. The linspace stays
+    float32 (DiffSynth's is float64: ~1e-7 apart) so that s = 1 is the text-to-image grid.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     mean = schedule_mean(mu, height, width)
-    u = np.linspace(0, 1, num_steps + 1, dtype=np.float32).astype(np.float64)
+    u = np.linspace(0, strength, num_steps + 1, dtype=np.float32).astype(np.float64)
     normal = NormalDist()
     z = np.array([-math.inf if v <= 0 else math.inf if v >= 1 else normal.inv_cdf(v) for v in u])
     with np.errstate(over="ignore"):
@@ -100,10 +107,17 @@ class Schedule:
     guidance: tuple[float, ...]  # chronological, len N
     mu: float
     std: float
+    strength: float = 1.0  # < 1: image-to-image, the grid starts at S(strength)
 
     @property
     def num_steps(self) -> int:
         return len(self.guidance)
+
+    @property
+    def start_time(self) -> float:
+        """The model time of the starting latents: ``t_min`` for text-to-image, ``S(s)`` for
+        image-to-image (spec §H)."""
+        return float(self.grid[-1])
 
 
 def resolve_schedule(
@@ -114,8 +128,9 @@ def resolve_schedule(
     guidance_schedule: Sequence[float] | None = None,
     mu: float | None = None,
     std: float | None = None,
+    strength: float = 1.0,
 ) -> Schedule:
-    """Apply overrides to a preset.
+    """Apply overrides to a preset (``strength``: see :func:`time_grid`).
 
     ``guidance_schedule`` is chronological and must have ``num_steps`` entries (or one entry,
     used for every step). Changing ``num_steps`` without a schedule keeps the preset's shape:
@@ -140,24 +155,57 @@ def resolve_schedule(
     std = p.std if std is None else float(std)
     if std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
-    return Schedule(time_grid(steps, height, width, mu, std), guidance, mu, std)
+    grid = time_grid(steps, height, width, mu, std, strength)
+    return Schedule(grid, guidance, mu, std, float(strength))
 
 
 VelocityFn = Callable[[mx.array, float], mx.array]
 
 
-def euler_steps(
-    noise: mx.array, schedule: Schedule, cond: VelocityFn, uncond: VelocityFn
-) -> Iterator[tuple[int, float, mx.array]]:
-    """Euler from ``t_min`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond`` (spec §E.2-3),
-    one step per iteration: yields ``(step, t, z)`` with the model time ``t`` reached and the
-    latents ``z`` (1, N, 128) fp32, unevaluated: the caller evaluates them (``mx.eval``).
+def noised(x0: mx.array, noise: mx.array, t: float) -> mx.array:
+    """The flow-matching path ``t * x0 + (1 - t) * noise`` in fp32 (spec §E.6); t = 1 is x0."""
+    t32 = mx.array(t, dtype=mx.float32)
+    return t32 * x0.astype(mx.float32) + (1 - t32) * noise.astype(mx.float32)
 
-    ``cond(z, t)`` and ``uncond(z, t)`` return the velocity (same shape as ``z``); latents,
-    the CFG combination and the step are fp32. The unconditional call is skipped when
-    ``g == 1``. The last step ends at ``t_max``, never at 1 (spec §I.11).
+
+@dataclass(frozen=True)
+class KnownLatents:
+    """Inpainting: tokens with ``mask`` weight 0 follow the input image.
+
+    After every step the latents become ``m * z + (1 - m) * noised(x0, noise, t)`` at the time
+    ``t`` reached, with the same noise the run started from; after the last step the known
+    part is ``x0`` itself (t = 1, not ``t_max``), so a kept token ends as the input's latent
+    exactly. Weights between 0 and 1 (a feathered edge) blend the two.
     """
-    z = mx.array(noise).astype(mx.float32)
+
+    x0: mx.array  # (1, N, 128) fp32: the encoded input
+    noise: mx.array  # (1, N, 128) fp32
+    mask: mx.array  # (1, N, 1) fp32: 1 = regenerate, 0 = keep
+
+    def blend(self, z: mx.array, t: float) -> mx.array:
+        known = self.x0 if t >= 1 else noised(self.x0, self.noise, t)
+        return self.mask * z + (1 - self.mask) * known
+
+
+def euler_steps(
+    start: mx.array,
+    schedule: Schedule,
+    cond: VelocityFn,
+    uncond: VelocityFn,
+    known: KnownLatents | None = None,
+) -> Iterator[tuple[int, float, mx.array]]:
+    """Euler from ``schedule.start_time`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond``
+    (spec §E.2-3), one step per iteration: yields ``(step, t, z)`` with the model time ``t``
+    reached and the latents ``z`` (1, N, 128) fp32, unevaluated: the caller evaluates them
+    (``mx.eval``).
+
+    ``start`` is the noise (text-to-image) or the noised input (image-to-image, see
+    :func:`noised`). ``cond(z, t)`` and ``uncond(z, t)`` return the velocity (same shape as
+    ``z``); latents, the CFG combination and the step are fp32. The unconditional call is
+    skipped when ``g == 1``. The last step ends at ``t_max``, never at 1 (spec §I.11).
+    ``known`` pins the kept tokens of an inpainting run after every step.
+    """
+    z = mx.array(start).astype(mx.float32)
     grid, n = schedule.grid, schedule.num_steps
     for step in range(n):
         i = n - 1 - step  # the official loop index
@@ -169,19 +217,22 @@ def euler_steps(
             g32 = mx.array(g, dtype=mx.float32)
             v = g32 * v + (1 - g32) * v_u
         z = z + v * mx.array(t_next - t_cur, dtype=mx.float32)
+        if known is not None:
+            z = known.blend(z, 1.0 if step == n - 1 else float(t_next))
         yield step, float(t_next), z
 
 
 def denoise(
-    noise: mx.array,
+    start: mx.array,
     schedule: Schedule,
     cond: VelocityFn,
     uncond: VelocityFn,
     callback: Callable[[int, int, mx.array], None] | None = None,
+    known: KnownLatents | None = None,
 ) -> mx.array:
     """All of :func:`euler_steps`, evaluating each step; ``callback(step, num_steps, z)``."""
-    z = mx.array(noise).astype(mx.float32)
-    for step, _, z in euler_steps(noise, schedule, cond, uncond):
+    z = mx.array(start).astype(mx.float32)
+    for step, _, z in euler_steps(start, schedule, cond, uncond, known):
         mx.eval(z)
         if callback is not None:
             callback(step, schedule.num_steps, z)

@@ -184,7 +184,7 @@ def fake(monkeypatch):
 
         def result(self):
             r = seen.request
-            image = Image.new("RGB", (r.width, r.height))
+            image = Image.new("RGB", (r.width or 16, r.height or 16))  # None: the default
             seed = 1 if r.seed is None else r.seed
             return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
 
