@@ -1,7 +1,10 @@
 """`ideo4-mlx crosscheck MODEL`: the MLX pipeline vs the PyTorch reference, stage by stage."""
 
+from pathlib import Path
+
 import click
 
+from ideogram4_mlx.cli.options import parse_expand
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
 
 MINIMAL_CAPTION = (
@@ -19,9 +22,11 @@ MINIMAL_CAPTION = (
     help="Caption or plain text (default: a minimal JSON caption).",
 )
 @click.option(
-    "--width", default=256, show_default=True, help="Image width: a multiple of 16, 256..2048."
+    "--width",
+    type=int,
+    help="Image width: a multiple of 16, 256..2048 (default 256, or the --image's own size).",
 )
-@click.option("--height", default=256, show_default=True, help="Image height, as --width.")
+@click.option("--height", type=int, help="Image height, as --width.")
 @click.option(
     "--preset",
     type=click.Choice(list(PRESETS)),
@@ -45,10 +50,18 @@ MINIMAL_CAPTION = (
     show_default=True,
     help="Weights and activations of both pipelines.",
 )
-def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dtype):
+@click.option("--image", type=click.Path(path_type=Path), help="Cross-check an edit of this image.")
+@click.option("--strength", type=float, help="As for generate (image-to-image).")
+@click.option("--mask", type=click.Path(path_type=Path), help="As for generate (inpainting).")
+@click.option("--mask-grow", type=int, default=0, help="As for generate.")
+@click.option("--mask-feather", type=int, default=0, help="As for generate.")
+@click.option("--paste-back", is_flag=True, help="As for generate.")
+@click.option("--expand", callback=parse_expand, help="As for generate (outpainting).")
+def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dtype, **edit):
     """Run the MLX pipeline and the PyTorch reference on the same prompt and noise, and print
-    the difference at each stage (token ids, text features, first velocity, final latents,
-    image).
+    the difference at each stage (token ids, text features, time grid, first velocity, final
+    latents, image). With --image (and --mask, --expand) the same for an edit, plus the
+    encoded input image.
 
     MODEL is the original fp8 snapshot: a folder or a repo id (not a folder written by
     `ideo4-mlx convert`). Needs the `reference` extra (torch + diffusers).
@@ -57,6 +70,7 @@ def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dt
     Example (on a synthetic checkpoint):
       ideo4-mlx synth /tmp/ideo4-tiny
       ideo4-mlx crosscheck /tmp/ideo4-tiny --preset V4_TURBO_12
+      ideo4-mlx crosscheck /tmp/ideo4-tiny --image photo.png --mask mask.png --steps 4
     """
     try:
         # torch is optional: only this command needs it.
@@ -67,7 +81,16 @@ def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dt
         ) from e
     try:
         result = run(
-            model, prompt, width, height, preset, num_steps, seed=seed, device=device, dtype=dtype
+            model,
+            prompt,
+            width,
+            height,
+            preset,
+            num_steps,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            **edit,
         )
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.cli.magic import magic_options
-from ideogram4_mlx.cli.options import model_options
+from ideogram4_mlx.cli.options import model_options, parse_expand
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
@@ -66,22 +66,6 @@ def _parse_guidance(ctx, param, value: str | None) -> tuple[float, ...] | None:
     if not all(math.isfinite(w) for w in weights):
         raise click.BadParameter(f"{value!r}: weights must be finite numbers")
     return weights
-
-
-def _parse_expand(ctx, param, value: str | None) -> tuple[int, int, int, int] | None:
-    if value is None:
-        return None
-    try:
-        sides = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not LEFT,TOP,RIGHT,BOTTOM in pixels (e.g. 0,0,256,0)"
-        ) from None
-    if len(sides) == 1:
-        sides *= 4
-    if len(sides) != 4:
-        raise click.BadParameter(f"{value!r}: give 4 numbers LEFT,TOP,RIGHT,BOTTOM (or one)")
-    return sides
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -192,7 +176,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 )
 @click.option(
     "--expand",
-    callback=_parse_expand,
+    callback=parse_expand,
     help="Outpainting: add LEFT,TOP,RIGHT,BOTTOM pixels (multiples of 16; one value for all "
     "four) around --image and generate them. With --width/--height, the image is fitted "
     "into the output size minus the border.",

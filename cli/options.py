@@ -46,3 +46,20 @@ def model_options(function):
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def parse_expand(ctx, param, value: str | None) -> tuple[int, int, int, int] | None:
+    """``--expand LEFT,TOP,RIGHT,BOTTOM`` (or one value for all four) -> a 4-tuple of ints."""
+    if value is None:
+        return None
+    try:
+        sides = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not LEFT,TOP,RIGHT,BOTTOM in pixels (e.g. 0,0,256,0)"
+        ) from None
+    if len(sides) == 1:
+        sides *= 4
+    if len(sides) != 4:
+        raise click.BadParameter(f"{value!r}: give 4 numbers LEFT,TOP,RIGHT,BOTTOM (or one)")
+    return sides

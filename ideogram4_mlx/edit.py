@@ -45,7 +45,7 @@ class InputImage:
 
     image: Image.Image
     sha256: str  # of the mode, size and decoded pixels (not the file bytes)
-    name: str  # for messages: the path, or "the image"
+    name: str  # for messages: the path, or "(in memory)"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -74,7 +74,7 @@ def load_image(source: ImageInput, what: str = "image") -> InputImage:
             )
         source = Image.fromarray(source)
     if isinstance(source, Image.Image):
-        return _checked(source, f"the {what}", what)
+        return _checked(source, "(in memory)", what)
     path = Path(source).expanduser()
     if not path.is_file():
         kind = "is a folder" if path.is_dir() else "does not exist"

@@ -150,6 +150,11 @@ class GenerationRequest:
                 f"this image was made from an input image (sha256 {self.image_sha256[:12]}...): "
                 "give that image with --image (image=)"
             )
+        if self.mask is None and self.mask_sha256 is not None:
+            raise ValueError(
+                f"the mask differs from the one this image was made from (sha256 "
+                f"{self.mask_sha256}; none was given): give the same file with --mask (mask=)"
+            )
         check_edit_settings(
             self.image is not None,
             self.mask is not None,
