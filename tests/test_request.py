@@ -121,3 +121,70 @@ def test_a_prompt_that_looks_like_json_but_is_not_is_an_error_unless_allowed():
         GenerationRequest('{"high_level_description": "x",}').validate()
     resolved = GenerationRequest('{"oops"', allow_invalid_caption=True).validate()
     assert any(f.startswith("invalid JSON") for f in resolved.caption_findings)
+
+
+# --- edits ------------------------------------------------------------------------------------
+
+
+def edit_arrays():
+    image = np.arange(320 * 256 * 3, dtype=np.uint32).reshape(256, 320, 3).astype(np.uint8)
+    mask = np.zeros((256, 320), np.uint8)
+    mask[:40] = 255
+    return image, mask
+
+
+def test_validate_resolves_the_size_and_an_edit():
+    plain = GenerationRequest(CAPTION).validate()
+    assert (plain.request.width, plain.request.height, plain.edit) == (1024, 1024, None)
+    image, mask = edit_arrays()
+    resolved = GenerationRequest(CAPTION, image=image, expand=(16, 0, 16, 0)).validate()
+    r = resolved.request
+    assert (r.width, r.height, r.strength) == (352, 256, 1.0)
+    assert (resolved.grid_h, resolved.grid_w) == (16, 22)
+    assert resolved.schedule.strength == 1.0 and r.image_sha256 is not None
+    img2img = GenerationRequest(CAPTION, image=image, strength=0.4).validate()
+    assert img2img.schedule.strength == 0.4 and img2img.edit.token_mask is None
+    assert img2img.schedule.start_time > 0.1  # starts well after t_min
+
+
+def test_edit_metadata_round_trip_needs_the_same_inputs():
+    image, mask = edit_arrays()
+    request = GenerationRequest(
+        CAPTION, image=image, mask=mask, mask_grow=2, mask_feather=1, paste_back=True, seed=3
+    )
+    stored = request.to_metadata()
+    assert stored["expand"] is None and stored["strength"] == 1.0 and stored["paste_back"]
+    assert stored["width"] == 320 and len(stored["image_sha256"]) == 64
+    back = GenerationRequest.from_metadata(stored)
+    assert (
+        back.image is None and back.mask_grow == 2 and back.image_sha256 == stored["image_sha256"]
+    )
+    again = replace(back, image=image, mask=mask)
+    assert again.to_metadata() == stored
+    with pytest.raises(ValueError, match="give that image with --image"):
+        back.validate()
+    with pytest.raises(ValueError, match="the mask differs"):
+        replace(back, image=image, mask=np.zeros_like(mask)).validate()
+    # text-to-image stores no edit keys (and old PNGs without them replay as text-to-image)
+    assert "image_sha256" not in GenerationRequest(CAPTION).to_metadata()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("paste_back", "yes"),
+        ("expand", [16, 0, 0]),
+        ("expand", [16.0, 0, 0, 0]),
+        ("image_sha256", 5),
+        ("strength", True),
+        ("mask_grow", 1.5),
+    ],
+)
+def test_edit_metadata_types_are_checked(key, value):
+    image, _ = edit_arrays()
+    stored = GenerationRequest(CAPTION, image=image, seed=1).to_metadata()
+    with pytest.raises(ValueError, match=f"metadata field '{key}'"):
+        GenerationRequest.from_metadata({**stored, key: value})
+    del stored["mask_grow"]
+    with pytest.raises(ValueError, match="has no mask_grow"):
+        GenerationRequest.from_metadata(stored)

@@ -8,6 +8,7 @@ from ideogram4_mlx.sampler import (
     PRESETS,
     T_MAX,
     T_MIN,
+    KnownLatents,
     denoise,
     get_preset,
     guidance_from_index_order,
@@ -150,6 +151,45 @@ def test_grid_endpoints_and_midpoint():
     assert grid[1] == np.float32(1 / 3)
     grid = time_grid(4, 512, 512, 0.0, 1.0)  # at 512^2 the mean is mu: S(0.5) = 1/2
     assert grid[2] == np.float32(0.5)
+
+
+def test_strength_compresses_the_grid_onto_the_later_times():
+    """Spec §H: u = linspace(0, s, N + 1); all N steps between S(s) and t_max."""
+    p = get_preset("V4_DEFAULT_20")
+    full = time_grid(20, 1024, 1024, p.mu, p.std)
+    np.testing.assert_array_equal(time_grid(20, 1024, 1024, p.mu, p.std, 1.0), full)
+    half = time_grid(20, 1024, 1024, p.mu, p.std, 0.5)
+    assert half.shape == (21,) and half[0] == np.float32(T_MAX)
+    assert half[-1] == np.float32(1 / 3)  # S(0.5) at 1024^2, mu 0: 1 - sigmoid(ln 2)
+    assert (np.diff(half) < 0).all()  # still from t_max down, strictly
+    # every u of the compressed grid is a point of the full curve: S_s(i) = S(s * i / N)
+    np.testing.assert_allclose(half[::2], time_grid(10, 1024, 1024, p.mu, p.std, 0.5)[:])
+    np.testing.assert_allclose(half[10], time_grid(4, 1024, 1024, p.mu, p.std)[1], atol=1e-7)
+    schedule = resolve_schedule(1024, 1024, strength=0.5)
+    assert schedule.strength == 0.5 and schedule.start_time == np.float32(1 / 3)
+    for bad in (0.0, -0.1, 1.01):
+        with pytest.raises(ValueError, match="strength must be in"):
+            time_grid(4, 512, 512, 0.0, 1.0, bad)
+
+
+def test_known_latents_pin_the_kept_tokens():
+    x0 = mx.array(np.full((1, 3, 2), 2.0, np.float32))
+    noise = mx.array(np.full((1, 3, 2), -1.0, np.float32))
+    mask = mx.array(np.array([1.0, 0.0, 0.5], np.float32).reshape(1, 3, 1))
+    known = KnownLatents(x0, noise, mask)
+    z = mx.array(np.full((1, 3, 2), 7.0, np.float32))
+    out = np.array(known.blend(z, 0.25))  # known = 0.25 * 2 + 0.75 * -1 = -0.25
+    np.testing.assert_array_equal(out[0, :, 0], [7.0, -0.25, 0.5 * 7 + 0.5 * -0.25])
+    np.testing.assert_array_equal(np.array(known.blend(z, 1.0))[0, 1], [2.0, 2.0])  # x0 itself
+    # in the loop: kept tokens follow the input after every step and end as x0 exactly
+    schedule = resolve_schedule(512, 512, guidance_schedule=[1.0], num_steps=3)
+    seen = []
+    velocity = lambda z, t: mx.ones_like(z)  # noqa: E731
+    final = denoise(noise, schedule, velocity, velocity, lambda i, n, z: seen.append(z), known)
+    for step, z in enumerate(seen[:-1]):
+        t = schedule.grid[schedule.num_steps - 1 - step]
+        np.testing.assert_allclose(np.array(z)[0, 1], 2 * t - (1 - t), rtol=1e-6)
+    np.testing.assert_array_equal(np.array(final)[0, 1], [2.0, 2.0])
 
 
 def test_model_times_in_bf16_are_the_spec_values():
