@@ -32,7 +32,7 @@ MAX_INPUT_PIXELS = 64 * 2**20
 MASK_THRESHOLD = 128
 # mask_grow and mask_feather, in tokens (16 px each): 64 tokens is 1024 px.
 MAX_MASK_TOKENS = 64
-# Image-to-image without a mask: at 1024^2 with V4_DEFAULT_20 the run starts at t = 0.27
+# Image-to-image without a mask: at 1024^2 with V4_DEFAULT_20 the run starts at t = 0.24
 # (S(0.6)), which keeps the composition and redraws the details. Masks and outpainting
 # regenerate their region from noise (1.0) unless told otherwise.
 DEFAULT_STRENGTH = 0.6

@@ -15,6 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import require_reference
@@ -22,6 +23,7 @@ from PIL import Image
 
 from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.edit import DEFAULT_STRENGTH
 from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.weights import conversion_record
 
@@ -45,6 +47,9 @@ SUBSTITUTIONS = [
     ("ideogram-ai/ideogram-4-fp8", "{tiny}"),
     # The README's placeholder caption: a real one (examples/poster.json, else CAPTION).
     ("caption.json", "{caption}"),
+    # The README's placeholder input image and mask (edits): a small photo and its mask.
+    ("photo.jpg", "{photo}"),
+    ("mask.png", "{mask}"),
     # Files of the checkout, which the README's commands run in: read from this repository.
     ("examples/", "{root}/examples/"),
     # The user's home, where a shell would expand ~: a folder of this test's own.
@@ -108,6 +113,7 @@ def test_readme_block_runs(commands, tiny_checkpoint, tmp_path, monkeypatch):
     paths = {"tiny": tiny_checkpoint, "tmp": tmp_path / "tmp", "home": tmp_path / "home"}
     paths["root"] = ROOT
     paths["caption"] = EXAMPLE_CAPTION if EXAMPLE_CAPTION.is_file() else write_caption(tmp_path)
+    paths["photo"], paths["mask"] = write_edit_inputs(tmp_path)
     for folder in ("tmp", "home", "work"):
         (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path / "work")
@@ -164,6 +170,17 @@ def write_caption(tmp_path: Path) -> Path:
     return path
 
 
+def write_edit_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A 320x256 JPEG photo (a gradient) and a mask of its size with a white rectangle."""
+    yy, xx = np.mgrid[0:256, 0:320]
+    photo = np.stack([xx * 255 // 319, yy * 255 // 255, (xx + yy) % 256], -1).astype(np.uint8)
+    mask = np.zeros((256, 320), np.uint8)
+    mask[64:160, 96:224] = 255
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path / "photo.jpg", tmp_path / "mask.png"
+
+
 def substitute(arg: str, paths: dict) -> str:
     for text, replacement in SUBSTITUTIONS:
         if arg == text or (text.endswith("/") and arg.startswith(text)):
@@ -185,7 +202,11 @@ def real_model(args: list[str], paths: dict) -> list[str]:
         return args
     if args[0] == "generate" and "--model" not in args:
         args = [*args, "--model", str(paths["tiny"])]
-    return [*args, *SMALL.get(args[0], [])]
+    small = SMALL.get(args[0], [])
+    if "--image" in args:  # an edit keeps its input's (small) size
+        pairs = zip(small[::2], small[1::2], strict=True)
+        small = [x for k, v in pairs if k not in ("--width", "--height") for x in (k, v)]
+    return [*args, *small]
 
 
 def check_generate(params: dict, output: str):
@@ -195,6 +216,14 @@ def check_generate(params: dict, output: str):
     if params["from_metadata"] is not None:
         source = read_metadata(params["from_metadata"])
         assert size == (source["width"], source["height"]) and metadata["seed"] == source["seed"]
+    elif params["image"] is not None:  # an edit: the input's size (plus --expand), recorded
+        left, top, right, bottom = params["expand"] or (0, 0, 0, 0)
+        with Image.open(params["image"]) as image:
+            natural = (image.width + left + right, image.height + top + bottom)
+        assert size == (params["width"] or natural[0], params["height"] or natural[1])
+        masked = params["mask"] is not None or params["expand"] is not None
+        strength = params["strength"] or (1.0 if masked else DEFAULT_STRENGTH)
+        assert metadata["image_sha256"] and metadata["strength"] == strength
     else:
         assert size == (params["width"], params["height"])
 
