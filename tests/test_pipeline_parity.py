@@ -132,3 +132,20 @@ def test_fp32_edits(tiny_checkpoint, crosscheck, tmp_path, edit, steps):
     assert result.first_velocity_rel_l2 <= 1e-4, result.lines()
     assert result.latents_rel_l2 <= 1e-3, result.lines()
     assert result.image_max_abs_diff <= 2, result.lines()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_crosscheck_command_on_an_edit(tiny_checkpoint, crosscheck, tmp_path):
+    from click.testing import CliRunner
+
+    from ideogram4_mlx.cli import main
+
+    image, mask = edit_inputs(tmp_path)
+    args = ["crosscheck", str(tiny_checkpoint), "--preset", "V4_TURBO_12", "--steps", "2"]
+    args += ["--image", str(image), "--mask", str(mask), "--paste-back"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for stage in ("encoded input image  : rel L2", "time grid", "final latents", "PSNR"):
+        assert stage in result.output
+    result = CliRunner().invoke(main, [*args[:6], "--mask", str(mask)])  # no --image
+    assert result.exit_code == 1 and "give one with --image" in result.output
