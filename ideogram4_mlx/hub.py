@@ -1,10 +1,10 @@
-"""Where a model comes from: a local checkpoint folder or a Hugging Face repo id."""
+"""Where a model (or a LoRA file) comes from: a local path or a Hugging Face repo id."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -92,11 +92,14 @@ def is_network_error(error: BaseException) -> bool:
     return any(c.__name__ in NETWORK_ERRORS for c in type(error).__mro__)
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
-    """Download the files the pipeline needs; a refusal, or no connection and no cached copy,
-    becomes a ``ModelAccessError`` saying what to do."""
+def download(
+    repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None
+) -> Path:
+    """Download the files the pipeline needs (or ``allow_patterns``); a refusal, or no
+    connection and no cached copy, becomes a ``ModelAccessError`` saying what to do."""
+    patterns = ALLOW_PATTERNS if allow_patterns is None else allow_patterns
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (GatedRepoError, RepositoryNotFoundError) as e:
         raise ModelAccessError(access_message(repo_id)) from e
     except HfHubHTTPError as e:
@@ -124,3 +127,44 @@ def resolve_model(model: str | Path, revision: str | None = None) -> tuple[Path,
     folder = check_checkpoint_dir(download(name, revision))
     # snapshot folders are named after the commit they hold
     return folder, name, revision or folder.name
+
+
+def resolve_file(source: str | Path, suffix: str = ".safetensors") -> Path:
+    """A local file, or one file of a Hugging Face repo: ``owner/name`` (its only ``suffix``
+    file) or ``owner/name/path/in/repo.safetensors``. Downloads into the Hub cache."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.resolve()
+    name = str(source)
+    parts = name.split("/")
+    if path.exists() or len(parts) < 2 or name.startswith((".", "/", "~")):
+        kind = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{source} {kind}, and is not a Hugging Face repo id")
+    repo, inner = "/".join(parts[:2]), "/".join(parts[2:])
+    folder = download(repo, allow_patterns=[inner] if inner else [f"*{suffix}"])
+    if inner:
+        found = [folder / inner] if (folder / inner).is_file() else []
+    else:
+        found = sorted(folder.rglob(f"*{suffix}"))
+    if len(found) != 1:
+        listed = ", ".join(f"{repo}/{p.relative_to(folder)}" for p in found[:5]) or "none"
+        raise FileNotFoundError(
+            f"{source}: expected one {suffix} file in the repo, found {len(found)} ({listed}); "
+            "name the file as owner/name/path/file" + suffix
+        )
+    return found[0]
+
+
+def cached_files(file_name: str) -> list[Path]:
+    """Files named ``file_name`` anywhere in the Hugging Face cache (no network)."""
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # no cache folder yet, or an unreadable one: nothing to find
+        return []
+    return [
+        Path(f.file_path)
+        for repo in cache.repos
+        for revision in repo.revisions
+        for f in revision.files
+        if f.file_name == file_name
+    ]

@@ -1,0 +1,436 @@
+"""LoRA adapters for the DiTs: read the layouts people train, map them onto our module names,
+apply them exactly.
+
+Layouts (detected per file, see :func:`read_lora`):
+- diffusers/PEFT: ``transformer.layers.N.attention.to_q.lora_A.weight`` (split q/k/v, ``to_out.0``),
+  alphas in the safetensors metadata (``lora_adapter_metadata``), else alpha = rank;
+- ai-toolkit: ``diffusion_model.`` prefix, the checkpoint's own names (fused ``attention.qkv``,
+  ``attention.o``), ``lora_A``/``lora_B`` or kohya ``lora_down``/``lora_up`` with ``.alpha``;
+- DiffSynth-Studio: no prefix, the checkpoint's names, ``lora_A``/``lora_B`` (``.default.``
+  kept or not), no alpha (scale 1; an ``.alpha`` is honoured as alpha / rank);
+- split names without a prefix (``layers.N.attention.to_q``, ``to_out.0``).
+
+A LoRA delta on a linear with weight ``W`` (out, in) is ``scale * up @ down`` with ``down``
+(r, in) and ``up`` (out, r); ``scale`` = the user's scale times alpha / r. Split ``to_q``/``to_k``/
+``to_v`` deltas land on row thirds of the fused ``attention.qkv`` (spec §A.3: Q, K, V rows).
+
+Applied unfused by default (:func:`apply_loras`): the linear's class is swapped for one that
+adds ``(x @ down.T) @ up.T * scale`` to the base output, so it is exact on fp8-dequantized,
+bf16 and quantized bases, keeps the checkpoint's parameter names (loading, low-memory
+streaming and quantization see no difference) and the scale can change without reloading.
+:func:`fuse_loras` merges into float weights instead (fp32 sum, one rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from safetensors import safe_open
+
+from ideogram4_mlx import hub
+
+# File prefixes of the DiT in the layouts above (the first that every DiT key has is removed).
+DIT_PREFIXES = (
+    "transformer.",
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "conditional_transformer.",
+    "base_model.model.",
+)
+# Keys of text-encoder LoRAs (diffusers, kohya): recognised, and refused by name.
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "lora_te", "te_", "text_model.")
+# diffusers' split attention names -> (our fused module, row third).
+SPLIT_QKV = {"to_q": 0, "to_k": 1, "to_v": 2}
+KEY_PATTERN = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$"
+)
+ALPHA_PATTERN = re.compile(r"^(?P<module>.+?)\.alpha$")
+# Bounds on what a file can make us allocate: ranks above this are not LoRAs.
+MAX_RANK = 1024
+METADATA_KEY = "lora_adapter_metadata"
+
+
+class LoRAError(ValueError):
+    """A LoRA file that cannot be applied: unsupported keys, unmatched modules, wrong shapes."""
+
+
+@dataclass
+class Delta:
+    """One low-rank update of one linear: ``scale * up @ down`` on its rows (all, or a third)."""
+
+    down: mx.array  # (r, in)
+    up: mx.array  # (out or out / 3, r)
+    alpha_scale: float  # alpha / r (1 when the file has no alpha)
+    source: str  # the file key of ``up``, for messages
+    third: int | None = None  # 0, 1, 2: the q, k or v rows of a fused qkv
+
+
+@dataclass
+class LoRAFile:
+    """A parsed LoRA: ``deltas`` by our module path (``layers.3.attention.qkv``)."""
+
+    path: Path
+    sha256: str
+    layout: str
+    deltas: dict[str, list[Delta]]
+    text_encoder_keys: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({d.down.shape[0] for ds in self.deltas.values() for d in ds})
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
+    for prefix in DIT_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix, [k[len(prefix) :] for k in keys]
+    return "", keys
+
+
+def _peft_alphas(metadata: dict | None) -> tuple[float | None, dict[str, float]]:
+    """(lora_alpha, alpha_pattern) from diffusers' ``lora_adapter_metadata``, if any."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None, {}
+    try:
+        config = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{METADATA_KEY} in the file header is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        return None, {}
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    alpha = config.get("lora_alpha")
+    pattern = config.get("alpha_pattern") or {}
+    if alpha is not None and not isinstance(alpha, (int, float)):
+        raise LoRAError(f"{METADATA_KEY}: lora_alpha {alpha!r} is not a number")
+    return alpha, {str(k): float(v) for k, v in pattern.items() if isinstance(v, (int, float))}
+
+
+def _pattern_alpha(module: str, default: float | None, pattern: dict[str, float]) -> float | None:
+    for key, value in pattern.items():  # peft: the pattern matches a suffix of the module path
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def read_lora(path: Path | str) -> LoRAFile:
+    """Parse a LoRA safetensors file (any layout above) into deltas on our module names.
+
+    Raises :class:`LoRAError` naming the file and key for keys that are no LoRA (DoRA, LoKr,
+    stray tensors), a ``down`` without its ``up``, ranks that disagree or exceed
+    :data:`MAX_RANK`, and non-finite values.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata()
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
+    text_keys = [k for k in keys if k.startswith(TEXT_ENCODER_PREFIXES)]
+    dit_keys = [k for k in keys if k not in set(text_keys)]
+    prefix, names = _strip_prefix(dit_keys)
+    by_name = dict(zip(names, dit_keys, strict=True))
+    pairs: dict[str, dict[str, str]] = {}
+    alphas: dict[str, float] = {}
+    for name, key in by_name.items():
+        if m := KEY_PATTERN.match(name):
+            part = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(m["part"], m["part"])
+            pairs.setdefault(m["module"], {})[part] = key
+        elif m := ALPHA_PATTERN.match(name):
+            alphas[m["module"]] = float(np.asarray(tensors[key]).reshape(-1)[0])
+        else:
+            kind = "DoRA" if "dora" in name or "magnitude" in name else "not a LoRA weight"
+            raise LoRAError(f"{path}: key {key} is {kind}; only plain LoRA (A/B) is supported")
+    peft_alpha, alpha_pattern = _peft_alphas(metadata)
+    deltas: dict[str, list[Delta]] = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            have = next(iter(parts.values()))
+            raise LoRAError(
+                f"{path}: {have} has no matching lora_{'B' if 'lora_A' in parts else 'A'}"
+            )
+        down = np.asarray(tensors[parts["lora_A"]], np.float32)
+        up = np.asarray(tensors[parts["lora_B"]], np.float32)
+        if down.ndim == 4 and down.shape[2:] == (1, 1):  # 1x1 conv form of a linear LoRA
+            down, up = down[:, :, 0, 0], up[:, :, 0, 0]
+        rank = down.shape[0] if down.ndim == 2 else -1
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank or not 1 <= rank <= MAX_RANK:
+            raise LoRAError(
+                f"{path}: {parts['lora_A']} {down.shape} and {parts['lora_B']} {up.shape} are "
+                f"not a LoRA pair (down (r, in), up (out, r), r <= {MAX_RANK})"
+            )
+        if not (np.isfinite(down).all() and np.isfinite(up).all()):
+            raise LoRAError(f"{path}: {parts['lora_B']} or its lora_A holds NaN or inf")
+        alpha = alphas.get(module, _pattern_alpha(module, peft_alpha, alpha_pattern))
+        target, third = map_module(module)
+        delta = Delta(
+            mx.array(down),
+            mx.array(up),
+            1.0 if alpha is None else alpha / rank,
+            parts["lora_B"],
+            third,
+        )
+        deltas.setdefault(target, []).append(delta)
+    layout = detect_layout(prefix, list(pairs), any(".lora_down" in k for k in keys), metadata)
+    return LoRAFile(path, file_sha256(path), layout, deltas, text_keys)
+
+
+def map_module(name: str) -> tuple[str, int | None]:
+    """A file's module name (prefix removed) -> (our module path, q/k/v third or None)."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] == "attention" and parts[-1] in SPLIT_QKV:
+        return ".".join(parts[:-1] + ["qkv"]), SPLIT_QKV[parts[-1]]
+    if name.endswith(".attention.to_out.0"):
+        return name[: -len("to_out.0")] + "o", None
+    return name, None
+
+
+def detect_layout(prefix: str, modules: list[str], kohya: bool, metadata: dict | None) -> str:
+    split = any(m.rsplit(".", 1)[-1] in SPLIT_QKV or m.endswith("to_out.0") for m in modules)
+    if prefix == "transformer.":
+        return "diffusers/PEFT"
+    if prefix in ("diffusion_model.", "model.diffusion_model.", "conditional_transformer."):
+        return "ai-toolkit (kohya names)" if kohya else "ai-toolkit"
+    if split:
+        return "split to_q/to_k/to_v names"
+    return "DiffSynth-Studio" if not kohya else "kohya (no prefix)"
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every linear of ``model`` by path: (out, in) in float terms (quantized ones too)."""
+    shapes = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            out = module.weight.shape[0]
+            shapes[path] = (out, module.weight.shape[1] * 32 // module.bits)
+        elif isinstance(module, nn.Linear):
+            shapes[path] = tuple(module.weight.shape)
+    return shapes
+
+
+def match(
+    lora: LoRAFile, shapes: dict[str, tuple[int, int]], allow_partial: bool = False
+) -> list[str]:
+    """Check every delta against the model's linears: returns the unmatched module paths
+    (an error unless ``allow_partial``); a shape mismatch is always an error naming both."""
+    if lora.text_encoder_keys:
+        example = lora.text_encoder_keys[0]
+        raise LoRAError(
+            f"{lora.name} has {len(lora.text_encoder_keys)} text-encoder keys (e.g. {example}): "
+            "LoRAs on the Qwen3-VL text encoder are not supported; use a DiT-only LoRA"
+        )
+    unmatched = []
+    for target, deltas in lora.deltas.items():
+        if target not in shapes:
+            unmatched.append(target)
+            continue
+        out, inp = shapes[target]
+        for d in deltas:
+            rows = out // 3 if d.third is not None else out
+            if d.down.shape[1] != inp or d.up.shape[0] != rows:
+                part = " per q/k/v third" if d.third is not None else ""
+                raise LoRAError(
+                    f"{lora.name}: {d.source} gives a ({d.up.shape[0]}, {d.down.shape[1]}) "
+                    f"update, but {target} is ({rows}, {inp}){part}: a LoRA for another model "
+                    "or size"
+                )
+    if unmatched and not allow_partial:
+        shown = ", ".join(unmatched[:3])
+        raise LoRAError(
+            f"{lora.name}: {len(unmatched)} of {len(lora.deltas)} LoRA modules match no layer "
+            f"(e.g. {shown}); it is for another model or layout. --lora-allow-partial "
+            "(allow_partial=True) applies the rest"
+        )
+    return unmatched
+
+
+class Adapters:
+    """The LoRA deltas on one linear with their current scales (not MLX parameters: loading,
+    streaming and ``parameters()`` never see them)."""
+
+    def __init__(self, out_features: int):
+        self.out_features = out_features
+        self.items: list[tuple[str, Delta, float]] = []  # (lora name, delta, user scale)
+
+    def term(self, x: mx.array) -> mx.array | None:
+        total = None
+        for _, d, scale in self.items:
+            s = scale * d.alpha_scale
+            if s == 0:
+                continue
+            t = (x @ d.down.astype(x.dtype).T) @ d.up.astype(x.dtype).T
+            t = t * mx.array(s, dtype=x.dtype)
+            if d.third is not None:
+                rows = self.out_features // 3
+                pad = [(0, 0)] * (t.ndim - 1) + [(d.third * rows, (2 - d.third) * rows)]
+                t = mx.pad(t, pad)
+            total = t if total is None else total + t
+        return total
+
+
+class _WithLoRA:
+    lora: Adapters
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = super().__call__(x)
+        term = self.lora.term(x)
+        return y if term is None else y + term.astype(y.dtype)
+
+
+class LoRALinear(_WithLoRA, nn.Linear):
+    """``nn.Linear`` plus its :class:`Adapters` (same parameters, same names)."""
+
+
+class LoRAQuantizedLinear(_WithLoRA, nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` plus its :class:`Adapters` (same parameters, same names)."""
+
+
+def apply_loras(model: nn.Module, loras: list[tuple[LoRAFile, float]]) -> None:
+    """Add each ``(lora, scale)`` unfused to ``model`` (checked with :func:`match` first)."""
+    modules = dict(model.named_modules())
+    for lora, scale in loras:
+        for target, deltas in lora.deltas.items():
+            module = modules.get(target)
+            if module is None:
+                continue  # unmatched, allowed by match()
+            if not isinstance(module, _WithLoRA):
+                out = module.weight.shape[0]
+                module.lora = Adapters(out)
+                cls = LoRAQuantizedLinear if isinstance(module, nn.QuantizedLinear) else LoRALinear
+                module.__class__ = cls
+            for d in deltas:
+                module.lora.items.append((lora.name, d, float(scale)))
+
+
+def set_scale(model: nn.Module, name: str, scale: float) -> int:
+    """Change the scale of the LoRA ``name`` everywhere in ``model``; the number of deltas."""
+    count = 0
+    for _, module in model.named_modules():
+        if isinstance(module, _WithLoRA):
+            items = module.lora.items
+            for i, (n, d, _) in enumerate(items):
+                if n == name:
+                    items[i] = (n, d, float(scale))
+                    count += 1
+    return count
+
+
+def fused_weight(weight: mx.array, deltas: list[tuple[Delta, float]]) -> mx.array:
+    """``weight + sum(scale * up @ down)`` in fp32 (row thirds for q/k/v), one rounding back."""
+    w = np.array(weight.astype(mx.float32))
+    rows = w.shape[0] // 3
+    for d, scale in deltas:
+        update = (scale * d.alpha_scale) * (np.array(d.up) @ np.array(d.down))
+        if d.third is None:
+            w += update
+        else:
+            w[d.third * rows : (d.third + 1) * rows] += update
+    return mx.array(w).astype(weight.dtype)
+
+
+def fuse_loras(model: nn.Module, loras: list[tuple[LoRAFile, float]]) -> None:
+    """Merge each ``(lora, scale)`` into ``model``'s float linears (quantized ones refuse)."""
+    modules = dict(model.named_modules())
+    pending: dict[str, list[tuple[Delta, float]]] = {}
+    for lora, scale in loras:
+        for target, deltas in lora.deltas.items():
+            if target in modules:
+                pending.setdefault(target, []).extend((d, float(scale)) for d in deltas)
+    for target, deltas in pending.items():
+        module = modules[target]
+        if isinstance(module, nn.QuantizedLinear):
+            raise LoRAError(
+                f"{target} is quantized: a LoRA cannot be fused into it; use it unfused (the "
+                "default) or bake it in with `ideo4-mlx convert --lora`"
+            )
+        module.weight = fused_weight(module.weight, deltas)
+
+
+def lora_parameters(model: nn.Module) -> int:
+    """How many LoRA values ``model`` carries unfused."""
+    return sum(
+        d.down.size + d.up.size
+        for _, module in model.named_modules()
+        if isinstance(module, _WithLoRA)
+        for _, d, _ in module.lora.items
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a user asks for, and finding the files again for a replay.
+
+TARGETS = ("cond", "uncond")  # transformer/, unconditional_transformer/
+MAX_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """A LoRA to load: a file or a Hub repo (``owner/name`` or ``owner/name/file``), its
+    scale (None: 1, or the stored one in a replay) and its DiT (``cond`` or ``uncond``)."""
+
+    source: str | Path
+    scale: float | None = None
+    target: str = "cond"
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise LoRAError(f"LoRA target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if self.scale is not None and not (
+            np.isfinite(self.scale) and abs(self.scale) <= MAX_SCALE
+        ):
+            raise LoRAError(
+                f"LoRA scale {self.scale} for {self.source}: use a finite number within "
+                f"+-{MAX_SCALE:g}"
+            )
+
+    @property
+    def weight(self) -> float:
+        return 1.0 if self.scale is None else float(self.scale)
+
+
+def parse_lora_option(value: str, target: str = "cond") -> LoRASpec:
+    """``FILE`` or ``FILE:SCALE`` (the part after the last colon, when it is a number)."""
+    source, _, tail = value.rpartition(":")
+    try:
+        scale = float(tail) if source else None
+    except ValueError:
+        scale = None
+    return LoRASpec(value if scale is None else source, scale, target)
+
+
+def find_stored_lora(stored: dict, given: list[LoRAFile]) -> Path:
+    """The file of a LoRA recorded in an image's metadata: one given on the command line with
+    the same SHA-256, else a file of the same name in the Hugging Face cache with it."""
+    for lora in given:
+        if lora.sha256 == stored["sha256"]:
+            return lora.path
+    for path in hub.cached_files(stored["name"]):
+        if file_sha256(path) == stored["sha256"]:
+            return path
+    raise LoRAError(
+        f"the image used the LoRA {stored['name']} (sha256 {stored['sha256'][:12]}..., scale "
+        f"{stored['scale']}, {stored['target']}); it is not in the Hugging Face cache: give the "
+        "file with --lora FILE (--lora-uncond for the unconditional DiT)"
+    )
