@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.cli.magic import magic_options
-from ideogram4_mlx.cli.options import model_options, parse_expand
+from ideogram4_mlx.cli.options import lora_options, model_options, parse_expand
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
@@ -92,6 +92,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "--mask) again: they are checked against the SHA-256 fingerprints stored in the PNG.",
 )
 @model_options
+@lora_options
 @click.option(
     "--preset",
     type=click.Choice(list(PRESETS)),
@@ -234,6 +235,10 @@ def generate(
     verbose: bool,
     magic_head: str | None,
     magic_model: str | None,
+    loras: list,
+    uncond_loras: list,
+    fuse_lora: bool,
+    lora_allow_partial: bool,
     **settings,
 ) -> None:
     """Generate one image from a prompt, or replay one with --from-metadata.
@@ -264,12 +269,15 @@ def generate(
         warnings.filterwarnings("always", message="caption:")
         warnings.showwarning = _show_warning
         try:
+            given = [*loras, *uncond_loras]
             if from_metadata is None:
                 load_kwargs = {k: settings.pop(k) for k in LOAD_KEYS}
+                load_kwargs.update(loras=given, fuse_lora=fuse_lora)
                 request = GenerationRequest(**settings)
             else:
-                load_kwargs, request = replay(read_metadata(from_metadata), explicit)
-        except (ValueError, OSError) as e:
+                load_kwargs, request = replay(read_metadata(from_metadata), explicit, given)
+                load_kwargs["fuse_lora"] = load_kwargs["fuse_lora"] or fuse_lora
+        except (ValueError, OSError, ModelAccessError) as e:
             raise click.ClickException(str(e)) from e
         previews = _preflight(request, output, force, stepwise_dir)
         try:
@@ -280,6 +288,7 @@ def generate(
                 low_memory=low_memory,
                 magic_head=magic_head,
                 magic_model=magic_model,
+                lora_allow_partial=lora_allow_partial,
             )
             pipe.magic_options = magic
             result = _run(pipe, request, previews, verbose)

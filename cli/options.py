@@ -4,6 +4,7 @@ import click
 
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO
+from ideogram4_mlx.lora import LoRAError, parse_lora_option
 
 
 def components_option(valid: tuple[str, ...]):
@@ -63,3 +64,54 @@ def parse_expand(ctx, param, value: str | None) -> tuple[int, int, int, int] | N
     if len(sides) != 4:
         raise click.BadParameter(f"{value!r}: give 4 numbers LEFT,TOP,RIGHT,BOTTOM (or one)")
     return sides
+
+
+def _lora_specs(target: str):
+    def parse(ctx, param, values: tuple[str, ...]):
+        try:
+            return [parse_lora_option(v, target) for v in values]
+        except LoRAError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return parse
+
+
+def lora_options(function):
+    """``--lora``, ``--lora-uncond``, ``--fuse-lora``, ``--lora-allow-partial``."""
+    options = [
+        click.option(
+            "--lora",
+            "loras",
+            multiple=True,
+            callback=_lora_specs("cond"),
+            metavar="FILE[:SCALE]",
+            help="A LoRA for the conditional DiT (repeatable): a .safetensors file or a Hub "
+            "repo (owner/name or owner/name/file.safetensors); SCALE defaults to 1. Layouts: "
+            "diffusers/PEFT, ai-toolkit, kohya, DiffSynth-Studio.",
+        ),
+        click.option(
+            "--lora-uncond",
+            "uncond_loras",
+            multiple=True,
+            callback=_lora_specs("uncond"),
+            metavar="FILE[:SCALE]",
+            help="A LoRA for the unconditional DiT (repeatable). Off by default: LoRAs are "
+            "trained on the conditional DiT, and one on the unconditional DiT too pushes CFG "
+            "off (mosaics).",
+        ),
+        click.option(
+            "--fuse-lora",
+            is_flag=True,
+            help="Merge the LoRAs into the float weights at load (a little faster per step; "
+            "not with a quantized checkpoint or --low-memory). Default: unfused, exact.",
+        ),
+        click.option(
+            "--lora-allow-partial",
+            is_flag=True,
+            help="Apply a LoRA some of whose modules match no layer (warns with the count); "
+            "otherwise that is an error.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function

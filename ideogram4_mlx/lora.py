@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -280,8 +280,7 @@ class Adapters:
             s = scale * d.alpha_scale
             if s == 0:
                 continue
-            t = (x @ d.down.astype(x.dtype).T) @ d.up.astype(x.dtype).T
-            t = t * mx.array(s, dtype=x.dtype)
+            t = (x @ d.down.T) @ d.up.T * mx.array(s, dtype=d.up.dtype)
             if d.third is not None:
                 rows = self.out_features // 3
                 pad = [(0, 0)] * (t.ndim - 1) + [(d.third * rows, (2 - d.third) * rows)]
@@ -308,7 +307,9 @@ class LoRAQuantizedLinear(_WithLoRA, nn.QuantizedLinear):
 
 
 def apply_loras(model: nn.Module, loras: list[tuple[LoRAFile, float]]) -> None:
-    """Add each ``(lora, scale)`` unfused to ``model`` (checked with :func:`match` first)."""
+    """Add each ``(lora, scale)`` unfused to ``model`` (checked with :func:`match` first), in
+    each layer's compute dtype: the term ``(x @ down.T) @ up.T * scale`` is added to the base
+    output (as peft does)."""
     modules = dict(model.named_modules())
     for lora, scale in loras:
         for target, deltas in lora.deltas.items():
@@ -320,8 +321,11 @@ def apply_loras(model: nn.Module, loras: list[tuple[LoRAFile, float]]) -> None:
                 module.lora = Adapters(out)
                 cls = LoRAQuantizedLinear if isinstance(module, nn.QuantizedLinear) else LoRALinear
                 module.__class__ = cls
+            # the base layer's compute dtype (a quantized layer's scales carry it)
+            dtype = getattr(module, "scales", module.weight).dtype
             for d in deltas:
-                module.lora.items.append((lora.name, d, float(scale)))
+                cast = replace(d, down=d.down.astype(dtype), up=d.up.astype(dtype))
+                module.lora.items.append((lora.name, cast, float(scale)))
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> int:
@@ -420,17 +424,52 @@ def parse_lora_option(value: str, target: str = "cond") -> LoRASpec:
     return LoRASpec(value if scale is None else source, scale, target)
 
 
-def find_stored_lora(stored: dict, given: list[LoRAFile]) -> Path:
-    """The file of a LoRA recorded in an image's metadata: one given on the command line with
-    the same SHA-256, else a file of the same name in the Hugging Face cache with it."""
-    for lora in given:
-        if lora.sha256 == stored["sha256"]:
-            return lora.path
-    for path in hub.cached_files(stored["name"]):
-        if file_sha256(path) == stored["sha256"]:
-            return path
-    raise LoRAError(
-        f"the image used the LoRA {stored['name']} (sha256 {stored['sha256'][:12]}..., scale "
-        f"{stored['scale']}, {stored['target']}); it is not in the Hugging Face cache: give the "
-        "file with --lora FILE (--lora-uncond for the unconditional DiT)"
+def replay_loras(stored, given: list[LoRASpec]) -> list[LoRASpec]:
+    """The LoRAs of an image's metadata (``loras``: name, sha256, target, scale) as specs.
+
+    Each stored LoRA's file is one of ``given`` with the same SHA-256 (its scale, when given,
+    overrides the stored one), else a file of the same name in the Hugging Face cache with
+    that SHA-256; otherwise ``LoRAError`` says which file to give. Given files matching no
+    stored LoRA are added. Raises ``ValueError`` for a mistyped record.
+    """
+    if stored is None:
+        stored = []
+    if not isinstance(stored, list) or not all(_valid_record(r) for r in stored):
+        raise ValueError(
+            "metadata field 'loras' is not a list of {name, sha256, target, scale} records"
+        )
+    hashes = [file_sha256(hub.resolve_file(spec.source)) for spec in given]
+    specs, used = [], set()
+    for record in stored:
+        match_ = next((i for i, h in enumerate(hashes) if h == record["sha256"]), None)
+        if match_ is not None:
+            used.add(match_)
+            spec = given[match_]
+            scale = record["scale"] if spec.scale is None else spec.scale
+            specs.append(LoRASpec(spec.source, scale, record["target"]))
+            continue
+        path = next(
+            (p for p in hub.cached_files(record["name"]) if file_sha256(p) == record["sha256"]),
+            None,
+        )
+        if path is None:
+            flag = "--lora" if record["target"] == "cond" else "--lora-uncond"
+            raise LoRAError(
+                f"the image used the LoRA {record['name']} (sha256 {record['sha256'][:12]}..., "
+                f"scale {record['scale']}) and no file with that SHA-256 was given or is in the "
+                f"Hugging Face cache: give it with {flag} FILE"
+            )
+        specs.append(LoRASpec(path, record["scale"], record["target"]))
+    specs += [spec for i, spec in enumerate(given) if i not in used]
+    return specs
+
+
+def _valid_record(record) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("name"), str)
+        and isinstance(record.get("sha256"), str)
+        and record.get("target") in TARGETS
+        and isinstance(record.get("scale"), (int, float))
+        and not isinstance(record.get("scale"), bool)
     )

@@ -21,6 +21,7 @@ from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.files import write_file
+from ideogram4_mlx.lora import LoRASpec, replay_loras
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
 
 PNG_KEY = "ideogram4-mlx"
@@ -93,7 +94,9 @@ def read_metadata(path: Path | str) -> dict:
     return metadata
 
 
-def replay(metadata: Mapping, overrides: Mapping | None = None) -> tuple[dict, GenerationRequest]:
+def replay(
+    metadata: Mapping, overrides: Mapping | None = None, loras: list[LoRASpec] | None = None
+) -> tuple[dict, GenerationRequest]:
     """``load()`` keyword arguments and the ``GenerationRequest`` that reproduce ``metadata``.
 
     ``overrides`` holds load keys (``model``, ``revision``, ``dtype``) and request fields;
@@ -101,7 +104,10 @@ def replay(metadata: Mapping, overrides: Mapping | None = None) -> tuple[dict, G
     ``GenerationRequest.from_metadata(metadata)``, where values that only came from the
     preset are None: a new ``preset`` brings its own steps, guidance, mu and std unless the
     image set them explicitly, a new ``num_steps`` reshapes a preset-shaped guidance schedule.
-    A new ``model`` drops the stored revision.
+    A new ``model`` drops the stored revision. The image's LoRAs are found again by SHA-256
+    among ``loras`` (files given again; their scales override) or in the Hugging Face cache
+    (see :func:`~ideogram4_mlx.lora.replay_loras`); the load arguments then hold ``loras``
+    and ``fuse_lora``.
 
     Raises ``ValueError`` when a field is missing or mistyped, or when the image was made
     from given noise (no seed) and no ``seed`` override is given.
@@ -141,5 +147,8 @@ def replay(metadata: Mapping, overrides: Mapping | None = None) -> tuple[dict, G
     load.update({k: v for k, v in overrides.items() if k in LOAD_KEYS})
     if isinstance(load["dtype"], str):
         load["dtype"] = parse_dtype(load["dtype"])
+    stored_loras = metadata.get("loras")
+    load["loras"] = replay_loras(stored_loras, list(loras or []))
+    load["fuse_lora"] = bool(stored_loras) and all(r.get("fused") is True for r in stored_loras)
     request = replace(request, **{k: v for k, v in overrides.items() if k in SETTINGS})
     return load, request

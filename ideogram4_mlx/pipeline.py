@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +21,18 @@ from PIL import Image
 from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import DTYPES, PACKED_CHANNELS, dtype_name, parse_dtype
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow
-from ideogram4_mlx.hub import resolve_model
+from ideogram4_mlx.hub import resolve_file, resolve_model
+from ideogram4_mlx.lora import (
+    LoRAError,
+    LoRAFile,
+    LoRASpec,
+    apply_loras,
+    fuse_loras,
+    linear_shapes,
+    match,
+    read_lora,
+    set_scale,
+)
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import PromptEncoder
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, request_from_settings
@@ -96,6 +107,8 @@ class Ideogram4Pipeline:
         self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
         self._vae: Flux2VAE | None = None
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
+        self.loras: list[tuple[LoRASpec, LoRAFile]] = []  # see add_lora
+        self.fuse_lora = False
         self.magic_head: str | Path | None = None  # lm_head folder or repo (None: default)
         self.magic_options: dict = {}  # expand()'s options when generate expands an idea
         self.magic_model_name: str | Path | None = None  # another mlx-lm chat model to expand
@@ -165,9 +178,60 @@ class Ideogram4Pipeline:
                 Ideogram4Transformer.from_pretrained(
                     self.checkpoint_dir / name, self.dtype, self.low_memory, text_input=text
                 )
-                for name, text in (("transformer", True), ("unconditional_transformer", False))
+                for name, text in DIT_COMPONENTS
             )
+            for model, target in zip(self._dits, ("cond", "uncond"), strict=True):
+                chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
+                if chosen:
+                    (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
         return self._dits
+
+    def add_lora(self, spec: LoRASpec | str, allow_partial: bool = False) -> LoRAFile:
+        """Read a LoRA (a file or ``owner/name[/file]`` on the Hub) and check it against its DiT
+        before any weights load; it is applied when the DiTs load (reloaded if they are).
+
+        Every LoRA module must match a layer with the right shape (``LoRAError`` naming the
+        key otherwise); ``allow_partial`` applies the rest with a warning giving the count."""
+        spec = LoRASpec(spec) if isinstance(spec, str) else spec
+        lora = read_lora(resolve_file(spec.source))
+        names = [f.name for _, f in self.loras]
+        if lora.name in names:
+            raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
+        component = dict(zip(("cond", "uncond"), DIT_COMPONENTS, strict=True))[spec.target][0]
+        shapes = linear_shapes(Ideogram4Transformer.build(self.checkpoint_dir / component))
+        unmatched = match(lora, shapes, allow_partial)
+        if unmatched:
+            warnings.warn(
+                f"LoRA {lora.name}: {len(unmatched)} of {len(lora.deltas)} modules match no "
+                f"layer and are skipped (e.g. {unmatched[0]})",
+                stacklevel=2,
+            )
+        if self.fuse_lora and self.quantization() is not None:
+            raise LoRAError(
+                "--fuse-lora needs float weights, but this checkpoint is quantized: use the "
+                "LoRA unfused (the default, exact) or bake it in with `ideo4-mlx convert --lora`"
+            )
+        self.loras.append((spec, lora))
+        self._dits = None  # the next generation loads them with this LoRA
+        return lora
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (its file name) without reloading: unfused LoRAs change
+        in place; fused ones are merged again at the next load."""
+        for i, (spec, lora) in enumerate(self.loras):
+            if lora.name == name:
+                self.loras[i] = (LoRASpec(spec.source, scale, spec.target), lora)
+                if self._dits is not None and not self.fuse_lora:
+                    set_scale(self._dits[("cond", "uncond").index(spec.target)], name, scale)
+                elif self.fuse_lora:
+                    self._dits = None
+                return
+        raise LoRAError(
+            f"no LoRA named {name} is loaded ({', '.join(self.lora_names()) or 'none'})"
+        )
+
+    def lora_names(self) -> list[str]:
+        return [lora.name for _, lora in self.loras]
 
     def vae(self) -> Flux2VAE:
         if self._vae is None:
@@ -194,13 +258,25 @@ class Ideogram4Pipeline:
 
     def settings(self) -> dict:
         """What this pipeline adds to an image's metadata: model, revision, dtype, quantization."""
-        return {
+        settings = {
             "model": self.model_id,
             "revision": self.revision,
             "dtype": dtype_name(self.dtype),
             "quantization": self.quantization(),
             "environment": describe(),
         }
+        if self.loras:
+            settings["loras"] = [
+                {
+                    "name": lora.name,
+                    "sha256": lora.sha256,
+                    "target": spec.target,
+                    "scale": spec.weight,
+                    "fused": self.fuse_lora,
+                }
+                for spec, lora in self.loras
+            ]
+        return settings
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -386,6 +462,9 @@ def velocity_fns(
     return cond, uncond
 
 
+DIT_COMPONENTS = (("transformer", True), ("unconditional_transformer", False))
+
+
 class NonFiniteError(ValueError):
     """The latents became NaN or infinite: the image would be black."""
 
@@ -415,6 +494,9 @@ def load(
     low_memory: bool = False,
     magic_head: str | Path | None = None,
     magic_model: str | Path | None = None,
+    loras: Sequence[LoRASpec | str] = (),
+    fuse_lora: bool = False,
+    lora_allow_partial: bool = False,
 ) -> Ideogram4Pipeline:
     """A pipeline for a local checkpoint folder or a Hugging Face repo id: load once, then
     generate many images.
@@ -429,6 +511,13 @@ def load(
     prompt's lm_head, a folder or repo id (default: the checkpoint's ``prompt_enhancer_head/``,
     else ``diffusers/qwen3-vl-8b-instruct-lm-head``). ``magic_model``: expand with another
     mlx-lm chat model instead (a folder or repo id).
+
+    ``loras``: :class:`~ideogram4_mlx.lora.LoRASpec` (or a path/repo string) each, for the
+    conditional DiT unless its ``target`` is ``"uncond"``; read and checked here, before any
+    weights load (``lora_allow_partial``: see :meth:`Ideogram4Pipeline.add_lora`). They run
+    unfused (exact on any base; ``set_lora_scale`` changes one in place) unless
+    ``fuse_lora``, which merges them into the float weights at load (not with a quantized
+    checkpoint or ``low_memory``).
     """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
@@ -436,6 +525,15 @@ def load(
     checkpoint_dir, model_id, revision = resolve_model(model, revision)
     pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
     pipe.magic_head, pipe.magic_model_name = magic_head, magic_model
+    if fuse_lora and low_memory:
+        raise LoRAError(
+            "--fuse-lora with --low-memory: the streamed blocks are read from disk on every "
+            "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
+            "--lora`"
+        )
+    pipe.fuse_lora = fuse_lora
+    for spec in loras:
+        pipe.add_lora(spec, lora_allow_partial)
     quantized = pipe.quantization() is not None
     if is_slow(dtype, quantized):
         slow = [dtype_name(dtype)] if dtype != mx.float32 else []

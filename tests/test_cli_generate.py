@@ -193,9 +193,21 @@ def fake(monkeypatch):
             seen.request, seen.verbose = request, verbose
             return FakeGeneration()
 
-    def fake_load(model, dtype, revision, keep_in_memory, low_memory, magic_head, magic_model):
+    def fake_load(
+        model,
+        dtype,
+        revision,
+        keep_in_memory,
+        low_memory,
+        magic_head,
+        magic_model,
+        loras,
+        fuse_lora,
+        lora_allow_partial,
+    ):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
         seen.low_memory, seen.keep_in_memory = low_memory, keep_in_memory
+        seen.loras, seen.fuse_lora, seen.lora_allow_partial = loras, fuse_lora, lora_allow_partial
         return FakePipe()
 
     monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", fake_load)
@@ -435,7 +447,13 @@ def test_read_metadata_errors_name_the_file(tmp_path):
 
 def test_replay_maps_metadata_to_load_and_the_request():
     load_kwargs, request = replay(sample_metadata())
-    assert load_kwargs == {"model": "owner/repo", "revision": "abc123", "dtype": mx.float32}
+    assert load_kwargs == {
+        "model": "owner/repo",
+        "revision": "abc123",
+        "dtype": mx.float32,
+        "loras": [],
+        "fuse_lora": False,
+    }
     assert request == GenerationRequest(
         CAPTION, 320, 256, "V4_DEFAULT_20", 2, (5.0, 2.5), 0.25, 1.5, seed=7
     )
