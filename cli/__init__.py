@@ -10,6 +10,7 @@ from ideogram4_mlx.cli.caption import verify_caption
 from ideogram4_mlx.cli.convert import convert
 from ideogram4_mlx.cli.crosscheck import crosscheck
 from ideogram4_mlx.cli.generate import generate
+from ideogram4_mlx.cli.lora import lora_info
 from ideogram4_mlx.cli.magic import magic_prompt
 from ideogram4_mlx.cli.models import models
 from ideogram4_mlx.cli.synth import synth
@@ -51,3 +52,4 @@ main.add_command(crosscheck)
 main.add_command(convert)
 main.add_command(models)
 main.add_command(magic_prompt)
+main.add_command(lora_info)

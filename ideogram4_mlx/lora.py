@@ -473,3 +473,36 @@ def _valid_record(record) -> bool:
         and isinstance(record.get("scale"), (int, float))
         and not isinstance(record.get("scale"), bool)
     )
+
+
+def describe(lora: LoRAFile, shapes: dict[str, tuple[int, int]], against: str) -> list[str]:
+    """``lora-info``'s report: layout, ranks, alphas, what it targets and what matched."""
+    kinds: dict[str, int] = {}
+    for target, deltas in lora.deltas.items():
+        kind = re.sub(r"^layers\.\d+\.", "layers.*.", target)
+        for d in deltas:
+            label = kind + (f" ({'qkv'[d.third]} third)" if d.third is not None else "")
+            kinds[label] = kinds.get(label, 0) + 1
+    scales = sorted({round(d.alpha_scale, 6) for ds in lora.deltas.values() for d in ds})
+    matched = [t for t in lora.deltas if t in shapes]
+    unmatched = [t for t in lora.deltas if t not in shapes]
+    lines = [
+        f"file      : {lora.path}",
+        f"sha256    : {lora.sha256}",
+        f"layout    : {lora.layout}",
+        f"rank(s)   : {', '.join(map(str, lora.ranks))}",
+        f"alpha / r : {', '.join(f'{s:g}' for s in scales)}",
+        f"modules   : {len(lora.deltas)} ({sum(kinds.values())} updates)",
+    ]
+    lines += [f"  {kind}: {count}" for kind, count in sorted(kinds.items())]
+    lines.append(
+        f"names     : {len(matched)} of {len(lora.deltas)} modules are layers of {against}"
+    )
+    lines += [f"  unmatched: {t}" for t in unmatched[:10]]
+    try:
+        match(replace(lora, text_encoder_keys=[]), shapes, allow_partial=True)
+    except LoRAError as e:
+        lines.append(f"shapes    : do not fit ({e})")
+    if lora.text_encoder_keys:
+        lines.append(f"text encoder keys: {len(lora.text_encoder_keys)} (not supported)")
+    return lines
