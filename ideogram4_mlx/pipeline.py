@@ -30,6 +30,7 @@ from ideogram4_mlx.lora import (
     fuse_loras,
     linear_shapes,
     match,
+    parse_lora_option,
     read_lora,
     set_scale,
 )
@@ -192,7 +193,7 @@ class Ideogram4Pipeline:
 
         Every LoRA module must match a layer with the right shape (``LoRAError`` naming the
         key otherwise); ``allow_partial`` applies the rest with a warning giving the count."""
-        spec = LoRASpec(spec) if isinstance(spec, str) else spec
+        spec = parse_lora_option(spec) if isinstance(spec, str) else spec
         lora = read_lora(resolve_file(spec.source))
         names = [f.name for _, f in self.loras]
         if lora.name in names:
@@ -512,7 +513,7 @@ def load(
     else ``diffusers/qwen3-vl-8b-instruct-lm-head``). ``magic_model``: expand with another
     mlx-lm chat model instead (a folder or repo id).
 
-    ``loras``: :class:`~ideogram4_mlx.lora.LoRASpec` (or a path/repo string) each, for the
+    ``loras``: :class:`~ideogram4_mlx.lora.LoRASpec` (or a ``"FILE[:SCALE]"`` string) each, for the
     conditional DiT unless its ``target`` is ``"uncond"``; read and checked here, before any
     weights load (``lora_allow_partial``: see :meth:`Ideogram4Pipeline.add_lora`). They run
     unfused (exact on any base; ``set_lora_scale`` changes one in place) unless

@@ -1,0 +1,328 @@
+"""LoRA files without the reference: layouts read onto our names, alphas, strict matching,
+unfused application, scales, the pipeline, metadata and replay, and the CLI. Parity with
+diffusers' own LoRA loading is in test_lora_parity.py."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from ideogram4_mlx.cli import main
+from ideogram4_mlx.lora import (
+    LoRAError,
+    LoRASpec,
+    apply_loras,
+    fuse_loras,
+    linear_shapes,
+    map_module,
+    match,
+    parse_lora_option,
+    read_lora,
+    replay_loras,
+    set_scale,
+)
+from ideogram4_mlx.metadata import read_metadata, replay
+from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.transformer import Ideogram4Transformer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_checkpoint):
+    return linear_shapes(Ideogram4Transformer.build(tiny_checkpoint / "transformer"))
+
+
+def pair(rng, out, inp, rank=RANK, size=0.1):
+    down = (rng.standard_normal((rank, inp)) * size).astype(np.float32)
+    up = (rng.standard_normal((out, rank)) * size).astype(np.float32)
+    return down, up
+
+
+def write(path, tensors, metadata=None):
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def layout_file(tmp_path, shapes, layout, seed=0, alpha=None):
+    """Block 0's attention and w1 in ``layout``; returns (path, expected {module: W delta})."""
+    rng = np.random.default_rng(seed)
+    out3, inp = shapes["layers.0.attention.qkv"]
+    w1_out, w1_in = shapes["layers.0.feed_forward.w1"]
+    tensors, expected = {}, {}
+    scale = 1.0 if alpha is None else alpha / RANK
+    down, up = pair(rng, w1_out, w1_in)
+    expected["layers.0.feed_forward.w1"] = scale * up @ down
+    if layout in ("diffusers", "split"):
+        prefix = "transformer." if layout == "diffusers" else ""
+        delta = np.zeros((out3, inp), np.float32)
+        for k, name in enumerate(("to_q", "to_k", "to_v")):
+            d, u = pair(rng, out3 // 3, inp)
+            tensors[f"{prefix}layers.0.attention.{name}.lora_A.weight"] = d
+            tensors[f"{prefix}layers.0.attention.{name}.lora_B.weight"] = u
+            delta[k * out3 // 3 : (k + 1) * out3 // 3] = scale * u @ d
+        expected["layers.0.attention.qkv"] = delta
+        tensors[f"{prefix}layers.0.feed_forward.w1.lora_A.weight"] = down
+        tensors[f"{prefix}layers.0.feed_forward.w1.lora_B.weight"] = up
+        metadata = None
+        if alpha is not None:
+            config = {"transformer.lora_alpha": alpha, "transformer.r": RANK}
+            metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
+        return write(tmp_path / f"{layout}.safetensors", tensors, metadata), expected
+    prefix = {"ai-toolkit": "diffusion_model.", "kohya": "diffusion_model.", "diffsynth": ""}
+    a, b = ("lora_down", "lora_up") if layout == "kohya" else ("lora_A", "lora_B")
+    mid = ".default" if layout == "diffsynth" else ""
+    d, u = pair(rng, out3, inp)
+    expected["layers.0.attention.qkv"] = scale * u @ d
+    for module, (dd, uu) in (("attention.qkv", (d, u)), ("feed_forward.w1", (down, up))):
+        base = f"{prefix[layout]}layers.0.{module}"
+        tensors[f"{base}.{a}{mid}.weight"] = dd
+        tensors[f"{base}.{b}{mid}.weight"] = uu
+        if alpha is not None:
+            tensors[f"{base}.alpha"] = np.array(alpha, np.float32)
+    return write(tmp_path / f"{layout}.safetensors", tensors), expected
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout, name, alpha",
+    [
+        ("diffusers", "diffusers/PEFT", None),
+        ("diffusers", "diffusers/PEFT", 8.0),
+        ("ai-toolkit", "ai-toolkit", 2.0),
+        ("kohya", "ai-toolkit (kohya names)", 16.0),
+        ("diffsynth", "DiffSynth-Studio", None),
+        ("split", "split to_q/to_k/to_v names", None),
+    ],
+)
+def test_layouts_read_onto_our_modules_with_their_alphas(tmp_path, shapes, layout, name, alpha):
+    path, expected = layout_file(tmp_path, shapes, layout, alpha=alpha)
+    lora = read_lora(path)
+    assert lora.layout == name and lora.ranks == [RANK] and len(lora.sha256) == 64
+    assert match(lora, shapes) == []
+    for module, delta in expected.items():
+        got = np.zeros_like(delta)
+        rows = delta.shape[0] // 3
+        for d in lora.deltas[module]:
+            update = d.alpha_scale * np.array(d.up) @ np.array(d.down)
+            if d.third is None:
+                got += update
+            else:
+                got[d.third * rows : (d.third + 1) * rows] += update
+        np.testing.assert_allclose(got, delta, rtol=1e-6, atol=1e-7)
+
+
+def test_module_names_map_to_the_checkpoint_names():
+    assert map_module("layers.3.attention.to_k") == ("layers.3.attention.qkv", 1)
+    assert map_module("layers.3.attention.to_out.0") == ("layers.3.attention.o", None)
+    assert map_module("layers.3.feed_forward.w2") == ("layers.3.feed_forward.w2", None)
+    assert map_module("final_layer.adaln_modulation") == ("final_layer.adaln_modulation", None)
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"layers.0.attention.qkv.dora_scale": np.ones((4,), np.float32)}, "is DoRA"),
+        ({"layers.0.attention.qkv.weight": np.ones((4, 4), np.float32)}, "not a LoRA weight"),
+        ({"layers.0.attention.qkv.lora_A.weight": np.ones((4, 4), np.float32)}, "no matching"),
+        (
+            {
+                "layers.0.attention.qkv.lora_A.weight": np.ones((4, 8), np.float32),
+                "layers.0.attention.qkv.lora_B.weight": np.ones((8, 3), np.float32),
+            },
+            "not a LoRA pair",
+        ),
+        (
+            {
+                "layers.0.attention.qkv.lora_A.weight": np.full((4, 8), np.nan, np.float32),
+                "layers.0.attention.qkv.lora_B.weight": np.ones((8, 4), np.float32),
+            },
+            "NaN or inf",
+        ),
+    ],
+)
+def test_bad_lora_files_name_the_key(tmp_path, tensors, message):
+    with pytest.raises(LoRAError, match=message):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+def test_damaged_or_missing_files(tmp_path):
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(LoRAError, match="cut.safetensors is not a readable safetensors file"):
+        read_lora(tmp_path / "cut.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_lora(tmp_path / "none.safetensors")
+
+
+# --- matching --------------------------------------------------------------------------------
+
+
+def test_unmatched_modules_fail_unless_partial(tmp_path, shapes):
+    path, _ = layout_file(tmp_path, shapes, "diffsynth")
+    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    d, u = pair(np.random.default_rng(1), *shapes["layers.0.attention.o"])
+    tensors["layers.99.attention.o.lora_A.weight"] = d
+    tensors["layers.99.attention.o.lora_B.weight"] = u
+    lora = read_lora(write(tmp_path / "extra.safetensors", tensors))
+    with pytest.raises(LoRAError, match=r"1 of 3 LoRA modules match no layer \(e.g. layers.99"):
+        match(lora, shapes)
+    assert match(lora, shapes, allow_partial=True) == ["layers.99.attention.o"]
+
+
+def test_a_lora_for_another_size_names_key_and_shapes(tmp_path, shapes):
+    out, inp = shapes["layers.0.feed_forward.w1"]
+    d, u = pair(np.random.default_rng(2), out * 2, inp)
+    path = write(
+        tmp_path / "big.safetensors",
+        {"layers.0.feed_forward.w1.lora_A.weight": d, "layers.0.feed_forward.w1.lora_B.weight": u},
+    )
+    message = rf"w1.lora_B.weight gives a \({out * 2}, {inp}\) update, but .* is \({out}, {inp}\)"
+    with pytest.raises(LoRAError, match=message):
+        match(read_lora(path), shapes)
+
+
+def test_text_encoder_keys_are_refused_by_name(tmp_path, shapes):
+    path, _ = layout_file(tmp_path, shapes, "diffusers")
+    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    tensors["text_encoder.layers.0.mlp.lora_A.weight"] = np.ones((4, 8), np.float32)
+    lora = read_lora(write(tmp_path / "te.safetensors", tensors))
+    with pytest.raises(LoRAError, match="1 text-encoder keys .* not supported"):
+        match(lora, shapes)
+
+
+# --- applying ---------------------------------------------------------------------------------
+
+
+def test_unfused_adds_the_exact_low_rank_term_on_float_and_quantized_layers(tmp_path, shapes):
+    path, expected = layout_file(tmp_path, shapes, "split")
+    lora = read_lora(path)
+    x = mx.random.normal((1, 5, shapes["layers.0.attention.qkv"][1]), key=mx.random.key(0))
+    for quantize in (False, True):
+        model = nn.Linear(*shapes["layers.0.attention.qkv"][::-1], bias=False)
+        holder = nn.Module()
+        holder.layers = [nn.Module()]
+        holder.layers[0].attention = nn.Module()
+        holder.layers[0].attention.qkv = model
+        if quantize:
+            nn.quantize(holder, group_size=64, bits=4)
+        base = holder.layers[0].attention.qkv(x)
+        apply_loras(holder, [(lora, 0.5)])
+        out = holder.layers[0].attention.qkv(x)
+        term = np.array(x) @ (0.5 * expected["layers.0.attention.qkv"]).T
+        np.testing.assert_allclose(np.array(out) - np.array(base), term, rtol=1e-4, atol=1e-5)
+        assert [k for k, _ in __import__("mlx.utils").utils.tree_flatten(holder.parameters())] == (
+            ["layers.0.attention.qkv.weight"]
+            if not quantize
+            else [
+                "layers.0.attention.qkv.weight",
+                "layers.0.attention.qkv.scales",
+                "layers.0.attention.qkv.biases",
+            ]
+        )  # the checkpoint's names, nothing added
+        assert set_scale(holder, lora.name, 0.0) == 3
+        np.testing.assert_array_equal(np.array(holder.layers[0].attention.qkv(x)), np.array(base))
+
+
+def test_fused_equals_unfused_in_fp32(tmp_path, tiny_checkpoint, shapes):
+    path, _ = layout_file(tmp_path, shapes, "ai-toolkit", alpha=2.0)
+    lora = read_lora(path)
+    component = tiny_checkpoint / "transformer"
+    x = mx.random.normal((1, 6, shapes["layers.0.feed_forward.w1"][1]), key=mx.random.key(1))
+    outs = []
+    for apply in (apply_loras, fuse_loras):
+        model = Ideogram4Transformer.from_pretrained(component, mx.float32)
+        apply(model, [(lora, 0.7)])
+        outs.append(np.array(model.layers[0].feed_forward(x)))
+    # fp32: the fused weight is rounded once to fp32; the unfused term adds in another order.
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+# --- the pipeline, metadata and replay ----------------------------------------------------------
+
+
+def test_pipeline_lora_metadata_scale_and_replay(tmp_path, tiny_checkpoint, shapes):
+    path, _ = layout_file(tmp_path, shapes, "diffsynth")
+    noise = np.random.default_rng(3).standard_normal((1, 256, 128)).astype(np.float32)
+    settings = dict(width=256, height=256, num_steps=2, seed=None)
+    plain = load(tiny_checkpoint, dtype="float32", keep_in_memory=True)
+    base = plain.generate("a cat", noise=noise, **settings)
+    pipe = load(tiny_checkpoint, dtype="float32", keep_in_memory=True, loras=[f"{path}:0.8"])
+    with_lora = pipe.generate("a cat", noise=noise, **settings)
+    assert np.abs(with_lora.latents - base.latents).max() > 1e-3
+    record = with_lora.metadata["loras"][0]
+    assert record["name"] == "diffsynth.safetensors" and record["scale"] == 0.8
+    assert (record["target"], record["fused"]) == ("cond", False)
+    pipe.set_lora_scale("diffsynth.safetensors", 0.0)  # in place, no reload
+    np.testing.assert_array_equal(
+        pipe.generate("a cat", noise=noise, **settings).latents, base.latents
+    )
+    with pytest.raises(LoRAError, match="no LoRA named other"):
+        pipe.set_lora_scale("other", 1.0)
+
+    stored = {**with_lora.metadata, "seed": 5}
+    load_kwargs, _ = replay(stored, {}, [LoRASpec(path)])
+    assert load_kwargs["loras"] == [LoRASpec(path, 0.8, "cond")]
+    assert replay(stored, {}, [LoRASpec(path, 0.3)])[0]["loras"][0].scale == 0.3
+    with pytest.raises(LoRAError, match=r"the image used the LoRA diffsynth.safetensors .* --lora"):
+        replay(stored)
+    with pytest.raises(ValueError, match="metadata field 'loras'"):
+        replay({**stored, "loras": [{"name": 1}]})
+
+
+def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes):
+    path, _ = layout_file(tmp_path, shapes, "diffsynth")
+    pipe = load(tiny_checkpoint, dtype="float32", loras=[LoRASpec(path, 1.0, "uncond")])
+    cond, uncond = pipe.dits()
+    assert type(uncond.layers[0].attention.qkv).__name__ == "LoRALinear"
+    assert type(cond.layers[0].attention.qkv) is nn.Linear  # an uncond LoRA leaves cond alone
+    with pytest.raises(LoRAError, match="--fuse-lora with --low-memory"):
+        load(tiny_checkpoint, loras=[str(path)], fuse_lora=True, low_memory=True)
+    with pytest.raises(LoRAError, match="is loaded already"):
+        load(tiny_checkpoint, dtype="float32", loras=[str(path), str(path)])
+    with pytest.raises(LoRAError, match="LoRA target 'both'"):
+        LoRASpec(path, 1.0, "both")
+
+
+def test_parse_lora_option():
+    assert parse_lora_option("a.safetensors") == LoRASpec("a.safetensors", None)
+    assert parse_lora_option("a.safetensors:0.5") == LoRASpec("a.safetensors", 0.5)
+    assert parse_lora_option("owner/repo:-1", "uncond") == LoRASpec("owner/repo", -1.0, "uncond")
+    assert parse_lora_option("dir:name/file") == LoRASpec("dir:name/file", None)
+    for bad in ("a:nan", "a:inf", "a:1000"):
+        with pytest.raises(LoRAError, match="use a finite number within"):
+            parse_lora_option(bad)
+    assert replay_loras(None, []) == []
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_cli_generate_with_lora_and_lora_info(tmp_path, tiny_checkpoint, shapes):
+    path, _ = layout_file(tmp_path, shapes, "kohya", alpha=8.0)
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt", "a"]
+    args += ["--width", "256", "--height", "256", "--steps", "2", "--seed", "1"]
+    result = CliRunner().invoke(main, [*args, "--lora", f"{path}:0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out)["loras"][0]["scale"] == 0.5
+    again = tmp_path / "again.png"
+    result = CliRunner().invoke(
+        main, ["generate", "--from-metadata", str(out), "--lora", str(path), "-o", str(again)]
+    )
+    assert result.exit_code == 0 and "replay: identical" in result.output, result.output
+    result = CliRunner().invoke(main, [*args, "--lora", f"{path}:nan", "-o", str(out)])
+    assert result.exit_code == 2 and "use a finite number" in result.output
+
+    result = CliRunner().invoke(main, ["lora-info", str(path), "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "layout    : ai-toolkit (kohya names)" in result.output
+    assert "alpha / r : 2" in result.output and "names     : 2 of 2 modules" in result.output
+    result = CliRunner().invoke(main, ["lora-info", str(path)])  # the real shapes: no fit
+    assert result.exit_code == 0 and "shapes    : do not fit" in result.output
