@@ -51,9 +51,19 @@ from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 )
 @click.option("--revision", default=None, help="Hub revision when SRC is a repo id.")
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="Bake a LoRA into the conditional DiT (repeatable): merged in fp32 before "
+    "quantizing, recorded in its config. Every LoRA module must match a layer.",
+)
+@click.option(
     "--force", is_flag=True, help="Replace DST if it is an earlier conversion or an empty folder."
 )
-def convert(src, dst, dtype, quantize, group_size, recipe, components, revision, force) -> None:
+def convert(
+    src, dst, dtype, quantize, group_size, recipe, components, revision, force, loras
+) -> None:
     """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST: bf16 by
     default, or quantized with --quantize or --recipe. Load DST with generate --model DST.
 
@@ -61,6 +71,7 @@ def convert(src, dst, dtype, quantize, group_size, recipe, components, revision,
     Example:
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-q4 --quantize 4
       ideo4-mlx generate --model ~/models/ideo4-q4 --prompt-file examples/poster.json
+      ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/styled --lora style.safetensors:0.8
     """
     with warnings.catch_warnings():
         warnings.showwarning = show_warning  # stale lock / partial folder reports: one line each
@@ -75,6 +86,7 @@ def convert(src, dst, dtype, quantize, group_size, recipe, components, revision,
                 components=components,
                 force=force,
                 revision=revision,
+                loras=list(loras),
             )
         except (ValueError, ModelAccessError, OSError) as e:  # CheckpointError, FileExistsError
             raise click.ClickException(str(e)) from e

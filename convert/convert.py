@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,17 @@ from tqdm import tqdm
 from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
-from ideogram4_mlx.hub import check_components, resolve_model
+from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
+from ideogram4_mlx.lora import (
+    LoRAError,
+    LoRAFile,
+    LoRASpec,
+    fused_weight,
+    linear_shapes,
+    match,
+    parse_lora_option,
+    read_lora,
+)
 from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import (
@@ -97,6 +108,7 @@ def convert(
     progress: bool = True,
     revision: str | None = None,
     shard_bytes: int = SHARD_BYTES,
+    loras: Sequence[LoRASpec | str] = (),
 ) -> Path:
     """Convert an Ideogram 4 fp8 snapshot (repo id or folder) into an MLX folder at ``dst``.
 
@@ -107,6 +119,10 @@ def convert(
         recipe: a mixed-precision recipe name (e.g. ``mixed-4-8``) instead of ``quantize``.
         components: the sub-folders to write (default: all of ``COMPONENTS``).
         force: replace an existing ``dst`` that is empty or an earlier conversion.
+        loras: LoRAs (``LoRASpec`` or ``"FILE[:SCALE]"``) baked into their DiT's weights:
+            merged in fp32, rounded once to ``dtype``, then quantized like every other
+            weight; each is recorded (name, SHA-256, scale) in that DiT's ``mlx_conversion``.
+            Every LoRA module must match a layer.
 
     Returns:
         ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for a
@@ -131,8 +147,10 @@ def convert(
             raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
     if "tokenizer" in components:
         load_tokenizer(src_dir / "tokenizer")  # a damaged tokenizer fails before any writing
+    baked = read_loras(src_dir, components, loras)  # and LoRAs that do not fit, likewise
 
     settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
+    settings["loras"] = baked
     needed = output_bytes(src_dir, components, settings)
     with write_folder(dst, force, foreign_entry, KIND, needed) as tmp:
         for name in components:
@@ -144,6 +162,22 @@ def convert(
             if (src_dir / name).is_file():
                 shutil.copyfile(src_dir / name, tmp / name)
     return dst
+
+
+def read_loras(
+    src_dir: Path, components: tuple[str, ...], loras: Sequence[LoRASpec | str]
+) -> dict[str, list[tuple[LoRAFile, float]]]:
+    """The LoRAs to bake, by DiT folder name, each read and matched against its DiT."""
+    baked: dict[str, list[tuple[LoRAFile, float]]] = {}
+    for spec in loras:
+        spec = parse_lora_option(spec) if isinstance(spec, str) else spec
+        name = "transformer" if spec.target == "cond" else "unconditional_transformer"
+        if name not in components:
+            raise LoRAError(f"LoRA {spec.source} is for {name}, which is not being converted")
+        lora = read_lora(resolve_file(spec.source))
+        match(lora, linear_shapes(MODEL_COMPONENTS[name].model.build(src_dir / name)))
+        baked.setdefault(name, []).append((lora, spec.weight))
+    return baked
 
 
 def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:
@@ -229,6 +263,12 @@ def build_skeleton(src_dir: Path, name: str, settings: dict) -> tuple[dict, nn.M
         "dtype": dtype_name(parse_dtype(settings["dtype"])),
         "quantization": quantization,
     }
+    baked = settings.get("loras", {}).get(name, [])
+    if baked:
+        record["loras"] = [
+            {"name": lora.name, "sha256": lora.sha256, "scale": scale, "layout": lora.layout}
+            for lora, scale in baked
+        ]
     quantize_skeleton(model, record)
     return config, model, record, expected
 
@@ -252,6 +292,10 @@ def convert_component(
     except CheckpointError as e:
         raise CheckpointError(f"{src_dir}: {e}") from None
     check_keys(weights, expected, key_files, src_dir)
+    deltas: dict[str, list] = {}
+    for lora, scale in settings.get("loras", {}).get(name, []):
+        for target, items in lora.deltas.items():
+            deltas.setdefault(f"{target}.weight", []).extend((d, scale) for d in items)
 
     out_dir.mkdir(parents=True)
     total = sum(
@@ -261,7 +305,10 @@ def convert_component(
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
         for key in sorted(weights):
-            tensors = convert_tensor(key, weights.pop(key).astype(dtype), modules)
+            value = weights.pop(key)
+            if key in deltas:  # a baked LoRA: merged in fp32, then one rounding to dtype
+                value = fused_weight(value.astype(mx.float32), deltas.pop(key))
+            tensors = convert_tensor(key, value.astype(dtype), modules)
             for k, t in tensors.items():
                 if t.shape != targets[k].shape:  # converter and loader disagree: a bug
                     raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")

@@ -266,6 +266,13 @@ class Ideogram4Pipeline:
             "quantization": self.quantization(),
             "environment": describe(),
         }
+        baked = {}
+        for name, _ in DIT_COMPONENTS:
+            record = conversion_record(self.checkpoint_dir / name)
+            if record and record.get("loras"):
+                baked[name] = record["loras"]
+        if baked:  # LoRAs `convert --lora` merged into the weights: part of the model
+            settings["baked_loras"] = baked
         if self.loras:
             settings["loras"] = [
                 {
