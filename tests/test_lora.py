@@ -228,6 +228,9 @@ def test_unfused_adds_the_exact_low_rank_term_on_float_and_quantized_layers(tmp_
         )  # the checkpoint's names, nothing added
         assert set_scale(holder, lora.name, 0.0) == 3
         np.testing.assert_array_equal(np.array(holder.layers[0].attention.qkv(x)), np.array(base))
+        if quantize:
+            with pytest.raises(LoRAError, match="is quantized: a LoRA cannot be fused"):
+                fuse_loras(holder, [(lora, 1.0)])
 
 
 def test_fused_equals_unfused_in_fp32(tmp_path, tiny_checkpoint, shapes):

@@ -20,11 +20,14 @@ import pytest
 from click.testing import CliRunner
 from helpers import require_reference
 from PIL import Image
+from safetensors.numpy import save_file
 
 from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.edit import DEFAULT_STRENGTH
+from ideogram4_mlx.lora import linear_shapes
 from ideogram4_mlx.metadata import read_metadata
+from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import conversion_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +53,9 @@ SUBSTITUTIONS = [
     # The README's placeholder input image and mask (edits): a small photo and its mask.
     ("photo.jpg", "{photo}"),
     ("mask.png", "{mask}"),
+    # The README's LoRA: one for the tiny checkpoint's DiT, with a scale when written with one.
+    ("my-style.safetensors", "{lora}"),
+    ("my-style.safetensors:0.8", "{lora}:0.8"),
     # Files of the checkout, which the README's commands run in: read from this repository.
     ("examples/", "{root}/examples/"),
     # The user's home, where a shell would expand ~: a folder of this test's own.
@@ -114,6 +120,7 @@ def test_readme_block_runs(commands, tiny_checkpoint, tmp_path, monkeypatch):
     paths["root"] = ROOT
     paths["caption"] = EXAMPLE_CAPTION if EXAMPLE_CAPTION.is_file() else write_caption(tmp_path)
     paths["photo"], paths["mask"] = write_edit_inputs(tmp_path)
+    paths["lora"] = write_lora(tmp_path, tiny_checkpoint)
     for folder in ("tmp", "home", "work"):
         (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path / "work")
@@ -181,6 +188,19 @@ def write_edit_inputs(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "photo.jpg", tmp_path / "mask.png"
 
 
+def write_lora(tmp_path: Path, checkpoint: Path) -> Path:
+    """A rank-2 LoRA (DiffSynth layout) on every block linear of the checkpoint's DiT."""
+    shapes = linear_shapes(Ideogram4Transformer.build(checkpoint / "transformer"))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, (out, inp) in shapes.items():
+        if name.startswith("layers."):
+            tensors[f"{name}.lora_A.weight"] = rng.standard_normal((2, inp), np.float32) * 0.1
+            tensors[f"{name}.lora_B.weight"] = rng.standard_normal((out, 2), np.float32) * 0.1
+    save_file(tensors, str(tmp_path / "my-style.safetensors"))
+    return tmp_path / "my-style.safetensors"
+
+
 def substitute(arg: str, paths: dict) -> str:
     for text, replacement in SUBSTITUTIONS:
         if arg == text or (text.endswith("/") and arg.startswith(text)):
@@ -226,6 +246,9 @@ def check_generate(params: dict, output: str):
         assert metadata["image_sha256"] and metadata["strength"] == strength
     else:
         assert size == (params["width"], params["height"])
+    given = [(spec.weight, spec.target) for spec in params["loras"] + params["uncond_loras"]]
+    stored = [(r["scale"], r["target"]) for r in metadata.get("loras", [])]
+    assert stored == given or params["from_metadata"] is not None, (stored, given)
 
 
 def check_synth(params: dict, output: str):
@@ -242,6 +265,8 @@ def check_convert(params: dict, output: str):
     if params["quantize"] is not None:
         quantization = conversion_record(params["dst"] / "transformer")["quantization"]
         assert quantization["bits"] == int(params["quantize"])
+    baked = conversion_record(params["dst"] / "transformer").get("loras", [])
+    assert len(baked) == len(params["loras"])
 
 
 def check_verify_caption(params: dict, output: str):
@@ -259,6 +284,11 @@ def check_magic_prompt(params: dict, output: str):
     assert verify_raw(caption.strip()) == [], caption  # the grammar's promise
 
 
+def check_lora_info(params: dict, output: str):
+    for field in ("layout    : DiffSynth-Studio", "rank(s)   : 2", "names     :"):
+        assert field in output, output
+
+
 def check_models(params: dict, output: str):
     assert "Hugging Face cache" in output, output
     for path in params["paths"]:
@@ -273,4 +303,5 @@ CHECKS = {
     "crosscheck": check_crosscheck,
     "models": check_models,
     "magic-prompt": check_magic_prompt,
+    "lora-info": check_lora_info,
 }
