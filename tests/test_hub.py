@@ -88,3 +88,35 @@ def test_convert_from_an_unreachable_hub_is_one_line(monkeypatch, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "could not reach the Hugging Face Hub" in result.output
     assert "--model LOCAL_FOLDER" in result.output
+
+
+def test_lora_repo_ids_resolve_to_one_file(monkeypatch, tmp_path):
+    """``owner/name`` takes the repo's only .safetensors file; ``owner/name/file`` that file;
+    several files, or none, is an error listing them; a local file is used as it is."""
+    repo = tmp_path / "snapshot"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "style.safetensors").write_bytes(b"x")
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, allow_patterns))
+        return str(repo)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    assert hub.resolve_file("owner/lora") == repo / "style.safetensors"
+    assert calls[-1] == ("owner/lora", ["*.safetensors"])
+    (repo / "sub" / "other.safetensors").write_bytes(b"y")
+    with pytest.raises(FileNotFoundError, match=r"found 2 \(owner/lora/style.safetensors, "):
+        hub.resolve_file("owner/lora")
+    assert hub.resolve_file("owner/lora/sub/other.safetensors") == repo / "sub/other.safetensors"
+    assert calls[-1] == ("owner/lora", ["sub/other.safetensors"])
+    with pytest.raises(FileNotFoundError, match="found 0"):
+        hub.resolve_file("owner/lora/missing.safetensors")
+    local = tmp_path / "local.safetensors"
+    local.write_bytes(b"z")
+    assert hub.resolve_file(local) == local.resolve()
+    with pytest.raises(FileNotFoundError, match="does not exist, and is not a Hugging Face"):
+        hub.resolve_file(tmp_path / "nope.safetensors")
+    monkeypatch.setattr(hub, "snapshot_download", fail_with(httpx.ConnectError("refused")))
+    with pytest.raises(hub.ModelAccessError, match="could not reach the Hugging Face Hub"):
+        hub.resolve_file("owner/lora")
