@@ -280,6 +280,23 @@ def test_pipeline_lora_metadata_scale_and_replay(tmp_path, tiny_checkpoint, shap
         replay({**stored, "loras": [{"name": 1}]})
 
 
+def test_replay_finds_a_lora_in_the_hub_cache_by_name_and_hash(tmp_path, shapes, monkeypatch):
+    from ideogram4_mlx import hub
+
+    path, _ = layout_file(tmp_path, shapes, "diffsynth")
+    other, _ = (
+        layout_file(tmp_path / "other", shapes, "diffsynth", seed=9)
+        if ((tmp_path / "other").mkdir() is None)
+        else (None, None)
+    )
+    record = {"name": path.name, "sha256": read_lora(path).sha256, "target": "cond", "scale": 2.0}
+    monkeypatch.setattr(hub, "cached_files", lambda name: [other, path])  # same name, one fits
+    assert replay_loras([record], []) == [LoRASpec(path, 2.0, "cond")]
+    monkeypatch.setattr(hub, "cached_files", lambda name: [other])
+    with pytest.raises(LoRAError, match="no file with that SHA-256 was given or is in the"):
+        replay_loras([record], [])
+
+
 def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes):
     path, _ = layout_file(tmp_path, shapes, "diffsynth")
     pipe = load(tiny_checkpoint, dtype="float32", loras=[LoRASpec(path, 1.0, "uncond")])
