@@ -284,11 +284,8 @@ def test_replay_finds_a_lora_in_the_hub_cache_by_name_and_hash(tmp_path, shapes,
     from ideogram4_mlx import hub
 
     path, _ = layout_file(tmp_path, shapes, "diffsynth")
-    other, _ = (
-        layout_file(tmp_path / "other", shapes, "diffsynth", seed=9)
-        if ((tmp_path / "other").mkdir() is None)
-        else (None, None)
-    )
+    (tmp_path / "other").mkdir()
+    other, _ = layout_file(tmp_path / "other", shapes, "diffsynth", seed=9)  # same name
     record = {"name": path.name, "sha256": read_lora(path).sha256, "target": "cond", "scale": 2.0}
     monkeypatch.setattr(hub, "cached_files", lambda name: [other, path])  # same name, one fits
     assert replay_loras([record], []) == [LoRASpec(path, 2.0, "cond")]
