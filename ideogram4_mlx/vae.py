@@ -40,7 +40,8 @@ from ideogram4_mlx.weights import (
 RESNET_EPS = 1e-6  # every GroupNorm of the encoder and decoder
 BN_PREFIX = "bn."
 BN_TOLERANCE = 1e-6  # bn buffers vs the constants (spec §F.4)
-# Bounded-memory decode: output pixels per row strip, and fp32 attention scores per query chunk.
+# Bounded-memory decode and encode: image pixels per row strip, and fp32 attention scores per
+# query chunk.
 DEFAULT_STRIP_PIXELS = 2**15
 ATTENTION_CHUNK_SCORES = 2**25
 
@@ -330,6 +331,17 @@ class MidBlock(nn.Module):
             x = attn(x, query_chunk)
         return self.resnets[1](x)
 
+    def strips(self, x: RowStrips) -> RowStrips:
+        """The resnets on strips (consumes ``x``); the attention, which is global, on the whole
+        tensor with its queries chunked. (A whole-tensor resnet at 256x256x512, a 2048^2
+        image's latent, has ~4.5 GiB of fp32 conv temporaries.)"""
+        x = self.resnets[0].strips(x)
+        for attn in self.attentions:
+            rows = x[0].shape[1]
+            whole = mx.concatenate(x.parts, axis=1)
+            x = RowStrips.split(attn(whole, attention_chunk(whole)), rows, x.groups)
+        return self.resnets[1].strips(x)
+
 
 class Downsample(nn.Module):
     """Zero-pad right and bottom by one, then a stride-2 3x3 conv without padding."""
@@ -340,6 +352,20 @@ class Downsample(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+    def strips(self, x: RowStrips) -> RowStrips:
+        """The same layer on row strips (consumes ``x``): each output strip is half as tall.
+        Output row r reads input rows 2r..2r+2, so a strip (an even number of rows; only the
+        last may be odd) reads one halo row from the next strip, a zero row at the bottom."""
+        y = RowStrips(x.groups)
+        for i in range(len(x)):
+            b, n, w, c = x[i].shape
+            if n > 1:  # a last strip of one row has no output row of its own
+                below = x[i + 1][:, :1] if i + 1 < len(x) else mx.zeros((b, 1, w, c), x[i].dtype)
+                rows = mx.concatenate([x[i], below], axis=1)
+                y.append(self.conv(mx.pad(rows, [(0, 0), (0, 0), (0, 1), (0, 0)])))
+            x.release(i)
+        return y
 
 
 class Upsample(nn.Module):
@@ -381,6 +407,11 @@ class DownBlock(nn.Module):
             x = layer(x)
         return x
 
+    def strips(self, x: RowStrips) -> RowStrips:
+        for layer in self.resnets + self.downsamplers:
+            x = layer.strips(x)
+        return x
+
 
 class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, up: bool):
@@ -411,6 +442,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, ch[-1])
         self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+        self.scale_factor = config.scale_factor
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -418,6 +450,42 @@ class Encoder(nn.Module):
             x = block(x)
         x = self.mid_block(x)
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+    def strips(self, x: mx.array, strip_rows: int) -> mx.array:
+        """Bounded-memory encode; equal to ``__call__`` up to summation order.
+
+        Every layer runs strip by strip on horizontal strips of ``strip_rows`` image rows (a
+        multiple of the scale factor, 8, so every strip but the last stays even at each
+        downsampler and the strips halve in step; the last strip may be shorter), with the halo
+        rows and exact GroupNorm statistics of :meth:`Decoder.strips`; only the mid-block
+        attention, which is global, runs on the whole low-resolution tensor, its queries
+        chunked. The peak is about two full-resolution activations in the compute dtype plus
+        one strip's temporaries or the attention's (2.5 GiB in bf16 at 2048^2, where the whole
+        graph would need ~74 GiB: benchmarks/results/vae_encoder_memory_cpu.txt).
+        """
+        if strip_rows <= 0 or strip_rows % self.scale_factor:
+            raise ValueError(
+                f"strip_rows {strip_rows}: must be a positive multiple of {self.scale_factor} "
+                "(the encoder's downsampling) so that every level splits evenly"
+            )
+        height = x.shape[1]
+        h = RowStrips(self.conv_norm_out.groups)
+        for start in range(0, height, strip_rows):
+            rows = x[:, max(start - 1, 0) : start + strip_rows + 1]
+            top, bottom = int(start == 0), int(start + strip_rows >= height)
+            h.append(conv_rows(self.conv_in, rows, top, bottom))
+        for block in self.down_blocks:
+            h = block.strips(h)
+        h = self.mid_block.strips(h)
+        out = []
+        for i in range(len(h)):
+            rows, top, bottom = h.window(i)
+            out.append(
+                conv_rows(self.conv_out, silu(self.conv_norm_out(rows, h.stats)), top, bottom)
+            )
+            mx.eval(out[-1])
+            h.release(i - 1)
+        return mx.concatenate(out, axis=1)
 
 
 class Decoder(nn.Module):
@@ -510,9 +578,20 @@ class Flux2VAE(nn.Module):
         rows = max(1, strip_pixels // (z.shape[2] * scale * scale))
         return self.decoder.strips(z, rows)
 
-    def encode_raw(self, x: mx.array) -> mx.array:
-        """Image (B, H, W, 3) in [-1, 1] -> raw latent mean (B, H/8, W/8, 32) fp32."""
-        h = self.encoder(x.astype(self.dtype))
+    def encode_raw(self, x: mx.array, strip_pixels: int | None = None) -> mx.array:
+        """Image (B, H, W, 3) in [-1, 1] -> raw latent mean (B, H/8, W/8, 32) fp32.
+
+        ``x`` is cast to the model dtype first. ``strip_pixels=None`` evaluates the whole
+        graph at once; an int runs the bounded-memory path (:meth:`Encoder.strips`) with
+        about that many input pixels per strip (whole multiples of 8 rows, at least 8).
+        """
+        x = x.astype(self.dtype)
+        if strip_pixels is None:
+            h = self.encoder(x)
+        else:
+            scale = self.config.scale_factor
+            rows = max(1, strip_pixels // (x.shape[2] * scale)) * scale
+            h = self.encoder.strips(x, rows)
         if "quant_conv" in self:
             h = self.quant_conv(h)
         return h[..., : self.config.latent_channels].astype(mx.float32)
@@ -630,16 +709,23 @@ def decode(
     return to_uint8(vae.decode_raw(z, strip_pixels))
 
 
-def encode(vae: Flux2VAE, image: mx.array | np.ndarray) -> mx.array:
+def encode(
+    vae: Flux2VAE,
+    image: mx.array | np.ndarray,
+    strip_pixels: int | None = DEFAULT_STRIP_PIXELS,
+) -> mx.array:
     """RGB (B, H, W, 3), uint8 or float in [-1, 1], H and W multiples of 16 -> packed normalised
-    latents (B, H/16 * W/16, 128) fp32 (spec §F.7: the posterior mean, no sampling)."""
+    latents (B, H/16 * W/16, 128) fp32 (spec §F.7: the posterior mean, no sampling).
+
+    ``strip_pixels`` selects the bounded-memory encode (None: whole-graph encode).
+    """
     image = np.asarray(image)
     if image.dtype == np.uint8:
         image = from_uint8(image)
     step = vae.config.scale_factor * PATCH
     if image.ndim != 4 or image.shape[1] % step or image.shape[2] % step:
         raise ValueError(f"image shape {image.shape}: expected (B, H, W, 3), H and W % {step} == 0")
-    return pack(vae.encode_raw(mx.array(image.astype(np.float32))))
+    return pack(vae.encode_raw(mx.array(image.astype(np.float32)), strip_pixels))
 
 
 def count_parameters(vae: Flux2VAE) -> int:

@@ -1,4 +1,5 @@
-"""The MLX VAE on tiny synthetic weights: packing, loading, bounded-memory decode (no torch).
+"""The MLX VAE on tiny synthetic weights: packing, loading, bounded-memory decode and encode
+(no torch).
 
 Tolerances:
 - patchify/unpatchify: bitwise (a pure permutation). pack(unpack(z)) vs z: 1e-6 absolute,
@@ -13,6 +14,11 @@ Tolerances:
   network amplifies like any other bf16 rounding: the strip decode must be as accurate as the
   plain bf16 decode, i.e. its distance to the fp32 decode at most 1.25x the plain bf16
   decode's (observed ~1.0x).
+- Bounded-memory encode vs plain encode: the same reasoning and the same bf16 bound (1.25x,
+  observed 0.95-1.02x). One strip is bitwise equal; with several strips the fp32 latents are
+  within 1e-5 relative L2 (same ops, only the GroupNorm statistics combined in float64:
+  observed 1.0-1.3e-6; dropping the downsamplers' halo row gives 0.2-0.6). One Downsample
+  layer on strips vs whole: 1e-6 (the same conv for each output row).
 """
 
 import json
@@ -30,7 +36,10 @@ from ideogram4_mlx.latents import pack, patchify, to_uint8, unpack, unpatchify
 from ideogram4_mlx.synth import write_synthetic_checkpoint
 from ideogram4_mlx.vae import (
     DEFAULT_STRIP_PIXELS,
+    Downsample,
+    Encoder,
     Flux2VAE,
+    RowStrips,
     VAEConfig,
     count_parameters,
     decode,
@@ -63,6 +72,15 @@ def models(vae_dir):
 def latents(batch, grid_h, grid_w, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, grid_h * grid_w, 128)).astype(np.float32)
+
+
+def images(batch, height, width, seed=0):
+    """Smooth gradients plus noise in [-1, 1], fp32 (B, H, W, 3): image-like encoder input."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    base = np.stack([yy, xx, -yy * xx], axis=-1)[None] * 0.8
+    noise = rng.normal(0, 0.15, (batch, height, width, 3))
+    return mx.array(np.clip(base + noise, -1, 1).astype(np.float32))
 
 
 def copy_vae(vae_dir, dst, edit):
@@ -349,5 +367,78 @@ def test_bounded_decode_peak_memory(models):
         mx.eval(z)
         mx.reset_peak_memory()
         mx.eval(vae.decode_raw(z, strip_pixels))
+        peaks[name] = mx.get_peak_memory()
+    assert peaks["strips"] * 4 < peaks["plain"], peaks
+
+
+def test_bounded_encode_one_strip_is_bitwise(models):
+    """A strip taller than the image, and one exactly as tall (48 rows of 80 pixels)."""
+    x = images(2, 48, 80, seed=8)
+    for vae in models.values():
+        plain = np.array(vae.encode_raw(x))
+        for strip_pixels in (10**9, 48 * 80):
+            np.testing.assert_array_equal(np.array(vae.encode_raw(x, strip_pixels)), plain)
+
+
+@pytest.mark.parametrize("batch, height, width", [(2, 48, 80), (1, 64, 32), (2, 40, 16)])
+def test_bounded_encode_matches_plain(models, batch, height, width):
+    """Strips of 8 rows (the extreme: one row at the lowest level), 24 and 32 rows (one of
+    them leaves a shorter last strip for each height), batch 2, non-square."""
+    x = images(batch, height, width, seed=height + width)
+    exact = np.array(models["float32"].encode_raw(x))
+    assert exact.shape == (batch, height // 8, width // 8, 32)
+    plain16 = np.array(models["bfloat16"].encode_raw(x))
+    floor = rel_l2(plain16, exact)
+    for rows in (8, 24, 32):
+        strips = np.array(models["float32"].encode_raw(x, strip_pixels=rows * width))
+        assert strips.shape == exact.shape and strips.dtype == np.float32
+        assert rel_l2(strips, exact) <= 1e-5, (rows, rel_l2(strips, exact))
+        strips16 = np.array(models["bfloat16"].encode_raw(x, strip_pixels=rows * width))
+        assert rel_l2(strips16, exact) <= 1.25 * floor, (rows, rel_l2(strips16, exact), floor)
+
+
+@pytest.mark.parametrize("height, rows", [(12, 4), (10, 4), (9, 4), (8, 2)])
+def test_downsample_strips_reads_the_next_strips_first_row(height, rows):
+    """Output row r reads input rows 2r..2r+2: the last row of every output strip needs the
+    first row of the next input strip (zeros at the bottom). Last strips of 2, 1 rows too."""
+    layer = Downsample(16)
+    x = mx.random.normal((2, height, 6, 16), key=mx.random.key(height))
+    expected = np.array(layer(x))
+    out = layer.strips(RowStrips.split(x, rows, groups=4))
+    actual = np.array(mx.concatenate(out.parts, axis=1))
+    assert actual.shape == expected.shape == (2, height // 2, 3, 16)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bounded_encode_rejects_uneven_strip_rows(models):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        models["float32"].encoder.strips(images(1, 32, 16), 12)
+
+
+def test_encode_uses_bounded_path_by_default(models, monkeypatch):
+    """256x192: the default strip size makes strips of 168 rows (and a last one of 88)."""
+    vae = models["bfloat16"]
+    x = images(1, 256, 192, seed=9)
+    expected = pack(vae.encode_raw(x, strip_pixels=DEFAULT_STRIP_PIXELS))
+    calls = []
+    strips = Encoder.strips
+    monkeypatch.setattr(
+        Encoder, "strips", lambda self, x, rows: calls.append(rows) or strips(self, x, rows)
+    )
+    np.testing.assert_array_equal(np.array(encode(vae, np.array(x))), np.array(expected))
+    assert calls == [168]
+
+
+@pytest.mark.slow
+def test_bounded_encode_peak_memory(models):
+    """512x512 on the tiny bf16 VAE: the strip encode's MLX peak is a fraction of the plain
+    one's (full-size numbers: benchmarks/vae_memory.py). Observed 118 vs 1174-1190 MiB."""
+    vae = models["bfloat16"]
+    x = images(1, 512, 512, seed=10)
+    peaks = {}
+    for name, strip_pixels in (("plain", None), ("strips", DEFAULT_STRIP_PIXELS)):
+        mx.eval(x)
+        mx.reset_peak_memory()
+        mx.eval(vae.encode_raw(x, strip_pixels))
         peaks[name] = mx.get_peak_memory()
     assert peaks["strips"] * 4 < peaks["plain"], peaks

@@ -17,7 +17,9 @@ Tolerances:
   a random network amplifies rounding). Ours must stay within 1.5x that floor of the fp32
   reference (observed 1.07-1.18x). uint8: ours vs the fp32 reference at most
   max(2, 1.5 x the reference's own bf16 max diff) LSB (observed 5-6 vs 4-5).
-- The bounded-memory decode is held to the same bf16 bound as the plain one.
+- The bounded-memory decode and encode are held to the same bounds as the plain ones. These
+  images are smaller than one default strip, so ``encode``'s default is one strip; the
+  "strips" case takes 16-row strips (every image here is 32-64 rows).
 """
 
 import json
@@ -152,16 +154,19 @@ def test_decode_bf16_within_noise_floor(
     assert max_lsb(to_uint8(ours), to_uint8(exact)) <= max(2, 1.5 * lsb_floor)
 
 
+@pytest.mark.parametrize("mode", ["default", "plain", "strips"])
 @pytest.mark.parametrize("batch, grid_h, grid_w", CASES)
-def test_encode(models, batch, grid_h, grid_w):
+def test_encode(models, batch, grid_h, grid_w, mode):
     from ideogram4_mlx.reference.vae import reference_encode
 
     image = images(batch, grid_h, grid_w, seed=grid_w)
+    strip_pixels = {"plain": None, "strips": 16 * 16 * grid_w}  # strips: 16 image rows
+    kwargs = {"strip_pixels": strip_pixels[mode]} if mode in strip_pixels else {}
     exact = reference_encode(models[("ref", "float32")], image)
     assert exact.shape == (batch, grid_h * grid_w, 128)
-    assert rel_l2(np.array(encode(models[("mlx", "float32")], image)), exact) <= 1e-4
+    assert rel_l2(np.array(encode(models[("mlx", "float32")], image, **kwargs)), exact) <= 1e-4
     floor = rel_l2(reference_encode(models[("ref", "bfloat16")], image), exact)
-    ours16 = np.array(encode(models[("mlx", "bfloat16")], image))
+    ours16 = np.array(encode(models[("mlx", "bfloat16")], image, **kwargs))
     assert rel_l2(ours16, exact) <= 1.5 * floor, (rel_l2(ours16, exact), floor)
 
 
