@@ -69,7 +69,7 @@ CONFIG = VAEConfig(
 CENTRE = [(1, 1)]
 POOL_TAPS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 # decode keyword arguments: whole-graph, and the bounded-memory path with 8 latent rows per
-# strip (3 strips). encode runs with its defaults, the pipeline's path.
+# strip (3 strips); the encoder likewise: whole image, or strips of 64 rows (2 strips).
 STRIP_MODES = {"plain": {"strip_pixels": None}, "strips": {"strip_pixels": 64 * WIDTH}}
 
 FP32_TOL = 5e-5
@@ -173,13 +173,13 @@ def round_trips(weights, image):
     encoded, cache = {}, {}
 
     def get(dtype, mode):
-        if dtype not in encoded:
+        if (dtype, mode) not in encoded:
             vae = Flux2VAE(CONFIG)
             params = [(k, mx.array(v).astype(getattr(mx, dtype))) for k, v in weights.items()]
             vae.load_weights(params, strict=True)
-            encoded[dtype] = (vae, encode(vae, image))
+            encoded[dtype, mode] = (vae, encode(vae, image, **STRIP_MODES[mode]))
         if (dtype, mode) not in cache:
-            vae, latents = encoded[dtype]
+            vae, latents = encoded[dtype, mode]
             raw = unpack(latents, GRID_H, GRID_W)
             out = np.array(vae.decode_raw(raw, **STRIP_MODES[mode]))
             cache[dtype, mode] = (latents, out, vae)
