@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,27 +107,32 @@ def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
     return "", keys
 
 
-def _peft_alphas(metadata: dict | None) -> tuple[float | None, dict[str, float]]:
-    """(lora_alpha, alpha_pattern) from diffusers' ``lora_adapter_metadata``, if any."""
+def _peft_alphas(metadata: dict | None) -> tuple[float | None, dict[str, float], bool]:
+    """(lora_alpha, alpha_pattern, use_rslora) from diffusers' ``lora_adapter_metadata``."""
     if not metadata or METADATA_KEY not in metadata:
-        return None, {}
+        return None, {}, False
     try:
         config = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise LoRAError(f"{METADATA_KEY} in the file header is not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        return None, {}
+        return None, {}, False
     config = {k.removeprefix("transformer."): v for k, v in config.items()}
     alpha = config.get("lora_alpha")
     pattern = config.get("alpha_pattern") or {}
-    if alpha is not None and not isinstance(alpha, (int, float)):
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise LoRAError(f"{METADATA_KEY}: lora_alpha {alpha!r} is not a number")
-    return alpha, {str(k): float(v) for k, v in pattern.items() if isinstance(v, (int, float))}
+    rslora = config.get("use_rslora") is True
+    return (
+        alpha,
+        {str(k): float(v) for k, v in pattern.items() if isinstance(v, (int, float))},
+        rslora,
+    )
 
 
 def _pattern_alpha(module: str, default: float | None, pattern: dict[str, float]) -> float | None:
     for key, value in pattern.items():  # peft: the pattern matches a suffix of the module path
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
 
@@ -163,7 +169,7 @@ def read_lora(path: Path | str) -> LoRAFile:
         else:
             kind = "DoRA" if "dora" in name or "magnitude" in name else "not a LoRA weight"
             raise LoRAError(f"{path}: key {key} is {kind}; only plain LoRA (A/B) is supported")
-    peft_alpha, alpha_pattern = _peft_alphas(metadata)
+    peft_alpha, alpha_pattern, rslora = _peft_alphas(metadata)
     deltas: dict[str, list[Delta]] = {}
     for module, parts in pairs.items():
         if set(parts) != {"lora_A", "lora_B"}:
@@ -184,14 +190,10 @@ def read_lora(path: Path | str) -> LoRAFile:
         if not (np.isfinite(down).all() and np.isfinite(up).all()):
             raise LoRAError(f"{path}: {parts['lora_B']} or its lora_A holds NaN or inf")
         alpha = alphas.get(module, _pattern_alpha(module, peft_alpha, alpha_pattern))
+        # peft scales by alpha / r, or alpha / sqrt(r) with use_rslora; no alpha: alpha = r
+        per_rank = alpha / (math.sqrt(rank) if rslora else rank) if alpha is not None else 1.0
         target, third = map_module(module)
-        delta = Delta(
-            mx.array(down),
-            mx.array(up),
-            1.0 if alpha is None else alpha / rank,
-            parts["lora_B"],
-            third,
-        )
+        delta = Delta(mx.array(down), mx.array(up), per_rank, parts["lora_B"], third)
         deltas.setdefault(target, []).append(delta)
     layout = detect_layout(prefix, list(pairs), any(".lora_down" in k for k in keys), metadata)
     return LoRAFile(path, file_sha256(path), layout, deltas, text_keys)
@@ -311,18 +313,21 @@ def apply_loras(model: nn.Module, loras: list[tuple[LoRAFile, float]]) -> None:
     each layer's compute dtype: the term ``(x @ down.T) @ up.T * scale`` is added to the base
     output (as peft does)."""
     modules = dict(model.named_modules())
+    # Low-memory streaming leaves a block's weights empty between passes: sizes come from the
+    # deltas (checked by match()) and the dtype from the model, never from those arrays.
+    model_dtype = getattr(model, "dtype", None)
     for lora, scale in loras:
         for target, deltas in lora.deltas.items():
             module = modules.get(target)
             if module is None:
                 continue  # unmatched, allowed by match()
             if not isinstance(module, _WithLoRA):
-                out = module.weight.shape[0]
-                module.lora = Adapters(out)
+                first = deltas[0]
+                module.lora = Adapters(first.up.shape[0] * (1 if first.third is None else 3))
                 cls = LoRAQuantizedLinear if isinstance(module, nn.QuantizedLinear) else LoRALinear
                 module.__class__ = cls
             # the base layer's compute dtype (a quantized layer's scales carry it)
-            dtype = getattr(module, "scales", module.weight).dtype
+            dtype = model_dtype or getattr(module, "scales", module.weight).dtype
             for d in deltas:
                 cast = replace(d, down=d.down.astype(dtype), up=d.up.astype(dtype))
                 module.lora.items.append((lora.name, cast, float(scale)))

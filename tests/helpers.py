@@ -9,13 +9,14 @@ import pytest
 
 
 def require_reference():
-    """Import torch + diffusers for parity tests.
+    """Import torch + diffusers (+ peft, for LoRA parity) for parity tests.
 
     Skips when they are absent, unless ``IDEO4_REQUIRE_REFERENCE=1`` (CI sets it), where a
     missing reference stack is a failure: parity tests must never silently vanish there.
     """
     try:
         importlib.import_module("diffusers")
+        importlib.import_module("peft")
         return importlib.import_module("torch")
     except ImportError as e:
         if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":

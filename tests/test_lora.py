@@ -386,3 +386,35 @@ def test_convert_bakes_a_lora_and_records_it(tmp_path, tiny_checkpoint, shapes):
     with pytest.raises(LoRAError, match="match no layer"):
         convert(tiny_checkpoint, tmp_path / "never", loras=[str(bad)], progress=False)
     assert not (tmp_path / "never").exists()  # refused before anything was written
+
+
+def test_low_memory_streaming_with_an_unfused_lora_is_the_same(tmp_path, tiny_checkpoint, shapes):
+    """Streamed blocks hold empty weights between passes: the LoRA must not size itself or
+    take its dtype from them (split q/k/v thirds need the real output size)."""
+    path, _ = layout_file(tmp_path, shapes, "diffusers", alpha=8.0)
+    noise = np.random.default_rng(4).standard_normal((1, 256, 128)).astype(np.float32)
+    settings = dict(width=256, height=256, num_steps=2)
+    results = []
+    for low_memory in (False, True):
+        pipe = load(tiny_checkpoint, dtype="bfloat16", low_memory=low_memory, loras=[f"{path}:0.7"])
+        results.append(pipe.generate("a cat", noise=noise, **settings).latents)
+        qkv = pipe.dits()[0].layers[0].attention.qkv
+        assert qkv.lora.out_features == shapes["layers.0.attention.qkv"][0]
+        assert all(d.up.dtype == mx.bfloat16 for _, d, _ in qkv.lora.items)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_peft_alpha_pattern_and_rslora(tmp_path, shapes):
+    """peft's scaling: alpha / r, alpha_pattern keys match a suffix of the module path (with
+    alternatives), use_rslora scales by alpha / sqrt(r)."""
+    path, _ = layout_file(tmp_path, shapes, "diffusers")
+    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    config = {"lora_alpha": 8, "r": RANK, "alpha_pattern": {"to_q|to_k": 2}}
+    metadata = {"lora_adapter_metadata": json.dumps(config)}
+    lora = read_lora(write(tmp_path / "pattern.safetensors", tensors, metadata))
+    scales = {d.third: d.alpha_scale for d in lora.deltas["layers.0.attention.qkv"]}
+    assert scales == {0: 2 / RANK, 1: 2 / RANK, 2: 8 / RANK}
+    assert lora.deltas["layers.0.feed_forward.w1"][0].alpha_scale == 8 / RANK
+    metadata = {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "use_rslora": True})}
+    lora = read_lora(write(tmp_path / "rs.safetensors", tensors, metadata))
+    assert lora.deltas["layers.0.feed_forward.w1"][0].alpha_scale == 8 / RANK**0.5
