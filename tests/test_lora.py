@@ -418,3 +418,18 @@ def test_peft_alpha_pattern_and_rslora(tmp_path, shapes):
     metadata = {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "use_rslora": True})}
     lora = read_lora(write(tmp_path / "rs.safetensors", tensors, metadata))
     assert lora.deltas["layers.0.feed_forward.w1"][0].alpha_scale == 8 / RANK**0.5
+
+
+def test_partial_lora_warns_with_the_count_and_runs(tmp_path, tiny_checkpoint, shapes):
+    path, _ = layout_file(tmp_path, shapes, "diffsynth")
+    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    d, u = pair(np.random.default_rng(5), *shapes["layers.0.attention.o"])
+    tensors["layers.42.attention.o.lora_A.weight"] = d
+    tensors["layers.42.attention.o.lora_B.weight"] = u
+    partial = write(tmp_path / "partial.safetensors", tensors)
+    with pytest.raises(LoRAError, match="match no layer"):
+        load(tiny_checkpoint, dtype="float32", loras=[str(partial)])
+    with pytest.warns(UserWarning, match=r"1 of 3 modules match no layer and are skipped"):
+        pipe = load(tiny_checkpoint, dtype="float32", loras=[str(partial)], lora_allow_partial=True)
+    result = pipe.generate("a cat", width=256, height=256, num_steps=1, seed=1)
+    assert result.metadata["loras"][0]["name"] == "partial.safetensors"
