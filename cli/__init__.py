@@ -13,6 +13,7 @@ from ideogram4_mlx.cli.generate import generate
 from ideogram4_mlx.cli.lora import lora_info
 from ideogram4_mlx.cli.magic import magic_prompt
 from ideogram4_mlx.cli.models import models
+from ideogram4_mlx.cli.serve import serve
 from ideogram4_mlx.cli.synth import synth
 
 
@@ -53,3 +54,4 @@ main.add_command(convert)
 main.add_command(models)
 main.add_command(magic_prompt)
 main.add_command(lora_info)
+main.add_command(serve)

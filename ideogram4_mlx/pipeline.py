@@ -36,7 +36,12 @@ from ideogram4_mlx.lora import (
 )
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import PromptEncoder
-from ideogram4_mlx.request import MAX_SEED, GenerationRequest, request_from_settings
+from ideogram4_mlx.request import (
+    MAX_SEED,
+    GenerationRequest,
+    ResolvedRequest,
+    request_from_settings,
+)
 from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
@@ -288,6 +293,14 @@ class Ideogram4Pipeline:
 
     # -- generation ---------------------------------------------------------------------------
 
+    def check(self, request: GenerationRequest) -> ResolvedRequest:
+        """Every check of ``request`` that needs no model, the prompt's token count included
+        (the tokenizer only): ``ValueError`` (``CaptionError``) or ``OSError`` naming it."""
+        resolved = request.validate()
+        if not request.magic_prompt:  # too long: fails before any model loads
+            self.prompt_encoder().token_ids(request.prompt)
+        return resolved
+
     def start(
         self,
         request: GenerationRequest,
@@ -368,9 +381,7 @@ class Generation:
         verbose: bool = False,
         report: Report | None = None,
     ):
-        resolved = request.validate()
-        if not request.magic_prompt:  # too long: fails before any model loads
-            pipe.prompt_encoder().token_ids(request.prompt)
+        resolved = pipe.check(request)
         resolved.warn()
         request = resolved.request  # size, strength and input fingerprints filled in
         n = resolved.grid_h * resolved.grid_w

@@ -1,0 +1,294 @@
+"""The HTTP API (FastAPI) over a :class:`~ideogram4_mlx.server.jobs.JobQueue`.
+
+Routes: ``/`` (the web page), ``/healthz``, ``/v1/models``, ``/v1/images/generations`` (the
+OpenAI Images API shape), ``/v1/jobs`` (native jobs, server-sent events, cancel),
+``/v1/images`` (results), ``/v1/captions/verify``, ``/v1/magic-prompt``. Bad input is a 422
+with the message the CLI prints; a full queue a 429 with ``Retry-After``. Clients never name
+files: images come and go as base64 or as server-named PNGs in the output folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+
+from ideogram4_mlx import __version__
+from ideogram4_mlx.edit import MAX_INPUT_PIXELS
+from ideogram4_mlx.request import SETTINGS, GenerationRequest, caption_findings
+from ideogram4_mlx.server.jobs import TERMINAL, JobQueue, QueueFull
+
+MAX_BODY_BYTES = 32 * 2**20  # room for a base64 input image and mask
+MAX_IMAGES = 4  # n of one OpenAI request
+RETRY_AFTER_SECONDS = 5
+EVENT_POLL_SECONDS = 1.0
+# OpenAI fields a client may send that do not change an Ideogram 4 image.
+IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style", "background", "moderation")
+# Request fields a client never sets: fingerprints come from the images it sends.
+CLIENT_SETTINGS = tuple(k for k in SETTINGS if k not in ("image_sha256", "mask_sha256"))
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """The OpenAI error shape (the ``openai`` client reads ``error.message``)."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str):
+        self.message = message
+
+
+def decode_image(value: Any, name: str) -> Image.Image:
+    """A base64 PNG/JPEG/WebP (or a ``data:`` URL of one) -> a loaded PIL image; never a path."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a base64-encoded image (or a data: URL)")
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(
+            f"{name} is not base64 image data (the server reads no file paths)"
+        ) from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise BadRequest(f"{name} is {image.width}x{image.height}, over the input limit")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"{name} cannot be read as an image ({e})") from None
+    return image
+
+
+def request_from_json(body: Any) -> GenerationRequest:
+    """A ``GenerationRequest`` from the native job JSON (its field names; images as base64)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - set(CLIENT_SETTINGS))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {unknown}; valid: {', '.join(CLIENT_SETTINGS)}")
+    fields = dict(body)
+    for name in ("image", "mask"):
+        if fields.get(name) is not None:
+            fields[name] = decode_image(fields[name], name)
+    if "prompt" not in fields:
+        raise BadRequest("the request needs a prompt")
+    try:
+        return GenerationRequest(**fields)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(str(e)) from None
+
+
+def openai_requests(body: Any) -> tuple[list[GenerationRequest], str]:
+    """``POST /v1/images/generations`` -> one request per image, and the response format."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if k not in IGNORED_OPENAI_FIELDS}
+    n = body.pop("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise BadRequest(f"n {n!r} is out of range: use 1..{MAX_IMAGES}")
+    response_format = body.pop("response_format", "b64_json")
+    if response_format not in ("b64_json", "url"):
+        raise BadRequest(f"response_format {response_format!r}: use b64_json or url")
+    output_format = body.pop("output_format", None)
+    if output_format not in (None, "png"):
+        raise BadRequest(f"output_format {output_format!r}: only png")
+    size = body.pop("size", None)
+    if size not in (None, "auto"):
+        try:
+            width, height = (int(v) for v in str(size).lower().split("x"))
+        except ValueError:
+            raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+        body.update(width=width, height=height)
+    base = request_from_json(body)
+    seeds = [None if base.seed is None else base.seed + i for i in range(n)]
+    return [replace(base, seed=seed) for seed in seeds], response_format
+
+
+def create_app(
+    jobs: JobQueue,
+    api_key: str | None = None,
+    cors_origin: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The application; ``jobs`` holds the loaded pipeline (shut down with the app)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # Ctrl-C: cancel what is queued, stop the running job after its step; PNGs are
+        # written atomically, so nothing half-done is left.
+        await run_in_threadpool(jobs.shutdown)
+
+    app = FastAPI(title="ideogram4-mlx", version=__version__, lifespan=lifespan)
+    if cors_origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[cors_origin],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(401, "missing or wrong API key: send Authorization: Bearer KEY")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error(413, f"the request body is over {max_body_bytes // 2**20} MiB")
+        if request.method in ("POST", "PUT") and length is None:
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    return error(413, f"the request body is over {max_body_bytes // 2**20} MiB")
+            request._body = body  # read once here; the route reads it from the cache
+        return await call_next(request)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return error(422, exc.message)
+
+    async def read_json(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not JSON ({e})") from None
+
+    async def submit(request: GenerationRequest):
+        try:
+            return await run_in_threadpool(jobs.submit, request)
+        except QueueFull as e:
+            raise HTTPException(429, str(e), {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except (ValueError, OSError) as e:  # the CLI's checks and messages
+            raise BadRequest(str(e)) from None
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return resources.files("ideogram4_mlx.server").joinpath("static/index.html").read_text()
+
+    @app.get("/healthz")
+    async def health() -> dict:
+        running = [j.id for j in jobs.jobs.values() if j.state == "running"]
+        queued = sum(1 for j in jobs.jobs.values() if j.state == "queued")
+        return {"status": "ok", "model": jobs.pipe.model_id, "running": running, "queued": queued}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        entry = {"id": jobs.pipe.model_id, "object": "model", "owned_by": "ideogram4-mlx"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/images/generations")
+    async def openai_generate(request: Request) -> dict:
+        requests, response_format = openai_requests(await read_json(request))
+        accepted = [await submit(r) for r in requests]
+        data = []
+        for job in accepted:
+            await run_in_threadpool(jobs.wait, job)
+            if job.state != "done":
+                raise HTTPException(500, f"job {job.id} {job.state}: {job.error or ''}".strip())
+            if response_format == "url":
+                data.append({"url": str(request.base_url) + f"v1/images/{job.id}.png"})
+            else:
+                encoded = base64.b64encode(job.path.read_bytes()).decode()
+                data.append({"b64_json": encoded, "revised_prompt": job.metadata["prompt"]})
+        return {"created": int(time.time()), "data": data}
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(request: Request) -> dict:
+        job = await submit(request_from_json(await read_json(request)))
+        return job.summary()
+
+    @app.get("/v1/jobs")
+    async def list_jobs() -> dict:
+        return {"data": [j.summary() for j in jobs.jobs.values()]}
+
+    def find(job_id: str):
+        job = jobs.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict:
+        return find(job_id).summary()
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict:
+        find(job_id)
+        return jobs.cancel(job_id).summary()
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str) -> StreamingResponse:
+        job = find(job_id)
+
+        def stream() -> Iterator[str]:
+            sent = 0
+            while True:
+                events = jobs.events_since(job, sent, EVENT_POLL_SECONDS)
+                for event in events:
+                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                sent += len(events)
+                if job.state in TERMINAL and sent >= len(job.events):
+                    return
+                if not events:
+                    yield ": waiting\n\n"  # a comment: keeps proxies from closing the stream
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/v1/images")
+    async def results() -> dict:
+        return {"data": await run_in_threadpool(jobs.results)}
+
+    @app.get("/v1/images/{name}")
+    async def image(name: str) -> FileResponse:
+        path = jobs.image_path(name)
+        if path is None:
+            raise HTTPException(404, f"no image {name}")
+        return FileResponse(path, media_type="image/png")
+
+    @app.post("/v1/captions/verify")
+    async def verify(request: Request) -> dict:
+        body = await read_json(request)
+        caption = body.get("caption") if isinstance(body, dict) else None
+        if isinstance(caption, dict):
+            caption = json.dumps(caption, ensure_ascii=False)
+        if not isinstance(caption, str) or not caption.strip():
+            raise BadRequest('send {"caption": "..."} with a caption (JSON text or object)')
+        return {"findings": caption_findings(caption)}
+
+    @app.post("/v1/magic-prompt")
+    async def magic_prompt(request: Request) -> dict:
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("idea"), str):
+            raise BadRequest('send {"idea": "..."} (and optionally width, height, seed)')
+        options = {k: body[k] for k in ("width", "height", "seed") if body.get(k) is not None}
+        try:
+            caption = await run_in_threadpool(
+                jobs.run, lambda: jobs.pipe.expand(body["idea"], **options)
+            )
+        except (ValueError, OSError) as e:
+            raise BadRequest(str(e)) from None
+        return {"caption": caption, "findings": caption_findings(caption)}
+
+    return app

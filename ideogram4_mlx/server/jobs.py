@@ -1,0 +1,269 @@
+"""The server's work queue: one loaded pipeline, one worker thread, jobs run one at a time.
+
+A job is a ``GenerationRequest`` checked before it is queued (``Ideogram4Pipeline.check``: the
+same checks and messages as the CLI). The worker iterates the job's ``Generation``, records an
+event per step (and a preview every ``preview_every`` steps), honours a cancel between steps,
+and writes the PNG atomically into the output folder under a server-chosen name. Everything
+that touches MLX runs on the worker thread (``run`` hands it other work, such as a magic
+prompt), so requests never race on the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from PIL import Image
+
+from ideogram4_mlx.metadata import read_metadata, save_png
+from ideogram4_mlx.pipeline import Ideogram4Pipeline
+from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.vae import decode
+
+TERMINAL = ("done", "failed", "cancelled")
+PREVIEW_SIDE = 256  # previews are small PNGs: the longer side in pixels
+ID_LENGTH = 32  # uuid4 hex
+
+
+class QueueFull(RuntimeError):
+    """More unfinished jobs than the queue holds: the client should retry later."""
+
+
+class Cancelled(Exception):
+    """Raised inside the worker when a job is cancelled between steps."""
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenerationRequest
+    created: float = field(default_factory=time.time)
+    state: str = "queued"
+    events: list[dict] = field(default_factory=list)
+    error: str | None = None
+    path: Path | None = None  # the PNG, once done
+    metadata: dict | None = None
+    cancel_requested: bool = False
+
+    def summary(self) -> dict:
+        """The job as the API shows it (no pixels)."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "created": self.created,
+            "error": self.error,
+            "image": f"/v1/images/{self.id}.png" if self.path is not None else None,
+            "metadata": self.metadata,
+            "events": len(self.events),
+        }
+
+
+class JobQueue:
+    """Holds the jobs; ``max_queue`` bounds the unfinished ones (queued + running)."""
+
+    def __init__(
+        self,
+        pipe: Ideogram4Pipeline,
+        output_dir: Path,
+        max_queue: int = 16,
+        preview_every: int = 0,
+    ):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.pipe = pipe
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.max_queue = max_queue
+        self.preview_every = preview_every
+        self.jobs: dict[str, Job] = {}
+        self.changed = threading.Condition()
+        self._work: queue.Queue = queue.Queue()
+        self._unfinished = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="ideo4-worker", daemon=True)
+        self._thread.start()
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Check ``request`` (``ValueError``/``OSError`` with the CLI's message) and queue it;
+        ``QueueFull`` when ``max_queue`` jobs are unfinished."""
+        self.pipe.check(request)
+        with self.changed:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self._unfinished >= self.max_queue:
+                raise QueueFull(f"{self._unfinished} jobs are queued or running (the limit)")
+            job = Job(uuid.uuid4().hex, request)
+            self.jobs[job.id] = job
+            self._unfinished += 1
+            self._event(job, {"type": "queued", "position": self._unfinished})
+        self._work.put(job)
+        return job
+
+    def run(self, work: Callable[[], object], timeout: float | None = None) -> object:
+        """Run ``work`` on the worker thread (between jobs) and return its result."""
+        future: Future = Future()
+        self._work.put((work, future))
+        return future.result(timeout)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Ask a job to stop: a queued one never starts, a running one stops after its step."""
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None or job.state in TERMINAL:
+                return job
+            job.cancel_requested = True
+            if job.state == "queued":
+                self._finish(job, "cancelled", {"type": "cancelled"})
+            return job
+
+    def wait(self, job: Job, timeout: float | None = None) -> Job:
+        """Block until ``job`` has ended (or ``timeout`` seconds passed)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.changed:
+            while job.state not in TERMINAL:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self.changed.wait(left)
+        return job
+
+    def events_since(self, job: Job, index: int, timeout: float) -> list[dict]:
+        """The job's events from ``index`` on, waiting up to ``timeout`` s for a new one."""
+        with self.changed:
+            if len(job.events) <= index and job.state not in TERMINAL:
+                self.changed.wait(timeout)
+            return job.events[index:]
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop taking jobs, cancel what is queued or running, and wait for the worker."""
+        with self.changed:
+            self._stopping = True
+            for job in self.jobs.values():
+                if job.state not in TERMINAL:
+                    job.cancel_requested = True
+                    if job.state == "queued":
+                        self._finish(job, "cancelled", {"type": "cancelled"})
+        self._work.put(None)
+        self._thread.join(timeout)
+
+    # -- results on disk ------------------------------------------------------------------------
+
+    def results(self) -> list[dict]:
+        """Every PNG in the output folder with our metadata, newest first (survives restarts)."""
+        found = []
+        for path in self.output_dir.glob("*.png"):
+            if len(path.stem) != ID_LENGTH or path.is_symlink():
+                continue
+            try:
+                metadata = read_metadata(path)
+            except (ValueError, OSError):
+                continue
+            found.append(
+                {
+                    "id": path.stem,
+                    "image": f"/v1/images/{path.name}",
+                    "created": path.stat().st_mtime,
+                    "metadata": metadata,
+                }
+            )
+        return sorted(found, key=lambda r: r["created"], reverse=True)
+
+    def image_path(self, name: str) -> Path | None:
+        """The PNG ``name`` (``<id>.png``) in the output folder, or None: only server names."""
+        stem, dot, ext = name.partition(".")
+        if ext != "png" or not dot or len(stem) != ID_LENGTH or not stem.isalnum():
+            return None
+        path = self.output_dir / name
+        return path if path.is_file() and not path.is_symlink() else None
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def _event(self, job: Job, event: dict) -> None:
+        # callers hold self.changed
+        job.events.append({"time": round(time.time(), 3), **event})
+        self.changed.notify_all()
+
+    def _finish(self, job: Job, state: str, event: dict) -> None:
+        job.state = state
+        self._unfinished -= 1
+        self._event(job, event)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            if isinstance(item, tuple):
+                work, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(work())
+                    except BaseException as e:  # handed to the waiting request
+                        future.set_exception(e)
+                continue
+            self._run(item)
+
+    def _run(self, job: Job) -> None:
+        with self.changed:
+            if job.state != "queued":
+                return  # cancelled while queued
+            job.state = "running"
+            self._event(job, {"type": "started"})
+        try:
+            generation = self.pipe.start(job.request)
+            start = time.monotonic()
+            for step in generation:
+                mx.eval(step.latents)
+                done = step.index + 1
+                eta = (time.monotonic() - start) / done * (step.num_steps - done)
+                event = {
+                    "type": "step",
+                    "step": done,
+                    "num_steps": step.num_steps,
+                    "t": round(step.t, 6),
+                    "eta_seconds": round(eta, 2),
+                }
+                if self.preview_every and done % self.preview_every == 0:
+                    event["preview"] = self._preview(generation, step.latents)
+                with self.changed:
+                    self._event(job, event)
+                    if job.cancel_requested:
+                        raise Cancelled
+            result = generation.result()
+            path = save_png(result.image, self.output_dir / f"{job.id}.png", result.metadata)
+        except Cancelled:
+            with self.changed:
+                self._finish(job, "cancelled", {"type": "cancelled"})
+            return
+        except Exception as e:  # the server survives a failed job and says why
+            with self.changed:
+                job.error = str(e) or type(e).__name__
+                self._finish(job, "failed", {"type": "failed", "error": job.error})
+            return
+        with self.changed:
+            job.path, job.metadata = path, result.metadata
+            self._finish(job, "done", {"type": "done", "image": f"/v1/images/{path.name}"})
+
+    def _preview(self, generation, latents: mx.array) -> str:
+        """A small PNG of the current latents, as a data URL (a full VAE decode)."""
+        r = generation.resolved
+        image = Image.fromarray(decode(self.pipe.vae(), latents, r.grid_h, r.grid_w)[0])
+        scale = PREVIEW_SIDE / max(image.size)
+        if scale < 1:
+            image = image.resize(
+                (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+            )
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
