@@ -30,7 +30,9 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="Address to bind. Anything but loopback needs --api-key (or --no-auth).",
 )
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to bind."
+)
 @click.option(
     "--output-dir",
     type=click.Path(file_okay=False, path_type=Path),
