@@ -135,13 +135,6 @@ def create_app(
         await run_in_threadpool(jobs.shutdown)
 
     app = FastAPI(title="ideogram4-mlx", version=__version__, lifespan=lifespan)
-    if cors_origin:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=[cors_origin],
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -160,6 +153,14 @@ def create_app(
                     return error(413, f"the request body is over {max_body_bytes // 2**20} MiB")
             request._body = body  # read once here; the route reads it from the cache
         return await call_next(request)
+
+    if cors_origin:  # added last, so outermost: preflights (no key) and 401s get its headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[cors_origin],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
