@@ -116,7 +116,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "--steps",
     "--num-steps",
     "num_steps",
-    type=click.IntRange(min=1),
+    type=int,
     help="Denoising steps (default: the preset's). Without --guidance-schedule the preset's "
     "shape is kept: its main weight, then its final polish weight.",
 )

@@ -134,4 +134,6 @@ def serve(
         raise click.ClickException(str(e)) from e
     app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20)
     click.echo(f"serving {pipe.model_id} on http://{host}:{port}/ (outputs in {output_dir})")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Ctrl-C: an open event stream must not hold the shutdown until its job ends; after 1 s
+    # uvicorn closes the connections and the app cancels the running job after its step.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)

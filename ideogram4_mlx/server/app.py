@@ -172,9 +172,9 @@ def create_app(
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not JSON ({e})") from None
 
-    async def submit(request: GenerationRequest):
+    async def submit(*requests: GenerationRequest) -> list:
         try:
-            return await run_in_threadpool(jobs.submit, request)
+            return await run_in_threadpool(jobs.submit_all, list(requests))
         except QueueFull as e:
             raise HTTPException(429, str(e), {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except (ValueError, OSError) as e:  # the CLI's checks and messages
@@ -202,7 +202,7 @@ def create_app(
     @app.post("/v1/images/generations")
     async def openai_generate(request: Request) -> dict:
         requests, response_format = openai_requests(await read_json(request))
-        accepted = [await submit(r) for r in requests]
+        accepted = await submit(*requests)  # all n, or a 429 for all
         data = []
         for job in accepted:
             await run_in_threadpool(jobs.wait, job)
@@ -217,7 +217,7 @@ def create_app(
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request) -> dict:
-        job = await submit(request_from_json(await read_json(request)))
+        (job,) = await submit(request_from_json(await read_json(request)))
         return job.summary()
 
     @app.get("/v1/jobs")

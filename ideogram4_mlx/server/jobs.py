@@ -97,18 +97,31 @@ class JobQueue:
     def submit(self, request: GenerationRequest) -> Job:
         """Check ``request`` (``ValueError``/``OSError`` with the CLI's message) and queue it;
         ``QueueFull`` when ``max_queue`` jobs are unfinished."""
-        self.pipe.check(request)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Job]:
+        """Queue all of ``requests`` or none (each checked first; ``QueueFull`` when they do
+        not all fit)."""
+        for request in requests:
+            self.pipe.check(request)
         with self.changed:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if self._unfinished >= self.max_queue:
-                raise QueueFull(f"{self._unfinished} jobs are queued or running (the limit)")
-            job = Job(uuid.uuid4().hex, request)
-            self.jobs[job.id] = job
-            self._unfinished += 1
-            self._event(job, {"type": "queued", "position": self._unfinished})
-        self._work.put(job)
-        return job
+            if self._unfinished + len(requests) > self.max_queue:
+                raise QueueFull(
+                    f"{self._unfinished} jobs are queued or running and the limit is "
+                    f"{self.max_queue}: {len(requests)} more do not fit"
+                )
+            created = []
+            for request in requests:
+                job = Job(uuid.uuid4().hex, request)
+                self.jobs[job.id] = job
+                self._unfinished += 1
+                self._event(job, {"type": "queued", "position": self._unfinished})
+                created.append(job)
+        for job in created:
+            self._work.put(job)
+        return created
 
     def run(self, work: Callable[[], object], timeout: float | None = None) -> object:
         """Run ``work`` on the worker thread (between jobs) and return its result."""
