@@ -221,6 +221,9 @@ def test_events_arrive_in_order_one_per_step(server, api):
     summary = api.get(f"/v1/jobs/{job_id}").json()
     assert summary["state"] == "done" and summary["image"] == done["image"]
     assert summary["metadata"]["seed"] == 2 and summary["metadata"]["num_steps"] == 3
+    assert summary["progress"] == {
+        k: steps[-1][k] for k in ("step", "num_steps", "t", "eta_seconds")
+    }
     assert api.get(done["image"]).status_code == 200
 
 

@@ -283,7 +283,9 @@ def create_app(
         body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("idea"), str):
             raise BadRequest('send {"idea": "..."} (and optionally width, height, seed)')
-        options = {k: body[k] for k in ("width", "height", "seed") if body.get(k) is not None}
+        # the server's expand options (serve's command line), then the request's size and seed
+        options = dict(jobs.pipe.magic_options)
+        options.update({k: body[k] for k in ("width", "height", "seed") if body.get(k) is not None})
         try:
             caption = await run_in_threadpool(
                 jobs.run, lambda: jobs.pipe.expand(body["idea"], **options)

@@ -55,8 +55,13 @@ class Job:
     cancel_requested: bool = False
 
     def summary(self) -> dict:
-        """The job as the API shows it (no pixels)."""
+        """The job as the API shows it (no pixels); ``progress`` is its last step event."""
+        steps = [e for e in self.events if e["type"] == "step"]
+        progress = None
+        if steps:
+            progress = {k: steps[-1][k] for k in ("step", "num_steps", "t", "eta_seconds")}
         return {
+            "progress": progress,
             "id": self.id,
             "state": self.state,
             "created": self.created,
