@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.cli.magic import magic_options
 from ideogram4_mlx.cli.options import lora_options, model_options, parse_expand
+from ideogram4_mlx.distributed import DistributedError
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
@@ -222,6 +223,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     help="Stream the DiT blocks from disk on every pass instead of holding both DiTs in "
     "memory: same image, far lower peak, one read of the DiT files per step.",
 )
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="CFG-parallel on the two ranks mlx.launch started: rank 0 runs the text encoder, the "
+    "conditional DiT and the VAE and writes the image, rank 1 the unconditional DiT. The same "
+    "image as one process. Example: mlx.launch -n 2 --backend ring -- ideo4-mlx generate "
+    "--distributed ... (--hostfile hosts.json for two Macs).",
+)
 @click.option("--verbose", is_flag=True, help="Print each stage's time and peak memory.")
 @click.pass_context
 def generate(
@@ -232,6 +241,7 @@ def generate(
     force: bool,
     stepwise_dir: Path | None,
     low_memory: bool,
+    distributed: bool,
     verbose: bool,
     magic_head: str | None,
     magic_model: str | None,
@@ -289,11 +299,15 @@ def generate(
                 magic_head=magic_head,
                 magic_model=magic_model,
                 lora_allow_partial=lora_allow_partial,
+                distributed=distributed,
             )
             pipe.magic_options = magic
+            if pipe.cfg is not None and pipe.cfg.rank != 0:
+                _run(pipe, request, None, verbose)  # its DiT's passes; rank 0 writes the image
+                return
             result = _run(pipe, request, previews, verbose)
             save_png(result.image, output, result.metadata, force)
-        except (ValueError, ModelAccessError, OSError) as e:  # CaptionError, CheckpointError
+        except (ValueError, ModelAccessError, OSError, DistributedError) as e:
             raise click.ClickException(str(e)) from e
     if verbose:
         total = sum(s["seconds"] for s in result.stats.values())

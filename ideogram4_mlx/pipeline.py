@@ -20,6 +20,7 @@ from PIL import Image
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import DTYPES, PACKED_CHANNELS, dtype_name, parse_dtype
+from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow
 from ideogram4_mlx.hub import resolve_file, resolve_model
 from ideogram4_mlx.lora import (
@@ -42,7 +43,15 @@ from ideogram4_mlx.request import (
     ResolvedRequest,
     request_from_settings,
 )
-from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised
+from ideogram4_mlx.sampler import (
+    GuidedFn,
+    KnownLatents,
+    VelocityFn,
+    combine,
+    euler_steps,
+    noised,
+    skips_uncond,
+)
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.weights import conversion_record
@@ -114,6 +123,7 @@ class Ideogram4Pipeline:
         self._vae: Flux2VAE | None = None
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
         self.loras: list[tuple[LoRASpec, LoRAFile]] = []  # see add_lora
+        self.cfg: CFGGroup | None = None  # CFG-parallel ranks (load(distributed=True))
         self.fuse_lora = False
         self.magic_head: str | Path | None = None  # lm_head folder or repo (None: default)
         self.magic_options: dict = {}  # expand()'s options when generate expands an idea
@@ -180,15 +190,19 @@ class Ideogram4Pipeline:
     def dits(self) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
         if self._dits is None:
             # The unconditional branch sees image tokens only: its text projection is not read.
+            # A CFG-parallel rank loads its own DiT only (rank 0: cond, rank 1: uncond).
+            held = (0, 1) if self.cfg is None else (self.cfg.rank,)
             self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
                     self.checkpoint_dir / name, self.dtype, self.low_memory, text_input=text
                 )
-                for name, text in DIT_COMPONENTS
+                if i in held
+                else None
+                for i, (name, text) in enumerate(DIT_COMPONENTS)
             )
             for model, target in zip(self._dits, ("cond", "uncond"), strict=True):
                 chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
-                if chosen:
+                if chosen and model is not None:
                     (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
         return self._dits
 
@@ -406,27 +420,40 @@ class Generation:
 
     def __iter__(self) -> Iterator[Step]:
         pipe, r = self.pipe, self.resolved
-        if self.request.magic_prompt:
+        rank = 0 if pipe.cfg is None else pipe.cfg.rank
+        if self.request.magic_prompt and rank == 0:
             with Stage(self.stats, "expand", self.report, self.verbose):
                 idea, r0 = self.request.prompt, self.request
                 caption = pipe.expand(idea, r0.width, r0.height, r0.seed, **pipe.magic_options)
                 self.idea, self.request = idea, replace(r0, prompt=caption, magic_prompt=False)
-        with Stage(self.stats, "encode", self.report, self.verbose):
-            features = pipe.encode(self.request.prompt)
-            pipe.release("text_encoder")
-        start, known = self.noise, None
-        if r.edit is not None:
+        features = None
+        if rank == 0:  # a CFG-parallel rank 1 holds the unconditional DiT only
+            with Stage(self.stats, "encode", self.report, self.verbose):
+                features = pipe.encode(self.request.prompt)
+                pipe.release("text_encoder")
+        start, known, x0 = self.noise, None, None
+        if r.edit is not None and rank == 0:
             with Stage(self.stats, "encode_image", self.report, self.verbose):
                 x0 = encode(pipe.vae(), r.edit.canvas[None])
                 mx.eval(x0)
                 pipe.release("vae")
             start = noised(x0, self.noise, r.schedule.start_time)
-            if r.edit.token_mask is not None:
-                mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
-                known = KnownLatents(x0, self.noise, mask)
+        noise = self.noise
+        if pipe.cfg is not None:  # both ranks start from rank 0's latents (and its noise)
+            start = pipe.cfg.share(start if rank == 0 else None, self.noise)
+            if r.edit is not None and r.edit.token_mask is not None:
+                x0 = pipe.cfg.share(x0 if rank == 0 else None, self.noise)
+                noise = pipe.cfg.share(self.noise if rank == 0 else None, self.noise)
+        if r.edit is not None and r.edit.token_mask is not None:
+            mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
+            known = KnownLatents(x0, noise, mask)
         with Stage(self.stats, "denoise", self.report, self.verbose):
             cond, uncond = velocity_fns(*pipe.dits(), features, r.grid_h, r.grid_w)
-            for index, t, z in euler_steps(start, r.schedule, cond, uncond, known):
+            guided = None
+            if pipe.cfg is not None:
+                guided = parallel_guidance(pipe.cfg, cond if rank == 0 else uncond)
+            steps = euler_steps(start, r.schedule, cond, uncond, known, guided)
+            for index, t, z in steps:
                 self.latents = z
                 yield Step(index, self.num_steps, t, z)
                 check_finite(z, index)  # after the caller's evaluation: no extra work
@@ -434,11 +461,14 @@ class Generation:
             pipe.release("transformers")
         self.done = True
 
-    def result(self) -> GenerationResult:
-        """Decode the final latents; the image, its metadata and per-stage stats."""
+    def result(self) -> GenerationResult | None:
+        """Decode the final latents; the image, its metadata and per-stage stats (None on a
+        CFG-parallel rank 1, which has no VAE: rank 0 writes the image)."""
         if not self.done:
             raise RuntimeError("iterate over all the denoising steps before result()")
         pipe, r = self.pipe, self.resolved
+        if pipe.cfg is not None and pipe.cfg.rank != 0:
+            return None
         with Stage(self.stats, "decode", self.report, self.verbose):
             pixels = decode(pipe.vae(), self.latents, r.grid_h, r.grid_w)
             pipe.release("vae")
@@ -457,28 +487,48 @@ class Generation:
 
 
 def velocity_fns(
-    cond_dit: Ideogram4Transformer,
-    uncond_dit: Ideogram4Transformer,
-    features: mx.array,
+    cond_dit: Ideogram4Transformer | None,
+    uncond_dit: Ideogram4Transformer | None,
+    features: mx.array | None,
     grid_h: int,
     grid_w: int,
-) -> tuple[VelocityFn, VelocityFn]:
+) -> tuple[VelocityFn | None, VelocityFn | None]:
     """The sampler's ``cond(z, t)`` and ``uncond(z, t)`` for one image: ``[text][image]`` through
-    the conditional DiT, image tokens only through the unconditional one. Layout constants
-    (RoPE tables, masks, projected text) are prepared here once, not per step."""
-    n_text = features.shape[1]
-    cond_seq = cond_dit.prepare(features, *sequence_ids([n_text], grid_h, grid_w))
-    uncond_seq = uncond_dit.prepare(None, *sequence_ids([0], grid_h, grid_w))
-    text_slots = mx.zeros((1, n_text, PACKED_CHANNELS), mx.float32)
+    the conditional DiT, image tokens only through the unconditional one (None for a DiT this
+    process does not hold: a CFG-parallel rank). Layout constants (RoPE tables, masks,
+    projected text) are prepared here once, not per step."""
+    cond = uncond = None
+    if cond_dit is not None:
+        n_text = features.shape[1]
+        cond_seq = cond_dit.prepare(features, *sequence_ids([n_text], grid_h, grid_w))
+        text_slots = mx.zeros((1, n_text, PACKED_CHANNELS), mx.float32)
 
-    def cond(z: mx.array, t: float) -> mx.array:
-        x = mx.concatenate([text_slots, z], axis=1)
-        return cond_dit.run(x, np.array([t], np.float32), cond_seq)[:, n_text:]
+        def cond(z: mx.array, t: float) -> mx.array:
+            x = mx.concatenate([text_slots, z], axis=1)
+            return cond_dit.run(x, np.array([t], np.float32), cond_seq)[:, n_text:]
 
-    def uncond(z: mx.array, t: float) -> mx.array:
-        return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
+    if uncond_dit is not None:
+        uncond_seq = uncond_dit.prepare(None, *sequence_ids([0], grid_h, grid_w))
+
+        def uncond(z: mx.array, t: float) -> mx.array:
+            return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
 
     return cond, uncond
+
+
+def parallel_guidance(cfg: CFGGroup, mine: VelocityFn) -> GuidedFn:
+    """The CFG velocity on a CFG-parallel rank: this rank's pass (rank 1 skips it at g = 1),
+    swapped with the other rank's, combined exactly as one process combines them."""
+
+    def guided(z: mx.array, t: float, g: float) -> mx.array:
+        if cfg.rank == 1 and skips_uncond(g):
+            v = mx.zeros_like(z)
+        else:
+            v = mine(z, t)
+        v_cond, v_uncond = cfg.swap(v)
+        return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
+
+    return guided
 
 
 DIT_COMPONENTS = (("transformer", True), ("unconditional_transformer", False))
@@ -516,6 +566,7 @@ def load(
     loras: Sequence[LoRASpec | str] = (),
     fuse_lora: bool = False,
     lora_allow_partial: bool = False,
+    distributed: bool = False,
 ) -> Ideogram4Pipeline:
     """A pipeline for a local checkpoint folder or a Hugging Face repo id: load once, then
     generate many images.
@@ -537,6 +588,12 @@ def load(
     unfused (exact on any base; ``set_lora_scale`` changes one in place) unless
     ``fuse_lora``, which merges them into the float weights at load (not with a quantized
     checkpoint or ``low_memory``).
+
+    ``distributed``: CFG-parallel on the two ranks ``mlx.launch -n 2`` started (``distributed.py``):
+    rank 0 holds the text encoder, the conditional DiT and the VAE, rank 1 the unconditional
+    DiT; every step one velocity is swapped; rank 0's image equals one process's bit for bit,
+    rank 1's ``result()`` is None. ``DistributedError`` without a launcher, with another
+    rank count, or when the ranks' checkpoints differ.
     """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
@@ -551,6 +608,8 @@ def load(
             "--lora`"
         )
     pipe.fuse_lora = fuse_lora
+    if distributed:
+        pipe.cfg = CFGGroup.start(pipe.checkpoint_dir)
     for spec in loras:
         pipe.add_lora(spec, lora_allow_partial)
     quantized = pipe.quantization() is not None

@@ -160,6 +160,30 @@ def resolve_schedule(
 
 
 VelocityFn = Callable[[mx.array, float], mx.array]
+GuidedFn = Callable[[mx.array, float, float], mx.array]
+
+
+def skips_uncond(g: float) -> bool:
+    """The official loop skips the unconditional pass when the weight is 1."""
+    return abs(g - 1) <= GUIDANCE_ONE_TOLERANCE
+
+
+def combine(v_cond: mx.array, v_uncond: mx.array, g: float) -> mx.array:
+    """``g * v_cond + (1 - g) * v_uncond`` in fp32 (spec §E.3)."""
+    g32 = mx.array(g, dtype=mx.float32)
+    return g32 * v_cond + (1 - g32) * v_uncond
+
+
+def guide(cond: VelocityFn, uncond: VelocityFn) -> GuidedFn:
+    """The CFG velocity of one process holding both DiTs."""
+
+    def guided(z: mx.array, t: float, g: float) -> mx.array:
+        v = cond(z, t).astype(mx.float32)
+        if skips_uncond(g):
+            return v
+        return combine(v, uncond(z, t).astype(mx.float32), g)
+
+    return guided
 
 
 def noised(x0: mx.array, noise: mx.array, t: float) -> mx.array:
@@ -193,6 +217,7 @@ def euler_steps(
     cond: VelocityFn,
     uncond: VelocityFn,
     known: KnownLatents | None = None,
+    guided: GuidedFn | None = None,
 ) -> Iterator[tuple[int, float, mx.array]]:
     """Euler from ``schedule.start_time`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond``
     (spec §E.2-3), one step per iteration: yields ``(step, t, z)`` with the model time ``t``
@@ -203,19 +228,16 @@ def euler_steps(
     :func:`noised`). ``cond(z, t)`` and ``uncond(z, t)`` return the velocity (same shape as
     ``z``); latents, the CFG combination and the step are fp32. The unconditional call is
     skipped when ``g == 1``. The last step ends at ``t_max``, never at 1 (spec §I.11).
-    ``known`` pins the kept tokens of an inpainting run after every step.
+    ``known`` pins the kept tokens of an inpainting run after every step. ``guided(z, t, g)``
+    replaces the cond/uncond pair (CFG-parallel ranks, ``distributed.py``).
     """
     z = mx.array(start).astype(mx.float32)
     grid, n = schedule.grid, schedule.num_steps
+    guided = guided or guide(cond, uncond)
     for step in range(n):
         i = n - 1 - step  # the official loop index
         t_cur, t_next = grid[i + 1], grid[i]
-        g = schedule.guidance[step]
-        v = cond(z, float(t_cur)).astype(mx.float32)
-        if abs(g - 1) > GUIDANCE_ONE_TOLERANCE:
-            v_u = uncond(z, float(t_cur)).astype(mx.float32)
-            g32 = mx.array(g, dtype=mx.float32)
-            v = g32 * v + (1 - g32) * v_u
+        v = guided(z, float(t_cur), schedule.guidance[step])
         z = z + v * mx.array(t_next - t_cur, dtype=mx.float32)
         if known is not None:
             z = known.blend(z, 1.0 if step == n - 1 else float(t_next))

@@ -189,6 +189,8 @@ def fake(monkeypatch):
             return GenerationResult(image, np.zeros(1), {"seed": seed}, {})
 
     class FakePipe:
+        cfg = None  # not CFG-parallel
+
         def start(self, request, verbose=False, report=None):
             seen.request, seen.verbose = request, verbose
             return FakeGeneration()
@@ -204,6 +206,7 @@ def fake(monkeypatch):
         loras,
         fuse_lora,
         lora_allow_partial,
+        distributed,
     ):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
         seen.low_memory, seen.keep_in_memory = low_memory, keep_in_memory

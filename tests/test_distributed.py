@@ -1,0 +1,94 @@
+"""CFG-parallel on two ranks: ``mlx.launch -n 2 --backend ring`` on this host (CPU), the tiny
+synthetic checkpoint. Rank 0's image must equal one process's bit for bit (each rank runs
+the same ops on the same latents; the swap and the share are exact copies), in fp32 and bf16."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ideogram4_mlx.cli import main
+
+CAPTION = '{"high_level_description":"a test","compositional_deconstruction":{"background":"x"}}'
+LAUNCH_SECONDS = 240
+
+
+def launcher() -> str:
+    path = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.fail("mlx.launch is not installed next to this Python (it comes with mlx)")
+    return path
+
+
+def generate_args(checkpoint, output, dtype, *extra):
+    # guidance 1 at the second step: rank 1 skips its pass there, rank 0 still sends v_cond
+    return [
+        "generate", "--model", str(checkpoint), "--dtype", dtype, "--prompt", CAPTION,
+        "--width", "256", "--height", "256", "--steps", "3", "--guidance-schedule", "5,1,3",
+        "--seed", "11", "--output", str(output), *extra,
+    ]  # fmt: skip
+
+
+def launch(ranks: int, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [launcher(), "-n", str(ranks), "--backend", "ring", "--"]
+    command += [sys.executable, "-m", "ideogram4_mlx", *args]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_SECONDS,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cfg_parallel_image_equals_one_process(tiny_checkpoint, tmp_path, dtype):
+    single = tmp_path / "single.png"
+    result = CliRunner().invoke(main, generate_args(tiny_checkpoint, single, dtype))
+    assert result.exit_code == 0, result.output
+    parallel = tmp_path / "parallel.png"
+    run = launch(2, generate_args(tiny_checkpoint, parallel, dtype, "--distributed"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with Image.open(single) as a, Image.open(parallel) as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.text["ideogram4-mlx"] != ""  # written by rank 0, with its metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel.png", "single.png"]
+
+
+def test_distributed_without_a_launcher_is_one_line(tiny_checkpoint, tmp_path):
+    args = generate_args(tiny_checkpoint, tmp_path / "x.png", "float32", "--distributed")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "--distributed needs two ranks started by mlx.launch" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_three_ranks_and_different_checkpoints_are_refused(tiny_checkpoint, tmp_path):
+    # (mlx.launch's own exit status does not always carry a rank's failure: check the output)
+    run = launch(3, generate_args(tiny_checkpoint, tmp_path / "x.png", "float32", "--distributed"))
+    assert "CFG-parallel runs on exactly 2 ranks" in run.stdout + run.stderr
+    assert not (tmp_path / "x.png").exists()
+    # rank 1 sees another checkpoint: a copy whose DiT config differs
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other, symlinks=True)
+    config = other / "unconditional_transformer" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"note": "another", ', 1))
+    script = tmp_path / "pick.py"
+    script.write_text(
+        "import os, runpy, sys\n"
+        f"model = {str(tiny_checkpoint)!r} if os.environ['MLX_RANK'] == '0' else {str(other)!r}\n"
+        "sys.argv = ['ideo4-mlx'] + [model if a == 'MODEL' else a for a in sys.argv[1:]]\n"
+        "runpy.run_module('ideogram4_mlx', run_name='__main__')\n"
+    )
+    args = generate_args("MODEL", tmp_path / "y.png", "float32", "--distributed")
+    command = [launcher(), "-n", "2", "--backend", "ring", "--", sys.executable, str(script)]
+    run = subprocess.run(command + args, capture_output=True, text=True, timeout=LAUNCH_SECONDS)
+    assert "the ranks load different checkpoints" in run.stdout + run.stderr
+    assert not (tmp_path / "y.png").exists()
