@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,25 @@ def test_three_ranks_and_different_checkpoints_are_refused(tiny_checkpoint, tmp_
     run = subprocess.run(command + args, capture_output=True, text=True, timeout=LAUNCH_SECONDS)
     assert "the ranks load different checkpoints" in run.stdout + run.stderr
     assert not (tmp_path / "y.png").exists()
+
+
+def test_a_dying_rank_stops_the_other_within_seconds(tiny_checkpoint, tmp_path):
+    """Rank 1 dies mid-run: rank 0 must not hang in the next swap; it is stopped (the launcher
+    ends the other ranks, the ring backend fails its pending exchange) and writes nothing."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, runpy, sys, threading\n"
+        "if os.environ['MLX_RANK'] == '1':\n"
+        "    threading.Timer(4.0, lambda: os._exit(9)).start()\n"
+        "sys.argv = ['ideo4-mlx'] + sys.argv[1:]\n"
+        "runpy.run_module('ideogram4_mlx', run_name='__main__')\n"
+    )
+    args = generate_args(tiny_checkpoint, tmp_path / "z.png", "float32", "--distributed")
+    args[args.index("--steps") + 1] = "500"  # minutes of work: the death comes mid-run
+    args[args.index("--guidance-schedule") + 1] = "5"
+    command = [launcher(), "-n", "2", "--backend", "ring", "--", sys.executable, str(script)]
+    start = time.monotonic()
+    run = subprocess.run(command + args, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60, "rank 0 kept running after rank 1 died"
+    assert "rank 1 exited with code 9" in run.stdout + run.stderr
+    assert not (tmp_path / "z.png").exists()
