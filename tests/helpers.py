@@ -3,6 +3,10 @@
 import importlib
 import json
 import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -31,3 +35,27 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
 # A caption with non-ASCII text in several scripts, and its canonical (minified) form.
 CAPTION = {"high_level_description": "Café Ünïcode poster", "text": "東京 2025 🎆"}
 CAPTION_TEXT = json.dumps(CAPTION, ensure_ascii=False, separators=(",", ":"))
+
+
+@contextmanager
+def serving(app):
+    """``app`` under a real uvicorn server on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # uvicorn takes the bound socket: no race for the port
+    port = sock.getsockname()[1]
+    import uvicorn  # the serve extra: only the server tests need it
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True  # the app's lifespan then shuts its JobQueue down
+        thread.join(60)
+        sock.close()

@@ -10,9 +10,7 @@ import base64
 import http.client
 import io
 import json
-import socket
 import threading
-import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -22,6 +20,7 @@ import openai
 import pytest
 import uvicorn
 from click.testing import CliRunner
+from helpers import serving
 from PIL import Image
 
 import ideogram4_mlx.pipeline as pipeline_module
@@ -44,25 +43,18 @@ WAIT = 120  # seconds: an upper bound for any one job here, never reached when t
 
 
 @contextmanager
-def serving(app):
-    """``app`` under a real uvicorn server on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # uvicorn takes the bound socket: no race for the port
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
+def worker_held(jobs: JobQueue):
+    """Hold the worker in a task of its own (``jobs.run`` is not a job: it takes no queue
+    slot), so no accepted job can start or finish until the block ends."""
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=jobs.run, args=(lambda: (held.set(), release.wait(WAIT)),))
+    holder.start()
+    assert held.wait(WAIT)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield release
     finally:
-        server.should_exit = True  # the app's lifespan then shuts its JobQueue down
-        thread.join(60)
-        sock.close()
+        release.set()  # before the server's shutdown waits for the worker
+        holder.join(WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -395,45 +387,37 @@ def test_an_image_field_that_is_a_path_is_refused(server, api, tmp_path):
 
 def test_twenty_concurrent_submissions_get_4_accepted_and_16_429(pipe, tmp_path):
     jobs = JobQueue(pipe, tmp_path, max_queue=4)
-    # Hold the worker in a task of its own (jobs.run is not a job: it takes no queue slot),
-    # so no accepted job can start or finish during the burst: the split is exact.
-    held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=jobs.run, args=(lambda: (held.set(), release.wait(WAIT)),))
-    holder.start()
-    assert held.wait(WAIT)
-    with serving(create_app(jobs)) as url:
-        try:
-            barrier = threading.Barrier(20)
-            responses = [None] * 20
+    # The worker is held, so no accepted job can start or finish during the burst: the split
+    # is exact.
+    with serving(create_app(jobs)) as url, worker_held(jobs) as release:
+        barrier = threading.Barrier(20)
+        responses = [None] * 20
 
-            def post(i):
-                with httpx.Client(base_url=url, timeout=60) as client:
-                    barrier.wait()
-                    responses[i] = client.post("/v1/jobs", json={**JOB, "num_steps": 1, "seed": i})
+        def post(i):
+            with httpx.Client(base_url=url, timeout=60) as client:
+                barrier.wait()
+                responses[i] = client.post("/v1/jobs", json={**JOB, "num_steps": 1, "seed": i})
 
-            threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(WAIT)
-            statuses = sorted(r.status_code for r in responses)
-            assert statuses == [202] * 4 + [429] * 16, statuses
-            for r in responses:
-                if r.status_code == 429:
-                    assert r.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
-                    assert "4 jobs are queued or running" in error_message(r, 429)
-            accepted = [r.json()["id"] for r in responses if r.status_code == 202]
-            health = httpx.get(f"{url}/healthz").json()
-            assert health["status"] == "ok" and health["queued"] == 4 and health["running"] == []
-            release.set()
-            for job_id in accepted:
-                assert jobs.wait(jobs.jobs[job_id], WAIT).state == "done"
-            health = httpx.get(f"{url}/healthz").json()
-            assert health["status"] == "ok" and health["queued"] == 0 and health["running"] == []
-            assert len(httpx.get(f"{url}/v1/jobs").json()["data"]) == 4
-        finally:
-            release.set()  # before the server's shutdown waits for the worker
-            holder.join(WAIT)
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [202] * 4 + [429] * 16, statuses
+        for r in responses:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+                assert "4 jobs are queued or running" in error_message(r, 429)
+        accepted = [r.json()["id"] for r in responses if r.status_code == 202]
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["status"] == "ok" and health["queued"] == 4 and health["running"] == []
+        release.set()
+        for job_id in accepted:
+            assert jobs.wait(jobs.jobs[job_id], WAIT).state == "done"
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["status"] == "ok" and health["queued"] == 0 and health["running"] == []
+        assert len(httpx.get(f"{url}/v1/jobs").json()["data"]) == 4
 
 
 # -- auth, and `ideo4-mlx serve` ----------------------------------------------------------------
@@ -613,19 +597,11 @@ def test_openai_n_is_accepted_whole_or_not_at_all(pipe, tmp_path):
     """n images are queued together: when they do not all fit, none is (a 429), so a client
     never loses images it was not told about."""
     jobs = JobQueue(pipe, tmp_path, max_queue=4)
-    held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=jobs.run, args=(lambda: (held.set(), release.wait(WAIT)),))
-    holder.start()
-    assert held.wait(WAIT)
-    with serving(create_app(jobs)) as url:
-        try:
-            with httpx.Client(base_url=url, timeout=60) as client:
-                for i in range(3):
-                    assert client.post("/v1/jobs", json={**JOB, "seed": i}).status_code == 202
-                body = {"prompt": CAPTION, "n": 2, "size": "256x256", "num_steps": 1}
-                response = client.post("/v1/images/generations", json=body)
-                assert "2 more do not fit" in error_message(response, 429)
-                assert len(jobs.jobs) == 3
-        finally:
-            release.set()
-            holder.join(WAIT)
+    with serving(create_app(jobs)) as url, worker_held(jobs):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for i in range(3):
+                assert client.post("/v1/jobs", json={**JOB, "seed": i}).status_code == 202
+            body = {"prompt": CAPTION, "n": 2, "size": "256x256", "num_steps": 1}
+            response = client.post("/v1/images/generations", json=body)
+            assert "2 more do not fit" in error_message(response, 429)
+            assert len(jobs.jobs) == 3

@@ -12,20 +12,18 @@ import io
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import serving
 from PIL import Image
 
 from ideogram4_mlx import load
 from ideogram4_mlx.synth import COMPONENTS, write_synthetic_checkpoint
 
 try:  # the serve and test extras
-    import uvicorn
+    import uvicorn  # noqa: F401  (serving() needs it: a missing extra skips here)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -106,22 +104,9 @@ def start_server(checkpoint: Path, output_dir: Path, api_key: str | None = None)
     pipe = load(checkpoint, dtype="float32")
     pipe.expand = functools.partial(pipe.expand, grammar_limits=SMALL)
     jobs = JobQueue(pipe, output_dir, 4, preview_every=1)
-    server = uvicorn.Server(uvicorn.Config(create_app(jobs, api_key), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+    context = serving(create_app(jobs, api_key))
+    url = context.__enter__()
+    return url, lambda: context.__exit__(None, None, None)
 
 
 @pytest.fixture
