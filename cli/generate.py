@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -18,10 +19,18 @@ from tqdm import tqdm
 from ideogram4_mlx.caption import is_json_prompt, parse_json
 from ideogram4_mlx.cli.magic import magic_options
 from ideogram4_mlx.cli.options import lora_options, model_options, parse_expand
-from ideogram4_mlx.distributed import DistributedError
+from ideogram4_mlx.distributed import MAX_IMAGES, DataGroup, DistributedError, image_seeds
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
+from ideogram4_mlx.files import write_file
 from ideogram4_mlx.hub import ModelAccessError
-from ideogram4_mlx.metadata import LOAD_KEYS, check_output, read_metadata, replay, save_png
+from ideogram4_mlx.metadata import (
+    LOAD_KEYS,
+    check_output,
+    png_bytes,
+    read_metadata,
+    replay,
+    save_png,
+)
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import GenerationRequest
@@ -231,6 +240,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "image as one process. Example: mlx.launch -n 2 --backend ring -- ideo4-mlx generate "
     "--distributed ... (--hostfile hosts.json for two Macs).",
 )
+@click.option(
+    "--num-images",
+    type=click.IntRange(1, MAX_IMAGES),
+    default=1,
+    show_default=True,
+    help="Make N images with seeds SEED, SEED+1, ... (a random start without --seed), written "
+    "as OUTPUT-<seed>.png; the models load once. With --distributed the images are spread "
+    "over the ranks (each holds both DiTs) and rank 0 writes them all.",
+)
+@click.option(
+    "--seeds",
+    callback=lambda ctx, param, value: _parse_seeds(value),
+    help="Comma-separated seeds, one image each (instead of --seed/--num-images).",
+)
 @click.option("--verbose", is_flag=True, help="Print each stage's time and peak memory.")
 @click.pass_context
 def generate(
@@ -242,6 +265,8 @@ def generate(
     stepwise_dir: Path | None,
     low_memory: bool,
     distributed: bool,
+    num_images: int,
+    seeds: list[int] | None,
     verbose: bool,
     magic_head: str | None,
     magic_model: str | None,
@@ -289,6 +314,25 @@ def generate(
                 load_kwargs["fuse_lora"] = load_kwargs["fuse_lora"] or fuse_lora
         except (ValueError, OSError, ModelAccessError) as e:
             raise click.ClickException(str(e)) from e
+        if num_images > 1 or seeds is not None:
+            _generate_many(
+                request,
+                output,
+                force,
+                verbose,
+                num_images,
+                seeds,
+                distributed,
+                dict(
+                    **load_kwargs,
+                    low_memory=low_memory,
+                    magic_head=magic_head,
+                    magic_model=magic_model,
+                    lora_allow_partial=lora_allow_partial,
+                ),
+                magic,
+            )
+            return
         previews = _preflight(request, output, force, stepwise_dir)
         try:
             # One image per process: free each model after its stage (lowest peak memory).
@@ -315,6 +359,58 @@ def generate(
     if from_metadata is not None and not (set(explicit) - {"model", "revision", "image", "mask"}):
         click.echo(_compare(from_metadata, output), err=True)
     click.echo(f"{output} (seed {result.metadata['seed']})")
+
+
+def _parse_seeds(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        seeds = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of seeds") from None
+    if not 1 <= len(seeds) <= MAX_IMAGES or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"give 1..{MAX_IMAGES} different seeds", param_hint="--seeds")
+    return seeds
+
+
+def _generate_many(
+    request, output, force, verbose, num_images, seeds, distributed, load_kwargs, magic
+) -> None:
+    """Several seeds with one loaded pipeline; spread over the ranks with --distributed."""
+    try:
+        pipe = load(**load_kwargs, keep_in_memory=None)  # lazy: nothing loads yet
+        pipe.magic_options = magic
+        group = DataGroup.start(pipe.checkpoint_dir) if distributed else None
+        chosen = image_seeds(request.seed, num_images, seeds, group)
+        outputs = [output.with_name(f"{output.stem}-{seed}{output.suffix}") for seed in chosen]
+        rank = 0 if group is None else group.rank
+        if rank == 0:
+            problems = []
+            for path in outputs:
+                try:
+                    check_output(path, force)
+                except OSError as e:
+                    problems.append(str(e))
+            if problems:
+                raise click.ClickException("\n".join(problems))
+        requests = [replace(request, seed=seed) for seed in chosen]
+        for r in requests:
+            pipe.check(r)
+        indices = list(range(len(requests)))
+        mine = indices if group is None else group.share(indices)
+        blobs = []
+        for i in mine:
+            result = _run(pipe, requests[i], None, verbose)
+            blobs.append(png_bytes(result.image, result.metadata))
+        if group is not None:
+            blobs = group.gather(blobs, len(requests))
+        if rank != 0:
+            return
+        for path, blob, seed in zip(outputs, blobs, chosen, strict=True):
+            write_file(path, lambda f, blob=blob: f.write(blob), force)
+            click.echo(f"{path} (seed {seed})")
+    except (ValueError, ModelAccessError, OSError, DistributedError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _preflight(

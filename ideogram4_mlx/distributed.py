@@ -11,6 +11,7 @@ run's input latents) are sent from rank 0 once.
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import mlx.core as mx
@@ -80,3 +81,76 @@ class CFGGroup:
         """(v_cond, v_uncond), both fp32, from rank 0's and rank 1's velocity (1, N, 128)."""
         both = mx.distributed.all_gather(velocity.astype(mx.float32), group=self.group)
         return both[:1], both[1:]
+
+
+class DataGroup:
+    """Data-parallel ranks for many images: each rank holds both DiTs and makes its share of
+    the images; the PNGs (with their metadata) are gathered to rank 0, which writes them."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+
+    @classmethod
+    def start(cls, checkpoint_dir: Path) -> DataGroup:
+        group = mx.distributed.init()
+        if group.size() == 1:
+            raise DistributedError(
+                "--distributed needs ranks started by mlx.launch (found one process): "
+                "mlx.launch -n 2 --backend ring -- ideo4-mlx generate --distributed ..."
+            )
+        mine = np.frombuffer(checkpoint_fingerprint(checkpoint_dir), np.uint8)
+        every = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=group))
+        if not (every == every[0]).all():
+            raise DistributedError(
+                f"rank {group.rank()}: the ranks load different checkpoints (this rank has "
+                f"{checkpoint_dir}): give every rank the same --model"
+            )
+        return cls(group)
+
+    def share(self, items: list) -> list:
+        """This rank's items: every ``size``-th, starting at its rank."""
+        return items[self.rank :: self.size]
+
+    def gather(self, blobs: list[bytes], total: int) -> list[bytes]:
+        """Every rank's ``blobs`` (its :meth:`share` of ``total`` items), back in item order."""
+        per_rank = -(-total // self.size)
+        lengths = np.full(per_rank, -1, np.int32)
+        lengths[: len(blobs)] = [len(b) for b in blobs]
+        every_length = np.array(
+            mx.distributed.all_gather(mx.array(lengths)[None], group=self.group)
+        )
+        width = max(1, int(every_length.max()))
+        data = np.zeros((per_rank, width), np.uint8)
+        for i, blob in enumerate(blobs):
+            data[i, : len(blob)] = np.frombuffer(blob, np.uint8)
+        every = np.array(mx.distributed.all_gather(mx.array(data)[None], group=self.group))
+        out = [b""] * total
+        for rank in range(self.size):
+            for i, length in enumerate(every_length[rank]):
+                if length >= 0:
+                    out[rank + i * self.size] = every[rank, i, :length].tobytes()
+        return out
+
+
+MAX_IMAGES = 256  # one command's images: a bound on what --num-images / --seeds can ask
+
+
+def image_seeds(
+    seed: int | None, num_images: int, seeds: list[int] | None, group: DataGroup | None = None
+) -> list[int]:
+    """``seeds`` as given, else ``seed, seed + 1, ...``; with no seed, a random start below
+    2**31, rank 0's on every rank of ``group``."""
+    if seeds:
+        chosen = list(seeds)
+    else:
+        start = seed
+        if start is None:
+            start = random.randint(0, 2**31 - 1)
+            if group is not None:
+                mine = mx.array([start if group.rank == 0 else 0], dtype=mx.int32)
+                start = int(mx.distributed.all_sum(mine, group=group.group).item())
+        chosen = [int(start) + i for i in range(num_images)]
+    if not 1 <= len(chosen) <= MAX_IMAGES:
+        raise ValueError(f"{len(chosen)} images: use 1..{MAX_IMAGES} per command")
+    return chosen

@@ -6,6 +6,7 @@ The metadata (``GenerationResult.metadata``) is stored as JSON in one compressed
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -35,6 +36,13 @@ def png_info(metadata: Mapping) -> PngInfo:
     info.add_itxt(PNG_KEY, json.dumps(metadata, ensure_ascii=False), zip=True)
     info.add_text("Software", f"ideogram4-mlx {__version__}")
     return info
+
+
+def png_bytes(image: Image.Image, metadata: Mapping) -> bytes:
+    """The PNG file :func:`save_png` writes, in memory (to send it to another rank)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
+    return buffer.getvalue()
 
 
 def save_png(

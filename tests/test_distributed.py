@@ -115,3 +115,28 @@ def test_a_dying_rank_stops_the_other_within_seconds(tiny_checkpoint, tmp_path):
     assert time.monotonic() - start < 60, "rank 0 kept running after rank 1 died"
     assert "rank 1 exited with code 9" in run.stdout + run.stderr
     assert not (tmp_path / "z.png").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_num_images_over_two_ranks_equals_single_runs(tiny_checkpoint, tmp_path):
+    """Data-parallel: 4 images spread over 2 ranks (each holding both DiTs), gathered to rank
+    0, equal the 4 single runs of the same seeds; one process with --seeds equals them too."""
+    base = generate_args(tiny_checkpoint, tmp_path / "many.png", "float32")
+    base = [a for a in base if a not in ("--seed", "11")]
+    run = launch(2, [*base, "--seed", "20", "--num-images", "4", "--distributed"])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"many-{s}.png" for s in (20, 21, 22, 23)], names
+    sequential = [*base, "--seeds", "21,23", "--output", str(tmp_path / "seq.png")]
+    assert CliRunner().invoke(main, sequential).exit_code == 0
+    for seed in (20, 21, 22, 23):
+        single = tmp_path / f"single-{seed}.png"
+        args = [*base, "--seed", str(seed), "--output", str(single)]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        with Image.open(single) as a, Image.open(tmp_path / f"many-{seed}.png") as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if seed in (21, 23):
+            with Image.open(tmp_path / f"seq-{seed}.png") as c:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    result = CliRunner().invoke(main, [*base, "--seeds", "1,x"])
+    assert result.exit_code == 2 and "is not a comma-separated list of seeds" in result.output
