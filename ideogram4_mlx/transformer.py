@@ -360,7 +360,14 @@ class Ideogram4Transformer(nn.Module):
         self.embed_image_indicator = nn.Embedding(2, hidden)
         self.layers = [TransformerBlock(config) for _ in range(config.num_layers)]
         self.final_layer = FinalLayer(hidden, config.in_channels, config.adaln_dim)
-        self.stream: WeightStream | None = None  # set by from_pretrained(low_memory=True)
+        self.stream: WeightStream | None = None  # set by from_pretrained when blocks stream
+        # Blocks 0 .. resident_blocks - 1 keep their weights; the rest stream (from_pretrained).
+        self.resident_blocks = config.num_layers
+
+    @property
+    def streamed_blocks(self) -> int:
+        """How many blocks are read from disk on every pass (0: all resident)."""
+        return len(self.layers) - self.resident_blocks
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -444,10 +451,10 @@ class Ideogram4Transformer(nn.Module):
         if self.stream is not None:
             self.stream.open()
         for i, layer in enumerate(self.layers):
-            if self.stream is None:
+            if self.stream is None or i < self.resident_blocks:
                 h = layer(h, c, seq.cos, seq.sin, seq.mask)
                 continue
-            # Low memory: this block's weights are read now and dropped once it has run.
+            # A streamed block: its weights are read now and dropped once it has run.
             layer.update(self.stream.take(f"layers.{i}."))
             h = layer(h, c, seq.cos, seq.sin, seq.mask)
             mx.eval(h)
@@ -473,15 +480,19 @@ class Ideogram4Transformer(nn.Module):
         dtype: mx.Dtype = mx.bfloat16,
         low_memory: bool = False,
         text_input: bool = True,
+        resident_blocks: int | None = None,
     ) -> Ideogram4Transformer:
         """Load ``transformer/`` or ``unconditional_transformer/`` (fp8, bf16, split-qkv names).
 
-        ``low_memory`` keeps only the small parameters resident: each pass reads every block's
-        weights from disk just before the block runs and frees them after, attention scores
-        are bounded to ``LOW_MEMORY_SCORE_BYTES`` and the feed-forward runs over
-        ``LOW_MEMORY_FFN_TOKENS`` tokens at a time. The same results: the streamed weights and
-        grouped heads bit for bit; the feed-forward chunks are the same dot products (bit for
-        bit at real chunk sizes here, within fp32 rounding where a BLAS switches kernels).
+        ``resident_blocks=k`` keeps the first k DiT blocks in memory and streams the others:
+        each pass reads a streamed block's weights from disk just before it runs and frees
+        them after (``streamed_blocks`` says how many). None (the default, or any k >= the
+        block count) keeps all; 0 streams all, which is what ``low_memory`` means. Whenever a
+        block streams, attention scores are bounded to ``LOW_MEMORY_SCORE_BYTES`` and the
+        feed-forward runs over ``LOW_MEMORY_FFN_TOKENS`` tokens at a time, in every block. The
+        same results: the streamed weights and grouped heads bit for bit; the feed-forward
+        chunks are the same dot products (bit for bit at real chunk sizes here, within fp32
+        rounding where a BLAS switches kernels).
 
         ``text_input=False`` is for the unconditional branch, which only ever sees image
         tokens (spec §B.2): its text projection (``llm_cond_norm``, ``llm_cond_proj``, 245M
@@ -490,19 +501,21 @@ class Ideogram4Transformer(nn.Module):
         """
         component_dir = Path(component_dir)
         model = cls.build(component_dir)
+        model.resident_blocks = resident_block_count(resident_blocks, low_memory, len(model.layers))
 
         def resident(key: str) -> bool:
             if not text_input and key.startswith(TEXT_INPUT_MODULES):
                 return False
-            return not (low_memory and key.startswith("layers."))
+            return block_index(key) is None or block_index(key) < model.resident_blocks
 
         load_component(model, component_dir, dtype, resident)
         if not text_input:
             model.llm_cond_norm = model.llm_cond_proj = None  # their lazy arrays are never read
-        if low_memory:
+        if model.streamed_blocks:
             model.stream = WeightStream(component_dir, model.sanitize, dtype)
-            for layer in model.layers:
+            for layer in model.layers[model.resident_blocks :]:
                 drop_parameters(layer)
+            for layer in model.layers:
                 layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
                 layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
         return model
@@ -546,6 +559,34 @@ class Ideogram4Transformer(nn.Module):
         if parts & FLOAT_MODULES:
             return False
         return {"bits": TEXT_PROJECTION_BITS} if "llm_cond_proj" in parts else True
+
+
+def resident_block_count(resident_blocks: int | None, low_memory: bool, num_layers: int) -> int:
+    """The checked k of ``from_pretrained`` for a DiT of ``num_layers`` blocks (None and
+    k >= num_layers: all); ``low_memory`` is k = 0."""
+    if resident_blocks is None:
+        return 0 if low_memory else num_layers
+    if isinstance(resident_blocks, bool) or not isinstance(resident_blocks, int | np.integer):
+        raise ValueError(
+            f"resident_blocks must be an integer >= 0 or None, got {resident_blocks!r}"
+        )
+    if resident_blocks < 0:
+        raise ValueError(
+            f"resident_blocks must be >= 0 (0 streams every block), got {resident_blocks}"
+        )
+    if low_memory and resident_blocks:
+        raise ValueError(
+            f"low_memory streams every block (resident_blocks=0) but resident_blocks="
+            f"{resident_blocks} was given too; pass one of them"
+        )
+    return min(int(resident_blocks), num_layers)
+
+
+def block_index(key: str) -> int | None:
+    """N for a parameter key ``layers.N.*``; None for the parameters outside the blocks."""
+    if not key.startswith("layers."):
+        return None
+    return int(key.split(".", 2)[1])
 
 
 def drop_parameters(module: nn.Module) -> None:

@@ -1,0 +1,168 @@
+"""A memory budget: the first k DiT blocks resident, the rest streamed (``resident_blocks``),
+and the planner that picks k for both DiTs from the weight files (``ideogram4_mlx.memory``)."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from ideogram4_mlx.environment import KEEP_FRACTION, physical_memory
+from ideogram4_mlx.memory import (
+    DiTSizes,
+    activation_bytes,
+    cache_limit,
+    default_memory_limit,
+    denoise_bytes,
+    dit_sizes,
+    plan_from_sizes,
+    plan_resident_blocks,
+    set_cache_limit,
+)
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
+
+RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
+GB = 10**9
+
+
+def dit_inputs(model, n_text=5, grid=(4, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    ids = sequence_ids([n_text], *grid)
+    x = mx.array(rng.standard_normal((1, ids[2].shape[1], 128)), mx.float32)
+    feats = mx.array(rng.standard_normal((1, n_text, model.config.llm_features_dim)), mx.float32)
+    return x, feats, ids
+
+
+def layer_bytes(model):
+    return [sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in model.layers]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_partly_resident_dit_equals_resident_dit_pass_after_pass(tiny_checkpoint, dtype, k):
+    folder = tiny_checkpoint / "transformer"
+    resident = Ideogram4Transformer.from_pretrained(folder, dtype)
+    partial = Ideogram4Transformer.from_pretrained(folder, dtype, resident_blocks=k)
+    n = len(partial.layers)
+    assert (partial.resident_blocks, partial.streamed_blocks) == (k, n - k)
+    assert (partial.stream is None) == (k == n)
+    held = layer_bytes(partial)
+    assert all(b > 0 for b in held[:k]) and all(b == 0 for b in held[k:])
+    x, feats, ids = dit_inputs(resident)
+    seq_r, seq_p = resident.prepare(feats, *ids), partial.prepare(feats, *ids)
+    for t in (0.3, 0.8):  # two passes: the stream reopens the files each time
+        want = resident.run(x, np.array([t], np.float32), seq_r)
+        got = partial.run(x, np.array([t], np.float32), seq_p)
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+        assert layer_bytes(partial) == held  # streamed blocks dropped again, resident kept
+
+
+def test_low_memory_is_zero_resident_blocks_and_k_is_checked(tiny_checkpoint):
+    folder = tiny_checkpoint / "transformer"
+    low = Ideogram4Transformer.from_pretrained(folder, mx.float32, low_memory=True)
+    assert (low.resident_blocks, low.streamed_blocks) == (0, 2)
+    default = Ideogram4Transformer.from_pretrained(folder, mx.float32)
+    assert (default.streamed_blocks, default.stream) == (0, None)
+    many = Ideogram4Transformer.from_pretrained(folder, mx.float32, resident_blocks=99)
+    assert (many.resident_blocks, many.streamed_blocks, many.stream) == (2, 0, None)
+    with pytest.raises(ValueError, match="resident_blocks must be >= 0.*-1"):
+        Ideogram4Transformer.from_pretrained(folder, mx.float32, resident_blocks=-1)
+    with pytest.raises(ValueError, match="integer.*1.5"):
+        Ideogram4Transformer.from_pretrained(folder, mx.float32, resident_blocks=1.5)
+    with pytest.raises(ValueError, match="low_memory.*resident_blocks=1"):
+        Ideogram4Transformer.from_pretrained(folder, mx.float32, True, resident_blocks=1)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_dit_sizes_are_what_the_loaded_dits_hold(tiny_checkpoint, dtype):
+    for name, text in (("transformer", True), ("unconditional_transformer", False)):
+        sizes = dit_sizes(tiny_checkpoint / name, dtype, text)
+        model = Ideogram4Transformer.from_pretrained(tiny_checkpoint / name, dtype, text_input=text)
+        total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        assert list(sizes.blocks) == layer_bytes(model)
+        assert sizes.resident == total - sum(sizes.blocks)
+        assert sizes.stream_extra > 0  # fp8 bytes read while a raw block is dequantized
+
+
+def synthetic_sizes(blocks=34, block=160 * 10**6, resident=230 * 10**6, extra=0):
+    config = TransformerConfig()  # the real widths: activation_bytes at full size
+    one = DiTSizes(resident, (block,) * blocks, extra, config)
+    return one, replace(one, resident=resident // 2)
+
+
+def test_plan_is_monotone_in_the_limit_and_within_its_own_estimate():
+    sizes, tokens = synthetic_sizes(), 5096
+    previous = (0, 0)
+    for limit in np.linspace(0.5 * GB, 16 * GB, 200):
+        plan = plan_from_sizes(sizes, float(limit), tokens)
+        assert all(p >= q for p, q in zip(plan, previous, strict=True))
+        assert abs(plan[0] - plan[1]) <= 1 or 34 in plan  # shared evenly
+        if plan != (0, 0):
+            assert denoise_bytes(sizes, plan, tokens) <= limit
+        previous = plan
+    assert plan_from_sizes(sizes, 1.0, tokens) == (0, 0)  # low memory: the smallest setting
+    assert plan_from_sizes(sizes, 1e15, tokens) == (34, 34)
+
+
+def test_plan_at_the_measured_full_size_budgets():
+    # Sizes of the measured 4-bit DiTs (pipeline_memory.json): 0.162 GB per block, 0.454 GB
+    # for both DiTs' other parts together.
+    sizes = synthetic_sizes(block=162 * 10**6, resident=303 * 10**6)
+    plans = [plan_from_sizes(sizes, gb * GB, 5096) for gb in (6, 8, 12, 16)]
+    assert plans[-1] == (34, 34)  # 11.5 GB of weights + 2.1 GB of activations fit in 16
+    assert 0 < sum(plans[0]) < sum(plans[1]) < sum(plans[2]) < 68
+    for gb, plan in zip((6, 8, 12, 16), plans, strict=True):
+        assert denoise_bytes(sizes, plan, 5096) <= gb * GB
+
+
+def test_every_block_resident_uses_the_larger_activation_settings():
+    config = TransformerConfig()
+    assert activation_bytes(config, 5096, False) > activation_bytes(config, 5096, True)
+    sizes = synthetic_sizes(blocks=2, block=10**6, resident=10**6)
+    all_in = denoise_bytes(sizes, (2, 2), 5096)
+    # Just under "all resident": the planner must stream one block, not round up.
+    assert plan_from_sizes(sizes, all_in - 1, 5096) != (2, 2)
+
+
+def test_activation_estimate_bounds_the_measured_rows():
+    rows = json.loads((RESULTS / "pipeline_memory.json").read_text())["rows"]
+    captions = {512: 300, 1024: 1000, 2048: 1000}
+    for row in rows:
+        tokens = (row["side"] // 16) ** 2 + captions[row["side"]]
+        estimate = activation_bytes(TransformerConfig(), tokens, row["mode"] == "low-memory")
+        assert row["activations"] * GB <= estimate <= 1.4 * row["activations"] * GB, row
+
+
+@pytest.mark.parametrize("limit", [0, -1, -8e9, math.nan, math.inf, "8", None, True])
+def test_a_bad_limit_is_an_error_naming_it(tiny_checkpoint, limit):
+    with pytest.raises(ValueError, match=f"memory limit.*{limit!r}".replace("(", r"\(")):
+        plan_resident_blocks(tiny_checkpoint, mx.float32, limit, 100)
+    with pytest.raises(ValueError, match="memory limit"):
+        plan_from_sizes(synthetic_sizes(), limit, 100)
+
+
+def test_plan_resident_blocks_reads_the_checkpoint(tiny_checkpoint):
+    assert plan_resident_blocks(tiny_checkpoint, mx.float32, 1e12, 100) == (2, 2)
+    assert plan_resident_blocks(tiny_checkpoint, mx.float32, 1e3, 100) == (0, 0)
+    with pytest.raises(ValueError, match="tokens must be > 0, got 0"):
+        plan_resident_blocks(tiny_checkpoint, mx.float32, 1e12, 0)
+
+
+def test_default_limit_and_cache_limit():
+    limit = default_memory_limit()
+    if not mx.metal.is_available():
+        assert limit == int(KEEP_FRACTION * physical_memory())
+    assert 0 < limit <= physical_memory()
+    assert cache_limit(8 * GB, 6 * GB) == 2 * GB
+    assert cache_limit(8 * GB, 9 * GB) == 0
+    previous = set_cache_limit(123 * 10**6)
+    try:
+        assert set_cache_limit(previous) == 123 * 10**6
+    finally:
+        mx.set_cache_limit(previous)
+    with pytest.raises(ValueError, match="cache limit.*-1"):
+        set_cache_limit(-1)
