@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -148,23 +149,40 @@ def plan_from_sizes(
     return tuple(kept)
 
 
+class DenoisePlan(NamedTuple):
+    """Resident blocks of each DiT and the estimated denoising peak (bytes) with them."""
+
+    cond: int
+    uncond: int
+    estimate: int
+
+
+def plan_denoise(
+    checkpoint_dir: Path | str, dtype: mx.Dtype, memory_limit_bytes: float, tokens: int
+) -> DenoisePlan:
+    """:func:`plan_resident_blocks` with its estimate (for :func:`cache_limit`)."""
+    check_limit(memory_limit_bytes)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise ValueError(f"tokens must be an integer > 0, got {tokens!r}")
+    checkpoint_dir = Path(checkpoint_dir)
+    sizes = tuple(
+        dit_sizes(checkpoint_dir / name, dtype, text_input) for name, text_input in DIT_FOLDERS
+    )
+    cond, uncond = plan_from_sizes(sizes, memory_limit_bytes, tokens)
+    return DenoisePlan(cond, uncond, denoise_bytes(sizes, (cond, uncond), tokens))
+
+
 def plan_resident_blocks(
     checkpoint_dir: Path | str, dtype: mx.Dtype, memory_limit_bytes: float, tokens: int
 ) -> tuple[int, int]:
     """``(cond_k, uncond_k)``: how many blocks of ``transformer/`` and
     ``unconditional_transformer/`` stay resident (``from_pretrained(resident_blocks=k)``) so
     that denoising a ``tokens``-long sequence (caption + image tokens) stays within
-    ``memory_limit_bytes`` by this module's estimate. The text encoder and the VAE are not
-    counted: they run before and after denoising and are freed (``keep_in_memory=False``)."""
-    check_limit(memory_limit_bytes)
-    if tokens <= 0:
-        raise ValueError(f"tokens must be > 0, got {tokens!r}")
-    checkpoint_dir = Path(checkpoint_dir)
-    sizes = tuple(
-        dit_sizes(checkpoint_dir / name, dtype, text_input) for name, text_input in DIT_FOLDERS
-    )
-    cond, uncond = plan_from_sizes(sizes, memory_limit_bytes, tokens)
-    return cond, uncond
+    ``memory_limit_bytes`` by this module's estimate (0 and 0, the low-memory mode, when even
+    that does not fit). The text encoder and the VAE are not counted: they run before and
+    after denoising and are freed (``keep_in_memory=False``)."""
+    plan = plan_denoise(checkpoint_dir, dtype, memory_limit_bytes, tokens)
+    return plan.cond, plan.uncond
 
 
 def default_memory_limit() -> int:

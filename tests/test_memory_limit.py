@@ -19,6 +19,7 @@ from ideogram4_mlx.memory import (
     default_memory_limit,
     denoise_bytes,
     dit_sizes,
+    plan_denoise,
     plan_from_sizes,
     plan_resident_blocks,
     set_cache_limit,
@@ -148,8 +149,14 @@ def test_a_bad_limit_is_an_error_naming_it(tiny_checkpoint, limit):
 def test_plan_resident_blocks_reads_the_checkpoint(tiny_checkpoint):
     assert plan_resident_blocks(tiny_checkpoint, mx.float32, 1e12, 100) == (2, 2)
     assert plan_resident_blocks(tiny_checkpoint, mx.float32, 1e3, 100) == (0, 0)
-    with pytest.raises(ValueError, match="tokens must be > 0, got 0"):
+    with pytest.raises(ValueError, match="tokens must be an integer > 0, got 0"):
         plan_resident_blocks(tiny_checkpoint, mx.float32, 1e12, 0)
+    plan = plan_denoise(tiny_checkpoint, mx.float32, 1e12, 100)
+    sizes = tuple(
+        dit_sizes(tiny_checkpoint / name, mx.float32, text)
+        for name, text in (("transformer", True), ("unconditional_transformer", False))
+    )
+    assert plan == (2, 2, denoise_bytes(sizes, (2, 2), 100))
 
 
 def test_default_limit_and_cache_limit():
