@@ -230,7 +230,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     "--low-memory",
     is_flag=True,
     help="Stream the DiT blocks from disk on every pass instead of holding both DiTs in "
-    "memory: same image, far lower peak, one read of the DiT files per step.",
+    "memory: same image, far lower peak, one read of the DiT files per step (the smallest "
+    "--memory-limit).",
+)
+@click.option(
+    "--memory-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="GB",
+    help="Memory budget for denoising, in GB: as many DiT blocks stay resident as fit, the "
+    "rest are streamed from disk each step (same image). Default: the machine's (MLX's "
+    "recommended working set on a Mac, 60% of RAM elsewhere).",
 )
 @click.option(
     "--distributed",
@@ -264,6 +273,7 @@ def generate(
     force: bool,
     stepwise_dir: Path | None,
     low_memory: bool,
+    memory_limit: float | None,
     distributed: bool,
     num_images: int,
     seeds: list[int] | None,
@@ -326,6 +336,7 @@ def generate(
                 dict(
                     **load_kwargs,
                     low_memory=low_memory,
+                    memory_limit=memory_limit,
                     magic_head=magic_head,
                     magic_model=magic_model,
                     lora_allow_partial=lora_allow_partial,
@@ -340,6 +351,7 @@ def generate(
                 **load_kwargs,
                 keep_in_memory=False,
                 low_memory=low_memory,
+                memory_limit=memory_limit,
                 magic_head=magic_head,
                 magic_model=magic_model,
                 lora_allow_partial=lora_allow_partial,

@@ -113,15 +113,15 @@ def denoise_bytes(sizes: tuple[DiTSizes, ...], resident: tuple[int, ...], tokens
     return held + running
 
 
-def check_limit(memory_limit_bytes: float) -> float:
-    """A memory limit must be a finite number of bytes > 0; else a ``ValueError`` naming it."""
-    if isinstance(memory_limit_bytes, bool) or not isinstance(memory_limit_bytes, int | float):
-        raise ValueError(f"memory limit must be a number of bytes, got {memory_limit_bytes!r}")
-    if not math.isfinite(memory_limit_bytes) or memory_limit_bytes <= 0:
+def check_limit(memory_limit: float, unit: str = "bytes") -> float:
+    """A memory limit must be a finite number > 0 (of ``unit``); else a ``ValueError`` naming it."""
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float):
+        raise ValueError(f"memory limit must be a number of {unit}, got {memory_limit!r}")
+    if not math.isfinite(memory_limit) or memory_limit <= 0:
         raise ValueError(
-            f"memory limit must be a finite number of bytes > 0, got {memory_limit_bytes!r}"
+            f"memory limit must be a finite number of {unit} > 0, got {memory_limit!r}"
         )
-    return memory_limit_bytes
+    return memory_limit
 
 
 def plan_from_sizes(

@@ -21,7 +21,7 @@ from PIL import Image
 from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import DTYPES, PACKED_CHANNELS, dtype_name, parse_dtype
 from ideogram4_mlx.distributed import CFGGroup
-from ideogram4_mlx.environment import describe, fits_in_memory, is_slow
+from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
 from ideogram4_mlx.hub import resolve_file, resolve_model
 from ideogram4_mlx.lora import (
     LoRAError,
@@ -35,8 +35,15 @@ from ideogram4_mlx.lora import (
     read_lora,
     set_scale,
 )
+from ideogram4_mlx.memory import (
+    cache_limit,
+    check_limit,
+    default_memory_limit,
+    plan_denoise,
+    set_cache_limit,
+)
 from ideogram4_mlx.metadata import save_png
-from ideogram4_mlx.prompt import PromptEncoder
+from ideogram4_mlx.prompt import MAX_TEXT_TOKENS, PromptEncoder
 from ideogram4_mlx.request import (
     MAX_SEED,
     GenerationRequest,
@@ -55,6 +62,9 @@ from ideogram4_mlx.sampler import (
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.weights import conversion_record
+
+# The sequence length dits() plans for when none is given: 1024^2 with the longest caption.
+PLAN_TOKENS = (1024 // 16) ** 2 + MAX_TEXT_TOKENS
 
 
 @dataclass
@@ -109,14 +119,21 @@ class Ideogram4Pipeline:
         model_id: str | None = None,
         revision: str | None = None,
         low_memory: bool = False,
+        memory_limit: float | None = None,
     ):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.low_memory = low_memory
+        # Bytes the denoise stage may use (see ideogram4_mlx.memory); None: the machine's.
+        self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
+        self.resident_blocks: tuple[int, int] | None = None  # the loaded DiTs' plan
         self.dtype = dtype
         self.model_id = model_id or str(self.checkpoint_dir)
         self.revision = revision
         if keep_in_memory is None:
-            keep_in_memory = fits_in_memory(self.checkpoint_dir, dtype)
+            # Kept models would share the budget with the DiTs, which the plan does not count.
+            keep_in_memory = fits_in_memory(self.checkpoint_dir, dtype) and (
+                weight_bytes(self.checkpoint_dir, dtype) <= self.memory_limit
+            )
         self.keep_in_memory = keep_in_memory
         self._prompt_encoder: PromptEncoder | None = None
         self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
@@ -187,19 +204,45 @@ class Ideogram4Pipeline:
         model, tokenizer = self.magic_model()
         return expand(model, tokenizer, idea, width, height, seed, **options)
 
-    def dits(self) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
+    def plan(self, tokens: int) -> tuple[int, int]:
+        """Resident blocks of (cond, uncond) for a ``tokens``-long sequence: all when the
+        budget holds them, none with ``low_memory``; sets MLX's cache limit to what the plan
+        leaves of the budget."""
+        if self.low_memory:
+            return 0, 0
+        plan = plan_denoise(self.checkpoint_dir, self.dtype, self.memory_limit, tokens)
+        set_cache_limit(cache_limit(self.memory_limit, plan.estimate))
+        return plan.cond, plan.uncond
+
+    def dits(self, tokens: int = PLAN_TOKENS) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
+        """Both DiTs, as many blocks resident as the memory budget allows for ``tokens``
+        (caption + image tokens); reloaded when another sequence length changes the plan."""
+        plan = self.plan(tokens)
+        if self._dits is not None and plan != self.resident_blocks:
+            self._dits = None
+            mx.clear_cache()
         if self._dits is None:
             # The unconditional branch sees image tokens only: its text projection is not read.
             # A CFG-parallel rank loads its own DiT only (rank 0: cond, rank 1: uncond).
             held = (0, 1) if self.cfg is None else (self.cfg.rank,)
             self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
-                    self.checkpoint_dir / name, self.dtype, self.low_memory, text_input=text
+                    self.checkpoint_dir / name, self.dtype, text_input=text, resident_blocks=k
                 )
                 if i in held
                 else None
-                for i, (name, text) in enumerate(DIT_COMPONENTS)
+                for i, ((name, text), k) in enumerate(zip(DIT_COMPONENTS, plan, strict=True))
             )
+            self.resident_blocks = plan
+            streamed = sum(m.streamed_blocks for m in self._dits if m is not None)
+            if self.fuse_lora and streamed:
+                self._dits = self.resident_blocks = None
+                raise LoRAError(
+                    f"--fuse-lora needs every DiT block resident, but the memory budget "
+                    f"({self.memory_limit / 1e9:.1f} GB) streams {streamed} of them: raise "
+                    "--memory-limit, use the LoRA unfused (the default) or bake it in with "
+                    "`ideo4-mlx convert --lora`"
+                )
             for model, target in zip(self._dits, ("cond", "uncond"), strict=True):
                 chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
                 if chosen and model is not None:
@@ -448,7 +491,9 @@ class Generation:
             mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
             known = KnownLatents(x0, noise, mask)
         with Stage(self.stats, "denoise", self.report, self.verbose):
-            cond, uncond = velocity_fns(*pipe.dits(), features, r.grid_h, r.grid_w)
+            n_text = MAX_TEXT_TOKENS if features is None else features.shape[1]
+            dits = pipe.dits(r.grid_h * r.grid_w + n_text)
+            cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w)
             guided = None
             if pipe.cfg is not None:
                 guided = parallel_guidance(pipe.cfg, cond if rank == 0 else uncond)
@@ -561,6 +606,7 @@ def load(
     keep_in_memory: bool | None = None,
     revision: str | None = None,
     low_memory: bool = False,
+    memory_limit: float | None = None,
     magic_head: str | Path | None = None,
     magic_model: str | Path | None = None,
     loras: Sequence[LoRASpec | str] = (),
@@ -576,8 +622,11 @@ def load(
     (``"bfloat16"``, ``"float32"``, ...). ``keep_in_memory``: True keeps every model loaded
     between images (fast, most memory), False frees each after its stage (least memory, each
     image reloads), None (default) keeps them when their weights take at most 60% of RAM.
-    ``low_memory`` streams the DiT blocks from disk on every pass instead of keeping both DiTs
-    resident (same images; one read of the DiT files per step). ``magic_head``: the magic
+    ``memory_limit`` (GB) bounds the denoise stage: as many DiT blocks stay resident as fit
+    and the rest are streamed from disk on every pass (same images; one read of the streamed
+    blocks per step); None (default) takes the machine's: MLX's recommended working set on a
+    Mac, 60% of RAM elsewhere. MLX's buffer cache is held to what the plan leaves of it.
+    ``low_memory`` is the smallest setting: every DiT block streamed. ``magic_head``: the magic
     prompt's lm_head, a folder or repo id (default: the checkpoint's ``prompt_enhancer_head/``,
     else ``diffusers/qwen3-vl-8b-instruct-lm-head``). ``magic_model``: expand with another
     mlx-lm chat model instead (a folder or repo id).
@@ -598,8 +647,17 @@ def load(
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if memory_limit is not None:
+        check_limit(memory_limit, "GB")
+        if low_memory:
+            raise ValueError(
+                "low_memory streams every DiT block, whatever the memory_limit: give one of them"
+            )
     checkpoint_dir, model_id, revision = resolve_model(model, revision)
-    pipe = Ideogram4Pipeline(checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory)
+    limit = None if memory_limit is None else memory_limit * 1e9
+    pipe = Ideogram4Pipeline(
+        checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory, limit
+    )
     pipe.magic_head, pipe.magic_model_name = magic_head, magic_model
     if fuse_lora and low_memory:
         raise LoRAError(

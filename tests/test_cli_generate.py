@@ -201,6 +201,7 @@ def fake(monkeypatch):
         revision,
         keep_in_memory,
         low_memory,
+        memory_limit,
         magic_head,
         magic_model,
         loras,
@@ -210,6 +211,7 @@ def fake(monkeypatch):
     ):
         seen.load = {"model": model, "dtype": dtype, "revision": revision}
         seen.low_memory, seen.keep_in_memory = low_memory, keep_in_memory
+        seen.memory_limit = memory_limit
         seen.loras, seen.fuse_lora, seen.lora_allow_partial = loras, fuse_lora, lora_allow_partial
         return FakePipe()
 
@@ -222,6 +224,7 @@ def test_defaults_reach_load_and_the_request(fake, tmp_path):
     assert result.exit_code == 0, result.output
     assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
     assert fake.low_memory is False  # --low-memory is opt-in (tests/test_low_memory.py)
+    assert fake.memory_limit is None  # the machine's budget (tests/test_memory_limit.py)
     assert fake.keep_in_memory is False  # one image per process: free each model after use
     assert fake.verbose is False
     assert fake.request == GenerationRequest(CAPTION)  # the CLI's defaults are the request's

@@ -3,14 +3,17 @@ and the planner that picks k for both DiTs from the weight files (``ideogram4_ml
 
 import json
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.cli import main
 from ideogram4_mlx.environment import KEEP_FRACTION, physical_memory
 from ideogram4_mlx.memory import (
     DiTSizes,
@@ -24,6 +27,7 @@ from ideogram4_mlx.memory import (
     plan_resident_blocks,
     set_cache_limit,
 )
+from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
@@ -173,3 +177,38 @@ def test_default_limit_and_cache_limit():
         mx.set_cache_limit(previous)
     with pytest.raises(ValueError, match="cache limit.*-1"):
         set_cache_limit(-1)
+
+
+def test_pipeline_under_a_budget_makes_the_same_image(tiny_checkpoint):
+    kwargs = {"width": 256, "height": 256, "num_steps": 2, "seed": 3}
+    caption = '{"high_level_description":"a blue door"}'
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=False)
+        image = want.generate(caption, **kwargs)
+        tokens = (256 // 16) ** 2 + want.encode(caption).shape[1]
+        sizes = tuple(
+            dit_sizes(tiny_checkpoint / name, mx.float32, text)
+            for name, text in (("transformer", True), ("unconditional_transformer", False))
+        )
+        for plan in [(1, 1), (1, 0)]:
+            limit = denoise_bytes(sizes, plan, tokens) / 1e9
+            pipe = load(tiny_checkpoint, dtype=mx.float32, memory_limit=limit)
+            got = pipe.generate(caption, **kwargs)
+            assert pipe.resident_blocks == plan
+            np.testing.assert_array_equal(got.latents, image.latents)
+    with pytest.raises(ValueError, match="memory limit.*nan"):
+        load(tiny_checkpoint, memory_limit=math.nan)
+    with pytest.raises(ValueError, match="low_memory.*memory_limit"):
+        load(tiny_checkpoint, low_memory=True, memory_limit=8)
+
+
+def test_cli_memory_limit(tiny_checkpoint, tmp_path):
+    out = tmp_path / "budget.png"
+    args = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--steps", "1",
+            "--width", "256", "--height", "256", "--prompt", "a door",
+            "--output", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--memory-limit", "0.001"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, [*args, "--memory-limit", "0", "--force"])
+    assert result.exit_code != 0 and "--memory-limit" in result.output
