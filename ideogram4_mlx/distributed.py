@@ -40,6 +40,28 @@ def checkpoint_fingerprint(checkpoint_dir: Path) -> bytes:
     return digest.digest()
 
 
+def join_ranks(checkpoint_dir: Path):
+    """The group of ranks ``mlx.launch`` started, after checking that every rank loads the
+    same checkpoint (a fingerprint gathered from all). ``DistributedError`` for one process
+    (no launcher) or different checkpoints."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        raise DistributedError(
+            "--distributed needs two ranks started by mlx.launch (found one process): "
+            "mlx.launch -n 2 --backend ring -- ideo4-mlx generate --distributed ... (or "
+            "--hostfile hosts.json for two Macs)"
+        )
+    mine = np.frombuffer(checkpoint_fingerprint(checkpoint_dir), np.uint8)
+    every = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=group))
+    if not (every == every[0]).all():
+        raise DistributedError(
+            f"rank {group.rank()}: the ranks load different checkpoints (the DiT configs or "
+            f"weight files differ; this rank has {checkpoint_dir}): give every rank the same "
+            "--model"
+        )
+    return group
+
+
 class CFGGroup:
     """The two ranks of a CFG-parallel run."""
 
@@ -49,26 +71,12 @@ class CFGGroup:
 
     @classmethod
     def start(cls, checkpoint_dir: Path) -> CFGGroup:
-        """Join the ranks ``mlx.launch`` started and check they load the same checkpoint."""
-        group = mx.distributed.init()
-        if group.size() == 1:
-            raise DistributedError(
-                "--distributed needs two ranks started by mlx.launch (found one process): "
-                "mlx.launch -n 2 --backend ring -- ideo4-mlx generate --distributed ... (or "
-                "--hostfile hosts.json for two Macs)"
-            )
+        """Join the two ranks ``mlx.launch`` started (same checkpoint on both)."""
+        group = join_ranks(checkpoint_dir)
         if group.size() != CFG_RANKS:
             raise DistributedError(
                 f"CFG-parallel runs on exactly {CFG_RANKS} ranks (one DiT each); mlx.launch "
                 f"started {group.size()}: launch with -n {CFG_RANKS}"
-            )
-        mine = np.frombuffer(checkpoint_fingerprint(checkpoint_dir), np.uint8)
-        both = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=group))
-        if not (both[0] == both[1]).all():
-            raise DistributedError(
-                f"rank {group.rank()}: the ranks load different checkpoints (the DiT configs or "
-                f"weight files differ; this rank has {checkpoint_dir}): give every rank the "
-                "same --model"
             )
         return cls(group)
 
@@ -93,20 +101,8 @@ class DataGroup:
 
     @classmethod
     def start(cls, checkpoint_dir: Path) -> DataGroup:
-        group = mx.distributed.init()
-        if group.size() == 1:
-            raise DistributedError(
-                "--distributed needs ranks started by mlx.launch (found one process): "
-                "mlx.launch -n 2 --backend ring -- ideo4-mlx generate --distributed ..."
-            )
-        mine = np.frombuffer(checkpoint_fingerprint(checkpoint_dir), np.uint8)
-        every = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=group))
-        if not (every == every[0]).all():
-            raise DistributedError(
-                f"rank {group.rank()}: the ranks load different checkpoints (this rank has "
-                f"{checkpoint_dir}): give every rank the same --model"
-            )
-        return cls(group)
+        """Join the ranks ``mlx.launch`` started (same checkpoint on all)."""
+        return cls(join_ranks(checkpoint_dir))
 
     def share(self, items: list) -> list:
         """This rank's items: every ``size``-th, starting at its rank."""
