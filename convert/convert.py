@@ -33,6 +33,7 @@ from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
 from ideogram4_mlx.lora import (
+    TARGETS,
     LoRAError,
     LoRAFile,
     LoRASpec,
@@ -53,7 +54,7 @@ from ideogram4_mlx.quantization import (
     quantize_skeleton,
 )
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
-from ideogram4_mlx.transformer import Ideogram4Transformer
+from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.weights import (
     CheckpointError,
@@ -171,7 +172,7 @@ def read_loras(
     baked: dict[str, list[tuple[LoRAFile, float]]] = {}
     for spec in loras:
         spec = parse_lora_option(spec) if isinstance(spec, str) else spec
-        name = "transformer" if spec.target == "cond" else "unconditional_transformer"
+        name = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
         if name not in components:
             raise LoRAError(f"LoRA {spec.source} is for {name}, which is not being converted")
         lora = read_lora(resolve_file(spec.source))

@@ -17,8 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx.transformer import DIT_COMPONENTS
+
 CFG_RANKS = 2
-DIT_FOLDERS = ("transformer", "unconditional_transformer")
 HEADER_BYTES = 1 << 20  # a safetensors file's header (tensor names, dtypes, offsets) fits
 
 
@@ -30,7 +31,7 @@ def checkpoint_fingerprint(checkpoint_dir: Path) -> bytes:
     """SHA-256 over both DiT folders' config.json and each weight file's name, size and
     header: the same checkpoint gives the same digest on any machine, in milliseconds."""
     digest = hashlib.sha256()
-    for folder in DIT_FOLDERS:
+    for folder, _ in DIT_COMPONENTS:
         path = Path(checkpoint_dir) / folder
         digest.update((path / "config.json").read_bytes())
         for file in sorted(path.glob("*.safetensors")):

@@ -20,6 +20,7 @@ import mlx.core as mx
 from ideogram4_mlx.environment import KEEP_FRACTION, physical_memory
 from ideogram4_mlx.transformer import (
     CHECKPOINT_PREFIXES,
+    DIT_COMPONENTS,
     FFN_TOKENS,
     LOW_MEMORY_FFN_TOKENS,
     LOW_MEMORY_SCORE_BYTES,
@@ -30,8 +31,6 @@ from ideogram4_mlx.transformer import (
 )
 from ideogram4_mlx.weights import QUANTIZED_DTYPE, component_files, strip_prefixes, tensor_headers
 
-# (folder, reads text features): the two DiTs as the pipeline loads them.
-DIT_FOLDERS = (("transformer", True), ("unconditional_transformer", False))
 # Activations: fp32 widths of (tokens, hidden) alive at a block's peak, beyond the chunked
 # feed-forward and the attention scores. 13 bounds every measured row (11.3-12.4 widths at
 # 1024^2 and 2048^2, fp32; bf16 needs less), see activation_bytes.
@@ -157,17 +156,26 @@ class DenoisePlan(NamedTuple):
     estimate: int
 
 
+def checkpoint_sizes(checkpoint_dir: Path | str, dtype: mx.Dtype) -> tuple[DiTSizes, ...]:
+    """:func:`dit_sizes` of both DiTs of a checkpoint (reads their configs and file headers)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return tuple(dit_sizes(checkpoint_dir / name, dtype, text) for name, text in DIT_COMPONENTS)
+
+
 def plan_denoise(
-    checkpoint_dir: Path | str, dtype: mx.Dtype, memory_limit_bytes: float, tokens: int
+    checkpoint_dir: Path | str,
+    dtype: mx.Dtype,
+    memory_limit_bytes: float,
+    tokens: int,
+    sizes: tuple[DiTSizes, ...] | None = None,
 ) -> DenoisePlan:
-    """:func:`plan_resident_blocks` with its estimate (for :func:`cache_limit`)."""
+    """:func:`plan_resident_blocks` with its estimate (for :func:`cache_limit`); ``sizes``:
+    the checkpoint's :func:`checkpoint_sizes` when the caller has read them already."""
     check_limit(memory_limit_bytes)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise ValueError(f"tokens must be an integer > 0, got {tokens!r}")
-    checkpoint_dir = Path(checkpoint_dir)
-    sizes = tuple(
-        dit_sizes(checkpoint_dir / name, dtype, text_input) for name, text_input in DIT_FOLDERS
-    )
+    if sizes is None:
+        sizes = checkpoint_sizes(checkpoint_dir, dtype)
     cond, uncond = plan_from_sizes(sizes, memory_limit_bytes, tokens)
     return DenoisePlan(cond, uncond, denoise_bytes(sizes, (cond, uncond), tokens))
 

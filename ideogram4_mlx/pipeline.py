@@ -24,6 +24,7 @@ from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
 from ideogram4_mlx.hub import resolve_file, resolve_model
 from ideogram4_mlx.lora import (
+    TARGETS,
     LoRAError,
     LoRAFile,
     LoRASpec,
@@ -38,6 +39,7 @@ from ideogram4_mlx.lora import (
 from ideogram4_mlx.memory import (
     cache_limit,
     check_limit,
+    checkpoint_sizes,
     default_memory_limit,
     plan_denoise,
     set_cache_limit,
@@ -59,7 +61,7 @@ from ideogram4_mlx.sampler import (
     noised,
     skips_uncond,
 )
-from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
+from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.weights import conversion_record
 
@@ -126,6 +128,7 @@ class Ideogram4Pipeline:
         # Bytes the denoise stage may use (see ideogram4_mlx.memory); None: the machine's.
         self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
         self.resident_blocks: tuple[int, int] | None = None  # the loaded DiTs' plan
+        self._dit_sizes: tuple | None = None  # memory.checkpoint_sizes, read on first plan
         self.dtype = dtype
         self.model_id = model_id or str(self.checkpoint_dir)
         self.revision = revision
@@ -210,7 +213,11 @@ class Ideogram4Pipeline:
         leaves of the budget."""
         if self.low_memory:
             return 0, 0
-        plan = plan_denoise(self.checkpoint_dir, self.dtype, self.memory_limit, tokens)
+        if self._dit_sizes is None:  # the weight headers, read once per pipeline
+            self._dit_sizes = checkpoint_sizes(self.checkpoint_dir, self.dtype)
+        plan = plan_denoise(
+            self.checkpoint_dir, self.dtype, self.memory_limit, tokens, self._dit_sizes
+        )
         set_cache_limit(cache_limit(self.memory_limit, plan.estimate))
         return plan.cond, plan.uncond
 
@@ -243,7 +250,7 @@ class Ideogram4Pipeline:
                     "--memory-limit, use the LoRA unfused (the default) or bake it in with "
                     "`ideo4-mlx convert --lora`"
                 )
-            for model, target in zip(self._dits, ("cond", "uncond"), strict=True):
+            for model, target in zip(self._dits, TARGETS, strict=True):
                 chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
                 if chosen and model is not None:
                     (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
@@ -257,10 +264,9 @@ class Ideogram4Pipeline:
         key otherwise); ``allow_partial`` applies the rest with a warning giving the count."""
         spec = parse_lora_option(spec) if isinstance(spec, str) else spec
         lora = read_lora(resolve_file(spec.source))
-        names = [f.name for _, f in self.loras]
-        if lora.name in names:
+        if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
-        component = dict(zip(("cond", "uncond"), DIT_COMPONENTS, strict=True))[spec.target][0]
+        component = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
         shapes = linear_shapes(Ideogram4Transformer.build(self.checkpoint_dir / component))
         unmatched = match(lora, shapes, allow_partial)
         if unmatched:
@@ -285,7 +291,7 @@ class Ideogram4Pipeline:
             if lora.name == name:
                 self.loras[i] = (LoRASpec(spec.source, scale, spec.target), lora)
                 if self._dits is not None and not self.fuse_lora:
-                    set_scale(self._dits[("cond", "uncond").index(spec.target)], name, scale)
+                    set_scale(self._dits[TARGETS.index(spec.target)], name, scale)
                 elif self.fuse_lora:
                     self._dits = None
                 return
@@ -574,9 +580,6 @@ def parallel_guidance(cfg: CFGGroup, mine: VelocityFn) -> GuidedFn:
         return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
 
     return guided
-
-
-DIT_COMPONENTS = (("transformer", True), ("unconditional_transformer", False))
 
 
 class NonFiniteError(ValueError):

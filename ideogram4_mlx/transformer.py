@@ -53,6 +53,9 @@ LOW_MEMORY_FFN_TOKENS = 2048
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # What ``from_pretrained(text_input=False)`` leaves unread (the unconditional branch).
 TEXT_INPUT_MODULES = ("llm_cond_norm.", "llm_cond_proj.")
+# The checkpoint's two DiT folders and whether each reads text features (spec §B.2): the
+# conditional one on [text][image], the unconditional one on image tokens only.
+DIT_COMPONENTS = (("transformer", True), ("unconditional_transformer", False))
 # Quantization (``quant_predicate``): small but sensitive layers stay in float: the indicator
 # embedding, the timestep/AdaLN path (it scales every block), the 128-channel input projection
 # and the output layer. The text-feature projection (53248 -> 4608) sees features of very
