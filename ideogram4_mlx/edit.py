@@ -86,7 +86,7 @@ def load_image(source: ImageInput, what: str = "image") -> InputImage:
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{what} {path} cannot be read as an image ({e})") from None
-    return _checked(image, str(path), what)
+    return InputImage(image, fingerprint(image), str(path))  # checked and turned above
 
 
 def _check_pixels(size: tuple[int, int], name: str, what: str) -> None:
@@ -101,6 +101,8 @@ def _check_pixels(size: tuple[int, int], name: str, what: str) -> None:
 
 
 def _checked(image: Image.Image, name: str, what: str) -> InputImage:
+    """An in-memory image: its size checked, its EXIF orientation applied (a file's is
+    applied as it is read)."""
     _check_pixels(image.size, name, what)
     image = ImageOps.exif_transpose(image) if "exif" in image.info else image
     return InputImage(image, fingerprint(image), name)
