@@ -262,21 +262,17 @@ class GenerationRequest:
         ``replace(request, num_steps=...)`` reshapes a preset-shaped guidance schedule.
         Raises ``ValueError`` naming a missing or mistyped field.
         """
-        missing = [k for k in METADATA_TYPES if k not in metadata]
+        m = metadata
+        is_edit = "image_sha256" in m  # an edit; its inputs are given again at the replay
+        types = {**METADATA_TYPES, **(EDIT_METADATA_TYPES if is_edit else {})}
+        missing = [k for k in types if k not in m]
         if missing:
             raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
-        for key, kind in METADATA_TYPES.items():
-            check_type(key, metadata[key], kind)
-        m = metadata
-        edit = {}
-        if "image_sha256" in m:  # an edit; its inputs are given again at the replay
-            missing = [k for k in EDIT_METADATA_TYPES if k not in m]
-            if missing:
-                raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
-            for key, kind in EDIT_METADATA_TYPES.items():
-                check_type(key, m[key], kind)
-            edit = {k: m[k] for k in EDIT_METADATA_TYPES}
-            edit["expand"] = None if m["expand"] is None else tuple(m["expand"])
+        for key, kind in types.items():
+            check_type(key, m[key], kind)
+        edit = {k: m[k] for k in EDIT_METADATA_TYPES} if is_edit else {}
+        if is_edit and m["expand"] is not None:
+            edit["expand"] = tuple(m["expand"])
         base = cls(**{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS}, **edit)
         preset = get_preset(base.preset)
         steps = None if m["num_steps"] == preset.num_steps else m["num_steps"]
