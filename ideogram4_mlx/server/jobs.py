@@ -138,11 +138,8 @@ class JobQueue:
         """Ask a job to stop: a queued one never starts, a running one stops after its step."""
         with self.changed:
             job = self.jobs.get(job_id)
-            if job is None or job.state in TERMINAL:
-                return job
-            job.cancel_requested = True
-            if job.state == "queued":
-                self._finish(job, "cancelled", {"type": "cancelled"})
+            if job is not None:
+                self._cancel(job)
             return job
 
     def wait(self, job: Job, timeout: float | None = None) -> Job:
@@ -168,10 +165,7 @@ class JobQueue:
         with self.changed:
             self._stopping = True
             for job in self.jobs.values():
-                if job.state not in TERMINAL:
-                    job.cancel_requested = True
-                    if job.state == "queued":
-                        self._finish(job, "cancelled", {"type": "cancelled"})
+                self._cancel(job)
         self._work.put(None)
         self._thread.join(timeout)
 
@@ -211,6 +205,14 @@ class JobQueue:
         # callers hold self.changed
         job.events.append({"time": round(time.time(), 3), **event})
         self.changed.notify_all()
+
+    def _cancel(self, job: Job) -> None:
+        # callers hold self.changed; an ended job stays as it is
+        if job.state in TERMINAL:
+            return
+        job.cancel_requested = True
+        if job.state == "queued":
+            self._finish(job, "cancelled", {"type": "cancelled"})
 
     def _finish(self, job: Job, state: str, event: dict) -> None:
         job.state = state
