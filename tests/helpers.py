@@ -8,8 +8,11 @@ import threading
 import time
 from contextlib import contextmanager
 
+import mlx.core as mx
 import numpy as np
 import pytest
+
+from ideogram4_mlx.transformer import sequence_ids
 
 
 def require_reference():
@@ -59,3 +62,12 @@ def serving(app):
         server.should_exit = True  # the app's lifespan then shuts its JobQueue down
         thread.join(60)
         sock.close()
+
+
+def dit_inputs(model, n_text=5, grid=(4, 3), seed=0):
+    """Random latents (1, n_text + gh*gw, 128), text features and the sequence ids for a DiT."""
+    rng = np.random.default_rng(seed)
+    ids = sequence_ids([n_text], *grid)
+    x = mx.array(rng.standard_normal((1, ids[2].shape[1], 128)), mx.float32)
+    feats = mx.array(rng.standard_normal((1, n_text, model.config.llm_features_dim)), mx.float32)
+    return x, feats, ids

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import rel_l2
+from helpers import dit_inputs, rel_l2
 from mlx.utils import tree_flatten
 from PIL import Image
 
@@ -32,14 +32,6 @@ from ideogram4_mlx.transformer import (
 from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = '{"high_level_description":"a blue door"}'
-
-
-def dit_inputs(model, n_text=5, grid=(4, 3), seed=0):
-    rng = np.random.default_rng(seed)
-    ids = sequence_ids([n_text], *grid)
-    x = mx.array(rng.standard_normal((1, ids[2].shape[1], 128)), mx.float32)
-    feats = mx.array(rng.standard_normal((1, n_text, model.config.llm_features_dim)), mx.float32)
-    return x, feats, ids
 
 
 def block_bytes(model):

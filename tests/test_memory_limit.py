@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import dit_inputs
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.cli import main
@@ -28,18 +29,10 @@ from ideogram4_mlx.memory import (
     set_cache_limit,
 )
 from ideogram4_mlx.pipeline import load
-from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
 GB = 10**9
-
-
-def dit_inputs(model, n_text=5, grid=(4, 3), seed=0):
-    rng = np.random.default_rng(seed)
-    ids = sequence_ids([n_text], *grid)
-    x = mx.array(rng.standard_normal((1, ids[2].shape[1], 128)), mx.float32)
-    feats = mx.array(rng.standard_normal((1, n_text, model.config.llm_features_dim)), mx.float32)
-    return x, feats, ids
 
 
 def layer_bytes(model):
