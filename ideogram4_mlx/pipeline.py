@@ -356,23 +356,26 @@ class Ideogram4Pipeline:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def check(self, request: GenerationRequest) -> ResolvedRequest:
+    def check(self, request: GenerationRequest | ResolvedRequest) -> ResolvedRequest:
         """Every check of ``request`` that needs no model, the prompt's token count included
-        (the tokenizer only): ``ValueError`` (``CaptionError``) or ``OSError`` naming it."""
-        resolved = request.validate()
-        if not request.magic_prompt:  # too long: fails before any model loads
-            self.prompt_encoder().token_ids(request.prompt)
+        (the tokenizer only): ``ValueError`` (``CaptionError``) or ``OSError`` naming it. A
+        ``ResolvedRequest`` (``request.validate()``'s) is not validated again; only its
+        prompt's length is checked."""
+        resolved = request if isinstance(request, ResolvedRequest) else request.validate()
+        if not resolved.request.magic_prompt:  # too long: fails before any model loads
+            self.prompt_encoder().token_ids(resolved.request.prompt)
         return resolved
 
     def start(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | ResolvedRequest,
         noise: np.ndarray | None = None,
         verbose: bool = False,
         report: Report | None = None,
     ) -> Generation:
-        """Validate ``request`` (before any model loads) and return its :class:`Generation`:
-        iterate it for the denoising steps, then call ``result()``. ``report`` receives a
+        """Validate ``request`` (before any model loads; a ``ResolvedRequest`` from
+        :meth:`check` is not validated twice) and return its :class:`Generation`: iterate it
+        for the denoising steps, then call ``result()``. ``report`` receives a
         line as the encode and decode stages start and end (``verbose`` adds peak memory);
         the default prints them when ``verbose``. See :meth:`generate`."""
         if report is None and verbose:
@@ -439,7 +442,7 @@ class Generation:
     def __init__(
         self,
         pipe: Ideogram4Pipeline,
-        request: GenerationRequest,
+        request: GenerationRequest | ResolvedRequest,
         noise: np.ndarray | None = None,
         verbose: bool = False,
         report: Report | None = None,
@@ -552,9 +555,11 @@ def velocity_fns(
     if cond_dit is not None:
         n_text = features.shape[1]
         cond_seq = cond_dit.prepare(features, *sequence_ids([n_text], grid_h, grid_w))
-        text_slots = mx.zeros((1, n_text, PACKED_CHANNELS), mx.float32)
 
         def cond(z: mx.array, t: float) -> mx.array:
+            # z may hold a batch of images of this prompt (B, L, 128): the prepared layout
+            # (B = 1) broadcasts over it.
+            text_slots = mx.zeros((z.shape[0], n_text, PACKED_CHANNELS), mx.float32)
             x = mx.concatenate([text_slots, z], axis=1)
             return cond_dit.run(x, np.array([t], np.float32), cond_seq)[:, n_text:]
 
