@@ -6,7 +6,6 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -33,7 +32,7 @@ from ideogram4_mlx.metadata import (
 )
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.previews import StepPreviews
-from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
 
 
@@ -344,7 +343,7 @@ def generate(
                 magic,
             )
             return
-        previews = _preflight(request, output, force, stepwise_dir)
+        resolved, previews = _preflight(request, output, force, stepwise_dir)
         try:
             # One image per process: free each model after its stage (lowest peak memory).
             pipe = load(
@@ -359,9 +358,9 @@ def generate(
             )
             pipe.magic_options = magic
             if pipe.cfg is not None and pipe.cfg.rank != 0:
-                _run(pipe, request, None, verbose)  # its DiT's passes; rank 0 writes the image
+                _run(pipe, resolved, None, verbose)  # its DiT's passes; rank 0 writes the image
                 return
-            result = _run(pipe, request, previews, verbose)
+            result = _run(pipe, resolved, previews, verbose)
             save_png(result.image, output, result.metadata, force)
         except (ValueError, ModelAccessError, OSError, DistributedError) as e:
             raise click.ClickException(str(e)) from e
@@ -405,9 +404,8 @@ def _generate_many(
                     problems.append(str(e))
             if problems:
                 raise click.ClickException("\n".join(problems))
-        requests = [replace(request, seed=seed) for seed in chosen]
-        for r in requests:
-            pipe.check(r)
+        base = pipe.check(request)  # the inputs of an edit are read once for all images
+        requests = [base.with_seed(seed) for seed in chosen]
         indices = list(range(len(requests)))
         mine = indices if group is None else group.share(indices)
         blobs = []
@@ -427,8 +425,9 @@ def _generate_many(
 
 def _preflight(
     request: GenerationRequest, output: Path, force: bool, stepwise_dir: Path | None
-) -> StepPreviews | None:
-    """Every check that needs no model, all of them reported at once, before anything loads."""
+) -> tuple[ResolvedRequest, StepPreviews | None]:
+    """Every check that needs no model, all of them reported at once, before anything loads;
+    the resolved request (the pipeline does not validate it again)."""
     problems, resolved, previews = [], None, None
     try:
         check_output(output, force)
@@ -445,7 +444,7 @@ def _preflight(
             problems.append(str(e))
     if problems:
         raise click.ClickException("\n".join(problems))
-    return previews
+    return resolved, previews
 
 
 def _compare(original: Path, replayed: Path) -> str:
@@ -463,7 +462,9 @@ def _compare(original: Path, replayed: Path) -> str:
     )
 
 
-def _run(pipe, request: GenerationRequest, previews: StepPreviews | None, verbose: bool):
+def _run(
+    pipe, request: GenerationRequest | ResolvedRequest, previews: StepPreviews | None, verbose: bool
+):
     """Stage lines and a progress bar on stderr (and previews), then the image."""
     report = lambda line: click.echo(line, err=True)  # noqa: E731
     generation = pipe.start(request, verbose=verbose, report=report)

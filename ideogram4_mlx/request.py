@@ -352,6 +352,13 @@ class ResolvedRequest:
     caption_findings: list[str]
     edit: Edit | None = None  # image-to-image, inpainting or outpainting
 
+    def with_seed(self, seed: int) -> ResolvedRequest:
+        """The same resolved request with another seed (nothing else is checked again: the
+        images of an edit are not read twice)."""
+        if not 0 <= int(seed) <= MAX_SEED:
+            raise ValueError(f"seed {seed} is out of range: use 0..{MAX_SEED}")
+        return replace(self, request=replace(self.request, seed=int(seed)))
+
     def warn(self) -> None:
         """Emit the caption findings as warnings (``caption: ...``)."""
         for finding in self.caption_findings:

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import ideogram4_mlx.request as request_module
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.edit import fingerprint
 from ideogram4_mlx.metadata import read_metadata, replay
@@ -204,6 +205,35 @@ def test_cli_edit_and_replay(tiny_checkpoint, tmp_path):
         main, ["generate", "--from-metadata", out, *swapped, "-o", tmp_path / "x.png"]
     )
     assert result.exit_code == 1 and "the image differs" in result.output
+
+
+def test_cli_reads_an_edits_inputs_once_for_one_or_several_seeds(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """The preflight's resolved request is what runs (no second validation), and --seeds
+    re-seeds one resolved request: each input file is decoded once per command."""
+    Image.fromarray(smooth_image(256, 256)).save(tmp_path / "in.png")
+    reads = []
+    original = request_module.load_image
+
+    def counted(source, what="image"):
+        reads.append(what)
+        return original(source, what)
+
+    monkeypatch.setattr(request_module, "load_image", counted)
+    base = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt", PROMPT]
+    args = [*base, "--preset", "V4_TURBO_12", "--steps", "2", "--image", tmp_path / "in.png"]
+    result = CliRunner().invoke(main, [*args, "--seed", "7", "-o", tmp_path / "one.png"])
+    assert result.exit_code == 0, result.output
+    assert reads == ["image"]
+    reads.clear()
+    result = CliRunner().invoke(main, [*args, "--seeds", "7,8", "-o", tmp_path / "many.png"])
+    assert result.exit_code == 0, result.output
+    assert reads == ["image"]
+    with Image.open(tmp_path / "one.png") as a, Image.open(tmp_path / "many-7.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    one, many = read_metadata(tmp_path / "one.png"), read_metadata(tmp_path / "many-7.png")
+    assert many["image_sha256"] == one["image_sha256"] and len(one["image_sha256"]) == 64
 
 
 # --- bad input: one line each, before any model loads -----------------------------------------

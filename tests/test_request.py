@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ideogram4_mlx.request import (
+    MAX_SEED,
     MAX_STEPS,
     SETTINGS,
     CaptionError,
@@ -30,6 +31,17 @@ def test_validate_gives_the_grid_the_schedule_and_the_findings():
     assert resolved.schedule.guidance == expected.guidance and resolved.caption_findings == []
     plain = GenerationRequest("a cat").validate()
     assert plain.caption_findings and "plain-text prompt" in plain.caption_findings[0]
+
+
+def test_with_seed_reseeds_a_resolved_request_and_bounds_the_seed():
+    resolved = GenerationRequest(CAPTION, width=512, height=512, seed=1).validate()
+    other = resolved.with_seed(MAX_SEED)
+    assert other.request == replace(resolved.request, seed=MAX_SEED)
+    assert (other.grid_h, other.schedule) == (resolved.grid_h, resolved.schedule)
+    fresh = GenerationRequest(CAPTION, width=512, height=512, seed=MAX_SEED).validate()
+    assert other.request == fresh.request
+    with pytest.raises(ValueError, match=f"seed {MAX_SEED + 1} is out of range"):
+        resolved.with_seed(MAX_SEED + 1)
 
 
 @pytest.mark.parametrize(
