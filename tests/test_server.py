@@ -536,10 +536,36 @@ def test_a_body_over_the_limit_gets_413_with_or_without_a_length(pipe, tmp_path)
         response = httpx.post(f"{url}/v1/jobs", content=chunks(big))  # chunked: no length
         assert "over" in error_message(response, 413)
         assert not jobs.jobs
-        # a small chunked body is read once by the guard and still reaches the route
+        # a small chunked body is counted as the route reads it, and reaches the route whole
         small = json.dumps({"caption": CAPTION}).encode()
         response = httpx.post(f"{url}/v1/captions/verify", content=chunks(small))
         assert response.status_code == 200 and response.json() == {"findings": []}
+
+
+def test_a_long_running_server_forgets_old_ended_jobs_and_their_previews(
+    pipe, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("ideogram4_mlx.server.jobs.KEEP_PREVIEWS", 1)
+    jobs = JobQueue(pipe, tmp_path, max_queue=4, preview_every=1, keep_ended=2)
+    with serving(create_app(jobs)) as url:
+        ids = []
+        for seed in (1, 2, 3):
+            response = httpx.post(f"{url}/v1/jobs", json={**JOB, "num_steps": 1, "seed": seed})
+            ids.append(response.json()["id"])
+            assert jobs.wait(jobs.get(ids[-1]), WAIT).state == "done"
+        first, second, third = ids
+        assert [j.id for j in jobs.snapshot()] == [second, third]
+        assert "ended long ago" in error_message(httpx.get(f"{url}/v1/jobs/{first}"), 404)
+        listed = {r["id"] for r in httpx.get(f"{url}/v1/images").json()["data"]}
+        assert listed == set(ids)  # the PNGs stay listed from disk
+        assert httpx.get(f"{url}/v1/images/{first}.png").status_code == 200
+
+        def steps(job_id):
+            return [e for e in jobs.get(job_id).events if e["type"] == "step"]
+
+        (old,), (new,) = steps(second), steps(third)
+        assert "preview" not in old and old["preview_dropped"] is True
+        assert new["preview"].startswith("data:image/png;base64,")
 
 
 def raw_get(url: str, path: str) -> int:

@@ -48,6 +48,55 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` is a 413, whether it declares its length or
+    is sent in chunks (counted as the route reads it; nothing is buffered here)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def too_large(self, scope, receive, send) -> None:
+        n = self.max_bytes
+        limit = f"{n // 2**20} MiB" if n >= 2**20 else f"{n} bytes"
+        message = f"the request body is over the server's limit of {limit} (serve --max-body-mb)"
+        await error(413, message)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self.too_large(scope, receive, send)
+        seen, over, started = 0, False, False
+
+        async def counted():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise BodyTooLarge  # stops the route's read; answered below
+            return message
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except Exception:  # BodyTooLarge, possibly wrapped by the middleware between
+            if not over or started:
+                raise
+            await self.too_large(scope, receive, send)
+
+
 class BadRequest(Exception):
     def __init__(self, message: str):
         self.message = message
@@ -142,17 +191,9 @@ def create_app(
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error(401, "missing or wrong API key: send Authorization: Bearer KEY")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error(413, f"the request body is over {max_body_bytes // 2**20} MiB")
-        if request.method in ("POST", "PUT") and length is None:
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body_bytes:
-                    return error(413, f"the request body is over {max_body_bytes // 2**20} MiB")
-            request._body = body  # read once here; the route reads it from the cache
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     if cors_origin:  # added last, so outermost: preflights (no key) and 401s get its headers
         app.add_middleware(
@@ -190,8 +231,9 @@ def create_app(
 
     @app.get("/healthz")
     async def health() -> dict:
-        running = [j.id for j in jobs.jobs.values() if j.state == "running"]
-        queued = sum(1 for j in jobs.jobs.values() if j.state == "queued")
+        held = jobs.snapshot()
+        running = [j.id for j in held if j.state == "running"]
+        queued = sum(1 for j in held if j.state == "queued")
         return {"status": "ok", "model": jobs.pipe.model_id, "running": running, "queued": queued}
 
     @app.get("/v1/models")
@@ -222,12 +264,13 @@ def create_app(
 
     @app.get("/v1/jobs")
     async def list_jobs() -> dict:
-        return {"data": [j.summary() for j in jobs.jobs.values()]}
+        return {"data": [j.summary() for j in jobs.snapshot()]}
 
     def find(job_id: str):
-        job = jobs.jobs.get(job_id)
+        job = jobs.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id}")
+            message = f"no job {job_id} (unknown, or ended long ago: see /v1/images)"
+            raise HTTPException(404, message)
         return job
 
     @app.get("/v1/jobs/{job_id}")

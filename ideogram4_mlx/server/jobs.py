@@ -26,12 +26,14 @@ from PIL import Image
 
 from ideogram4_mlx.metadata import read_metadata, save_png
 from ideogram4_mlx.pipeline import Ideogram4Pipeline
-from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
 from ideogram4_mlx.vae import decode
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_SIDE = 256  # previews are small PNGs: the longer side in pixels
 ID_LENGTH = 32  # uuid4 hex
+KEEP_ENDED = 256  # ended jobs kept in memory (their PNGs stay listed from disk after that)
+KEEP_PREVIEWS = 8  # ended jobs that keep their preview images (data URLs, ~50 KB each)
 
 
 class QueueFull(RuntimeError):
@@ -53,6 +55,8 @@ class Job:
     path: Path | None = None  # the PNG, once done
     metadata: dict | None = None
     cancel_requested: bool = False
+    # check()'s result, so the run does not read an edit's images again; dropped at the end
+    resolved: ResolvedRequest | None = None
 
     def summary(self) -> dict:
         """The job as the API shows it (no pixels); ``progress`` is its last step event."""
@@ -81,15 +85,21 @@ class JobQueue:
         output_dir: Path,
         max_queue: int = 16,
         preview_every: int = 0,
+        keep_ended: int = KEEP_ENDED,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if keep_ended < 1:
+            raise ValueError(f"keep_ended must be >= 1, got {keep_ended}")
         self.pipe = pipe
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.max_queue = max_queue
         self.preview_every = preview_every
+        self.keep_ended = keep_ended
+        # Insertion-ordered; read it through snapshot()/get() (the worker changes it).
         self.jobs: dict[str, Job] = {}
+        self._ended: list[str] = []  # ids of ended jobs still held, oldest first
         self.changed = threading.Condition()
         self._work: queue.Queue = queue.Queue()
         self._unfinished = 0
@@ -107,8 +117,7 @@ class JobQueue:
     def submit_all(self, requests: list[GenerationRequest]) -> list[Job]:
         """Queue all of ``requests`` or none (each checked first; ``QueueFull`` when they do
         not all fit)."""
-        for request in requests:
-            self.pipe.check(request)
+        resolved = [self.pipe.check(request) for request in requests]
         with self.changed:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -118,8 +127,8 @@ class JobQueue:
                     f"{self.max_queue}: {len(requests)} more do not fit"
                 )
             created = []
-            for request in requests:
-                job = Job(uuid.uuid4().hex, request)
+            for request, checked in zip(requests, resolved, strict=True):
+                job = Job(uuid.uuid4().hex, request, resolved=checked)
                 self.jobs[job.id] = job
                 self._unfinished += 1
                 self._event(job, {"type": "queued", "position": self._unfinished})
@@ -127,6 +136,15 @@ class JobQueue:
         for job in created:
             self._work.put(job)
         return created
+
+    def snapshot(self) -> list[Job]:
+        """The jobs held now, oldest first (a copy: safe while the worker changes them)."""
+        with self.changed:
+            return list(self.jobs.values())
+
+    def get(self, job_id: str) -> Job | None:
+        with self.changed:
+            return self.jobs.get(job_id)
 
     def run(self, work: Callable[[], object], timeout: float | None = None) -> object:
         """Run ``work`` on the worker thread (between jobs) and return its result."""
@@ -215,9 +233,25 @@ class JobQueue:
             self._finish(job, "cancelled", {"type": "cancelled"})
 
     def _finish(self, job: Job, state: str, event: dict) -> None:
-        job.state = state
+        # callers hold self.changed
+        job.state, job.resolved = state, None
         self._unfinished -= 1
         self._event(job, event)
+        self._ended.append(job.id)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Bound what a long-running server holds: the oldest ended jobs beyond ``keep_ended``
+        are forgotten (a client already following one keeps its object; the PNG stays listed
+        from disk) and only the newest ``KEEP_PREVIEWS`` ended jobs keep their previews."""
+        # callers hold self.changed
+        while len(self._ended) > self.keep_ended:
+            self.jobs.pop(self._ended.pop(0), None)
+        if len(self._ended) > KEEP_PREVIEWS:
+            job = self.jobs.get(self._ended[-KEEP_PREVIEWS - 1])
+            for event in job.events if job is not None else ():
+                if event.pop("preview", None) is not None:
+                    event["preview_dropped"] = True
 
     def _loop(self) -> None:
         while True:
@@ -241,7 +275,7 @@ class JobQueue:
             job.state = "running"
             self._event(job, {"type": "started"})
         try:
-            generation = self.pipe.start(job.request)
+            generation = self.pipe.start(job.resolved or job.request)
             start = time.monotonic()
             for step in generation:
                 mx.eval(step.latents)
