@@ -8,7 +8,7 @@ random weights, ``--layers`` blocks instead of 34) for N images:
 
 - ``sequential``: N steps with latents (1, L, 128), one image at a time;
 - ``batch``: one step with latents (N, L, 128); the prompt's prepared layout (text projection,
-  RoPE tables) broadcasts over the batch (``pipeline.velocity_fns``).
+  RoPE tables) broadcasts over the batch (``generation.velocity_fns``).
 
 Reported per (tokens, N): seconds per image (median of ``--repeats`` after a warm-up),
 batch / sequential, MLX peak memory of each, and how far the batch's velocities are from the
@@ -32,7 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ideogram4_mlx.pipeline import velocity_fns
+from ideogram4_mlx.generation import velocity_fns
 from ideogram4_mlx.sampler import guide
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 

@@ -7,7 +7,7 @@ Full-width DiTs (the real ``TransformerConfig``: hidden 4608, 18 x 256 heads, FF
 
 - ``single``: one process, both DiTs, ``sampler.guide`` (what ``generate`` runs);
 - ``ranks``: ``mlx.launch -n 2 --backend ring``, rank 0 the conditional DiT, rank 1 the
-  unconditional one, ``pipeline.parallel_guidance`` (what ``generate --distributed`` runs).
+  unconditional one, ``generation.parallel_guidance`` (what ``generate --distributed`` runs).
 
 Reported per run: the median step time after a warm-up step, the bytes each rank hands to
 ``mx.distributed`` per step (counted at the call, also in latent tensors of (1, N, 128) fp32),
@@ -45,7 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from ideogram4_mlx.distributed import CFGGroup
-from ideogram4_mlx.pipeline import parallel_guidance, velocity_fns
+from ideogram4_mlx.generation import parallel_guidance, velocity_fns
 from ideogram4_mlx.sampler import euler_steps, resolve_schedule
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
@@ -181,9 +181,10 @@ def run(args) -> dict:
         "guidance": list(schedule.guidance),
         "finite": bool(mx.isfinite(z).all().item()),
     }
+    label = args.label or args.mode
     if rank == 0:
-        np.save(args.out / f"{args.mode}-latents.npy", np.array(z))
-    (args.out / f"{args.mode}-rank{rank}.json").write_text(json.dumps(out))
+        np.save(args.out / f"{label}-latents.npy", np.array(z))
+    (args.out / f"{label}-rank{rank}.json").write_text(json.dumps(out))
     return out
 
 
@@ -201,11 +202,11 @@ def machine() -> str:
     return text + (f", LD_PRELOAD={Path(blas).name}" if blas else "")
 
 
-def child_args(args, layers: int, tokens: int, mode: str, out: Path) -> list[str]:
+def child_args(args, layers: int, tokens: int, mode: str, out: Path, label: str = "") -> list[str]:
     return [
         sys.executable, __file__, "--mode", mode, "--layers", str(layers), "--tokens",
         str(tokens), "--text", str(args.text), "--steps", str(args.steps), "--repeats",
-        str(args.repeats), "--out", str(out),
+        str(args.repeats), "--out", str(out), "--label", label or mode,
     ]  # fmt: skip
 
 
@@ -220,10 +221,13 @@ def launch(args, layers: int, tokens: int) -> dict:
     ranks += child_args(args, layers, tokens, "ranks", out)
     env = dict(os.environ)
     errors = {}
-    for label, cmd, extra in (
-        ("single", single, {}),
-        ("ranks", ranks, {"OPENBLAS_NUM_THREADS": "1"}),
-    ):
+    runs = [("single", single, {}), ("ranks", ranks, {"OPENBLAS_NUM_THREADS": "1"})]
+    if args.equal_threads_check:
+        # The bitwise check with the ranks' BLAS settings (1 thread, 1 core): a 2-thread sgemm
+        # may block the sums differently from a 1-thread one, which is not the exchange's doing.
+        check = child_args(args, layers, tokens, "single", out, label="single1")
+        runs.append(("single1", ["taskset", "-c", "0", *check], {"OPENBLAS_NUM_THREADS": "1"}))
+    for label, cmd, extra in runs:
         done = subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env={**env, **extra}
         )
@@ -231,11 +235,13 @@ def launch(args, layers: int, tokens: int) -> dict:
             errors[label] = (done.stderr or done.stdout).strip()[-800:]
     files = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     result = {"layers": layers, "tokens": tokens, "runs": files, "errors": errors}
-    a, b = out / "single-latents.npy", out / "ranks-latents.npy"
-    if a.exists() and b.exists():
-        x, y = np.load(a), np.load(b)
-        result["bitwise_equal"] = bool(np.array_equal(x, y))
-        result["max_abs_diff"] = float(np.abs(x - y).max())
+    b = out / "ranks-latents.npy"
+    for name, key in (("single", ""), ("single1", "_1thread")):
+        a = out / f"{name}-latents.npy"
+        if a.exists() and b.exists():
+            x, y = np.load(a), np.load(b)
+            result[f"bitwise_equal{key}"] = bool(np.array_equal(x, y))
+            result[f"max_abs_diff{key}"] = float(np.abs(x - y).max())
     return result
 
 
@@ -296,6 +302,12 @@ def report(results: list[dict], args) -> str:
                 f"{'':>14}rank 0's final latents == single process's: {r['bitwise_equal']} "
                 f"(max |diff| {r['max_abs_diff']:.3g})"
             )
+        if "bitwise_equal_1thread" in r:
+            lines.append(
+                f"{'':>14}rank 0's final latents == single process's on 1 core, 1 BLAS thread "
+                f"(the ranks' setting): {r['bitwise_equal_1thread']} "
+                f"(max |diff| {r['max_abs_diff_1thread']:.3g})"
+            )
         for cmd, err in r["errors"].items():
             lines.append(f"{'':>14}FAILED {cmd}: {err.splitlines()[-1:]}")
     lines += projection(results)
@@ -338,6 +350,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ideo4-cfg-bench"))
     parser.add_argument("--out", type=Path, help="a rank's result folder (--mode single/ranks)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--label", default="", help="a child's file name stem (default: mode)")
+    parser.add_argument(
+        "--equal-threads-check",
+        action="store_true",
+        help="also run the single process on 1 core with 1 BLAS thread (untimed) and compare "
+        "its latents with rank 0's bit for bit",
+    )
     args = parser.parse_args()
     if args.mode != "both":
         args.layers, args.tokens = args.layers[0], args.tokens[0]

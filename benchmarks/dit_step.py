@@ -78,7 +78,7 @@ def run_ours(ckpt: Path, side: int, n_text: int, args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from ideogram4_mlx.pipeline import velocity_fns
+    from ideogram4_mlx.generation import velocity_fns
     from ideogram4_mlx.sampler import Schedule, denoise
     from ideogram4_mlx.transformer import Ideogram4Transformer
 

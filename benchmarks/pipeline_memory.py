@@ -114,7 +114,7 @@ def activations_child(ckpt: Path, side: int, mode: str, dtype_name: str) -> dict
     import mlx.core as mx
 
     from ideogram4_mlx import transformer as dit
-    from ideogram4_mlx.pipeline import velocity_fns
+    from ideogram4_mlx.generation import velocity_fns
 
     dtype = getattr(mx, dtype_name)
     cond_dit = dit.Ideogram4Transformer.from_pretrained(ckpt / "transformer", dtype)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ideogram4_mlx.generation import Step
 from ideogram4_mlx.metadata import save_png
-from ideogram4_mlx.pipeline import Ideogram4Pipeline, Step
+from ideogram4_mlx.pipeline import Ideogram4Pipeline
 from ideogram4_mlx.vae import decode
 
 

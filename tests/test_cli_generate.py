@@ -26,7 +26,7 @@ from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import GenerationResult
 from ideogram4_mlx.previews import StepPreviews
-from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
 
 # the package attribute `generate` is the command, so patch by dotted module path
 GENERATE_MODULE = "ideogram4_mlx.cli.generate"
@@ -192,7 +192,9 @@ def fake(monkeypatch):
         cfg = None  # not CFG-parallel
 
         def start(self, request, verbose=False, report=None):
-            seen.request, seen.verbose = request, verbose
+            # the CLI hands over its preflight's ResolvedRequest (validated once)
+            assert isinstance(request, ResolvedRequest)
+            seen.request, seen.verbose = request.request, verbose
             return FakeGeneration()
 
     def fake_load(
@@ -227,7 +229,8 @@ def test_defaults_reach_load_and_the_request(fake, tmp_path):
     assert fake.memory_limit is None  # the machine's budget (tests/test_memory_limit.py)
     assert fake.keep_in_memory is False  # one image per process: free each model after use
     assert fake.verbose is False
-    assert fake.request == GenerationRequest(CAPTION)  # the CLI's defaults are the request's
+    # the CLI's defaults are the request's (resolved: the default size filled in)
+    assert fake.request == GenerationRequest(CAPTION).validate().request
 
 
 def test_num_steps_alias_and_one_guidance_weight(fake, tmp_path):

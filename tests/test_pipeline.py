@@ -191,7 +191,7 @@ def test_start_checks_the_request_before_any_model_loads(modelless):
 
 
 def test_nan_latents_stop_with_a_clear_error(tiny_checkpoint, monkeypatch):
-    from ideogram4_mlx import pipeline
+    from ideogram4_mlx import generation
 
     def nan_velocity(*args):
         def v(z, t):
@@ -199,9 +199,9 @@ def test_nan_latents_stop_with_a_clear_error(tiny_checkpoint, monkeypatch):
 
         return v, v
 
-    monkeypatch.setattr(pipeline, "velocity_fns", nan_velocity)
+    monkeypatch.setattr(generation, "velocity_fns", nan_velocity)
     pipe = load(tiny_checkpoint, dtype=mx.float32)
-    with pytest.raises(pipeline.NonFiniteError, match="NaN or infinite after step 1"):
+    with pytest.raises(generation.NonFiniteError, match="NaN or infinite after step 1"):
         pipe.generate(CAPTION, seed=1, **FAST)
     assert pipe._vae is None  # stopped before decoding a black image
 

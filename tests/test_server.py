@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from helpers import serving
 from PIL import Image
 
+import ideogram4_mlx.generation as generation_module
 import ideogram4_mlx.pipeline as pipeline_module
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.metadata import read_metadata, save_png
@@ -242,7 +243,7 @@ def test_cancel_stops_within_one_step_and_the_next_job_runs(server, api):
 
 
 def test_a_failed_job_says_why_and_the_server_keeps_serving(server, api, monkeypatch):
-    real = pipeline_module.velocity_fns
+    real = generation_module.velocity_fns
 
     def failing_velocity_fns(*args):
         cond, uncond = real(*args)
@@ -256,7 +257,7 @@ def test_a_failed_job_says_why_and_the_server_keeps_serving(server, api, monkeyp
 
         return cond_failing_in_step_2, uncond
 
-    monkeypatch.setattr(pipeline_module, "velocity_fns", failing_velocity_fns)
+    monkeypatch.setattr(generation_module, "velocity_fns", failing_velocity_fns)
     job_id = submit(api, num_steps=3, seed=5)
     summary = wait(server, job_id)
     assert summary["state"] == "failed" and summary["image"] is None

@@ -1,0 +1,269 @@
+"""One generation in flight: the stages of one image (expand, encode, encode_image, denoise,
+decode) as a step iterator, and the velocity functions the sampler calls.
+
+``Ideogram4Pipeline.start`` makes a :class:`Generation`; its steps are what the CLI's bar, the
+server's events, previews and ``generate``'s callback consume, and ``result()`` decodes the
+image. Each stage is timed (:class:`Stage`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from ideogram4_mlx import __version__
+from ideogram4_mlx.constants import PACKED_CHANNELS
+from ideogram4_mlx.distributed import CFGGroup
+from ideogram4_mlx.metadata import save_png
+from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
+from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
+from ideogram4_mlx.sampler import (
+    GuidedFn,
+    KnownLatents,
+    VelocityFn,
+    combine,
+    euler_steps,
+    noised,
+    skips_uncond,
+)
+from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
+from ideogram4_mlx.vae import decode, encode
+
+if TYPE_CHECKING:
+    from ideogram4_mlx.pipeline import Ideogram4Pipeline
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    latents: np.ndarray  # (1, H/16 * W/16, 128) float32: final packed normalised latents
+    metadata: dict  # everything needed to reproduce the image
+    stats: dict = field(default_factory=dict)  # per stage: seconds, peak memory (GB)
+    request: GenerationRequest | None = None  # the request as run (its seed drawn)
+
+    def save(self, path: Path | str, force: bool = False) -> Path:
+        """Write the PNG with its metadata (replayable), atomically; see ``save_png``."""
+        return save_png(self.image, path, self.metadata, force)
+
+
+Report = Callable[[str], None]
+
+
+class Stage:
+    """Times a stage and records MLX's peak memory within it; ``report`` gets a line when it
+    starts and one when it ends (with the peak memory when ``verbose``)."""
+
+    def __init__(self, stats: dict, name: str, report: Report | None, verbose: bool):
+        self.stats, self.name, self.report, self.verbose = stats, name, report, verbose
+
+    def __enter__(self):
+        mx.reset_peak_memory()
+        self.start = time.perf_counter()
+        if self.report is not None and self.name != "denoise":  # denoise has its own bar
+            self.report(f"[{self.name}] ...")
+
+    def __exit__(self, *exc):
+        record = {
+            "seconds": round(time.perf_counter() - self.start, 3),
+            "peak_gb": round(mx.get_peak_memory() / 1e9, 3),
+        }
+        self.stats[self.name] = record
+        if self.report is None or exc[0] is not None:
+            return
+        line = f"[{self.name}] {record['seconds']:.1f} s"
+        self.report(line + (f", peak {record['peak_gb']:.2f} GB" if self.verbose else ""))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step: ``latents`` (1, N, 128) fp32 at model time ``t``, unevaluated."""
+
+    index: int  # 0-based
+    num_steps: int
+    t: float
+    latents: mx.array
+
+
+class Generation:
+    """One request in flight: ``for step in generation: mx.eval(step.latents)``, then
+    :meth:`result`. Progress bars, previews and callbacks are consumers of the steps.
+
+    The prompt is encoded when iteration starts; the text encoder is freed before the first
+    step and the DiTs after the last (unless the pipeline keeps them in memory).
+    """
+
+    def __init__(
+        self,
+        pipe: Ideogram4Pipeline,
+        request: GenerationRequest | ResolvedRequest,
+        noise: np.ndarray | None = None,
+        verbose: bool = False,
+        report: Report | None = None,
+    ):
+        resolved = pipe.check(request)
+        resolved.warn()
+        request = resolved.request  # size, strength and input fingerprints filled in
+        n = resolved.grid_h * resolved.grid_w
+        if noise is None:
+            seed = random.randint(0, MAX_SEED) if request.seed is None else int(request.seed)
+            request = replace(request, seed=seed)
+            self.noise = mx.random.normal((1, n, PACKED_CHANNELS), key=mx.random.key(seed))
+        else:
+            request = replace(request, seed=None)
+            self.noise = mx.array(check_noise(noise, resolved.grid_h, resolved.grid_w))
+        self.pipe, self.request, self.resolved = pipe, request, resolved
+        self.verbose, self.report = verbose, report
+        self.given_noise = noise is not None
+        self.idea: str | None = None  # the magic prompt's idea, once expanded
+        self.stats: dict = {}
+        self.latents: mx.array | None = None
+        self.done = False
+
+    @property
+    def num_steps(self) -> int:
+        return self.resolved.schedule.num_steps
+
+    def __iter__(self) -> Iterator[Step]:
+        pipe, r = self.pipe, self.resolved
+        rank = 0 if pipe.cfg is None else pipe.cfg.rank
+        if self.request.magic_prompt and rank == 0:
+            with Stage(self.stats, "expand", self.report, self.verbose):
+                idea, r0 = self.request.prompt, self.request
+                caption = pipe.expand(idea, r0.width, r0.height, r0.seed, **pipe.magic_options)
+                self.idea, self.request = idea, replace(r0, prompt=caption, magic_prompt=False)
+        features = None
+        if rank == 0:  # a CFG-parallel rank 1 holds the unconditional DiT only
+            with Stage(self.stats, "encode", self.report, self.verbose):
+                features = pipe.encode(self.request.prompt)
+                pipe.release("text_encoder")
+        start, known, x0 = self.noise, None, None
+        if r.edit is not None and rank == 0:
+            with Stage(self.stats, "encode_image", self.report, self.verbose):
+                x0 = encode(pipe.vae(), r.edit.canvas[None])
+                mx.eval(x0)
+                pipe.release("vae")
+            start = noised(x0, self.noise, r.schedule.start_time)
+        noise = self.noise
+        if pipe.cfg is not None:  # both ranks start from rank 0's latents (and its noise)
+            start = pipe.cfg.share(start if rank == 0 else None, self.noise)
+            if r.edit is not None and r.edit.token_mask is not None:
+                x0 = pipe.cfg.share(x0 if rank == 0 else None, self.noise)
+                noise = pipe.cfg.share(self.noise if rank == 0 else None, self.noise)
+        if r.edit is not None and r.edit.token_mask is not None:
+            mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
+            known = KnownLatents(x0, noise, mask)
+        with Stage(self.stats, "denoise", self.report, self.verbose):
+            n_text = MAX_TEXT_TOKENS if features is None else features.shape[1]
+            dits = pipe.dits(r.grid_h * r.grid_w + n_text)
+            cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w)
+            guided = None
+            if pipe.cfg is not None:
+                guided = parallel_guidance(pipe.cfg, cond if rank == 0 else uncond)
+            steps = euler_steps(start, r.schedule, cond, uncond, known, guided)
+            for index, t, z in steps:
+                self.latents = z
+                yield Step(index, self.num_steps, t, z)
+                check_finite(z, index)  # after the caller's evaluation: no extra work
+            mx.eval(self.latents)
+            pipe.release("transformers")
+        self.done = True
+
+    def result(self) -> GenerationResult | None:
+        """Decode the final latents; the image, its metadata and per-stage stats (None on a
+        CFG-parallel rank 1, which has no VAE: rank 0 writes the image)."""
+        if not self.done:
+            raise RuntimeError("iterate over all the denoising steps before result()")
+        pipe, r = self.pipe, self.resolved
+        if pipe.cfg is not None and pipe.cfg.rank != 0:
+            return None
+        with Stage(self.stats, "decode", self.report, self.verbose):
+            pixels = decode(pipe.vae(), self.latents, r.grid_h, r.grid_w)
+            pipe.release("vae")
+            if r.edit is not None:
+                pixels = r.edit.paste(pixels[0])[None]
+        metadata = {
+            **self.request.to_metadata(),
+            "noise": "given" if self.given_noise else "seeded",
+            **pipe.settings(),
+            "caption_findings": r.caption_findings,
+            **({"idea": self.idea} if self.idea is not None else {}),
+            "version": __version__,
+        }
+        image = Image.fromarray(pixels[0])
+        return GenerationResult(image, np.array(self.latents), metadata, self.stats, self.request)
+
+
+def velocity_fns(
+    cond_dit: Ideogram4Transformer | None,
+    uncond_dit: Ideogram4Transformer | None,
+    features: mx.array | None,
+    grid_h: int,
+    grid_w: int,
+) -> tuple[VelocityFn | None, VelocityFn | None]:
+    """The sampler's ``cond(z, t)`` and ``uncond(z, t)`` for one image: ``[text][image]`` through
+    the conditional DiT, image tokens only through the unconditional one (None for a DiT this
+    process does not hold: a CFG-parallel rank). Layout constants (RoPE tables, masks,
+    projected text) are prepared here once, not per step."""
+    cond = uncond = None
+    if cond_dit is not None:
+        n_text = features.shape[1]
+        cond_seq = cond_dit.prepare(features, *sequence_ids([n_text], grid_h, grid_w))
+
+        def cond(z: mx.array, t: float) -> mx.array:
+            # z may hold a batch of images of this prompt (B, L, 128): the prepared layout
+            # (B = 1) broadcasts over it.
+            text_slots = mx.zeros((z.shape[0], n_text, PACKED_CHANNELS), mx.float32)
+            x = mx.concatenate([text_slots, z], axis=1)
+            return cond_dit.run(x, np.array([t], np.float32), cond_seq)[:, n_text:]
+
+    if uncond_dit is not None:
+        uncond_seq = uncond_dit.prepare(None, *sequence_ids([0], grid_h, grid_w))
+
+        def uncond(z: mx.array, t: float) -> mx.array:
+            return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
+
+    return cond, uncond
+
+
+def parallel_guidance(cfg: CFGGroup, mine: VelocityFn) -> GuidedFn:
+    """The CFG velocity on a CFG-parallel rank: this rank's pass (rank 1 skips it at g = 1),
+    swapped with the other rank's, combined exactly as one process combines them."""
+
+    def guided(z: mx.array, t: float, g: float) -> mx.array:
+        if cfg.rank == 1 and skips_uncond(g):
+            v = mx.zeros_like(z)
+        else:
+            v = mine(z, t)
+        v_cond, v_uncond = cfg.swap(v)
+        return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
+
+    return guided
+
+
+class NonFiniteError(ValueError):
+    """The latents became NaN or infinite: the image would be black."""
+
+
+def check_finite(latents: mx.array, index: int) -> None:
+    if not mx.all(mx.isfinite(latents)).item():
+        raise NonFiniteError(
+            f"the latents are NaN or infinite after step {index + 1}: the weights or settings "
+            "overflow; try --dtype float32, check the checkpoint, or use moderate mu, std and "
+            "guidance values"
+        )
+
+
+def check_noise(noise: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    expected = (1, grid_h * grid_w, PACKED_CHANNELS)
+    noise = np.asarray(noise, dtype=np.float32)
+    if noise.shape != expected:
+        raise ValueError(f"noise has shape {noise.shape}; this size needs {expected}")
+    return noise
