@@ -254,8 +254,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     default=1,
     show_default=True,
     help="Make N images with seeds SEED, SEED+1, ... (a random start without --seed), written "
-    "as OUTPUT-<seed>.png; the models load once. With --distributed the images are spread "
-    "over the ranks (each holds both DiTs) and rank 0 writes them all.",
+    "as OUTPUT-<seed>.png; the models load once and the images run one after another (a "
+    "batch measured no faster). With --distributed the images are spread over the ranks "
+    "(each holds both DiTs) and rank 0 writes them all.",
 )
 @click.option(
     "--seeds",
