@@ -44,7 +44,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ideogram4_mlx.distributed import CFGGroup
+from ideogram4_mlx.distributed import CFGGroup, Watchdog, rank_timeout
 from ideogram4_mlx.generation import parallel_guidance, velocity_fns
 from ideogram4_mlx.sampler import euler_steps, resolve_schedule
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
@@ -118,7 +118,10 @@ def timed_pass(fn, times: list[float]):
 
 def run(args) -> dict:
     """One process: ``single`` (both DiTs) or one rank of ``ranks``; the result as a dict."""
-    group = CFGGroup(mx.distributed.init()) if args.mode == "ranks" else None
+    group = None
+    if args.mode == "ranks":
+        world = mx.distributed.init()
+        group = CFGGroup(world, Watchdog(world.rank(), rank_timeout()))
     rank = 0 if group is None else group.rank
     if group is not None and os.environ.get("CFG_BENCH_PIN", "1") == "1":
         # mlx.launch busy-polls its ranks' pipes (~1 core); it runs under nice 19, the ranks

@@ -132,6 +132,18 @@ class Generation:
         return self.resolved.schedule.num_steps
 
     def __iter__(self) -> Iterator[Step]:
+        cfg = self.pipe.cfg
+        if cfg is None:
+            yield from self._steps()
+            return
+        # CFG-parallel: every step waits for the other rank; the watchdog ends this rank if
+        # one step (or the other rank's encoding, before the first) takes over its timeout.
+        with cfg.watchdog.watching("waiting for the other rank before the first step"):
+            for step in self._steps():
+                cfg.watchdog.beat(f"step {step.index + 1} of {step.num_steps}")
+                yield step
+
+    def _steps(self) -> Iterator[Step]:
         pipe, r = self.pipe, self.resolved
         rank = 0 if pipe.cfg is None else pipe.cfg.rank
         if self.request.magic_prompt and rank == 0:

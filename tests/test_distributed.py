@@ -3,6 +3,7 @@ synthetic checkpoint. Rank 0's image must equal one process's bit for bit (each 
 the same ops on the same latents; the swap and the share are exact copies), in fp32 and bf16."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.distributed import (
+    DEFAULT_RANK_TIMEOUT,
+    WATCHDOG_EXIT,
+    DistributedError,
+    rank_timeout,
+)
 
 CAPTION = '{"high_level_description":"a test","compositional_deconstruction":{"background":"x"}}'
 LAUNCH_SECONDS = 240
@@ -115,6 +122,71 @@ def test_a_dying_rank_stops_the_other_within_seconds(tiny_checkpoint, tmp_path):
     assert time.monotonic() - start < 60, "rank 0 kept running after rank 1 died"
     assert "rank 1 exited with code 9" in run.stdout + run.stderr
     assert not (tmp_path / "z.png").exists()
+
+
+def test_a_hung_rank_ends_the_run_after_the_timeout(tiny_checkpoint, tmp_path):
+    """Rank 1 hangs in step 2 (alive, sockets open, no answer: what a frozen machine looks
+    like to rank 0; its own watchdog is off). Rank 0 is blocked in the step's exchange; its
+    watchdog ends it after IDEO4_RANK_TIMEOUT seconds with the message, and the launcher then
+    stops rank 1. Without the watchdog this run never ends."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, runpy, sys, time\n"
+        "import ideogram4_mlx.distributed as d\n"
+        "if os.environ['MLX_RANK'] == '1':\n"
+        "    d.Watchdog._watch = lambda self: None\n"
+        "    swap, calls = d.CFGGroup.swap, []\n"
+        "    def hanging(self, v):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 2:\n"
+        "            time.sleep(600)\n"
+        "        return swap(self, v)\n"
+        "    d.CFGGroup.swap = hanging\n"
+        "sys.argv = ['ideo4-mlx'] + sys.argv[1:]\n"
+        "runpy.run_module('ideogram4_mlx', run_name='__main__')\n"
+    )
+    args = generate_args(tiny_checkpoint, tmp_path / "h.png", "float32", "--distributed")
+    command = [launcher(), "-n", "2", "--backend", "ring", "--", sys.executable, str(script)]
+    env = {**os.environ, "IDEO4_RANK_TIMEOUT": "4"}
+    start = time.monotonic()
+    run = subprocess.run(command + args, capture_output=True, text=True, timeout=120, env=env)
+    assert time.monotonic() - start < 60, "the run outlived the watchdog"
+    output = run.stdout + run.stderr
+    assert "rank 0: no progress for" in output and "(step 2 of 3)" in output, output[-3000:]
+    assert "set IDEO4_RANK_TIMEOUT=SECONDS to wait longer than 4" in output
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_the_watchdog_ends_only_an_armed_process_that_makes_no_progress(tmp_path):
+    code = (
+        "import time\n"
+        "from ideogram4_mlx.distributed import Watchdog\n"
+        "w = Watchdog(1, 0.5)\n"
+        "with w.watching('a test wait'):\n"
+        "    for _ in range(8):\n"
+        "        time.sleep(0.2); w.beat('beating')\n"  # beats in time: no exit
+        "time.sleep(1.5)\n"  # disarmed: idle as long as it likes
+        "print('idle ok', flush=True)\n"
+        "with w.watching('the last wait'):\n"
+        "    time.sleep(30)\n"
+        "print('not reached')\n"
+    )
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 10
+    assert run.returncode == WATCHDOG_EXIT and run.stdout == "idle ok\n", run.stderr
+    assert re.match(r"ideo4-mlx: rank 1: no progress for \d+ s \(the last wait\)", run.stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", str(10**9)])
+def test_a_bad_rank_timeout_is_one_line(monkeypatch, value):
+    monkeypatch.setenv("IDEO4_RANK_TIMEOUT", value)
+    with pytest.raises(DistributedError, match=f"IDEO4_RANK_TIMEOUT='{value}' is not a timeout"):
+        rank_timeout()
+    monkeypatch.setenv("IDEO4_RANK_TIMEOUT", "2.5")
+    assert rank_timeout() == 2.5
+    monkeypatch.delenv("IDEO4_RANK_TIMEOUT")
+    assert rank_timeout() == DEFAULT_RANK_TIMEOUT
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
