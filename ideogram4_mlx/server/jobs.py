@@ -249,9 +249,10 @@ class JobQueue:
             self.jobs.pop(self._ended.pop(0), None)
         if len(self._ended) > KEEP_PREVIEWS:
             job = self.jobs.get(self._ended[-KEEP_PREVIEWS - 1])
-            for event in job.events if job is not None else ():
-                if event.pop("preview", None) is not None:
-                    event["preview_dropped"] = True
+            for i, event in enumerate(job.events if job is not None else ()):
+                if "preview" in event:  # a new dict: a stream may be writing out the old one
+                    kept = {k: v for k, v in event.items() if k != "preview"}
+                    job.events[i] = {**kept, "preview_dropped": True}
 
     def _loop(self) -> None:
         while True:
