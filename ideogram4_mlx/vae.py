@@ -510,19 +510,19 @@ class Decoder(nn.Module):
     def strips(self, z: mx.array, strip_rows: int) -> mx.array:
         """Bounded-memory decode; equal to ``__call__`` up to summation order.
 
-        The low-resolution part (conv_in and the mid block, whose attention is global) runs on
-        the whole latent, with the attention queries chunked. From there every activation is
-        kept as horizontal strips (``strip_rows`` latent rows, doubled at each upsampler) and
-        each layer runs strip by strip: a 3x3 conv reads one halo row from each neighbouring
-        strip, so the convs are exact. GroupNorm needs statistics of the whole image: the
-        moments of every activation are accumulated exactly (fp32 per strip, combined in
-        float64) while its strips are produced, and applied when it is consumed. Input strips
-        are freed as soon as the output no longer needs them, so the peak is about two
-        full-resolution activations in the compute dtype plus one strip's temporaries, instead
-        of the fp32 and im2col temporaries of whole-image ops.
+        Only conv_in (32 channels in) and the mid-block attention, which is global, run on the
+        whole latent, the attention's queries chunked; every other activation, the mid block's
+        resnets' included, is kept as horizontal strips (``strip_rows`` latent rows, doubled
+        at each upsampler) and each layer runs strip by strip: a 3x3 conv reads one halo row
+        from each neighbouring strip, so the convs are exact. GroupNorm needs statistics of
+        the whole image: the moments of every activation are accumulated exactly (fp32 per
+        strip, combined in float64) while its strips are produced, and applied when it is
+        consumed. Input strips are freed as soon as the output no longer needs them, so the
+        peak is about two full-resolution activations in the compute dtype plus one strip's
+        temporaries, instead of the fp32 and im2col temporaries of whole-image ops.
         """
-        x = self.mid_block(self.conv_in(z), query_chunk=attention_chunk(z))
-        x = RowStrips.split(x, strip_rows, self.conv_norm_out.groups)
+        x = RowStrips.split(self.conv_in(z), strip_rows, self.conv_norm_out.groups)
+        x = self.mid_block.strips(x)  # whole-latent resnets: ~4.5 GiB of fp32 temps at 2048^2
         for block in self.up_blocks:
             x = block.strips(x)
         out = []
