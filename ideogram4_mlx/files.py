@@ -9,8 +9,9 @@ The rules:
 - ``dst`` must not be a symbolic link or a file. An existing folder is replaced only with
   ``force``, and then only when it is empty or ``foreign(dst)`` finds nothing that the writer
   would not have written itself (each writer says what its earlier outputs look like).
-- ``.DST.lock`` next to ``dst`` (created exclusively, holding the writer's pid) keeps a second
-  writer out for the whole run; one whose owner is gone is taken over with a warning.
+- ``.DST.lock`` next to ``dst`` (``flock``-ed for the whole run, holding the writer's pid)
+  keeps a second writer out; one left by a run that was killed is free again (the kernel
+  drops the lock with its process) and is taken over with a warning.
 - Files are built in ``.DST.<pid>.<random>.partial`` next to ``dst`` and renamed into place at
   the end, so ``dst`` holds the old output or the new one, never a mix. A failure, Ctrl-C or
   SIGTERM removes the partial folder; after ``kill -9`` the next run removes it (its pid names
@@ -20,7 +21,9 @@ The rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -165,31 +168,67 @@ def lock_path(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.lock"
 
 
+LOCK_ATTEMPTS = 8  # re-opens when the holder removed the file between our open and our lock
+
+
 @contextmanager
 def locked(dst: Path) -> Iterator[None]:
-    """Hold ``.DST.lock`` (created exclusively, holding our pid) for the block."""
+    """Hold ``.DST.lock`` for the block: an exclusive ``flock`` on it, which the kernel drops
+    when its process ends however it ends, so exactly one writer holds it and a lock left by
+    a killed run is free; the file names the holder's pid for the message others get."""
     path = lock_path(dst)
-    for attempt in (1, 2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            owner = read_pid(path)
-            if attempt == 2 or owner is None or pid_alive(owner):
-                who = "another process" if owner is None else f"another process (pid {owner})"
-                raise FileExistsError(
-                    f"{dst} is being written by {who}; wait for it, or remove {path} if no "
-                    "convert or synth is running"
-                ) from None
-            warnings.warn(f"{path}: removed a stale lock (pid {owner} is gone)", stacklevel=2)
-            path.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    fd = take_lock(path, dst)
     try:
         yield
     finally:
-        if read_pid(path) == os.getpid():
-            path.unlink(missing_ok=True)
+        # Removed while still held: a writer that opened this file meanwhile sees it is gone
+        # once it holds the lock, and takes a new one.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
+def take_lock(path: Path, dst: Path) -> int:
+    """The open, ``flock``-ed lock file with our pid in it; ``FileExistsError`` naming the
+    holder when another process holds it."""
+    for _ in range(LOCK_ATTEMPTS):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FileExistsError(
+                    f"{path} is a symbolic link, not a lock file: remove it"
+                ) from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = read_pid(path)
+            who = "another process" if owner is None else f"another process (pid {owner})"
+            raise FileExistsError(
+                f"{dst} is being written by {who}, which holds {path}; wait for it to "
+                "finish or stop it"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(fd).st_ino:  # the holder removed it as we opened it
+            os.close(fd)
+            continue
+        owner = read_pid(path)
+        if owner is not None and owner != os.getpid():
+            warnings.warn(
+                f"{path}: took over a stale lock (pid {owner} no longer holds it)", stacklevel=3
+            )
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise FileExistsError(f"{path}: the lock kept changing hands; try again")
 
 
 def read_pid(path: Path) -> int | None:

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from ideogram4_mlx.cli.convert import convert as convert_command
 from ideogram4_mlx.convert import convert
+from ideogram4_mlx.files import locked
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.quantization import RECORD_KEY, quantization_plan
 from ideogram4_mlx.request import GenerationRequest
@@ -298,13 +299,13 @@ def test_dst_that_is_a_link_or_a_file_is_refused(tiny_checkpoint, tmp_path):
 
 def test_a_second_convert_to_a_locked_dst_fails_naming_the_owner(tiny_checkpoint, tmp_path):
     lock = tmp_path / ".out.lock"
-    lock.write_text(str(os.getpid()))  # a live owner: this process
-    with pytest.raises(
-        FileExistsError, match=f"being written by another process \\(pid {os.getpid()}"
-    ):
-        convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
-    lock.write_text(str(dead_pid()))
+    with locked(tmp_path / "out"):  # held (by this process, through another open file)
+        with pytest.raises(
+            FileExistsError, match=f"being written by another process \\(pid {os.getpid()}"
+        ):
+            convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+    lock.write_text(str(dead_pid()))  # left by a killed run
     with pytest.warns(UserWarning, match="stale lock"):
         convert(tiny_checkpoint, tmp_path / "out", components=("vae",), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -99,15 +99,47 @@ def test_sigterm_handler_only_in_the_main_thread_and_only_over_the_default():
 def test_a_held_lock_refuses_and_a_stale_one_is_taken_over(tmp_path):
     dst = tmp_path / "out"
     lock = lock_path(dst)
-    lock.write_text("")  # created but no pid written yet: held
-    with pytest.raises(FileExistsError, match=rf"another process; wait for it, or remove {lock}"):
-        with locked(dst):
-            pass
-    lock.write_text(f"{dead_pid()}\n")
-    with pytest.warns(UserWarning, match="removed a stale lock"):
+    with locked(dst):  # a second open of the file conflicts, even in this process
+        held = rf"another process \(pid {os.getpid()}\), which holds {lock}; wait for it"
+        with pytest.raises(FileExistsError, match=held):
+            with locked(dst):
+                pass
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+    lock.write_text(f"{dead_pid()}\n")  # left by a killed run: nobody holds it
+    with pytest.warns(UserWarning, match="took over a stale lock"):
         with locked(dst):
             assert lock.read_text() == f"{os.getpid()}\n"
     assert not lock.exists()
+    lock.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError, match="is a symbolic link, not a lock file"):
+        with locked(dst):
+            pass
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_lock_held_by_a_killed_process_is_free_at_once(tmp_path):
+    """The kernel drops the flock with its process: no pid check, so no window in which two
+    writers that both found a dead owner could both proceed."""
+    dst = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from ideogram4_mlx.files import locked\n"
+         f"with locked(__import__('pathlib').Path({str(dst)!r})):\n"
+         "    print('held', flush=True); time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FileExistsError, match=rf"\(pid {holder.pid}\)"):
+            with locked(dst):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(30)
+    with pytest.warns(UserWarning, match=rf"pid {holder.pid} no longer holds it"):
+        with locked(dst):
+            assert lock_path(dst).read_text() == f"{os.getpid()}\n"
 
 
 def test_stale_folders_go_a_replaced_one_comes_back_unknown_ones_are_only_reported(tmp_path):

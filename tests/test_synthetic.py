@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
+from ideogram4_mlx.files import locked
 from ideogram4_mlx.synth import configs, writer
 from ideogram4_mlx.synth.plan import (
     COMPONENTS,
@@ -494,12 +495,12 @@ def test_a_stale_partial_folder_is_removed_and_a_held_lock_refuses(tmp_path):
     stale.mkdir()
     with pytest.warns(UserWarning, match=f"removed {stale}"):
         write_synthetic_checkpoint(tmp_path / "ckpt", components=())
-    (tmp_path / ".again.lock").write_text(f"{os.getpid()}\n")
-    with pytest.raises(
-        FileExistsError, match=f"being written by another process \\(pid {os.getpid()}"
-    ):
-        write_synthetic_checkpoint(tmp_path / "again", components=())
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".again.lock", "ckpt"]
+    with locked(tmp_path / "again"):  # held (by this process, through another open file)
+        with pytest.raises(
+            FileExistsError, match=f"being written by another process \\(pid {os.getpid()}"
+        ):
+            write_synthetic_checkpoint(tmp_path / "again", components=())
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".again.lock", "ckpt"]
 
 
 def test_bad_names_are_rejected_with_the_valid_ones():
