@@ -183,6 +183,15 @@ class Ideogram4Pipeline:
             # The unconditional branch sees image tokens only: its text projection is not read.
             # A CFG-parallel rank loads its own DiT only (rank 0: cond, rank 1: uncond).
             held = (0, 1) if self.cfg is None else (self.cfg.rank,)
+            if self.fuse_lora and self._dit_sizes is not None:  # before any weights load
+                streamed = sum(len(self._dit_sizes[i].blocks) - plan[i] for i in held)
+                if streamed:
+                    raise LoRAError(
+                        f"--fuse-lora needs every DiT block resident, but the memory budget "
+                        f"({self.memory_limit / 1e9:.1f} GB) streams {streamed} of them: "
+                        "raise --memory-limit, use the LoRA unfused (the default) or bake it "
+                        "in with `ideo4-mlx convert --lora`"
+                    )
             self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
                     self.checkpoint_dir / name, self.dtype, text_input=text, resident_blocks=k
@@ -192,15 +201,6 @@ class Ideogram4Pipeline:
                 for i, ((name, text), k) in enumerate(zip(DIT_COMPONENTS, plan, strict=True))
             )
             self.resident_blocks = plan
-            streamed = sum(m.streamed_blocks for m in self._dits if m is not None)
-            if self.fuse_lora and streamed:
-                self._dits = self.resident_blocks = None
-                raise LoRAError(
-                    f"--fuse-lora needs every DiT block resident, but the memory budget "
-                    f"({self.memory_limit / 1e9:.1f} GB) streams {streamed} of them: raise "
-                    "--memory-limit, use the LoRA unfused (the default) or bake it in with "
-                    "`ideo4-mlx convert --lora`"
-                )
             for model, target in zip(self._dits, TARGETS, strict=True):
                 chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
                 if chosen and model is not None:

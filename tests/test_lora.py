@@ -294,7 +294,7 @@ def test_replay_finds_a_lora_in_the_hub_cache_by_name_and_hash(tmp_path, shapes,
         replay_loras([record], [])
 
 
-def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes):
+def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes, monkeypatch):
     path, _ = layout_file(tmp_path, shapes, "diffsynth")
     pipe = load(tiny_checkpoint, dtype="float32", loras=[LoRASpec(path, 1.0, "uncond")])
     cond, uncond = pipe.dits()
@@ -302,6 +302,10 @@ def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes):
     assert type(cond.layers[0].attention.qkv) is nn.Linear  # an uncond LoRA leaves cond alone
     with pytest.raises(LoRAError, match="--fuse-lora with --low-memory"):
         load(tiny_checkpoint, loras=[str(path)], fuse_lora=True, low_memory=True)
+    tight = load(tiny_checkpoint, "float32", loras=[str(path)], fuse_lora=True, memory_limit=1e-6)
+    monkeypatch.setattr(Ideogram4Transformer, "from_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(LoRAError, match=r"memory budget \(0\.0 GB\) streams 4 of them"):
+        tight.dits()  # refused from the plan, before any weights load
     with pytest.raises(LoRAError, match="is loaded already"):
         load(tiny_checkpoint, dtype="float32", loras=[str(path), str(path)])
     with pytest.raises(LoRAError, match="LoRA target 'both'"):
