@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from dit_step import machine  # benchmarks/ (the script's folder)
 
 from ideogram4_mlx.generation import velocity_fns
 from ideogram4_mlx.sampler import guide
@@ -50,17 +50,8 @@ def build_dit(seed: int, layers: int, dtype: mx.Dtype, text: bool) -> Ideogram4T
     return model
 
 
-def machine() -> str:
-    models = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
-    cpu = models[0] if models else platform.processor() or platform.machine()
-    text = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
-    text += f", MLX {mx.__version__} {mx.default_device()}"
-    blas = os.environ.get("LD_PRELOAD", "")
-    return text + (f", LD_PRELOAD={Path(blas).name}" if blas else "")
+def host() -> str:
+    return f"{machine('cpu')}, MLX {mx.__version__} {mx.default_device()}"
 
 
 def timed(fn, repeats: int) -> tuple[float, mx.array, float]:
@@ -122,7 +113,7 @@ def measure(args, cond_dit, uncond_dit, tokens: int, images: int) -> dict:
 
 def report(rows: list[dict], args) -> str:
     lines = [
-        f"machine: {machine()}",
+        f"machine: {host()}",
         f"{args.dtype}; full-width DiTs, random weights, {args.layers} block(s) each; "
         f"{args.text} text tokens; one guided step (cond + uncond pass), guidance {args.guidance}; "
         f"median of {args.repeats} after a warm-up",
@@ -162,7 +153,7 @@ def main() -> None:
     print(report(rows, args))
     if args.json:
         settings = {**vars(args), "json": str(args.json)}
-        args.json.write_text(json.dumps({"machine": machine(), "args": settings, "rows": rows}))
+        args.json.write_text(json.dumps({"machine": host(), "args": settings, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from dit_step import machine  # benchmarks/ (the script's folder)
 
 from ideogram4_mlx.distributed import CFGGroup, Watchdog, rank_timeout
 from ideogram4_mlx.generation import parallel_guidance, velocity_fns
@@ -191,18 +191,8 @@ def run(args) -> dict:
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    models = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
-    cpu = models[0] if models else cpu
-    text = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
-    text += f", MLX {mx.__version__} CPU"
-    blas = os.environ.get("LD_PRELOAD", "")
-    return text + (f", LD_PRELOAD={Path(blas).name}" if blas else "")
+def host() -> str:
+    return f"{machine('cpu')}, MLX {mx.__version__} CPU"
 
 
 def child_args(args, layers: int, tokens: int, mode: str, out: Path, label: str = "") -> list[str]:
@@ -251,7 +241,7 @@ def launch(args, layers: int, tokens: int) -> dict:
 def report(results: list[dict], args) -> str:
     first = next((o for r in results for o in r["runs"].values()), {})
     lines = [
-        f"machine: {machine()}; fp32; full-width DiTs, random weights",
+        f"machine: {host()}; fp32; full-width DiTs, random weights",
         f"{args.text} text tokens; {args.steps} Euler steps per pass (guidance "
         f"{first.get('guidance')}), "
         f"median of {args.steps * args.repeats} steps after a {args.steps}-step warm-up pass",
@@ -375,7 +365,7 @@ def main() -> None:
             print(f"{layers} layers, {tokens} tokens: done", file=sys.stderr, flush=True)
     print(report(results, args))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"machine": host(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
