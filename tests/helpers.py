@@ -71,3 +71,16 @@ def dit_inputs(model, n_text=5, grid=(4, 3), seed=0):
     x = mx.array(rng.standard_normal((1, ids[2].shape[1], 128)), mx.float32)
     feats = mx.array(rng.standard_normal((1, n_text, model.config.llm_features_dim)), mx.float32)
     return x, feats, ids
+
+
+def assert_passes_equal(want_model, got_model, after_pass=lambda: None):
+    """Two passes (t 0.3 and 0.8: a weight stream reopens its files each time) of
+    ``got_model`` on :func:`dit_inputs` equal ``want_model``'s bit for bit; ``after_pass()``
+    runs its checks after each."""
+    x, feats, ids = dit_inputs(want_model)
+    seq_want, seq_got = want_model.prepare(feats, *ids), got_model.prepare(feats, *ids)
+    for t in (0.3, 0.8):
+        want = want_model.run(x, np.array([t], np.float32), seq_want)
+        got = got_model.run(x, np.array([t], np.float32), seq_got)
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+        after_pass()

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import dit_inputs, rel_l2
+from helpers import assert_passes_equal, dit_inputs, rel_l2
 from mlx.utils import tree_flatten
 from PIL import Image
 
@@ -50,13 +50,11 @@ def test_streamed_dit_equals_resident_dit_pass_after_pass(tiny_checkpoint, quant
     resident = Ideogram4Transformer.from_pretrained(folder, mx.float32)
     streamed = Ideogram4Transformer.from_pretrained(folder, mx.float32, low_memory=True)
     assert block_bytes(streamed) == 0 < block_bytes(resident)
-    x, feats, ids = dit_inputs(resident)
-    seq_r, seq_s = resident.prepare(feats, *ids), streamed.prepare(feats, *ids)
-    for t in (0.3, 0.8):  # two passes: the stream reopens the files each time
-        want = resident.run(x, np.array([t], np.float32), seq_r)
-        got = streamed.run(x, np.array([t], np.float32), seq_s)
-        np.testing.assert_array_equal(np.array(got), np.array(want))
-        assert block_bytes(streamed) == 0  # dropped again after the pass
+
+    def dropped():  # dropped again after the pass
+        assert block_bytes(streamed) == 0
+
+    assert_passes_equal(resident, streamed, dropped)
 
 
 def test_streaming_bounds_the_peak_to_about_one_block(tmp_path):
