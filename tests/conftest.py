@@ -30,6 +30,18 @@ def tiny_checkpoint(tmp_path_factory):
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def magic_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint (linked) plus a synthetic ``prompt_enhancer_head/``."""
+    from ideogram4_mlx.synth import COMPONENTS, write_synthetic_checkpoint
+
+    root = tmp_path_factory.mktemp("magic") / "tiny"
+    write_synthetic_checkpoint(root, "tiny", components=("prompt_enhancer_head",))
+    for folder in COMPONENTS:
+        (root / folder).symlink_to(tiny_checkpoint / folder, target_is_directory=True)
+    return root
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
     """The tiny checkpoint's tokenizer through transformers (the reference's way to load it)."""

@@ -22,23 +22,9 @@ from ideogram4_mlx.cli import main
 from ideogram4_mlx.magic import constrain
 from ideogram4_mlx.magic.expand import MagicPromptError, aspect_ratio, user_message
 from ideogram4_mlx.metadata import read_metadata
-from ideogram4_mlx.synth import COMPONENTS
 
 SMALL = {"max_string_chars": 12, "max_elements": 3}
 FAST = {"width": 256, "height": 256, "num_steps": 2}
-PARTS = COMPONENTS  # the tiny checkpoint's folders, linked beside the head
-
-
-@pytest.fixture(scope="module")
-def magic_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint (linked) plus a synthetic ``prompt_enhancer_head/``."""
-    from ideogram4_mlx.synth import write_synthetic_checkpoint
-
-    root = tmp_path_factory.mktemp("magic") / "tiny"
-    write_synthetic_checkpoint(root, "tiny", components=("prompt_enhancer_head",))
-    for folder in PARTS:
-        (root / folder).symlink_to(tiny_checkpoint / folder, target_is_directory=True)
-    return root
 
 
 @pytest.fixture(scope="module")

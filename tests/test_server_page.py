@@ -20,7 +20,6 @@ from helpers import serving
 from PIL import Image
 
 from ideogram4_mlx import load
-from ideogram4_mlx.synth import COMPONENTS, write_synthetic_checkpoint
 
 try:  # the serve and test extras
     import uvicorn  # noqa: F401  (serving() needs it: a missing extra skips here)
@@ -87,16 +86,6 @@ def browser():
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     yield driver
     driver.quit()
-
-
-@pytest.fixture(scope="module")
-def magic_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint (linked) plus a synthetic ``prompt_enhancer_head/``."""
-    root = tmp_path_factory.mktemp("page") / "tiny"
-    write_synthetic_checkpoint(root, "tiny", components=("prompt_enhancer_head",))
-    for folder in COMPONENTS:
-        (root / folder).symlink_to(tiny_checkpoint / folder, target_is_directory=True)
-    return root
 
 
 def start_server(checkpoint: Path, output_dir: Path, api_key: str | None = None):
