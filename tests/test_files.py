@@ -20,6 +20,7 @@ from ideogram4_mlx.files import (
     move_into_place,
     remove_stale,
     sigterm_exits,
+    write_file,
     write_folder,
 )
 
@@ -165,3 +166,64 @@ def test_move_into_place_swaps_the_folders_and_leaves_no_sibling(tmp_path):
     move_into_place(tmp, dst)
     assert [p.name for p in dst.iterdir()] == ["new.txt"] and not tmp.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+class WriteFailed(Exception):
+    pass
+
+
+def failing_write(error):
+    """A ``write(f)`` that puts some bytes in the file, then raises ``error``."""
+
+    def write(f):
+        f.write(b"half of the new file")
+        f.flush()
+        raise error
+
+    return write
+
+
+@pytest.mark.parametrize("error", [WriteFailed("disk gone"), KeyboardInterrupt()])
+def test_write_file_that_fails_mid_write_leaves_no_temp_file_and_no_destination(tmp_path, error):
+    (tmp_path / "theirs.txt").write_text("x")
+    path = tmp_path / "out.png"
+    with pytest.raises(type(error)):
+        write_file(path, failing_write(error))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.txt"]
+
+
+@pytest.mark.parametrize("error", [WriteFailed("disk gone"), KeyboardInterrupt()])
+def test_write_file_that_fails_mid_write_leaves_an_existing_file_intact(tmp_path, error):
+    path = tmp_path / "out.png"
+    path.write_bytes(b"the old file")
+    os.chmod(path, 0o640)
+    with pytest.raises(type(error)):
+        write_file(path, failing_write(error), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert path.read_bytes() == b"the old file" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_write_file_refuses_a_destination_that_appeared_while_writing(tmp_path):
+    path = tmp_path / "out.png"
+
+    def write(f):
+        f.write(b"new")
+        path.write_bytes(b"someone else's")  # created while we were writing
+
+    with pytest.raises(FileExistsError, match="out.png already exists"):
+        write_file(path, write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert path.read_bytes() == b"someone else's"
+
+
+def test_write_file_replaces_a_link_and_never_writes_through_it(tmp_path):
+    target = tmp_path / "target.txt"
+    target.write_bytes(b"the link's target")
+    path = tmp_path / "out.png"
+    path.symlink_to(target)
+    with pytest.raises(FileExistsError, match="out.png already exists"):
+        write_file(path, lambda f: f.write(b"new"))
+    assert write_file(path, lambda f: f.write(b"new"), force=True) == path
+    assert not path.is_symlink() and path.read_bytes() == b"new"
+    assert target.read_bytes() == b"the link's target"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "target.txt"]
