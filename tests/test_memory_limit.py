@@ -3,6 +3,7 @@ and the planner that picks k for both DiTs from the weight files (``ideogram4_ml
 
 import json
 import math
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -14,12 +15,14 @@ from click.testing import CliRunner
 from helpers import assert_passes_equal
 from mlx.utils import tree_flatten
 
+import ideogram4_mlx.transformer as transformer
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.environment import KEEP_FRACTION, physical_memory
 from ideogram4_mlx.memory import (
     DiTSizes,
     activation_bytes,
     cache_limit,
+    checkpoint_sizes,
     default_memory_limit,
     denoise_bytes,
     dit_sizes,
@@ -33,6 +36,7 @@ from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
 GB = 10**9
+DITS = (("transformer", True), ("unconditional_transformer", False))
 
 
 def layer_bytes(model):
@@ -82,6 +86,142 @@ def test_dit_sizes_are_what_the_loaded_dits_hold(tiny_checkpoint, dtype):
         assert list(sizes.blocks) == layer_bytes(model)
         assert sizes.resident == total - sum(sizes.blocks)
         assert sizes.stream_extra > 0  # fp8 bytes read while a raw block is dequantized
+
+
+def all_keys(model):
+    return {key for key, _ in tree_flatten(model.parameters())}
+
+
+def blocks_of(keys):
+    return {int(key.split(".")[1]) for key in keys if key.startswith("layers.")}
+
+
+def first_blocks(keys, k):
+    """``keys`` outside the blocks and those of blocks 0 .. k - 1."""
+    return {key for key in keys if not key.startswith("layers.") or int(key.split(".")[1]) < k}
+
+
+def record_reads(monkeypatch) -> dict[str, list[set[str]]]:
+    """Patch the DiT loader to record, per component folder and load, the parameter keys it
+    reads from the files: those it evaluates, whatever its ``resident`` predicate says."""
+    reads = {}
+    load_component = transformer.load_component
+
+    def reading(model, component_dir, dtype, resident=None):
+        evaluated, evaluate = set(), mx.eval
+
+        def eval_and_record(*args):
+            evaluated.update(id(a) for _, a in tree_flatten(list(args)))
+            return evaluate(*args)
+
+        mx.eval = eval_and_record
+        try:
+            load_component(model, component_dir, dtype, resident)
+        finally:
+            mx.eval = evaluate
+        keys = {k for k, v in tree_flatten(model.parameters()) if id(v) in evaluated}
+        reads.setdefault(Path(component_dir).name, []).append(keys)
+        return model
+
+    monkeypatch.setattr(transformer, "load_component", reading)
+    return reads
+
+
+@pytest.mark.parametrize(
+    "options, k",
+    [({"resident_blocks": k}, k) for k in (0, 1, 2)] + [({"low_memory": True}, 0)],
+    ids=["k0", "k1", "k2", "low_memory"],
+)
+def test_a_partly_resident_dit_reads_exactly_its_first_k_blocks(
+    tiny_checkpoint, monkeypatch, options, k
+):
+    """The budget is honoured by what loads: the files' tensors read at load are the parts
+    outside the blocks and blocks 0 .. k - 1, not one block more (the streamed ones are read
+    per pass); afterwards exactly those blocks hold weights."""
+    dit = Ideogram4Transformer.from_pretrained
+    every = {name: all_keys(dit(tiny_checkpoint / name, text_input=text)) for name, text in DITS}
+    reads = record_reads(monkeypatch)
+    for name, text in DITS:
+        folder, keys = tiny_checkpoint / name, every[name]
+        reads.clear()
+        model = Ideogram4Transformer.from_pretrained(folder, mx.float32, text_input=text, **options)
+        assert blocks_of(reads[name][0]) == set(range(k))
+        assert reads == {name: [first_blocks(keys, k)]}
+        held = layer_bytes(model)
+        assert all(b > 0 for b in held[:k]) and all(b == 0 for b in held[k:]), held
+        assert model.resident_blocks == k
+
+
+def test_the_pipeline_under_a_budget_reads_the_planned_blocks_only(tiny_checkpoint, monkeypatch):
+    tokens = 300
+    sizes = checkpoint_sizes(tiny_checkpoint, mx.float32)
+    reads = record_reads(monkeypatch)
+    for plan in [(1, 0), (1, 1), (2, 1)]:
+        # a little over the plan's estimate: the next block (megabytes) does not fit
+        limit = (denoise_bytes(sizes, plan, tokens) + 1000) / GB
+        pipe = load(tiny_checkpoint, dtype=mx.float32, memory_limit=limit)
+        reads.clear()
+        dits = pipe.dits(tokens)
+        assert pipe.resident_blocks == plan
+        for (name, _), model, k in zip(DITS, dits, plan, strict=True):
+            assert [blocks_of(keys) for keys in reads[name]] == [set(range(k))], name
+            assert [b > 0 for b in layer_bytes(model)] == [i < k for i in range(2)], name
+
+
+def file_headers(folder):
+    """Every tensor's entry in the headers of a folder's safetensors files (read as JSON)."""
+    headers = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            headers.update(json.loads(f.read(int.from_bytes(f.read(8), "little"))))
+    headers.pop("__metadata__", None)
+    return headers
+
+
+def converted_block_bytes(folder, dtype):
+    """The most file bytes of one block's tensors stored in another dtype than ``dtype`` (each
+    such file copy is alive while its block is converted to ``dtype``)."""
+    held = {mx.float32: "F32", mx.bfloat16: "BF16"}[dtype]
+    per_block = {}
+    for key, entry in file_headers(folder).items():
+        block = re.match(r"layers\.(\d+)\.", key)
+        if block and entry["dtype"] != held:
+            start, end = entry["data_offsets"]
+            per_block[block[1]] = per_block.get(block[1], 0) + end - start
+    return max(per_block.values())
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_estimate_and_plan_follow_from_the_loaded_weights_and_file_bytes(tiny_checkpoint, dtype):
+    """The denoising estimate, computed here from what the DiTs hold once loaded and from the
+    files' headers: both DiTs' resident parts and kept blocks, plus, for the DiT running, its
+    activations and, when it streams, its largest streamed block in memory and that block's
+    file bytes being converted. The planner keeps exactly the blocks that fit in it."""
+    tokens = 300
+    dits = [
+        Ideogram4Transformer.from_pretrained(tiny_checkpoint / name, dtype, text_input=text)
+        for name, text in DITS
+    ]
+    converted = [converted_block_bytes(tiny_checkpoint / name, dtype) for name, _ in DITS]
+    assert min(converted) > 0
+
+    def expected(plan):
+        held, running = 0, 0
+        for model, extra, k in zip(dits, converted, plan, strict=True):
+            blocks = layer_bytes(model)
+            held += sum(v.nbytes for _, v in tree_flatten(model.parameters())) - sum(blocks[k:])
+            streams = k < len(blocks)
+            stream = max(blocks[k:]) + extra if streams else 0
+            running = max(running, stream + activation_bytes(model.config, tokens, streams))
+        return held + running
+
+    sizes = checkpoint_sizes(tiny_checkpoint, dtype)
+    order = [(0, 0), (1, 0), (1, 1), (2, 1), (2, 2)]  # the planner adds blocks in this order
+    for before, plan in zip(order, order[1:]):
+        assert denoise_bytes(sizes, before, tokens) == expected(before), before
+        cost = expected(plan)
+        assert plan_denoise(tiny_checkpoint, dtype, cost, tokens) == (*plan, cost)
+        assert plan_resident_blocks(tiny_checkpoint, dtype, cost - 1, tokens) == before
 
 
 def synthetic_sizes(blocks=34, block=160 * 10**6, resident=230 * 10**6, extra=0):
