@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,8 @@ def load_image(source: ImageInput, what: str = "image") -> InputImage:
                 "uint8 (H, W), (H, W, 3) or (H, W, 4)"
             )
         source = Image.fromarray(source)
-    if isinstance(source, Image.Image):
-        return _checked(source, "(in memory)", what)
+    if isinstance(source, Image.Image):  # an opened file not yet decoded keeps its name
+        return _checked(source, getattr(source, "filename", "") or "(in memory)", what)
     path = Path(source).expanduser()
     if not path.is_file():
         kind = "is a folder" if path.is_dir() else "does not exist"
@@ -82,11 +83,24 @@ def load_image(source: ImageInput, what: str = "image") -> InputImage:
     try:
         with Image.open(path) as opened:
             _check_pixels(opened.size, str(path), what)
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
+            image = ImageOps.exif_transpose(_decoded(opened, str(path), what))
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{what} {path} cannot be read as an image ({e})") from None
     return InputImage(image, fingerprint(image), str(path))  # checked and turned above
+
+
+def _decoded(image: Image.Image, name: str, what: str) -> Image.Image:
+    """The pixels decoded now (Pillow opens lazily): damaged data (a broken zlib stream, a
+    mangled chunk, a cut file) is a ``ValueError`` naming the file, not Pillow's OSError or
+    SyntaxError from deep inside a later step."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"{what} {name} cannot be read as an image (broken {image.format or 'image'} "
+            f"data: {e})"
+        ) from None
+    return image
 
 
 def _check_pixels(size: tuple[int, int], name: str, what: str) -> None:
@@ -104,6 +118,7 @@ def _checked(image: Image.Image, name: str, what: str) -> InputImage:
     """An in-memory image: its size checked, its EXIF orientation applied (a file's is
     applied as it is read)."""
     _check_pixels(image.size, name, what)
+    image = _decoded(image, name, what)
     image = ImageOps.exif_transpose(image) if "exif" in image.info else image
     return InputImage(image, fingerprint(image), name)
 

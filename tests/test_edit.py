@@ -1,6 +1,8 @@
 """Edit inputs without any model (edit.py): loading images as Pillow users expect, sizes,
 masks on the token grid, the outpainting canvas, and the checks that run before any load."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -88,6 +90,34 @@ def test_bad_images_fail_with_the_file_named(tmp_path):
         load_image(tmp_path / "cut.png")
     with pytest.raises(ValueError, match="dtype float32"):
         load_image(np.zeros((8, 8, 3), np.float32))
+
+
+def broken_png(tmp_path, name: str, damage: str):
+    """A valid PNG (signature and IHDR intact) whose IDAT chunk is damaged: its data bytes
+    (zlib fails: OSError) or its length field (a chunk boundary inside the data: SyntaxError)."""
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = bytearray(save(tmp_path, name, noise).read_bytes())
+    idat = data.index(b"IDAT")
+    if damage == "data":
+        data[idat + 40 : idat + 80] = bytes(40)
+    else:
+        length = int.from_bytes(data[idat - 4 : idat], "big")
+        data[idat - 4 : idat] = (length - 100).to_bytes(4, "big")
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["data", "length"])
+@pytest.mark.parametrize("opened", [False, True], ids=["path", "pil-lazy"])
+@pytest.mark.parametrize("what", ["image", "mask"])
+def test_broken_png_data_is_a_value_error_naming_the_file(tmp_path, damage, opened, what):
+    path = broken_png(tmp_path, "broken.png", damage)
+    source = Image.open(path) if opened else path  # Pillow decodes lazily: both must be caught
+    message = f"{what} {path} cannot be read as an image (broken PNG data: "
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        load_image(source, what)
+    assert "\n" not in str(raised.value)
 
 
 def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):

@@ -254,6 +254,7 @@ def no_load(monkeypatch):
     [
         (["--image", "{tmp}/missing.png"], "missing.png does not exist"),
         (["--image", "{tmp}/corrupt.png"], "corrupt.png cannot be read as an image"),
+        (["--image", "{tmp}/in.png", "--mask", "{tmp}/broken.png"], "broken PNG data: "),
         (["--image", "{tmp}/in.png", "--mask", "{tmp}/small.png"], "the mask must have the image"),
         (["--image", "{tmp}/in.png", "--strength", "0"], "strength 0.0 is out of range"),
         (["--image", "{tmp}/in.png", "--strength", "1.5"], "strength 1.5 is out of range"),
@@ -268,6 +269,10 @@ def test_bad_edit_input_is_one_line_before_any_load(tmp_path, no_load, args, mes
     Image.fromarray(smooth_image()).save(tmp_path / "in.png")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "small.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    png = bytearray((tmp_path / "in.png").read_bytes())
+    idat = png.index(b"IDAT")
+    png[idat + 40 : idat + 80] = bytes(40)  # the header is intact, the pixel data is not
+    (tmp_path / "broken.png").write_bytes(bytes(png))
     args = [str(a).format(tmp=tmp_path) for a in args]
     result = CliRunner().invoke(
         main, ["generate", "--prompt", PROMPT, *args, "-o", str(tmp_path / "o.png")]
