@@ -1,11 +1,13 @@
 """One tiny end-to-end case whose fp32 output is pinned in ``tests/data/``.
 
-The files were written before the architecture pass (issue #13) by this module's ``write()``,
-one per environment (the BLAS behind MLX's CPU fp32 matmul changes the last bits):
-``regression_tiny_<environment>.npz``. ``test_regression.py`` checks that refactors leave the
-latents and the image bit for bit unchanged where a file for this environment exists. Write
-one for a new environment from a pre-change checkout, or for a deliberate numerical change
-(say so in the commit):
+A pin holds only where everything that decides the bits is the same, so each file is named
+by that key (:func:`environment`): MLX version, backend, OS and machine, and the BLAS behind
+MLX's CPU fp32 matmul as it runs: the wheel's bundled library, or a preloaded OpenBLAS with
+its version, the kernel it picked for this CPU (``OPENBLAS_CORETYPE`` overrides it) and its
+number of threads (measured here: Haswell kernels with 1 thread and with 2 differ in 93% of
+the latents). ``test_regression.py`` checks that refactors leave the latents and the image
+bit for bit unchanged where a file for this key exists. Write one for a new key from a
+pre-change checkout, or for a deliberate numerical change (say so in the commit):
 
     python tests/regression_case.py --write
 """
@@ -13,6 +15,7 @@ one for a new environment from a pre-change checkout, or for a deliberate numeri
 from __future__ import annotations
 
 import argparse
+import ctypes
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,15 +33,79 @@ CAPTION = (
 CASE = {"width": 256, "height": 320, "preset": "V4_TURBO_12", "num_steps": 4, "seed": 3}
 
 
-def environment() -> str:
-    """What decides fp32 rounding on the CPU: MLX build, machine, the BLAS in use (the
-    facts the PNG metadata records, ``ideogram4_mlx.environment.describe``)."""
+class DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def loaded_files() -> list[Path]:
+    """Every file mapped into this process (Linux); empty elsewhere."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    return [Path(line.split(maxsplit=5)[5]) for line in lines if "/" in line]
+
+
+def openblas(path: str) -> str | None:
+    """``openblas-<version>-<kernel>-<n>threads`` of the loaded OpenBLAS at ``path``."""
+    lib = ctypes.CDLL(path)
+    try:
+        corename, config = lib.openblas_get_corename, lib.openblas_get_config
+        threads = lib.openblas_get_num_threads()
+    except AttributeError:
+        return None  # some other BLAS
+    corename.restype = config.restype = ctypes.c_char_p
+    version = config().decode().split()[1]  # "OpenBLAS 0.3.21 DYNAMIC_ARCH ... Haswell ..."
+    return f"openblas-{version}-{corename().decode()}-{threads}threads".lower()
+
+
+def blas() -> tuple[str | None, str]:
+    """(key, how it was found) of the BLAS whose ``cblas_sgemm`` MLX's CPU backend calls.
+
+    A library in the global symbol scope (an ``LD_PRELOAD``) binds before the wheel's own, so
+    that one is asked first; the key is None when the library cannot be told.
+    """
+    process = ctypes.CDLL(None)
+    if hasattr(process, "cblas_sgemm"):
+        info = DlInfo()
+        address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p)
+        if not process.dladdr(address, ctypes.byref(info)):
+            return None, "cblas_sgemm is in the global scope but dladdr cannot place it"
+        path = info.dli_fname.decode()
+        key = openblas(path)
+        return key, f"{path}: " + ("OpenBLAS" if key else "not an OpenBLAS, not keyed")
+    site = Path(mx.__file__).parent.parent  # auditwheel's mlx_cpu.libs/libblas-<hash>.so.<v>
+    bundled = [
+        p
+        for p in loaded_files()
+        if p.parent.parent == site and p.parent.name.startswith("mlx") and "blas" in p.name
+    ]
+    if bundled:
+        name = bundled[0].name
+        return f"bundled-{name.split('-')[0]}-{name.split('.so.')[-1]}", str(bundled[0])
+    return None, "no cblas_sgemm in the global scope and no BLAS bundled with MLX is loaded"
+
+
+def environment() -> tuple[str | None, str]:
+    """(key, reason): the key names the pinned file; None (and why) when some of what decides
+    the bits cannot be told, as on a GPU backend or with an unknown BLAS."""
     facts = describe()
-    return f"mlx-{facts['mlx']}-{facts['platform']}-{facts['blas']}".replace(" ", "-").lower()
+    if facts["backend"] != "cpu":
+        return None, f"backend {facts['backend']}: only the CPU backend is keyed"
+    key, how = blas()
+    if key is None:
+        return None, f"the BLAS behind MLX's CPU matmul is not known ({how})"
+    env = f"mlx-{facts['mlx']}-{facts['backend']}-{facts['platform']}-{key}"
+    return env.replace(" ", "-").lower(), how
 
 
-def pinned_file(env: str | None = None) -> Path:
-    return DATA / f"regression_tiny_{env or environment()}.npz"
+def pinned_file(env: str) -> Path:
+    return DATA / f"regression_tiny_{env}.npz"
 
 
 def run(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -55,12 +122,15 @@ def run(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
 def write() -> None:
     from ideogram4_mlx.synth import write_synthetic_checkpoint
 
+    env, why = environment()
+    if env is None:
+        raise SystemExit(f"no key for this environment, so no pin: {why}")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_synthetic_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)
         latents, image = run(ckpt)
     DATA.mkdir(exist_ok=True)
-    np.savez_compressed(pinned_file(), latents=latents, image=image)
-    print(f"wrote {pinned_file()}")
+    np.savez_compressed(pinned_file(env), latents=latents, image=image)
+    print(f"wrote {pinned_file(env)}")
 
 
 if __name__ == "__main__":
@@ -68,3 +138,5 @@ if __name__ == "__main__":
     parser.add_argument("--write", action="store_true", help="(re)write the pinned file")
     if parser.parse_args().write:
         write()
+    else:
+        print(*environment(), sep="\n")
