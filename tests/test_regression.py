@@ -7,8 +7,9 @@ naming what was missing, and compares with every pinned file within the spread m
 across 11 CPU BLAS set-ups here (the bundled BLAS; OpenBLAS 0.3.21's Atom, Barcelona, Core2,
 Haswell, Nehalem, Penryn, Prescott and Sandybridge kernels, Haswell with 1 thread too; the
 former unkeyed pin from the CI Xeon): latents relative L2 at most 4.6e-7 (max abs 1.6e-5 of
-values up to 29), the image one uint8 level. The CPU bound is 4x that and one level; any change of formula moves latents by >1e-2.
-GPU backends were not measured: they get the old bound, 1e-4 and two levels.
+values up to 29), the image one uint8 level. The CPU bound is 4x that and one level; any change
+of formula moves latents by >1e-2. GPU backends were not measured: they get the old bound, 1e-4
+and two levels.
 """
 
 import warnings
