@@ -56,6 +56,12 @@ ALPHA_PATTERN = re.compile(r"^(?P<module>.+?)\.alpha$")
 # Bounds on what a file can make us allocate: ranks above this are not LoRAs.
 MAX_RANK = 1024
 METADATA_KEY = "lora_adapter_metadata"
+# What trainers save (ai-toolkit and diffusers bf16, kohya fp16): all read exactly into fp32.
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+# An ``.alpha`` may also be an integer (kohya writes torch.tensor(alpha) for an int alpha).
+ALPHA_DTYPES = (*WEIGHT_DTYPES, "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+MAX_PATTERN_LENGTH = 256  # alpha_pattern keys are regular expressions run on every module name
+PEFT_FIX = "fix it or re-save the LoRA with diffusers' save_lora_weights"
 
 
 class LoRAError(ValueError):
@@ -107,53 +113,129 @@ def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
     return "", keys
 
 
-def _peft_alphas(metadata: dict | None) -> tuple[float | None, dict[str, float], bool]:
-    """(lora_alpha, alpha_pattern, use_rslora) from diffusers' ``lora_adapter_metadata``."""
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _peft_alphas(path: Path, metadata: dict | None) -> tuple[float | None, dict, bool]:
+    """(lora_alpha, alpha_pattern as {compiled key: alpha}, use_rslora) from diffusers'
+    ``lora_adapter_metadata`` (the peft ``LoraConfig``, keys prefixed ``transformer.``)."""
     if not metadata or METADATA_KEY not in metadata:
         return None, {}, False
+    where = f"{path}: {METADATA_KEY} in the file header"
     try:
         config = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as e:
-        raise LoRAError(f"{METADATA_KEY} in the file header is not valid JSON ({e})") from None
+        raise LoRAError(f"{where} is not valid JSON ({e}); {PEFT_FIX}") from None
     if not isinstance(config, dict):
-        return None, {}, False
+        raise LoRAError(f"{where} is not a JSON object (a peft LoraConfig); {PEFT_FIX}")
     config = {k.removeprefix("transformer."): v for k, v in config.items()}
     alpha = config.get("lora_alpha")
+    if alpha is not None and not _finite_number(alpha):
+        raise LoRAError(f"{where}: lora_alpha {alpha!r} is not a finite number; {PEFT_FIX}")
+    rslora = config.get("use_rslora")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise LoRAError(f"{where}: use_rslora is {rslora!r}, not true or false; {PEFT_FIX}")
     pattern = config.get("alpha_pattern") or {}
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-        raise LoRAError(f"{METADATA_KEY}: lora_alpha {alpha!r} is not a number")
-    rslora = config.get("use_rslora") is True
-    return (
-        alpha,
-        {str(k): float(v) for k, v in pattern.items() if isinstance(v, (int, float))},
-        rslora,
-    )
+    if not isinstance(pattern, dict):
+        raise LoRAError(
+            f"{where}: alpha_pattern is a {type(pattern).__name__}, not an object "
+            f"{{module pattern: alpha}}; {PEFT_FIX}"
+        )
+    compiled = {}
+    for key, value in pattern.items():
+        if not _finite_number(value):
+            raise LoRAError(
+                f"{where}: alpha_pattern[{key!r}] is {value!r}, not a finite number; {PEFT_FIX}"
+            )
+        compiled[_peft_pattern(where, key)] = float(value)
+    return alpha, compiled, rslora is True
 
 
-def _pattern_alpha(module: str, default: float | None, pattern: dict[str, float]) -> float | None:
-    for key, value in pattern.items():  # peft: the pattern matches a suffix of the module path
-        if re.fullmatch(rf"(.*\.)?({key})", module):
+def _peft_pattern(where: str, key: str) -> re.Pattern:
+    r"""An ``alpha_pattern`` key as peft's ``get_pattern_key`` matches it,
+    ``re.match(rf"(.*\.)?({key})$", name)``: the key matches a dot-bounded suffix of the module
+    name (``1.w1`` is ``layers.1.w1``, not ``layers.11.w1``; ``layers.1`` names no linear)."""
+    if len(key) > MAX_PATTERN_LENGTH:
+        raise LoRAError(
+            f"{where}: alpha_pattern key {key[:40]!r}... is {len(key)} characters, over the "
+            f"{MAX_PATTERN_LENGTH} of a module pattern; {PEFT_FIX}"
+        )
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise LoRAError(
+            f"{where}: alpha_pattern key {key!r} is not a valid regular expression ({e}); "
+            f"{PEFT_FIX}"
+        ) from None
+    return re.compile(rf"(.*\.)?({key})")
+
+
+def _pattern_alpha(module: str, default: float | None, pattern: dict) -> float | None:
+    for key, value in pattern.items():  # the first key that matches, as peft takes it
+        if key.fullmatch(module):
             return value
     return default
 
 
+def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict | None]:
+    """The tensors of a LoRA file (fp32, fp16 or bf16, as stored) and its header metadata.
+
+    The header is checked first (each key's dtype) so that nothing unreadable is read; MLX
+    then reads the values (numpy has no bf16) after checking each tensor's bytes lie inside
+    the file, so a file can make us read no more than its own size."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata()
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
+    for key, dtype in dtypes.items():
+        if ALPHA_PATTERN.match(key) and dtype not in ALPHA_DTYPES:
+            raise LoRAError(
+                f"{path}: {key} is {dtype}: an alpha must be a float or an integer; re-save it "
+                "as one"
+            )
+        if not ALPHA_PATTERN.match(key) and dtype not in WEIGHT_DTYPES:
+            raise LoRAError(
+                f"{path}: {key} is {dtype}: LoRA weights must be F32, F16 or BF16; re-save "
+                "the LoRA in one of them"
+            )
+    try:
+        return mx.load(str(path)), metadata
+    except (RuntimeError, ValueError) as e:
+        raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _alpha(path: Path, key: str, tensor: mx.array) -> float:
+    if tensor.shape not in ((), (1,)):
+        raise LoRAError(
+            f"{path}: {key} has shape {tensor.shape}; an alpha is one number (shape () or "
+            "(1,)): fix the file or drop the key (alpha = rank)"
+        )
+    alpha = tensor.reshape(()).astype(mx.float32).item()
+    if not math.isfinite(alpha):
+        raise LoRAError(
+            f"{path}: {key} is {alpha}; an alpha must be a finite number: fix the file or drop "
+            "the key (alpha = rank)"
+        )
+    return alpha
+
+
 def read_lora(path: Path | str) -> LoRAFile:
-    """Parse a LoRA safetensors file (any layout above) into deltas on our module names.
+    """Parse a LoRA safetensors file (any layout above; fp32, fp16 or bf16) into fp32 deltas
+    on our module names.
 
     Raises :class:`LoRAError` naming the file and key for keys that are no LoRA (DoRA, LoKr,
-    stray tensors), a ``down`` without its ``up``, ranks that disagree or exceed
-    :data:`MAX_RANK`, and non-finite values.
+    stray tensors), other dtypes, a ``down`` without its ``up``, ranks that disagree or exceed
+    :data:`MAX_RANK`, an alpha that is not one finite number, a malformed peft header
+    (``lora_alpha``, ``alpha_pattern``) and non-finite values.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LoRA {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata()
-            keys = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
+    tensors, metadata = _read_tensors(path)
+    keys = list(tensors)
     text_keys = [k for k in keys if k.startswith(TEXT_ENCODER_PREFIXES)]
     dit_keys = [k for k in keys if k not in set(text_keys)]
     prefix, names = _strip_prefix(dit_keys)
@@ -165,11 +247,11 @@ def read_lora(path: Path | str) -> LoRAFile:
             part = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(m["part"], m["part"])
             pairs.setdefault(m["module"], {})[part] = key
         elif m := ALPHA_PATTERN.match(name):
-            alphas[m["module"]] = float(np.asarray(tensors[key]).reshape(-1)[0])
+            alphas[m["module"]] = _alpha(path, key, tensors[key])
         else:
             kind = "DoRA" if "dora" in name or "magnitude" in name else "not a LoRA weight"
             raise LoRAError(f"{path}: key {key} is {kind}; only plain LoRA (A/B) is supported")
-    peft_alpha, alpha_pattern, rslora = _peft_alphas(metadata)
+    peft_alpha, alpha_pattern, rslora = _peft_alphas(path, metadata)
     deltas: dict[str, list[Delta]] = {}
     for module, parts in pairs.items():
         if set(parts) != {"lora_A", "lora_B"}:
@@ -177,8 +259,7 @@ def read_lora(path: Path | str) -> LoRAFile:
             raise LoRAError(
                 f"{path}: {have} has no matching lora_{'B' if 'lora_A' in parts else 'A'}"
             )
-        down = np.asarray(tensors[parts["lora_A"]], np.float32)
-        up = np.asarray(tensors[parts["lora_B"]], np.float32)
+        down, up = tensors[parts["lora_A"]], tensors[parts["lora_B"]]
         if down.ndim == 4 and down.shape[2:] == (1, 1):  # 1x1 conv form of a linear LoRA
             down, up = down[:, :, 0, 0], up[:, :, 0, 0]
         rank = down.shape[0] if down.ndim == 2 else -1
@@ -187,14 +268,18 @@ def read_lora(path: Path | str) -> LoRAFile:
                 f"{path}: {parts['lora_A']} {down.shape} and {parts['lora_B']} {up.shape} are "
                 f"not a LoRA pair (down (r, in), up (out, r), r <= {MAX_RANK})"
             )
-        if not (np.isfinite(down).all() and np.isfinite(up).all()):
-            raise LoRAError(f"{path}: {parts['lora_B']} or its lora_A holds NaN or inf")
+        down, up = down.astype(mx.float32), up.astype(mx.float32)  # exact from fp16 and bf16
+        for key, value in ((parts["lora_A"], down), (parts["lora_B"], up)):
+            if not mx.isfinite(value).all().item():
+                raise LoRAError(
+                    f"{path}: {key} holds NaN or inf; the LoRA is damaged: download or export "
+                    "it again"
+                )
         alpha = alphas.get(module, _pattern_alpha(module, peft_alpha, alpha_pattern))
         # peft scales by alpha / r, or alpha / sqrt(r) with use_rslora; no alpha: alpha = r
         per_rank = alpha / (math.sqrt(rank) if rslora else rank) if alpha is not None else 1.0
         target, third = map_module(module)
-        delta = Delta(mx.array(down), mx.array(up), per_rank, parts["lora_B"], third)
-        deltas.setdefault(target, []).append(delta)
+        deltas.setdefault(target, []).append(Delta(down, up, per_rank, parts["lora_B"], third))
     layout = detect_layout(prefix, list(pairs), any(".lora_down" in k for k in keys), metadata)
     return LoRAFile(path, file_sha256(path), layout, deltas, text_keys)
 

@@ -38,31 +38,42 @@ def shapes(tiny_checkpoint):
     return linear_shapes(Ideogram4Transformer.build(tiny_checkpoint / "transformer"))
 
 
-def pair(rng, out, inp, rank=RANK, size=0.1):
+def rounded(x, dtype=mx.float32):
+    """``x`` rounded to ``dtype`` and back to fp32 (exact: fp16 and bf16 are subsets of fp32)."""
+    return np.array(mx.array(x).astype(dtype).astype(mx.float32))
+
+
+def pair(rng, out, inp, rank=RANK, size=0.1, dtype=mx.float32):
     down = (rng.standard_normal((rank, inp)) * size).astype(np.float32)
     up = (rng.standard_normal((out, rank)) * size).astype(np.float32)
-    return down, up
+    return rounded(down, dtype), rounded(up, dtype)
 
 
-def write(path, tensors, metadata=None):
-    save_file(tensors, str(path), metadata=metadata)
+def write(path, tensors, metadata=None, dtype=mx.float32):
+    """A safetensors file; fp16/bf16 ones are written by MLX (numpy has no bf16)."""
+    if dtype == mx.float32:
+        save_file(tensors, str(path), metadata=metadata)
+    else:
+        arrays = {k: mx.array(v).astype(dtype) for k, v in tensors.items()}
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
     return path
 
 
-def layout_file(tmp_path, shapes, layout, seed=0, alpha=None):
-    """Block 0's attention and w1 in ``layout``; returns (path, expected {module: W delta})."""
+def layout_file(tmp_path, shapes, layout, seed=0, alpha=None, dtype=mx.float32):
+    """Block 0's attention and w1 in ``layout``, every tensor in ``dtype``; returns (path,
+    expected {module: W delta})."""
     rng = np.random.default_rng(seed)
     out3, inp = shapes["layers.0.attention.qkv"]
     w1_out, w1_in = shapes["layers.0.feed_forward.w1"]
     tensors, expected = {}, {}
     scale = 1.0 if alpha is None else alpha / RANK
-    down, up = pair(rng, w1_out, w1_in)
+    down, up = pair(rng, w1_out, w1_in, dtype=dtype)
     expected["layers.0.feed_forward.w1"] = scale * up @ down
     if layout in ("diffusers", "split"):
         prefix = "transformer." if layout == "diffusers" else ""
         delta = np.zeros((out3, inp), np.float32)
         for k, name in enumerate(("to_q", "to_k", "to_v")):
-            d, u = pair(rng, out3 // 3, inp)
+            d, u = pair(rng, out3 // 3, inp, dtype=dtype)
             tensors[f"{prefix}layers.0.attention.{name}.lora_A.weight"] = d
             tensors[f"{prefix}layers.0.attention.{name}.lora_B.weight"] = u
             delta[k * out3 // 3 : (k + 1) * out3 // 3] = scale * u @ d
@@ -73,11 +84,11 @@ def layout_file(tmp_path, shapes, layout, seed=0, alpha=None):
         if alpha is not None:
             config = {"transformer.lora_alpha": alpha, "transformer.r": RANK}
             metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
-        return write(tmp_path / f"{layout}.safetensors", tensors, metadata), expected
+        return write(tmp_path / f"{layout}.safetensors", tensors, metadata, dtype), expected
     prefix = {"ai-toolkit": "diffusion_model.", "kohya": "diffusion_model.", "diffsynth": ""}
     a, b = ("lora_down", "lora_up") if layout == "kohya" else ("lora_A", "lora_B")
     mid = ".default" if layout == "diffsynth" else ""
-    d, u = pair(rng, out3, inp)
+    d, u = pair(rng, out3, inp, dtype=dtype)
     expected["layers.0.attention.qkv"] = scale * u @ d
     for module, (dd, uu) in (("attention.qkv", (d, u)), ("feed_forward.w1", (down, up))):
         base = f"{prefix[layout]}layers.0.{module}"
@@ -85,7 +96,7 @@ def layout_file(tmp_path, shapes, layout, seed=0, alpha=None):
         tensors[f"{base}.{b}{mid}.weight"] = uu
         if alpha is not None:
             tensors[f"{base}.alpha"] = np.array(alpha, np.float32)
-    return write(tmp_path / f"{layout}.safetensors", tensors), expected
+    return write(tmp_path / f"{layout}.safetensors", tensors, None, dtype), expected
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -102,8 +113,14 @@ def layout_file(tmp_path, shapes, layout, seed=0, alpha=None):
         ("split", "split to_q/to_k/to_v names", None),
     ],
 )
-def test_layouts_read_onto_our_modules_with_their_alphas(tmp_path, shapes, layout, name, alpha):
-    path, expected = layout_file(tmp_path, shapes, layout, alpha=alpha)
+@pytest.mark.parametrize(
+    "dtype", [mx.float32, mx.bfloat16, mx.float16], ids=["fp32", "bf16", "fp16"]
+)
+def test_layouts_read_onto_our_modules_with_their_alphas(
+    tmp_path, shapes, layout, name, alpha, dtype
+):
+    """fp16 and bf16 files (what trainers save) read exactly: their values are fp32 values."""
+    path, expected = layout_file(tmp_path, shapes, layout, alpha=alpha, dtype=dtype)
     lora = read_lora(path)
     assert lora.layout == name and lora.ranks == [RANK] and len(lora.sha256) == 64
     assert match(lora, shapes) == []
@@ -126,31 +143,75 @@ def test_module_names_map_to_the_checkpoint_names():
     assert map_module("final_layer.adaln_modulation") == ("final_layer.adaln_modulation", None)
 
 
+QKV = "layers.0.attention.qkv"
+A_B = {
+    f"{QKV}.lora_A.weight": np.ones((4, 8), np.float32),
+    f"{QKV}.lora_B.weight": np.ones((8, 4), np.float32),
+}
+TO_Q = {
+    "transformer.layers.0.attention.to_q.lora_A.weight": np.ones((4, 8), np.float32),
+    "transformer.layers.0.attention.to_q.lora_B.weight": np.ones((8, 4), np.float32),
+}
+
+
+def peft_header(**config):
+    """``lora_adapter_metadata`` holding ``config`` (json.dumps writes NaN as ``NaN``)."""
+    return {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "r": 4, **config})}
+
+
 @pytest.mark.parametrize(
-    "tensors, message",
+    "tensors, metadata, message",
     [
-        ({"layers.0.attention.qkv.dora_scale": np.ones((4,), np.float32)}, "is DoRA"),
-        ({"layers.0.attention.qkv.weight": np.ones((4, 4), np.float32)}, "not a LoRA weight"),
-        ({"layers.0.attention.qkv.lora_A.weight": np.ones((4, 4), np.float32)}, "no matching"),
+        ({f"{QKV}.dora_scale": np.ones((4,), np.float32)}, None, "is DoRA"),
+        ({f"{QKV}.weight": np.ones((4, 4), np.float32)}, None, "not a LoRA weight"),
+        ({f"{QKV}.lora_A.weight": np.ones((4, 4), np.float32)}, None, "no matching"),
         (
-            {
-                "layers.0.attention.qkv.lora_A.weight": np.ones((4, 8), np.float32),
-                "layers.0.attention.qkv.lora_B.weight": np.ones((8, 3), np.float32),
-            },
+            {**A_B, f"{QKV}.lora_B.weight": np.ones((8, 3), np.float32)},
+            None,
             "not a LoRA pair",
         ),
         (
-            {
-                "layers.0.attention.qkv.lora_A.weight": np.full((4, 8), np.nan, np.float32),
-                "layers.0.attention.qkv.lora_B.weight": np.ones((8, 4), np.float32),
-            },
-            "NaN or inf",
+            {**A_B, f"{QKV}.lora_A.weight": np.full((4, 8), np.nan, np.float32)},
+            None,
+            r"qkv.lora_A.weight holds NaN or inf",
         ),
+        (
+            {**A_B, f"{QKV}.lora_B.weight": np.full((8, 4), np.inf, np.float32)},
+            None,
+            r"qkv.lora_B.weight holds NaN or inf",
+        ),
+        (
+            {**A_B, f"{QKV}.lora_A.weight": np.ones((4, 8), np.int32)},
+            None,
+            r"qkv.lora_A.weight is I32: LoRA weights must be F32, F16 or BF16",
+        ),
+        (
+            {**A_B, f"{QKV}.lora_B.weight": np.ones((8, 4), np.float64)},
+            None,
+            r"qkv.lora_B.weight is F64: LoRA weights must be F32, F16 or BF16",
+        ),
+        ({**A_B, f"{QKV}.alpha": np.zeros((0,), np.float32)}, None, r"qkv.alpha has shape \(0,\)"),
+        ({**A_B, f"{QKV}.alpha": np.ones((2,), np.float32)}, None, r"qkv.alpha has shape \(2,\)"),
+        ({**A_B, f"{QKV}.alpha": np.array(np.nan, np.float32)}, None, r"qkv.alpha is nan"),
+        ({**A_B, f"{QKV}.alpha": np.array([np.inf], np.float32)}, None, r"qkv.alpha is inf"),
+        ({**A_B, f"{QKV}.alpha": np.array(True)}, None, r"qkv.alpha is BOOL"),
+        (TO_Q, {"lora_adapter_metadata": "{"}, "lora_adapter_metadata .* is not valid JSON"),
+        (TO_Q, {"lora_adapter_metadata": "[1]"}, "lora_adapter_metadata .* not a JSON object"),
+        (TO_Q, peft_header(lora_alpha=float("nan")), "lora_alpha nan is not a finite number"),
+        (TO_Q, peft_header(alpha_pattern=["to_q"]), "alpha_pattern is a list, not an object"),
+        (TO_Q, peft_header(alpha_pattern={"to_q": "2"}), r"alpha_pattern\['to_q'\] is '2'"),
+        (TO_Q, peft_header(alpha_pattern={"to_q": float("nan")}), r"\['to_q'\] is nan, not a"),
+        (TO_Q, peft_header(alpha_pattern={"to_q[": 2}), r"key 'to_q\[' is not a valid regular"),
+        (TO_Q, peft_header(alpha_pattern={"q" * 300: 2}), r"key 'q+'\.\.\. is 300 characters"),
+        (TO_Q, peft_header(use_rslora="yes"), "use_rslora is 'yes', not true or false"),
     ],
 )
-def test_bad_lora_files_name_the_key(tmp_path, tensors, message):
-    with pytest.raises(LoRAError, match=message):
-        read_lora(write(tmp_path / "bad.safetensors", tensors))
+def test_bad_lora_files_name_the_key(tmp_path, tensors, metadata, message):
+    """One line naming the file and the key or header field; no traceback from the contents."""
+    with pytest.raises(LoRAError, match=message) as error:
+        read_lora(write(tmp_path / "bad.safetensors", tensors, metadata))
+    assert str(error.value).startswith(str(tmp_path / "bad.safetensors"))
+    assert "\n" not in str(error.value)
 
 
 def test_damaged_or_missing_files(tmp_path):
@@ -327,7 +388,7 @@ def test_parse_lora_option():
 
 
 def test_cli_generate_with_lora_and_lora_info(tmp_path, tiny_checkpoint, shapes):
-    path, _ = layout_file(tmp_path, shapes, "kohya", alpha=8.0)
+    path, _ = layout_file(tmp_path, shapes, "kohya", alpha=8.0, dtype=mx.bfloat16)  # as trained
     out = tmp_path / "out.png"
     args = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt", "a"]
     args += ["--width", "256", "--height", "256", "--steps", "2", "--seed", "1"]
@@ -354,7 +415,7 @@ def test_convert_bakes_a_lora_and_records_it(tmp_path, tiny_checkpoint, shapes):
     from ideogram4_mlx.convert import convert
     from ideogram4_mlx.weights import conversion_record
 
-    path, _ = layout_file(tmp_path, shapes, "diffsynth")
+    path, _ = layout_file(tmp_path, shapes, "diffsynth", dtype=mx.bfloat16)
     dst = convert(
         tiny_checkpoint,
         tmp_path / "baked",
@@ -422,6 +483,36 @@ def test_peft_alpha_pattern_and_rslora(tmp_path, shapes):
     metadata = {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "use_rslora": True})}
     lora = read_lora(write(tmp_path / "rs.safetensors", tensors, metadata))
     assert lora.deltas["layers.0.feed_forward.w1"][0].alpha_scale == 8 / RANK**0.5
+
+
+# Keys of an alpha_pattern that a substring match (re.search) or a prefix match (re.match
+# without $) would apply to the wrong layers: peft's match is a dot-bounded suffix of the name.
+SUFFIX_PATTERN = {"layers.1": 16, "1.feed_forward.w1": 2, "layers.11.feed_forward.w2": 4}
+SUFFIX_ALPHAS = {  # lora_alpha 8 where no key matches
+    "layers.1.feed_forward.w1": 2,
+    "layers.11.feed_forward.w1": 8,
+    "layers.1.feed_forward.w2": 8,
+    "layers.11.feed_forward.w2": 4,
+}
+
+
+def suffix_pattern_file(path):
+    """Layers 1 and 11 (names one substring apart) under :data:`SUFFIX_PATTERN`."""
+    rng = np.random.default_rng(6)
+    tensors = {}
+    for module in SUFFIX_ALPHAS:
+        down, up = pair(rng, 8, 8)
+        tensors[f"transformer.{module}.lora_A.weight"] = down
+        tensors[f"transformer.{module}.lora_B.weight"] = up
+    return write(path, tensors, peft_header(alpha_pattern=SUFFIX_PATTERN))
+
+
+def test_alpha_pattern_keys_match_a_dot_bounded_suffix(tmp_path):
+    """``layers.1`` names no linear (the key must reach the end of the name) and
+    ``1.feed_forward.w1`` is layer 1's w1 only, not layer 11's."""
+    lora = read_lora(suffix_pattern_file(tmp_path / "suffix.safetensors"))
+    got = {module: ds[0].alpha_scale * RANK for module, ds in lora.deltas.items()}
+    assert got == SUFFIX_ALPHAS
 
 
 def test_partial_lora_warns_with_the_count_and_runs(tmp_path, tiny_checkpoint, shapes):
