@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -22,6 +23,9 @@ from ideogram4_mlx.distributed import (
     DistributedError,
     rank_timeout,
 )
+from ideogram4_mlx.generation import parallel_guidance
+from ideogram4_mlx.sampler import guide
+from ideogram4_mlx.transformer import Ideogram4Transformer
 
 CAPTION = '{"high_level_description":"a test","compositional_deconstruction":{"background":"x"}}'
 LAUNCH_SECONDS = 240
@@ -43,9 +47,14 @@ def generate_args(checkpoint, output, dtype, *extra):
     ]  # fmt: skip
 
 
-def launch(ranks: int, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [launcher(), "-n", str(ranks), "--backend", "ring", "--"]
-    command += [sys.executable, "-m", "ideogram4_mlx", *args]
+def launch(
+    ranks: int, args: list[str], env: dict | None = None, script: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``ideo4-mlx ARGS`` on ``ranks`` ranks (``script``, when given, runs instead of the
+    package's ``__main__`` and takes the same arguments)."""
+    command = [launcher(), "-n", str(ranks), "--backend", "ring", "--", sys.executable]
+    command += [str(script)] if script is not None else ["-m", "ideogram4_mlx"]
+    command += args
     return subprocess.run(
         command,
         capture_output=True,
@@ -55,19 +64,94 @@ def launch(ranks: int, args: list[str], env: dict | None = None) -> subprocess.C
     )
 
 
+def dit_name(model: Ideogram4Transformer) -> str:
+    return "uncond" if model.llm_cond_proj is None else "cond"  # uncond: text_input=False
+
+
+# Runs ideo4-mlx with every DiT pass counted: one line per pass, "cond" or "uncond", in
+# $PASSES<rank>.
+COUNT_PASSES = """\
+import os, runpy, sys
+from ideogram4_mlx.transformer import Ideogram4Transformer
+run = Ideogram4Transformer.run
+def counted(self, *args):
+    with open(os.environ["PASSES"] + os.environ["MLX_RANK"], "a") as f:
+        f.write("uncond\\n" if self.llm_cond_proj is None else "cond\\n")
+    return run(self, *args)
+Ideogram4Transformer.run = counted
+sys.argv = ["ideo4-mlx"] + sys.argv[1:]
+runpy.run_module("ideogram4_mlx", run_name="__main__")
+"""
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cfg_parallel_image_equals_one_process(tiny_checkpoint, tmp_path, dtype):
-    single = tmp_path / "single.png"
+def test_cfg_parallel_image_equals_one_process(tiny_checkpoint, tmp_path, dtype, monkeypatch):
+    """Rank 0's image is one process's, and every DiT pass runs where it must: guidance 5, 1,
+    3 is 3 conditional passes and 2 unconditional ones (none at guidance 1), in one process
+    and over the ranks (rank 0 the conditional ones, rank 1 the unconditional ones)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    single, passes = out / "single.png", []
+    dit_run = Ideogram4Transformer.run
+
+    def counted(self, *args):
+        passes.append(dit_name(self))
+        return dit_run(self, *args)
+
+    monkeypatch.setattr(Ideogram4Transformer, "run", counted)
     result = CliRunner().invoke(main, generate_args(tiny_checkpoint, single, dtype))
     assert result.exit_code == 0, result.output
-    parallel = tmp_path / "parallel.png"
-    run = launch(2, generate_args(tiny_checkpoint, parallel, dtype, "--distributed"))
+    assert passes == ["cond", "uncond", "cond", "cond", "uncond"]
+    script = tmp_path / "count_passes.py"
+    script.write_text(COUNT_PASSES)
+    parallel, counts = out / "parallel.png", tmp_path / "passes-rank"
+    args = generate_args(tiny_checkpoint, parallel, dtype, "--distributed")
+    run = launch(2, args, {"PASSES": str(counts)}, script)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     with Image.open(single) as a, Image.open(parallel) as b:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert a.text["ideogram4-mlx"] != ""  # written by rank 0, with its metadata
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel.png", "single.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["parallel.png", "single.png"]
+    assert Path(f"{counts}0").read_text().split() == ["cond"] * 3
+    assert Path(f"{counts}1").read_text().split() == ["uncond"] * 2  # none at guidance 1
+
+
+class OneRank:
+    """A CFG-parallel rank whose peer sent ``theirs``: ``swap`` in one process."""
+
+    def __init__(self, rank: int, theirs: mx.array):
+        self.rank, self.theirs = rank, theirs
+
+    def swap(self, velocity: mx.array) -> tuple[mx.array, mx.array]:
+        mine = velocity.astype(mx.float32)
+        return (mine, self.theirs) if self.rank == 0 else (self.theirs, mine)
+
+
+def test_parallel_guidance_skips_rank_1s_pass_at_guidance_1_and_combines_as_one_process():
+    z = mx.array(np.random.default_rng(0).standard_normal((1, 6, 128)), mx.float32)
+    passes = []
+
+    def cond(z, t):
+        passes.append("cond")
+        return 2 * z + t
+
+    def uncond(z, t):
+        passes.append("uncond")
+        return t - z / 2
+
+    for g, t in ((5.0, 0.2), (1.0, 0.5), (3.0, 0.7)):
+        wanted = ["cond"] if g == 1 else ["cond", "uncond"]
+        peer_cond, peer_uncond = cond(z, t), uncond(z, t)  # what the other rank sends
+        passes.clear()
+        want = guide(cond, uncond)(z, t, g)  # one process
+        assert passes == wanted, g
+        passes.clear()
+        got0 = parallel_guidance(OneRank(0, peer_uncond), cond)(z, t, g)
+        got1 = parallel_guidance(OneRank(1, peer_cond), uncond)(z, t, g)
+        assert passes == wanted, g  # rank 1 runs no pass at guidance 1
+        np.testing.assert_array_equal(np.array(got0), np.array(want))
+        np.testing.assert_array_equal(np.array(got1), np.array(want))
 
 
 def test_distributed_without_a_launcher_is_one_line(tiny_checkpoint, tmp_path):
