@@ -96,9 +96,9 @@ def _decoded(image: Image.Image, name: str, what: str) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, EOFError, zlib.error) as e:
+        kind = image.format or "image"
         raise ValueError(
-            f"{what} {name} cannot be read as an image (broken {image.format or 'image'} "
-            f"data: {e})"
+            f"{what} {name} cannot be read as an image (broken {kind} data: {e})"
         ) from None
     return image
 

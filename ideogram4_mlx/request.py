@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import reprlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -27,6 +28,7 @@ from ideogram4_mlx.caption import (
 from ideogram4_mlx.constants import PIXELS_PER_TOKEN
 from ideogram4_mlx.edit import (
     DEFAULT_SIZE,
+    MAX_MASK_TOKENS,
     Edit,
     ImageInput,
     check_edit_settings,
@@ -34,12 +36,28 @@ from ideogram4_mlx.edit import (
     load_image,
     prepare_edit,
 )
-from ideogram4_mlx.sampler import DEFAULT_PRESET, Schedule, get_preset, resolve_schedule
+from ideogram4_mlx.sampler import (
+    DEFAULT_PRESET,
+    PRESETS,
+    Schedule,
+    get_preset,
+    resolve_schedule,
+)
 
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 256, 2048, 6.0
 MAX_SEED = 2**63 - 1
 # The presets use 12-48 steps; the bound keeps a typo from allocating without end.
 MAX_STEPS = 1000
+# CFG weight g in v = v_uncond + g * (v_cond - v_uncond): 1 is the conditional model alone,
+# 0 the unconditional one, below 0 steers away from the prompt; far above the presets' 3..7
+# the colours saturate (30 is generous); a weight of 1e30 decodes to flat grey.
+GUIDANCE_RANGE = (0.0, 30.0)
+# The time grid is sigmoid(-(mu + resolution shift + std * z)), clipped to the logSNR limits
+# (logit t in -9..7.5, sampler.T_MIN/T_MAX): at |mu| = 10 or std = 10 most steps already sit
+# on a limit, beyond it the schedule collapses into one jump. The presets use mu 0..0.5, std
+# 1.5..1.75. std must stay > 0 (the grid is its mean alone at 0).
+MU_RANGE = (-10.0, 10.0)
+MAX_STD = 10.0
 
 
 class CaptionError(ValueError):
@@ -67,6 +85,10 @@ class GenerationRequest:
     multiples of 16) outpaints a border. ``width`` and ``height`` are the output size: 1024,
     or the image's own size (plus ``expand``) when None. ``image_sha256``/``mask_sha256``,
     when set (a replay), must match the inputs' fingerprints (``edit.fingerprint``).
+
+    Each field's type is checked as the request is made (``REQUEST_TYPES``: an integer is no
+    float or bool, a number is finite, the prompt is UTF-8 text), a ``ValueError`` naming it;
+    numpy numbers are stored as int and float, lists as tuples. Ranges are :meth:`validate`'s.
     """
 
     prompt: str
@@ -92,23 +114,27 @@ class GenerationRequest:
     mask_sha256: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.prompt, dict):
+            try:
+                text = json.dumps(
+                    self.prompt, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+                )
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"the prompt dict cannot be written as JSON ({e})") from None
+            object.__setattr__(self, "prompt", text)
+        for name, (kind, what) in REQUEST_TYPES.items():
+            object.__setattr__(self, name, checked_field(name, getattr(self, name), kind, what))
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"the prompt is not valid Unicode text (a lone surrogate at position {e.start}: "
+                "bytes that are not UTF-8, or half of a \\ud800-\\udfff pair); give UTF-8 text"
+            ) from None
         for name in ("image", "mask"):  # arrays as images: a request compares with ==
             value = getattr(self, name)
             if isinstance(value, np.ndarray):
                 object.__setattr__(self, name, load_image(value, name).image)
-        if self.expand is not None and not isinstance(self.expand, tuple):
-            object.__setattr__(self, "expand", tuple(self.expand))
-        if isinstance(self.prompt, dict):
-            text = json.dumps(self.prompt, ensure_ascii=False, separators=(",", ":"))
-            object.__setattr__(self, "prompt", text)
-        if self.guidance_schedule is not None:
-            try:
-                weights = tuple(float(g) for g in self.guidance_schedule)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"guidance_schedule {self.guidance_schedule!r} is not a list of numbers"
-                ) from None
-            object.__setattr__(self, "guidance_schedule", weights)
 
     def validate(self) -> ResolvedRequest:
         """Every check that needs no model, with the values the pipeline runs on.
@@ -116,7 +142,7 @@ class GenerationRequest:
         Raises ``ValueError`` naming the setting (``CaptionError`` for caption findings when
         ``strict_caption``); a plain prompt or caption findings otherwise only warn later.
         """
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        if not self.prompt.strip():
             raise ValueError("the prompt is empty")
         # Any prompt may be parsed as JSON (canonical form), not only those starting with "{".
         if json_depth(self.prompt) > MAX_JSON_DEPTH:
@@ -124,7 +150,7 @@ class GenerationRequest:
                 f"the prompt nests brackets more than {MAX_JSON_DEPTH} levels deep; "
                 "a JSON caption needs about 4"
             )
-        if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
         resolved, edit = self.resolve_edit()
         grid_h, grid_w = check_size(resolved.width, resolved.height)
@@ -210,16 +236,20 @@ class GenerationRequest:
     def schedule(self) -> Schedule:
         """The preset with this request's overrides applied (errors name the setting); the
         size must be resolved (see :meth:`resolve_edit`)."""
-        if self.num_steps is not None and not 1 <= int(self.num_steps) <= MAX_STEPS:
+        if self.num_steps is not None and not 1 <= self.num_steps <= MAX_STEPS:
             raise ValueError(f"num_steps {self.num_steps} is out of range: use 1..{MAX_STEPS}")
-        for name in ("mu", "std"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-        if self.guidance_schedule is not None and not all(
-            math.isfinite(g) for g in self.guidance_schedule
-        ):
-            raise ValueError(f"guidance_schedule {list(self.guidance_schedule)} must be finite")
+        presets = PRESETS.values()
+        lo, hi = GUIDANCE_RANGE
+        for g in self.guidance_schedule or ():
+            if not lo <= g <= hi:
+                used = [g for p in presets for g in p.guidance]
+                raise out_of_range("guidance_schedule weight", g, f"use {lo:g}..{hi:g}", used)
+        lo, hi = MU_RANGE
+        if self.mu is not None and not lo <= self.mu <= hi:
+            raise out_of_range("mu", self.mu, f"use {lo:g}..{hi:g}", [p.mu for p in presets])
+        if self.std is not None and not 0 < self.std <= MAX_STD:
+            rule = f"std must be > 0 and <= {MAX_STD:g}"
+            raise out_of_range("std", self.std, rule, [p.std for p in presets])
         if self.width is None or self.height is None:
             raise ValueError("the size is not resolved yet: call validate() or resolve_edit()")
         return resolve_schedule(
@@ -271,8 +301,6 @@ class GenerationRequest:
         for key, kind in types.items():
             check_type(key, m[key], kind)
         edit = {k: m[k] for k in EDIT_METADATA_TYPES} if is_edit else {}
-        if is_edit and m["expand"] is not None:
-            edit["expand"] = tuple(m["expand"])
         base = cls(**{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS}, **edit)
         preset = get_preset(base.preset)
         steps = None if m["num_steps"] == preset.num_steps else m["num_steps"]
@@ -310,34 +338,114 @@ EDIT_METADATA_TYPES = {
     "mask_grow": int,
     "mask_feather": int,
     "paste_back": bool,
-    "expand": "ints4",
+    "expand": ("ints4", type(None)),
 }
 # Stored resolved (the preset's values filled in): from_metadata turns them back into overrides.
 SCHEDULE_KEYS = ("num_steps", "guidance_schedule", "mu", "std")
 
 
-def check_type(key: str, value, kind) -> None:
-    """One metadata field against its JSON type (bools are not numbers here)."""
-    if kind is bool:
-        ok, expected = isinstance(value, bool), "true or false"
-    elif kind == "ints4":
-        ok = value is None or (
-            isinstance(value, list)
+# What each request field takes and what to give, checked as a request is made (by every
+# interface: Python, CLI, server JSON, metadata replay). Kinds as for the metadata.
+REQUEST_TYPES = {
+    "prompt": (str, "text (a str) or a caption dict"),
+    "width": ((int, type(None)), "an integer (a whole number of pixels, multiple of 16) or None"),
+    "height": ((int, type(None)), "an integer (a whole number of pixels, multiple of 16) or None"),
+    "preset": (str, f"a preset name ({', '.join(PRESETS)})"),
+    "num_steps": ((int, type(None)), "an integer (the number of denoising steps) or None"),
+    "guidance_schedule": (
+        ("seq", type(None)),
+        "a list of numbers (a CFG weight per step, or one for all) or None",
+    ),
+    "mu": ((numbers.Real, type(None)), "a number (the time grid's mean) or None"),
+    "std": ((numbers.Real, type(None)), "a number (the time grid's spread) or None"),
+    "seed": ((int, type(None)), f"an integer (0..{MAX_SEED}) or None (a random seed)"),
+    "strict_caption": (bool, "True or False"),
+    "allow_invalid_caption": (bool, "True or False"),
+    "magic_prompt": (bool, "True or False"),
+    "image": (("image", type(None)), "a path, a PIL image or a uint8 array, or None"),
+    "mask": (("image", type(None)), "a path, a PIL image or a uint8 array, or None"),
+    "strength": ((numbers.Real, type(None)), "a number in (0, 1] or None"),
+    "mask_grow": (int, f"an integer (tokens of 16 px, 0..{MAX_MASK_TOKENS})"),
+    "mask_feather": (int, f"an integer (tokens of 16 px, 0..{MAX_MASK_TOKENS})"),
+    "paste_back": (bool, "True or False"),
+    "expand": (("ints4", type(None)), "4 integers (LEFT, TOP, RIGHT, BOTTOM pixels) or None"),
+    "image_sha256": ((str, type(None)), "a SHA-256 hex string or None"),
+    "mask_sha256": ((str, type(None)), "a SHA-256 hex string or None"),
+}
+KIND_NAMES = {
+    type(None): "null",
+    bool: "true or false",
+    "seq": "a list of numbers",
+    "ints4": "a list of 4 integers",
+    "image": "an image",
+}
+
+
+def is_kind(value, kind) -> bool:
+    """The one type check of request fields and metadata: a kind is a type, a tuple of kinds,
+    "seq" (a list of numbers), "ints4" (4 integers) or "image"; a bool is no number, a float
+    no integer."""
+    if isinstance(kind, tuple):
+        return any(is_kind(value, k) for k in kind)
+    if kind in (bool, type(None)):
+        return isinstance(value, kind)
+    if kind == "seq":
+        return isinstance(value, (list, tuple)) and all(is_kind(v, numbers.Real) for v in value)
+    if kind == "ints4":
+        return (
+            isinstance(value, (list, tuple))
             and len(value) == 4
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and all(is_kind(v, int) for v in value)
         )
-        expected = "null or a list of 4 integers"
-    elif kind == "seq":
-        ok = isinstance(value, list) and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
-        )
-        expected = "a list of numbers"
-    else:
-        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind == "image":
+        return isinstance(value, ImageInput)
+    kind = numbers.Integral if kind is int else kind  # numpy integers too
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_type(key: str, value, kind) -> None:
+    """One metadata field against its JSON type (:func:`is_kind`)."""
+    if not is_kind(value, kind):
         names = kind if isinstance(kind, tuple) else (kind,)
-        expected = " or ".join("null" if k is type(None) else k.__name__ for k in names)
-    if not ok:
-        raise ValueError(f"metadata field {key!r} is {value!r}: expected {expected}")
+        expected = " or ".join(KIND_NAMES.get(k) or k.__name__ for k in names)
+        raise ValueError(f"metadata field {key!r} is {reprlib.repr(value)}: expected {expected}")
+
+
+def out_of_range(name: str, value: float, rule: str, used: list[float]) -> ValueError:
+    return ValueError(
+        f"{name} {value!r} is out of range: {rule} (the presets use {min(used):g}..{max(used):g})"
+    )
+
+
+def checked_field(name: str, value, kind, what: str):
+    """A request field checked against its kind (else a ``ValueError`` saying ``what`` to
+    give) and stored plainly: integers as int, numbers as finite floats, sequences as tuples."""
+    if not is_kind(value, kind):
+        raise ValueError(f"{name} {reprlib.repr(value)} must be {what}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None or not {int, numbers.Real, "seq", "ints4"} & set(kinds):
+        return value
+    if int in kinds:
+        return int(value)
+    if "ints4" in kinds:
+        return tuple(int(v) for v in value)
+    if "seq" in kinds:
+        weights = tuple(finite(v) for v in value)
+        if None in weights:
+            raise ValueError(f"{name} must be finite numbers, got {reprlib.repr(value)}")
+        return weights
+    if finite(value) is None:
+        raise ValueError(f"{name} must be a finite number, got {reprlib.repr(value)}")
+    return finite(value)
+
+
+def finite(value: numbers.Real) -> float | None:
+    """``value`` as a float; None when it is not finite (or an int too large for a float)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -355,9 +463,10 @@ class ResolvedRequest:
     def with_seed(self, seed: int) -> ResolvedRequest:
         """The same resolved request with another seed (nothing else is checked again: the
         images of an edit are not read twice)."""
-        if not 0 <= int(seed) <= MAX_SEED:
+        request = replace(self.request, seed=seed)  # its type checked as for any request
+        if request.seed is None or not 0 <= request.seed <= MAX_SEED:
             raise ValueError(f"seed {seed} is out of range: use 0..{MAX_SEED}")
-        return replace(self, request=replace(self.request, seed=int(seed)))
+        return replace(self, request=request)
 
     def warn(self) -> None:
         """Emit the caption findings as warnings (``caption: ...``)."""

@@ -188,6 +188,10 @@ def test_start_checks_the_request_before_any_model_loads(modelless):
         pipe.start(GenerationRequest(CAPTION, **{**FAST, "num_steps": 5000}))
     with pytest.raises(ValueError, match="mu must be a finite number"):
         pipe.generate(CAPTION, mu=float("nan"), **FAST)
+    with pytest.raises(ValueError, match=r"guidance_schedule weight 1e\+30 is out of range"):
+        pipe.generate(CAPTION, guidance_schedule=(1e30,), **FAST)
+    with pytest.raises(ValueError, match="width '256' must be an integer"):
+        pipe.generate(CAPTION, **{**FAST, "width": "256"})
 
 
 def test_nan_latents_stop_with_a_clear_error(tiny_checkpoint, monkeypatch):

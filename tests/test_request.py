@@ -1,6 +1,7 @@
 """GenerationRequest: validation, the metadata round trip and replay by ``dataclasses.replace``."""
 
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_with_seed_reseeds_a_resolved_request_and_bounds_the_seed():
         ({"std": math.inf}, "std must be a finite number, got inf"),
         ({"std": -1.0}, "std must be > 0"),
         ({"guidance_schedule": (7.0, math.inf)}, "must be finite"),
-        ({"guidance_schedule": ("7", "x")}, "is not a list of numbers"),
+        ({"guidance_schedule": ("7", "x")}, r"guidance_schedule \('7', 'x'\) must be a list of"),
         ({"seed": -1}, "seed -1 is out of range"),
         ({"width": 250}, "width 250 is not supported"),
         ({"prompt": "  "}, "the prompt is empty"),
@@ -63,6 +64,162 @@ def test_with_seed_reseeds_a_resolved_request_and_bounds_the_seed():
 def test_validate_names_the_bad_setting(changes, message):
     with pytest.raises(ValueError, match=message):
         replace(GenerationRequest(CAPTION), **changes).validate()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prompt", 12345, "prompt 12345 must be text (a str) or a caption dict"),
+        ("prompt", None, "prompt None must be text"),
+        ("prompt", ["a cat"], "prompt ['a cat'] must be text"),
+        ("width", "256", "width '256' must be an integer (a whole number of pixels, multiple of"),
+        ("width", 256.0, "width 256.0 must be an integer"),
+        ("height", True, "height True must be an integer"),
+        ("preset", [1], "preset [1] must be a preset name (V4_QUALITY_48, V4_DEFAULT_20, V4_TURBO"),
+        ("preset", None, "preset None must be a preset name"),
+        ("num_steps", [2], "num_steps [2] must be an integer (the number of denoising steps)"),
+        ("num_steps", 2.7, "num_steps 2.7 must be an integer"),
+        ("num_steps", "20", "num_steps '20' must be an integer"),
+        ("guidance_schedule", "77", "guidance_schedule '77' must be a list of numbers"),
+        ("guidance_schedule", "7,7", "guidance_schedule '7,7' must be a list of numbers"),
+        ("guidance_schedule", 7.0, "guidance_schedule 7.0 must be a list of numbers"),
+        ("guidance_schedule", [7, True], "guidance_schedule [7, True] must be a list of numbers"),
+        ("guidance_schedule", (7, "3"), "guidance_schedule (7, '3') must be a list of numbers"),
+        ("guidance_schedule", [7, math.nan], "guidance_schedule must be finite numbers, got"),
+        ("mu", "abc", "mu 'abc' must be a number"),
+        ("mu", True, "mu True must be a number"),
+        ("mu", math.inf, "mu must be a finite number, got inf"),
+        ("std", "1.5", "std '1.5' must be a number"),
+        pytest.param("std", 10**400, "std must be a finite number, got 1000", id="std-10**400"),
+        ("seed", math.inf, "seed inf must be an integer (0..9223372036854775807) or None"),
+        ("seed", 3.0, "seed 3.0 must be an integer"),
+        ("seed", "7", "seed '7' must be an integer"),
+        ("strict_caption", "no", "strict_caption 'no' must be True or False"),
+        ("allow_invalid_caption", 1, "allow_invalid_caption 1 must be True or False"),
+        ("magic_prompt", None, "magic_prompt None must be True or False"),
+        ("image", 5, "image 5 must be a path, a PIL image or a uint8 array"),
+        ("mask", [[0]], "mask [[0]] must be a path, a PIL image or a uint8 array"),
+        ("strength", "0.5", "strength '0.5' must be a number in (0, 1]"),
+        ("strength", True, "strength True must be a number"),
+        ("strength", math.nan, "strength must be a finite number, got nan"),
+        ("mask_grow", 1.0, "mask_grow 1.0 must be an integer (tokens of 16 px, 0..64)"),
+        ("mask_feather", "2", "mask_feather '2' must be an integer"),
+        ("paste_back", "yes", "paste_back 'yes' must be True or False"),
+        ("expand", "0,0,256,0", "expand '0,0,256,0' must be 4 integers (LEFT, TOP, RIGHT, BOTTOM"),
+        ("expand", (16, 0, 0, 16.0), r"expand (16, 0, 0, 16.0) must be 4 integers"),
+        ("expand", [16, 0, 0], r"expand [16, 0, 0] must be 4 integers"),
+        ("image_sha256", 5, "image_sha256 5 must be a SHA-256 hex string or None"),
+        ("mask_sha256", b"ab", "mask_sha256 b'ab' must be a SHA-256 hex string"),
+    ],
+)
+def test_wrong_types_are_one_line_naming_the_field_as_the_request_is_made(field, value, message):
+    """Every interface (Python, CLI, server JSON, metadata replay) makes a request: a wrong type
+    is refused there, not deep inside the run."""
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        GenerationRequest(**{"prompt": CAPTION, field: value})
+    assert "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match=re.escape(message)):  # replay, overrides
+        replace(GenerationRequest(CAPTION), **{field: value})
+    prompt, settings = (value, {}) if field == "prompt" else (CAPTION, {field: value})
+    with pytest.raises(ValueError, match=re.escape(message)):  # Pipeline.generate(**settings)
+        request_from_settings(prompt, settings)
+
+
+def test_numbers_of_other_kinds_are_stored_as_int_and_float():
+    request = GenerationRequest(
+        CAPTION,
+        width=np.int64(512),
+        seed=np.uint32(7),
+        mu=np.float32(0.25),
+        std=2,
+        guidance_schedule=[np.float64(7), 3],
+        expand=[np.int16(16), 0, 0, 0],
+    )
+    assert type(request.width) is int and type(request.seed) is int and request.seed == 7
+    assert (type(request.mu), type(request.std)) == (float, float) and request.mu == 0.25
+    assert request.guidance_schedule == (7.0, 3.0) and request.expand == (16, 0, 0, 0)
+    assert all(type(v) is int for v in request.expand) and hash(request)
+
+
+@pytest.mark.parametrize(
+    "prompt, position",
+    [("a c\ud800t", 3), ("\udcff", 0), ({"high_level_description": "caf\udce9"}, 30)],
+)
+def test_a_prompt_with_a_lone_surrogate_is_refused_naming_the_position(prompt, position):
+    message = f"the prompt is not valid Unicode text (a lone surrogate at position {position}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationRequest(prompt)
+
+
+def test_metadata_with_a_lone_surrogate_or_a_wrong_type_is_refused_by_the_same_checks():
+    stored = GenerationRequest(CAPTION, seed=1).to_metadata()
+    with pytest.raises(ValueError, match="lone surrogate at position 2"):
+        GenerationRequest.from_metadata({**stored, "prompt": "ab\ud800"})
+    with pytest.raises(ValueError, match=r"metadata field 'width' is 256.0: expected int"):
+        GenerationRequest.from_metadata({**stored, "width": 256.0})
+    with pytest.raises(ValueError, match=r"metadata field 'seed' is inf: expected int or null"):
+        GenerationRequest.from_metadata({**stored, "seed": math.inf})
+
+
+def test_a_caption_dict_that_is_not_json_is_refused():
+    with pytest.raises(ValueError, match="the prompt dict cannot be written as JSON"):
+        GenerationRequest({"high_level_description": {1, 2}})
+    with pytest.raises(ValueError, match="the prompt dict cannot be written as JSON"):
+        GenerationRequest({"high_level_description": math.nan})
+
+
+def below(x: float) -> float:
+    return math.nextafter(x, -math.inf)
+
+
+def above(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"guidance_schedule": (0.0,)},
+        {"num_steps": 2, "guidance_schedule": (30.0, 7.0)},
+        {"num_steps": 2, "guidance_schedule": (30, 0)},
+        {"mu": -10.0},
+        {"mu": 10},
+        {"std": 10.0},
+        {"std": 5e-324},  # the smallest float above 0
+    ],
+)
+def test_guidance_mu_and_std_ends_of_their_ranges_pass(changes):
+    replace(GenerationRequest(CAPTION), **changes).validate()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"guidance_schedule": (1e30,)}, "guidance_schedule weight 1e+30 is out of range"),
+        ({"guidance_schedule": (7.0, above(30))}, f"weight {above(30)!r} is out of range"),
+        ({"guidance_schedule": (below(0),)}, "weight -5e-324 is out of range: use 0..30"),
+        ({"guidance_schedule": (-1,)}, "-1.0 is out of range: use 0..30 (the presets use 3..7)"),
+        ({"mu": 1e30}, "mu 1e+30 is out of range: use -10..10 (the presets use 0..0.5)"),
+        ({"mu": above(10)}, f"mu {above(10)!r} is out of range"),
+        ({"mu": below(-10)}, f"mu {below(-10)!r} is out of range"),
+        ({"std": above(10)}, f"std {above(10)!r} is out of range: std must be > 0 and <= 10"),
+        ({"std": 0.0}, "std 0.0 is out of range: std must be > 0 and <= 10"),
+        ({"std": -1}, "(the presets use 1.5..1.75)"),
+    ],
+)
+def test_guidance_mu_and_std_outside_their_ranges_are_refused(changes, message):
+    request = replace(GenerationRequest(CAPTION), **changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        request.validate()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        request.to_metadata()
+
+
+def test_stored_guidance_out_of_range_is_refused_at_replay():
+    stored = GenerationRequest(CAPTION, seed=1).to_metadata()
+    replayed = GenerationRequest.from_metadata({**stored, "guidance_schedule": [1e30] * 20})
+    with pytest.raises(ValueError, match=re.escape("guidance_schedule weight 1e+30 is out")):
+        replayed.validate()
 
 
 def test_strict_caption_raises_on_findings():
