@@ -58,6 +58,13 @@ def is_loopback(host: str) -> bool:
 @click.option("--no-auth", is_flag=True, help="Allow a non-loopback --host without a key (warns).")
 @click.option("--cors-origin", help="Allow browser requests from this origin (default: none).")
 @click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A name clients may reach the server by, besides --host, localhost and IP addresses "
+    "(any port; repeatable). Other Host headers are refused (DNS rebinding).",
+)
+@click.option(
     "--max-body-mb",
     type=click.IntRange(1, 1024),
     default=32,
@@ -85,6 +92,7 @@ def serve(
     api_key,
     no_auth,
     cors_origin,
+    allowed_hosts,
     max_body_mb,
     low_memory,
 ) -> None:
@@ -132,7 +140,7 @@ def serve(
         jobs = JobQueue(pipe, output_dir, max_queue, preview_every)
     except (ValueError, ModelAccessError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20)
+    app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20, [host, *allowed_hosts])
     click.echo(f"serving {pipe.model_id} on http://{host}:{port}/ (outputs in {output_dir})")
     # Ctrl-C: an open event stream must not hold the shutdown until its job ends; after 1 s
     # uvicorn closes the connections and the app cancels the running job after its step.

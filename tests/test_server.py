@@ -352,7 +352,8 @@ def test_bad_requests_without_a_cli_twin_get_422(server, api):
     assert message.startswith("unknown field(s) ['foo', 'steps']; valid: prompt, width")
     assert "image_sha256" not in message  # fingerprints come from the images sent
 
-    response = api.post("/v1/jobs", content=b"{not json", headers={"content-type": "text/plain"})
+    json_type = {"content-type": "application/json"}
+    response = api.post("/v1/jobs", content=b"{not json", headers=json_type)
     assert error_message(response, 422).startswith("the request body is not JSON")
     assert error_message(api.post("/v1/jobs", json=[JOB]), 422) == (
         "the request body must be a JSON object"
@@ -527,19 +528,20 @@ def test_a_body_over_the_limit_gets_413_with_or_without_a_length(pipe, tmp_path)
     jobs = JobQueue(pipe, tmp_path, max_queue=2)
     with serving(create_app(jobs, max_body_bytes=2048)) as url:
         big = json.dumps({**JOB, "prompt": "x" * 4096}).encode()
-        response = httpx.post(f"{url}/v1/jobs", content=big)  # with a Content-Length
+        json_type = {"content-type": "application/json"}
+        response = httpx.post(f"{url}/v1/jobs", content=big, headers=json_type)  # with a length
         assert "over" in error_message(response, 413)
 
         def chunks(data: bytes):
             for i in range(0, len(data), 512):
                 yield data[i : i + 512]
 
-        response = httpx.post(f"{url}/v1/jobs", content=chunks(big))  # chunked: no length
+        response = httpx.post(f"{url}/v1/jobs", content=chunks(big), headers=json_type)  # chunked
         assert "over" in error_message(response, 413)
         assert not jobs.jobs
         # a small chunked body is counted as the route reads it, and reaches the route whole
         small = json.dumps({"caption": CAPTION}).encode()
-        response = httpx.post(f"{url}/v1/captions/verify", content=chunks(small))
+        response = httpx.post(f"{url}/v1/captions/verify", content=chunks(small), headers=json_type)
         assert response.status_code == 200 and response.json() == {"findings": []}
 
 

@@ -9,6 +9,7 @@ them the tests skip, except under ``CI=true`` or ``IDEO4_REQUIRE_BROWSER=1``, wh
 
 import functools
 import io
+import json
 import os
 import re
 import shutil
@@ -229,10 +230,19 @@ def test_api_key_prompt_events_over_fetch_and_server_errors(browser, keyed_serve
     wait(driver, lambda d: key_box.is_displayed(), "the API key field after a 401")
     assert "missing or wrong API key" in error.text
 
+    # /healthz tells a client without the key nothing but "ok": the model's name comes once
+    # the key is given
+    assert driver.find_element(By.ID, "model").text == ""
     fill(driver, "api-key", API_KEY)
     driver.find_element(By.ID, "api-key-save").click()
     wait(driver, lambda d: not error.is_displayed(), "the error to clear")
     assert driver.execute_script("return localStorage.getItem('ideo4-api-key')") == API_KEY
+    keyed = {"Authorization": f"Bearer {API_KEY}"}
+    request = urllib.request.Request(f"{keyed_server}/v1/models", headers=keyed)
+    with urllib.request.urlopen(request) as response:
+        name = json.load(response)["data"][0]["id"]
+    model = driver.find_element(By.ID, "model")
+    wait(driver, lambda d: model.text == name, "the model name")
 
     # The server's message for a bad caption is shown as it is.
     fill(driver, "caption", "{not json")

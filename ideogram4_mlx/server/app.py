@@ -5,6 +5,11 @@ OpenAI Images API shape), ``/v1/jobs`` (native jobs, server-sent events, cancel)
 ``/v1/images`` (results), ``/v1/captions/verify``, ``/v1/magic-prompt``. Bad input is a 422
 with the message the CLI prints; a full queue a 429 with ``Retry-After``. Clients never name
 files: images come and go as base64 or as server-named PNGs in the output folder.
+
+Browsers: a ``Host`` that names no address of this server is refused (DNS rebinding), and so
+is a POST or DELETE from another site's page (``Origin``, ``Sec-Fetch-Site``) unless it is the
+``cors_origin``; a POST body must be ``application/json``, which no page can send cross-site
+without a CORS preflight.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import base64
 import binascii
 import hmac
 import io
+import ipaddress
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -40,6 +47,10 @@ EVENT_POLL_SECONDS = 1.0
 IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style", "background", "moderation")
 # Request fields a client never sets: fingerprints come from the images it sends.
 CLIENT_SETTINGS = tuple(k for k in SETTINGS if k not in ("image_sha256", "mask_sha256"))
+LOOPBACK_NAMES = ("localhost",)  # loopback addresses are IP addresses: always accepted
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # change nothing: any page may send them
+# Exceptions that bad settings raise in the request's checks (besides our BadRequest).
+BAD_SETTINGS = (ValueError, TypeError, ArithmeticError, OSError)
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -97,9 +108,134 @@ class BodyLimit:
             await self.too_large(scope, receive, send)
 
 
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header ("[::1]:8000" -> "::1"), lowercased; "" if none."""
+    try:
+        return urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return ""
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """ASGI middleware: refuse a ``Host`` that is not this server's. A page whose own name an
+    attacker re-points at 127.0.0.1 (DNS rebinding) is same-origin with the server; its
+    requests still carry that name. An IP address cannot be re-pointed, so any is accepted,
+    as is any port (tunnels and proxies change it; the name is what tells a page apart)."""
+
+    def __init__(self, app, allowed_hosts: Sequence[str] = ()):
+        self.app = app
+        self.names = {*LOOPBACK_NAMES, *(host_name(h) for h in allowed_hosts)}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        name = host_name(host)
+        if name in self.names or is_ip_address(name):
+            return await self.app(scope, receive, send)
+        message = (
+            f"the Host {host!r} is not a name of this server (a page may be re-pointing its "
+            f"own name at it); to serve under it: serve --allowed-host {name or 'NAME'}"
+        )
+        await error(403, message)(scope, receive, send)
+
+
+def origin_host(origin: str) -> str:
+    """"http://127.0.0.1:8000" -> "127.0.0.1:8000" (the Host its page's requests carry)."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        return ""
+
+
+def cross_site(request: Request, cors_origin: str | None) -> str | None:
+    """Why a state-changing request is refused as another site's, or None. Browsers send
+    ``Sec-Fetch-Site`` (and ``Origin``) and pages cannot forge them; clients that are not
+    browsers send neither, and are not refused."""
+    origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
+    if origin is not None and origin == cors_origin:
+        return None
+    if site in ("same-origin", "none"):  # the server's own page; a bookmark or the URL bar
+        return None
+    if site is None and origin is None:
+        return None
+    if site is None and origin_host(origin) == request.headers.get("host", "").lower():
+        return None  # a browser without Sec-Fetch-Site, on the server's own page
+    return (
+        f"refused a {request.method} from {origin or 'another site'}'s page: this server takes "
+        "them only from its own page; to allow one other page, start it with "
+        "serve --cors-origin ORIGIN"
+    )
+
+
+def not_json(request: Request) -> str | None:
+    """Why the body's Content-Type is refused, or None: a POST body is JSON, and a page can
+    send that cross-site only after a CORS preflight (text/plain and forms need none)."""
+    kind = request.headers.get("content-type")
+    if kind is None and request.method != "POST":
+        return None  # DELETE: no body
+    if kind is not None and kind.split(";")[0].strip().lower() == "application/json":
+        return None
+    return (
+        f"send the body as JSON with Content-Type: application/json "
+        f"(got {kind or 'no Content-Type'})"
+    )
+
+
 class BadRequest(Exception):
     def __init__(self, message: str):
         self.message = message
+
+
+class NotFinite:
+    """What the JSON parser puts where a body has NaN or Infinity (Python's parser accepts
+    them; JSON has no such numbers), so the field holding one can be named."""
+
+    def __init__(self, text: str):
+        self.value = float(text)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON: NaN, Infinity and lone surrogates are refused naming the field
+    (a surrogate cannot be encoded again, e.g. into a PNG's metadata or an error message)."""
+    try:
+        body = json.loads(raw, parse_constant=NotFinite)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(f"the request body is not JSON ({e})") from None
+    fields = body.items() if isinstance(body, dict) else [("the request body", body)]
+    for name, value in fields:
+        check_value(name, value)
+    return body
+
+
+def check_value(name: str, value: Any) -> None:
+    """``value`` (at any depth, keys included) holds no NaN, Infinity or lone surrogate."""
+    shown = name.encode(errors="backslashreplace").decode()
+    stack = [(value, False)]
+    while stack:  # not recursive: a body may nest as deep as the parser allows
+        item, nested = stack.pop()
+        if isinstance(item, NotFinite):
+            holds = "hold finite numbers" if nested else "be a finite number"
+            raise BadRequest(f"{shown} must {holds}, got {item.value}")
+        if isinstance(item, str) and not item.isascii():
+            try:
+                item.encode()
+            except UnicodeEncodeError as e:
+                bad = e.object[e.start : e.end].encode(errors="backslashreplace").decode()
+                message = f"{shown} holds a lone surrogate ({bad}): send UTF-8 text"
+                raise BadRequest(message) from None
+        elif isinstance(item, dict):
+            stack.extend((v, True) for pair in item.items() for v in pair)
+        elif isinstance(item, list):
+            stack.extend((v, True) for v in item)
 
 
 def decode_image(value: Any, name: str) -> Image.Image:
@@ -118,7 +254,8 @@ def decode_image(value: Any, name: str) -> Image.Image:
         if image.width * image.height > MAX_INPUT_PIXELS:
             raise BadRequest(f"{name} is {image.width}x{image.height}, over the input limit")
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    # PIL raises SyntaxError for a broken chunk ("broken PNG file")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRequest(f"{name} cannot be read as an image ({e})") from None
     return image
 
@@ -138,7 +275,7 @@ def request_from_json(body: Any) -> GenerationRequest:
         raise BadRequest("the request needs a prompt")
     try:
         return GenerationRequest(**fields)
-    except (TypeError, ValueError) as e:
+    except BAD_SETTINGS as e:
         raise BadRequest(str(e)) from None
 
 
@@ -164,6 +301,8 @@ def openai_requests(body: Any) -> tuple[list[GenerationRequest], str]:
             raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
         body.update(width=width, height=height)
     base = request_from_json(body)
+    if base.seed is not None and (isinstance(base.seed, bool) or not isinstance(base.seed, int)):
+        raise BadRequest(f"seed {base.seed!r} must be an integer (image i gets seed + i)")
     seeds = [None if base.seed is None else base.seed + i for i in range(n)]
     return [replace(base, seed=seed) for seed in seeds], response_format
 
@@ -173,8 +312,11 @@ def create_app(
     api_key: str | None = None,
     cors_origin: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The application; ``jobs`` holds the loaded pipeline (shut down with the app)."""
+    """The application; ``jobs`` holds the loaded pipeline (shut down with the app).
+    ``allowed_hosts``: names besides localhost and IP addresses that ``Host`` may give (serve
+    passes its ``--host`` and each ``--allowed-host``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -185,40 +327,51 @@ def create_app(
 
     app = FastAPI(title="ideogram4-mlx", version=__version__, lifespan=lifespan)
 
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return api_key is None or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "missing or wrong API key: send Authorization: Bearer KEY")
+        if request.method not in SAFE_METHODS:
+            refused = cross_site(request, cors_origin)
+            if refused is not None:
+                return error(403, refused)
+            refused = not_json(request)
+            if refused is not None:
+                return error(415, refused)
+        if request.url.path.startswith("/v1/") and not authorized(request):
+            return error(401, "missing or wrong API key: send Authorization: Bearer KEY")
         return await call_next(request)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
-    if cors_origin:  # added last, so outermost: preflights (no key) and 401s get its headers
+    # Added after the guard, so outside it: preflights (no key) and 401s get CORS headers.
+    if cors_origin:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=[cors_origin],
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)  # outermost: every request
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
         return error(422, exc.message)
 
-    async def read_json(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not JSON ({e})") from None
+    async def read_json(request: Request, build=lambda body: body) -> Any:
+        """The body parsed, then ``build(body)``, in a worker thread: a large upload's JSON
+        and image decoding must not hold the event loop (and every other request)."""
+        raw = await request.body()
+        return await run_in_threadpool(lambda: build(parse_json(raw)))
 
     async def submit(*requests: GenerationRequest) -> list:
         try:
             return await run_in_threadpool(jobs.submit_all, list(requests))
         except QueueFull as e:
             raise HTTPException(429, str(e), {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-        except (ValueError, OSError) as e:  # the CLI's checks and messages
+        except BAD_SETTINGS as e:  # the CLI's checks and messages
             raise BadRequest(str(e)) from None
 
     @app.exception_handler(HTTPException)
@@ -230,7 +383,9 @@ def create_app(
         return resources.files("ideogram4_mlx.server").joinpath("static/index.html").read_text()
 
     @app.get("/healthz")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        if not authorized(request):  # the model and job ids are for key holders
+            return {"status": "ok"}
         held = jobs.snapshot()
         running = [j.id for j in held if j.state == "running"]
         queued = sum(1 for j in held if j.state == "queued")
@@ -243,7 +398,7 @@ def create_app(
 
     @app.post("/v1/images/generations")
     async def openai_generate(request: Request) -> dict:
-        requests, response_format = openai_requests(await read_json(request))
+        requests, response_format = await read_json(request, openai_requests)
         accepted = await submit(*requests)  # all n, or a 429 for all
         data = []
         for job in accepted:
@@ -259,7 +414,7 @@ def create_app(
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request) -> dict:
-        (job,) = await submit(request_from_json(await read_json(request)))
+        (job,) = await submit(await read_json(request, request_from_json))
         return job.summary()
 
     @app.get("/v1/jobs")
@@ -333,7 +488,7 @@ def create_app(
             caption = await run_in_threadpool(
                 jobs.run, lambda: jobs.pipe.expand(body["idea"], **options)
             )
-        except (ValueError, OSError) as e:
+        except BAD_SETTINGS as e:
             raise BadRequest(str(e)) from None
         return {"caption": caption, "findings": caption_findings(caption)}
 

@@ -1,0 +1,245 @@
+"""`ideo4-mlx serve` against hostile or broken input (issue #25): cross-site pages and DNS
+rebinding, wrongly typed JSON, memory held by ended edits, an event loop kept free while an
+upload is decoded, temporary files left by a killed server, and the body limit's count.
+
+Real uvicorn servers on the tiny synthetic checkpoint, as in ``test_server.py`` (whose helpers
+this file uses); the body-limit test drives the ASGI middleware alone.
+"""
+
+import asyncio
+import base64
+import ctypes
+import gc
+import io
+import json
+import os
+import struct
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from helpers import serving
+from PIL import Image
+from test_server import CAPTION, JOB, WAIT, cli, error_message, pipe, worker_held  # noqa: F401
+
+import ideogram4_mlx.server.app as app_module
+from ideogram4_mlx.server.app import BodyLimit, create_app
+from ideogram4_mlx.server.jobs import JobQueue
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the CPU-backend note
+
+EVIL = "http://evil.example"
+
+
+@pytest.fixture(scope="module")
+def url(pipe, tmp_path_factory):  # noqa: F811
+    jobs = JobQueue(pipe, tmp_path_factory.mktemp("safety"), max_queue=8)
+    with serving(create_app(jobs)) as url:
+        yield url
+
+
+def port(url: str) -> str:
+    return url.rsplit(":", 1)[1]
+
+
+def png_bytes(size: tuple[int, int], color="red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- Origin, Host and Content-Type (item 1) -----------------------------------------------------
+
+
+def test_cross_site_posts_and_foreign_hosts_are_refused(pipe, tmp_path):  # noqa: F811
+    jobs = JobQueue(pipe, tmp_path, max_queue=4)
+    with serving(create_app(jobs)) as url, worker_held(jobs):
+        body = json.dumps({**JOB, "num_steps": 1})
+
+        def post(headers, path="/v1/jobs", content=body):
+            return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=30)
+
+        # a page can send these without a preflight: a form, fetch with text/plain or a Blob
+        for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+            headers = {} if kind is None else {"Content-Type": kind}
+            message = error_message(post(headers), 415)
+            assert "application/json" in message and (kind or "no Content-Type") in message
+            assert post({**headers, "Origin": EVIL}).status_code in (403, 415)
+        json_type = {"Content-Type": "application/json"}
+        for headers in (
+            {"Origin": EVIL},
+            {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"},
+            {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"},
+            {"Sec-Fetch-Site": "cross-site"},  # no Origin: still a browser, from elsewhere
+            {"Origin": "null"},  # a sandboxed frame or a file:// page
+            {"Origin": "http://[::1"},  # not even a URL
+        ):
+            message = error_message(post({**json_type, **headers}), 403)
+            assert "serve --cors-origin" in message, message
+        cancel = httpx.delete(f"{url}/v1/jobs/{'a' * 32}", headers={"Origin": EVIL})
+        assert "serve --cors-origin" in error_message(cancel, 403)
+        # DNS rebinding: evil.example resolves to 127.0.0.1; the page is then same-origin
+        rebound = {"Host": f"evil.example:{port(url)}"}
+        for method, path in (("GET", "/v1/images"), ("GET", "/"), ("GET", "/healthz")):
+            response = httpx.request(method, f"{url}{path}", headers=rebound)
+            assert "serve --allowed-host" in error_message(response, 403), path
+        response = post({**json_type, **rebound, "Origin": f"http://{rebound['Host']}"})
+        assert "evil.example" in error_message(response, 403)
+        assert not jobs.jobs  # nothing refused was queued
+
+        # the same origin, a client that is no browser, and the loopback names are fine
+        same = {"Origin": url, "Sec-Fetch-Site": "same-origin"}
+        for headers in (same, {"Sec-Fetch-Site": "none"}, {}):
+            assert post({**json_type, **headers}).status_code == 202, headers
+        verify = json.dumps({"caption": CAPTION})
+        charset = {"Content-Type": "application/json; charset=utf-8"}
+        assert post(charset, "/v1/captions/verify", verify).status_code == 200
+        for host in ("localhost", "127.0.0.1", "[::1]", "LOCALHOST"):
+            for shown in (f"{host}:{port(url)}", host, f"{host}:9"):  # any port
+                response = httpx.get(f"{url}/healthz", headers={"Host": shown})
+                assert response.status_code == 200, shown
+
+
+def test_cors_origin_and_allowed_host_let_those_in(pipe, tmp_path):  # noqa: F811
+    page = "http://page.example"
+    jobs = JobQueue(pipe, tmp_path, max_queue=4)
+    app = create_app(jobs, cors_origin=page, allowed_hosts=["ideo.lan"])
+    with serving(app) as url:
+        verify = {"caption": CAPTION}
+        response = httpx.post(
+            f"{url}/v1/captions/verify",
+            json=verify,
+            headers={"Origin": page, "Sec-Fetch-Site": "cross-site"},
+        )
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == page
+        response = httpx.post(f"{url}/v1/captions/verify", json=verify, headers={"Origin": EVIL})
+        assert error_message(response, 403)
+        lan = {"Host": f"ideo.lan:{port(url)}"}
+        assert httpx.get(f"{url}/v1/images", headers=lan).status_code == 200
+        response = httpx.get(f"{url}/v1/images", headers={"Host": "other.lan"})
+        assert "serve --allowed-host" in error_message(response, 403)
+
+
+def test_healthz_says_only_ok_without_the_key(pipe, tmp_path):  # noqa: F811
+    jobs = JobQueue(pipe, tmp_path, max_queue=2)
+    with serving(create_app(jobs, api_key="k")) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = httpx.get(f"{url}/healthz", headers=headers)
+            assert response.status_code == 200 and response.json() == {"status": "ok"}
+        full = httpx.get(f"{url}/healthz", headers={"Authorization": "Bearer k"}).json()
+        assert full == {"status": "ok", "model": jobs.pipe.model_id, "running": [], "queued": 0}
+
+
+# -- wrong JSON types: a 422 naming the field, never a 500 (item 6) -----------------------------
+
+
+def broken_idat_png() -> str:
+    """A PNG whose IDAT chunk claims 10 bytes: PIL raises SyntaxError ("broken PNG file")."""
+    data = png_bytes((64, 64))
+    at = data.find(b"IDAT")
+    return base64.b64encode(data[: at - 4] + struct.pack(">I", 10) + data[at:]).decode()
+
+
+BAD_JOBS = {
+    "width-str": ('"width": "256"', "width"),
+    "steps-list": ('"num_steps": [2]', "num_steps"),
+    "seed-inf": ('"seed": Infinity', "seed"),
+    "seed-minus-inf": ('"seed": -Infinity', "seed"),
+    "mu-str": ('"mu": "abc"', "mu"),
+    "preset-list": ('"preset": [1]', "preset"),
+    "strength-str": ('"strength": "0.5", "image": "PNG"', "strength"),
+    "prompt-surrogate": ('"prompt": "a \\ud800 sign"', "prompt"),
+    "guidance-nan": ('"guidance_schedule": [7, NaN]', "guidance_schedule"),
+    "image-broken-idat": ('"image": "BROKEN"', "image"),
+}
+
+
+@pytest.mark.parametrize("field, name", BAD_JOBS.values(), ids=BAD_JOBS.keys())
+def test_wrong_json_types_get_422_naming_the_field(url, field, name):
+    settings = {"width": 256, "height": 256, "preset": "V4_TURBO_12", "num_steps": 1}
+    body = json.dumps({"prompt": "a sign", **settings})[:-1] + ", " + field + "}"
+    body = body.replace('"PNG"', json.dumps(base64.b64encode(png_bytes((64, 64))).decode()))
+    body = body.replace('"BROKEN"', json.dumps(broken_idat_png()))
+    # a later key of the same name wins in JSON, as in Python's parser
+    response = httpx.post(
+        f"{url}/v1/jobs", content=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    message = error_message(response, 422)
+    assert name in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "field, name",
+    [('"seed": "5"', "seed"), ('"seed": 1.5', "seed"), ('"seed": Infinity', "seed")],
+    ids=["seed-str", "seed-float", "seed-inf"],
+)
+def test_openai_route_wrong_types_get_422_naming_the_field(url, field, name):
+    body = '{"prompt": "a sign", "size": "256x256", "num_steps": 1, "n": 2, ' + field + "}"
+    response = httpx.post(
+        f"{url}/v1/images/generations",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    message = error_message(response, 422)
+    assert name in message and "\n" not in message, message
+
+
+def test_serve_accepts_its_host_and_each_allowed_host(monkeypatch, tiny_checkpoint, tmp_path):
+    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    result = cli(
+        "serve", "--host", "ideo.box", "--no-auth", "--allowed-host", "ideo.lan",
+        "--allowed-host", "Photos.Home", "--model", tiny_checkpoint, "--dtype", "float32",
+        "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with serving(apps[0]) as url:
+        for host in ("ideo.box", "ideo.lan:8000", "photos.home", "localhost:1", "10.0.0.7"):
+            assert httpx.get(f"{url}/healthz", headers={"Host": host}).status_code == 200, host
+        response = httpx.get(f"{url}/healthz", headers={"Host": "ideo.lan.evil.example"})
+        assert "serve --allowed-host ideo.lan.evil.example" in error_message(response, 403)
+
+
+# -- an upload is decoded off the event loop (item 3) -------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/jobs", "/v1/images/generations"])
+def test_decoding_an_upload_leaves_the_event_loop_free(url, monkeypatch, route):
+    """While the image is decoded, /healthz answers: the decode waits (up to 30 s) for that
+    answer, so on the event loop it would wait in vain and the answer come after it."""
+    decoding, answered, waited = threading.Event(), threading.Event(), []
+    real = app_module.decode_image
+
+    def decode_once_healthz_answered(value, name):
+        decoding.set()
+        waited.append(answered.wait(30))
+        return real(value, name)
+
+    monkeypatch.setattr(app_module, "decode_image", decode_once_healthz_answered)
+    image = base64.b64encode(png_bytes((1024, 1024))).decode()
+    body = {**JOB, "image": image, "num_steps": 1, "seed": 1}
+    if route != "/v1/jobs":
+        body = {**body, "size": "256x256", "response_format": "url"}
+        del body["width"], body["height"]
+    posted = []
+
+    def post():
+        posted.append(httpx.post(url + route, json=body, timeout=WAIT))
+
+    upload = threading.Thread(target=post)
+    upload.start()
+    assert decoding.wait(WAIT)
+    start = time.monotonic()
+    health = httpx.get(f"{url}/healthz", timeout=WAIT)
+    took = time.monotonic() - start
+    answered.set()
+    upload.join(WAIT)
+    assert health.status_code == 200 and waited == [True], f"/healthz took {took:.1f} s"
+    assert posted[0].status_code in (200, 202), posted[0].text
