@@ -9,6 +9,14 @@ Tolerances (tiny synthetic DiT, batch 2 with left padding; [measured]):
   (with minus without) agrees to 1e-3 of itself [2.8e-5 .. 5.0e-5]: the shared base error
   cancels there, so a scale or alpha off by 0.5% fails. Every LoRA moves the output by >= 1e-2
   [3.1e-2 .. 4.0e-2], 100x the tolerance, so applying nothing (or the wrong alpha) cannot pass.
+  The same bounds hold for the bf16 and fp16 files (every layout has one, as trainers save
+  them): their values are exactly fp32 values, and both sides compute with those same values in
+  fp32 (we upcast at read; diffusers loads them into the fp32 model's peft layers, which is
+  asserted), so only the fp32 base error is left [9.6e-6 .. 9.7e-6; effect 2.9e-5 .. 5.0e-5].
+  Except that diffusers folds a kohya/ai-toolkit ``.alpha`` / r into lora_A and lora_B in the
+  file's dtype (``_convert_non_diffusers_ideogram4_lora_to_diffusers``), rounding them again
+  unless the factor is a power of two (alpha 3, r 4 in bf16: effect off by 1.8e-3 of itself,
+  all of it diffusers' rounding; we apply alpha / r in fp32); those files use powers of two.
 - fused vs unfused: fp32 <= 2e-6 [4e-7], the same sums in another order. bf16: fusing rounds
   W + dW to bf16 once, unfused rounds the bf16 low-rank term; both are bf16 rounding noise, so
   each stays within 1.5x the bf16 floor (bf16 vs fp32 without LoRA) [floor 6.6e-3; fused vs
@@ -28,6 +36,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from helpers import rel_l2, require_reference
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from ideogram4_mlx.lora import (
@@ -45,6 +54,7 @@ from ideogram4_mlx.synth.lora import ALL_MODULES, write_synthetic_lora
 from ideogram4_mlx.transformer import OUTPUT_IMAGE_INDICATOR, Ideogram4Transformer, sequence_ids
 
 TEXT_LENGTHS, GRID, T = [9, 4], (4, 5), [0.3123, 0.75]
+BF16 = "bfloat16"
 # name -> write_synthetic_lora arguments; each seed differs, so no two files are alike.
 LORAS = {
     "diffusers": dict(layout="diffusers", rank=4, alpha=8.0, seed=1),
@@ -58,7 +68,21 @@ LORAS = {
     "kohya": dict(layout="kohya", rank=4, alpha=3.0, modules=ALL_MODULES, seed=7),
     "diffsynth": dict(layout="diffsynth", rank=2, seed=8),
     "diffsynth-default": dict(layout="diffsynth", rank=2, default_infix=True, seed=9),
+    # what trainers save: bf16 (ai-toolkit, diffusers) in every layout, fp16 (kohya); alpha / r
+    # is a power of two where diffusers folds it into the weights (see the tolerances above)
+    "diffusers-bf16": dict(
+        layout="diffusers", rank=4, alpha=8.0, alpha_pattern={"to_v": 4.0}, dtype=BF16, seed=10
+    ),
+    "split-bf16": dict(layout="split", rank=4, dtype=BF16, seed=11),
+    "ai-toolkit-bf16": dict(layout="ai-toolkit", rank=8, alpha=4.0, dtype=BF16, seed=12),
+    "kohya-bf16": dict(layout="kohya", rank=4, alpha=8.0, modules=ALL_MODULES, dtype=BF16, seed=13),
+    "kohya-fp16": dict(layout="kohya", rank=4, alpha=2.0, dtype="float16", seed=14),
+    "diffsynth-default-bf16": dict(
+        layout="diffsynth", rank=2, default_infix=True, dtype=BF16, seed=15
+    ),
 }
+# The safetensors dtype of each file's tensors, by write_synthetic_lora's dtype.
+STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # Words of read_lora's layout name for each file (the writer writes what it says).
 DETECTED = {
     "diffusers": "diffusers",
@@ -123,6 +147,8 @@ def reference(component, inputs):
     """``run(files, rescale)``: diffusers' DiT outputs with ``files`` ((path, scale) pairs)
     loaded as adapters, then again after ``set_adapters(weights=rescale)`` if given."""
     require_reference()
+    import torch
+
     from ideogram4_mlx.reference.lora import load_reference_loras
     from ideogram4_mlx.reference.transformer import (
         load_reference_transformer,
@@ -137,6 +163,9 @@ def reference(component, inputs):
     def run(files=(), rescale=None):
         model = load_reference_transformer(component)
         names = load_reference_loras(model, list(files)) if files else []
+        # bf16/fp16 files: peft holds their (exact) values in the fp32 model's dtype, as we do
+        lora_dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
+        assert lora_dtypes <= {torch.float32}, lora_dtypes
         outs = [reference_forward(model, x, t, feats, *layout)[image]]
         if rescale is not None:
             model.set_adapters(names, weights=rescale)
@@ -163,6 +192,9 @@ def test_layout_matches_diffusers_at_scales_1_and_half(
     name, loras, component, inputs, reference, bases
 ):
     base_ours, base_ref = bases
+    with safe_open(str(loras[name]), framework="numpy") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert stored == {STORED[LORAS[name].get("dtype", "float32")]}
     lora = read_lora(loras[name])
     assert DETECTED[LORAS[name]["layout"]] in lora.layout
     model = load_mlx(component)
@@ -197,7 +229,6 @@ def test_diffusers_layout_is_what_save_lora_weights_writes(loras, tmp_path):
     ``save_lora_weights`` given the file's tensors and adapter config."""
     require_reference()
     from diffusers.loaders.lora_pipeline import Ideogram4LoraLoaderMixin
-    from safetensors import safe_open
     from safetensors.torch import load_file as load_torch
 
     path = loras["diffusers-alpha-pattern"]
@@ -338,3 +369,14 @@ def test_synthetic_lora_writer(component, tmp_path):
         write_synthetic_lora(link, component, "kohya", force=True)
     with pytest.raises(ValueError, match="stores no alpha"):
         write_synthetic_lora(tmp_path / "d.safetensors", component, "diffsynth", alpha=4.0)
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        write_synthetic_lora(tmp_path / "e.safetensors", component, "kohya", dtype="int8")
+    # bf16 / fp16: the fp32 file's values rounded to nearest (the alpha too), by MLX
+    fp32 = mx.load(str(c))
+    for name, dtype in (("bfloat16", mx.bfloat16), ("float16", mx.float16)):
+        path = tmp_path / f"{name}.safetensors"
+        low = mx.load(str(write_synthetic_lora(path, component, "kohya", seed=4, dtype=name)))
+        assert low.keys() == fp32.keys()
+        for key, value in low.items():
+            assert value.dtype == dtype
+            assert mx.array_equal(value, fp32[key].astype(dtype)).item(), key

@@ -15,10 +15,14 @@ Layouts (what ``ideogram4_mlx.lora.read_lora`` and diffusers' ``Ideogram4LoraLoa
 - ``diffsynth``: the checkpoint's names, no prefix, no alpha; ``default_infix`` writes peft's
   in-model key form ``lora_A.default.weight`` (kept by some DiffSynth-Studio exports).
 
+Every tensor (an ``.alpha`` too, as kohya's ``save_dtype`` does) is stored in ``dtype``: fp32, or
+the bf16 / fp16 that trainers save (the fp32 values rounded to nearest).
+
 Split layouts get independent ``lora_A`` for q, k and v (as a diffusers-trained LoRA has); fused
 ones one ``lora_A`` for the whole ``qkv``. Values: ``down`` ~ N(0, 1/in), ``up`` scaled so that the
 update ``alpha / r * up @ down`` has RMS ``strength / sqrt(in)``, i.e. ``strength`` times a
-fan-in-scaled weight's (the synthetic DiT's weights are). Pure numpy; same arguments, same bytes.
+fan-in-scaled weight's (the synthetic DiT's weights are). Values from numpy, written by MLX (numpy
+has no bf16); same arguments, same bytes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
-from safetensors.numpy import save_file
 
 LAYOUTS = ("diffusers", "split", "ai-toolkit", "kohya", "diffsynth")
 # Per-block linears (our names, spec §A.3); adaln_modulation only when asked for.
@@ -68,6 +72,7 @@ PEFT_TARGETS = {
     "adaln_modulation": ("adaln_modulation",),
 }
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def read_config(transformer) -> dict:
@@ -133,6 +138,7 @@ def write_synthetic_lora(
     strength: float = 0.05,
     alpha_pattern: dict[str, float] | None = None,
     default_infix: bool = False,
+    dtype: str = "float32",
     force: bool = False,
 ) -> Path:
     """Write a random LoRA for a DiT (its folder or config, see :func:`read_config`) to ``path``.
@@ -140,11 +146,13 @@ def write_synthetic_lora(
     Targets ``modules`` (our per-block names, :data:`ALL_MODULES`) of ``layers`` (default: every
     block; indices beyond the model are allowed, for unmatched-module tests). ``alpha`` is the
     LoRA alpha (None: the layout's default, scale 1); ``alpha_pattern`` (diffusers layout only)
-    overrides it per module as peft does. Refuses a link at ``path``, and an existing file
-    unless ``force``. Returns ``path``.
+    overrides it per module as peft does. ``dtype`` (:data:`DTYPES`) is what the file stores.
+    Refuses a link at ``path``, and an existing file unless ``force``. Returns ``path``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if alpha is not None and alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if alpha is not None and layout in ("split", "diffsynth"):
@@ -184,7 +192,8 @@ def write_synthetic_lora(
     metadata = {"format": "pt"}
     if layout == "diffusers" and alpha is not None:
         metadata[METADATA_KEY] = adapter_metadata(rank, alpha, alpha_pattern or {}, modules)
-    return _save(Path(path).expanduser(), tensors, metadata, force)
+    arrays = {k: mx.array(v).astype(DTYPES[dtype]) for k, v in tensors.items()}
+    return _save(Path(path).expanduser(), arrays, metadata, force)
 
 
 def adapter_metadata(rank: int, alpha: float, pattern: dict[str, float], modules) -> str:
@@ -210,7 +219,7 @@ def adapter_metadata(rank: int, alpha: float, pattern: dict[str, float], modules
     return json.dumps(packed, indent=2, sort_keys=True)
 
 
-def _save(path: Path, tensors: dict[str, np.ndarray], metadata: dict, force: bool) -> Path:
+def _save(path: Path, arrays: dict[str, mx.array], metadata: dict, force: bool) -> Path:
     if path.is_symlink():
         raise FileExistsError(f"{path} is a symbolic link; LoRAs are never written through one")
     if path.exists() and not (force and path.is_file()):
@@ -219,7 +228,8 @@ def _save(path: Path, tensors: dict[str, np.ndarray], metadata: dict, force: boo
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "wb") as f:  # a file object: MLX adds no .safetensors to its name
+            mx.save_safetensors(f, arrays, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
