@@ -20,6 +20,8 @@ import weakref
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
+import numpy as np
 import pytest
 import uvicorn
 from helpers import serving
@@ -243,3 +245,55 @@ def test_decoding_an_upload_leaves_the_event_loop_free(url, monkeypatch, route):
     upload.join(WAIT)
     assert health.status_code == 200 and waited == [True], f"/healthz took {took:.1f} s"
     assert posted[0].status_code in (200, 202), posted[0].text
+
+
+# -- ended jobs let go of their input images (item 2) -------------------------------------------
+
+
+def resident_bytes() -> int | None:
+    """This process's RSS after a full collection, with freed memory handed back to the system
+    (MLX's buffer cache and glibc's heap keep it otherwise); None where /proc is absent."""
+    gc.collect()
+    mx.clear_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(kb) * 1024
+
+
+def test_ended_edit_jobs_let_go_of_their_input_images(pipe, tmp_path, monkeypatch):  # noqa: F811
+    decoded = []  # a weak reference to each input image the server decodes
+    real = app_module.decode_image
+
+    def recorded(value, name):
+        image = real(value, name)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(app_module, "decode_image", recorded)
+    jobs = JobQueue(pipe, tmp_path, max_queue=8)
+    rng = np.random.default_rng(0)  # noise: a solid image could be stored in less memory
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(noise).resize((4096, 4096), Image.NEAREST)  # 48 MB, a small PNG
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    edit = {**JOB, "image": base64.b64encode(buffer.getvalue()).decode(), "num_steps": 1}
+    del image, buffer
+    with serving(create_app(jobs)) as url, httpx.Client(base_url=url, timeout=WAIT) as api:
+        baseline = resident_bytes()
+        with worker_held(jobs):
+            ids = [api.post("/v1/jobs", json={**edit, "seed": i}).json()["id"] for i in range(6)]
+            held = resident_bytes()
+            for job_id in ids[:5]:  # cancelled while queued; the last one runs to the end
+                assert api.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        assert jobs.wait(jobs.get(ids[-1]), WAIT).state == "done"
+        jobs.run(lambda: None)  # the worker has let go of the last job it ran
+        after = resident_bytes()
+        assert len(decoded) == 6 and [ref() for ref in decoded] == [None] * 6
+        assert api.get("/v1/jobs").json()["data"][0]["state"] == "cancelled"  # still listed
+    if baseline is not None:
+        grew, kept = (held - baseline) / 2**20, (after - baseline) / 2**20
+        assert grew > 6 * 40 and kept < grew / 4, f"grew {grew:.0f} MB, kept {kept:.0f} MB"

@@ -47,7 +47,7 @@ class Cancelled(Exception):
 @dataclass
 class Job:
     id: str
-    request: GenerationRequest
+    request: GenerationRequest | None  # None once ended: an edit's holds its decoded images
     created: float = field(default_factory=time.time)
     state: str = "queued"
     events: list[dict] = field(default_factory=list)
@@ -233,8 +233,9 @@ class JobQueue:
             self._finish(job, "cancelled", {"type": "cancelled"})
 
     def _finish(self, job: Job, state: str, event: dict) -> None:
-        # callers hold self.changed
-        job.state, job.resolved = state, None
+        # callers hold self.changed; the summary needs neither request (an edit's hold its
+        # input images, ~200 MB decoded at 64 MP) and up to keep_ended jobs stay held
+        job.state, job.request, job.resolved = state, None, None
         self._unfinished -= 1
         self._event(job, event)
         self._ended.append(job.id)
