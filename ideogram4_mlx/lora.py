@@ -10,6 +10,8 @@ Layouts (detected per file, see :func:`read_lora`):
   kept or not), no alpha (scale 1; an ``.alpha`` is honoured as alpha / rank);
 - split names without a prefix (``layers.N.attention.to_q``, ``to_out.0``).
 
+Tensors in bf16, fp16 (what trainers save) or fp32 are read exactly into fp32 (fp64 rounded).
+
 A LoRA delta on a linear with weight ``W`` (out, in) is ``scale * up @ down`` with ``down``
 (r, in) and ``up`` (out, r); ``scale`` = the user's scale times alpha / r. Split ``to_q``/``to_k``/
 ``to_v`` deltas land on row thirds of the fused ``attention.qkv`` (spec §A.3: Q, K, V rows).
@@ -33,7 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ideogram4_mlx import hub
 
@@ -56,8 +58,9 @@ ALPHA_PATTERN = re.compile(r"^(?P<module>.+?)\.alpha$")
 # Bounds on what a file can make us allocate: ranks above this are not LoRAs.
 MAX_RANK = 1024
 METADATA_KEY = "lora_adapter_metadata"
-# What trainers save (ai-toolkit and diffusers bf16, kohya fp16): all read exactly into fp32.
-WEIGHT_DTYPES = ("F32", "F16", "BF16")
+# What trainers save (ai-toolkit and diffusers bf16, kohya fp16): all read exactly into fp32;
+# F64 (numpy-made files) is rounded to fp32.
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 # An ``.alpha`` may also be an integer (kohya writes torch.tensor(alpha) for an int alpha).
 ALPHA_DTYPES = (*WEIGHT_DTYPES, "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
 MAX_PATTERN_LENGTH = 256  # alpha_pattern keys are regular expressions run on every module name
@@ -179,11 +182,13 @@ def _pattern_alpha(module: str, default: float | None, pattern: dict) -> float |
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict | None]:
-    """The tensors of a LoRA file (fp32, fp16 or bf16, as stored) and its header metadata.
+    """The tensors of a LoRA file (fp32, fp16 or bf16 as stored; fp64 as fp32) and its header
+    metadata.
 
     The header is checked first (each key's dtype) so that nothing unreadable is read; MLX
-    then reads the values (numpy has no bf16) after checking each tensor's bytes lie inside
-    the file, so a file can make us read no more than its own size."""
+    then reads the values (numpy has no bf16; MLX no fp64, numpy reads those files) after
+    checking each tensor's bytes lie inside the file, so a file can make us read no more than
+    its own size."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata()
@@ -198,12 +203,20 @@ def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict | None]:
             )
         if not ALPHA_PATTERN.match(key) and dtype not in WEIGHT_DTYPES:
             raise LoRAError(
-                f"{path}: {key} is {dtype}: LoRA weights must be F32, F16 or BF16; re-save "
-                "the LoRA in one of them"
+                f"{path}: {key} is {dtype}: LoRA weights are floating point (F32, F16, BF16 "
+                "or F64); re-save the LoRA as F32, F16 or BF16"
             )
+    if "F64" in dtypes.values() and "BF16" in dtypes.values():
+        raise LoRAError(
+            f"{path} mixes F64 and BF16 tensors, which no reader here takes together; re-save "
+            "the LoRA in one dtype (F32, F16 or BF16)"
+        )
     try:
+        if "F64" in dtypes.values():
+            with safe_open(str(path), framework="numpy") as f:
+                return {k: mx.array(f.get_tensor(k).astype(np.float32)) for k in f.keys()}, metadata
         return mx.load(str(path)), metadata
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, SafetensorError) as e:
         raise LoRAError(f"{path} is not a readable safetensors file ({e})") from None
 
 

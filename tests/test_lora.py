@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.lora import (
@@ -136,6 +136,26 @@ def test_layouts_read_onto_our_modules_with_their_alphas(
         np.testing.assert_allclose(got, delta, rtol=1e-6, atol=1e-7)
 
 
+def test_float64_files_read_as_fp32(tmp_path, shapes):
+    """numpy-made files (F64 weights and alpha; MLX reads no F64) read through numpy; F64 with
+    BF16 in one file is refused by name."""
+    path, expected = layout_file(tmp_path, shapes, "kohya", alpha=16.0)
+    tensors = {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+    lora = read_lora(write(tmp_path / "f64.safetensors", tensors))
+    assert {d.up.dtype for ds in lora.deltas.values() for d in ds} == {mx.float32}
+    w1 = lora.deltas["layers.0.feed_forward.w1"][0]
+    got = w1.alpha_scale * np.array(w1.up) @ np.array(w1.down)
+    np.testing.assert_allclose(got, expected["layers.0.feed_forward.w1"], rtol=1e-6, atol=1e-7)
+    torch = pytest.importorskip("torch")  # the one writer here of F64 and BF16 in one file
+    from safetensors.torch import save_file as save_torch
+
+    mixed = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    mixed[next(iter(mixed))] = mixed[next(iter(mixed))].bfloat16()
+    save_torch(mixed, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(LoRAError, match="mixed.safetensors mixes F64 and BF16 tensors"):
+        read_lora(tmp_path / "mixed.safetensors")
+
+
 def test_module_names_map_to_the_checkpoint_names():
     assert map_module("layers.3.attention.to_k") == ("layers.3.attention.qkv", 1)
     assert map_module("layers.3.attention.to_out.0") == ("layers.3.attention.o", None)
@@ -183,12 +203,12 @@ def peft_header(**config):
         (
             {**A_B, f"{QKV}.lora_A.weight": np.ones((4, 8), np.int32)},
             None,
-            r"qkv.lora_A.weight is I32: LoRA weights must be F32, F16 or BF16",
+            r"qkv.lora_A.weight is I32: LoRA weights are floating point",
         ),
         (
-            {**A_B, f"{QKV}.lora_B.weight": np.ones((8, 4), np.float64)},
+            {**A_B, f"{QKV}.lora_B.weight": np.ones((8, 4), np.uint8)},
             None,
-            r"qkv.lora_B.weight is F64: LoRA weights must be F32, F16 or BF16",
+            r"qkv.lora_B.weight is U8: LoRA weights are floating point",
         ),
         ({**A_B, f"{QKV}.alpha": np.zeros((0,), np.float32)}, None, r"qkv.alpha has shape \(0,\)"),
         ({**A_B, f"{QKV}.alpha": np.ones((2,), np.float32)}, None, r"qkv.alpha has shape \(2,\)"),
@@ -227,7 +247,7 @@ def test_damaged_or_missing_files(tmp_path):
 
 def test_unmatched_modules_fail_unless_partial(tmp_path, shapes):
     path, _ = layout_file(tmp_path, shapes, "diffsynth")
-    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    tensors = load_file(str(path))
     d, u = pair(np.random.default_rng(1), *shapes["layers.0.attention.o"])
     tensors["layers.99.attention.o.lora_A.weight"] = d
     tensors["layers.99.attention.o.lora_B.weight"] = u
@@ -251,7 +271,7 @@ def test_a_lora_for_another_size_names_key_and_shapes(tmp_path, shapes):
 
 def test_text_encoder_keys_are_refused_by_name(tmp_path, shapes):
     path, _ = layout_file(tmp_path, shapes, "diffusers")
-    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    tensors = load_file(str(path))
     tensors["text_encoder.layers.0.mlp.lora_A.weight"] = np.ones((4, 8), np.float32)
     lora = read_lora(write(tmp_path / "te.safetensors", tensors))
     with pytest.raises(LoRAError, match="1 text-encoder keys .* not supported"):
@@ -367,6 +387,11 @@ def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes, monkey
     monkeypatch.setattr(Ideogram4Transformer, "from_pretrained", lambda *a, **k: 1 / 0)
     with pytest.raises(LoRAError, match=r"memory budget \(0\.0 GB\) streams 4 of them"):
         tight.dits()  # refused from the plan, before any weights load
+    nan_alpha = write(
+        tmp_path / "nan.safetensors", {**A_B, f"{QKV}.alpha": np.array(np.nan, np.float32)}
+    )
+    with pytest.raises(LoRAError, match=r"nan.safetensors: layers.0.attention.qkv.alpha is nan"):
+        load(tiny_checkpoint, "float32", loras=[str(nan_alpha)]).dits()  # no weights loaded
     with pytest.raises(LoRAError, match="is loaded already"):
         load(tiny_checkpoint, dtype="float32", loras=[str(path), str(path)])
     with pytest.raises(LoRAError, match="LoRA target 'both'"):
@@ -409,6 +434,13 @@ def test_cli_generate_with_lora_and_lora_info(tmp_path, tiny_checkpoint, shapes)
     assert "alpha / r : 2" in result.output and "names     : 2 of 2 modules" in result.output
     result = CliRunner().invoke(main, ["lora-info", str(path)])  # the real shapes: no fit
     assert result.exit_code == 0 and "shapes    : do not fit" in result.output
+    bad = write(tmp_path / "bad.safetensors", TO_Q, peft_header(alpha_pattern=["to_q"]))
+    never = tmp_path / "never.png"
+    for command in (["lora-info", str(bad)], [*args, "--lora", str(bad), "-o", str(never)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1, result.output
+        assert result.output.count("\n") == 1 and "alpha_pattern is a list" in result.output
+    assert not never.exists()
 
 
 def test_convert_bakes_a_lora_and_records_it(tmp_path, tiny_checkpoint, shapes):
@@ -473,7 +505,7 @@ def test_peft_alpha_pattern_and_rslora(tmp_path, shapes):
     """peft's scaling: alpha / r, alpha_pattern keys match a suffix of the module path (with
     alternatives), use_rslora scales by alpha / sqrt(r)."""
     path, _ = layout_file(tmp_path, shapes, "diffusers")
-    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    tensors = load_file(str(path))
     config = {"lora_alpha": 8, "r": RANK, "alpha_pattern": {"to_q|to_k": 2}}
     metadata = {"lora_adapter_metadata": json.dumps(config)}
     lora = read_lora(write(tmp_path / "pattern.safetensors", tensors, metadata))
@@ -517,7 +549,7 @@ def test_alpha_pattern_keys_match_a_dot_bounded_suffix(tmp_path):
 
 def test_partial_lora_warns_with_the_count_and_runs(tmp_path, tiny_checkpoint, shapes):
     path, _ = layout_file(tmp_path, shapes, "diffsynth")
-    tensors = dict(__import__("safetensors.numpy").numpy.load_file(str(path)))
+    tensors = load_file(str(path))
     d, u = pair(np.random.default_rng(5), *shapes["layers.0.attention.o"])
     tensors["layers.42.attention.o.lora_A.weight"] = d
     tensors["layers.42.attention.o.lora_B.weight"] = u
