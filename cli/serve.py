@@ -21,6 +21,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
+
+
 @click.command(short_help="Serve the model over HTTP (OpenAI-compatible API and a web page).")
 @model_options
 @lora_options
@@ -137,7 +141,10 @@ def serve(
                 fuse_lora=fuse_lora,
                 lora_allow_partial=lora_allow_partial,
             )
-        jobs = JobQueue(pipe, output_dir, max_queue, preview_every)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show_warning  # temporary files it removed: one line
+            jobs = JobQueue(pipe, output_dir, max_queue, preview_every)
     except (ValueError, ModelAccessError, OSError) as e:
         raise click.ClickException(str(e)) from e
     app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20, [host, *allowed_hosts])

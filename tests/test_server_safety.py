@@ -14,8 +14,11 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from PIL import Image
 from test_server import CAPTION, JOB, WAIT, cli, error_message, pipe, worker_held  # noqa: F401
 
 import ideogram4_mlx.server.app as app_module
+from ideogram4_mlx.metadata import read_metadata, save_png
 from ideogram4_mlx.server.app import BodyLimit, create_app
 from ideogram4_mlx.server.jobs import JobQueue
 
@@ -192,16 +196,21 @@ def test_openai_route_wrong_types_get_422_naming_the_field(url, field, name):
     assert name in message and "\n" not in message, message
 
 
-def test_serve_accepts_its_host_and_each_allowed_host(monkeypatch, tiny_checkpoint, tmp_path):
+def test_serve_allowed_hosts_and_its_one_line_on_removed_temporary_pngs(
+    monkeypatch, tiny_checkpoint, tmp_path
+):
     monkeypatch.delenv("IDEO4_API_KEY", raising=False)
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    (tmp_path / f".{'b' * 32}.png.k2j_8x0q.tmp").write_bytes(b"half a PNG")
     result = cli(
         "serve", "--host", "ideo.box", "--no-auth", "--allowed-host", "ideo.lan",
         "--allowed-host", "Photos.Home", "--model", tiny_checkpoint, "--dtype", "float32",
         "--output-dir", tmp_path,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if "temporary" in line]
+    assert line.startswith(f"warning: removed 1 temporary PNG file(s) in {tmp_path}")
     with serving(apps[0]) as url:
         for host in ("ideo.box", "ideo.lan:8000", "photos.home", "localhost:1", "10.0.0.7"):
             assert httpx.get(f"{url}/healthz", headers={"Host": host}).status_code == 200, host
@@ -297,3 +306,71 @@ def test_ended_edit_jobs_let_go_of_their_input_images(pipe, tmp_path, monkeypatc
     if baseline is not None:
         grew, kept = (held - baseline) / 2**20, (after - baseline) / 2**20
         assert grew > 6 * 40 and kept < grew / 4, f"grew {grew:.0f} MB, kept {kept:.0f} MB"
+
+
+# -- temporary PNGs left by a killed server (item 10) -------------------------------------------
+
+# A server stand-in: a JobQueue on the folder whose worker is writing a PNG (save_png's way)
+# when it is killed.
+WRITER = """
+import sys, time
+from ideogram4_mlx.files import write_file
+from ideogram4_mlx.server.jobs import JobQueue
+
+JobQueue(None, sys.argv[1])
+def write(f):
+    f.write(b"half a PNG")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+write_file(sys.argv[1] + "/" + "f" * 32 + ".png", write)
+"""
+
+
+def queue_warnings(pipe, folder) -> tuple[JobQueue, list[str]]:  # noqa: F811
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jobs = JobQueue(pipe, folder, max_queue=2)
+    return jobs, [str(w.message) for w in caught]
+
+
+def test_temporary_pngs_of_a_killed_server_are_removed_at_start(pipe, tmp_path):  # noqa: F811
+    folder = tmp_path / "out"
+    folder.mkdir()
+    ours = save_png(Image.new("RGB", (16, 16)), folder / ("a" * 32 + ".png"), {"prompt": "x"})
+    leftover = folder / f".{'b' * 32}.png.k2j_8x0q.tmp"
+    leftover.write_bytes(b"half a PNG")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    kept = [
+        folder / f".{'c' * 32}.png.abcdefgh.tmp",  # a link with our temporary name
+        folder / ".notes.txt.abcdefgh.tmp",  # another program's temporary file
+        folder / f".{'d' * 32}.png.abcdefgh.partial",
+    ]
+    kept[0].symlink_to(victim)
+    kept[1].write_text("not ours")
+    kept[2].mkdir()
+    jobs, said = queue_warnings(pipe, folder)
+    jobs.shutdown()
+    assert not leftover.exists() and not leftover.is_symlink()
+    assert len(said) == 1 and "removed 1 temporary PNG" in said[0] and str(folder) in said[0]
+    assert all(p.exists() or p.is_symlink() for p in kept) and victim.read_text() == "keep"
+    assert read_metadata(ours) == {"prompt": "x"}
+
+    # a live server writing into the folder: its temporary file stays, until it is killed
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (writing,) = folder.glob(f".{'f' * 32}.png.*.tmp")
+        jobs, said = queue_warnings(pipe, folder)
+        jobs.shutdown()
+        assert said == [] and writing.exists()
+    finally:
+        writer.kill()  # SIGKILL: no cleanup runs
+        writer.wait()
+    jobs, said = queue_warnings(pipe, folder)
+    jobs.shutdown()
+    assert not writing.exists() and len(said) == 1 and "removed 1" in said[0]
+    assert all(p.exists() or p.is_symlink() for p in kept) and ours.exists()

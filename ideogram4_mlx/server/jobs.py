@@ -6,16 +6,24 @@ event per step (and a preview every ``preview_every`` steps), honours a cancel b
 and writes the PNG atomically into the output folder under a server-chosen name. Everything
 that touches MLX runs on the worker thread (``run`` hands it other work, such as a magic
 prompt), so requests never race on the model.
+
+Each queue holds a shared ``flock`` on its output folder while it lives (the kernel drops it
+however the process ends); one that finds no other holder at start removes the temporary PNGs
+a killed server left there.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
+import os
 import queue
+import re
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,6 +42,8 @@ PREVIEW_SIDE = 256  # previews are small PNGs: the longer side in pixels
 ID_LENGTH = 32  # uuid4 hex
 KEEP_ENDED = 256  # ended jobs kept in memory (their PNGs stay listed from disk after that)
 KEEP_PREVIEWS = 8  # ended jobs that keep their preview images (data URLs, ~50 KB each)
+# save_png (files.write_file) writes <id>.png through a temporary ".<id>.png.<mkstemp's 8>.tmp"
+TEMPORARY_PNG = re.compile(rf"\.[0-9a-f]{{{ID_LENGTH}}}\.png\.[a-z0-9_]{{8}}\.tmp")
 
 
 class QueueFull(RuntimeError):
@@ -94,6 +104,7 @@ class JobQueue:
         self.pipe = pipe
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._folder_lock: int | None = self._claim_output_dir()
         self.max_queue = max_queue
         self.preview_every = preview_every
         self.keep_ended = keep_ended
@@ -186,6 +197,10 @@ class JobQueue:
                 self._cancel(job)
         self._work.put(None)
         self._thread.join(timeout)
+        # still alive: it may be writing a PNG, so the folder stays claimed until we exit
+        if not self._thread.is_alive() and self._folder_lock is not None:
+            os.close(self._folder_lock)
+            self._folder_lock = None
 
     # -- results on disk ------------------------------------------------------------------------
 
@@ -216,6 +231,39 @@ class JobQueue:
             return None
         path = self.output_dir / name
         return path if path.is_file() and not path.is_symlink() else None
+
+    def _claim_output_dir(self) -> int:
+        """A shared ``flock`` on the output folder, held while the queue lives. Taken
+        exclusively first: when that succeeds no live server writes here, so temporary PNGs
+        in it are a killed writer's and go."""
+        fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another server writes here: its temporary files are its own
+            else:
+                self._remove_temporary_pngs()
+            fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while another queue starts and cleans
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _remove_temporary_pngs(self) -> None:
+        removed = []
+        with os.scandir(self.output_dir) as entries:
+            for entry in entries:
+                # a link is never ours (and never followed): only regular files go
+                if TEMPORARY_PNG.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(entry.name)
+        if removed:
+            warnings.warn(
+                f"removed {len(removed)} temporary PNG file(s) in {self.output_dir} that a "
+                f"server stopped mid-write left (e.g. {removed[0]})",
+                stacklevel=4,  # JobQueue's caller
+            )
 
     # -- the worker -----------------------------------------------------------------------------
 
