@@ -374,3 +374,43 @@ def test_temporary_pngs_of_a_killed_server_are_removed_at_start(pipe, tmp_path):
     jobs.shutdown()
     assert not writing.exists() and len(said) == 1 and "removed 1" in said[0]
     assert all(p.exists() or p.is_symlink() for p in kept) and ours.exists()
+
+
+# -- the body limit counts every chunk ----------------------------------------------------------
+
+
+def test_body_limit_adds_up_chunks_each_under_the_limit():
+    """Four 400-byte chunks, no Content-Length, against a 1000-byte limit: a 413 once the
+    third arrives (a per-chunk count would let all four through)."""
+
+    async def route(scope, receive, send):  # reads the whole body, as a route does
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    async def call(chunks: list[bytes]) -> tuple[int, bytes]:
+        messages = [
+            {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+            for i, c in enumerate(chunks)
+        ]
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "headers": []}
+        await BodyLimit(route, max_bytes=1000)(scope, receive, send)
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], body
+
+    status, body = asyncio.run(call([b"x" * 400] * 4))
+    assert status == 413 and b"over the server's limit of 1000 bytes" in body
+    assert asyncio.run(call([b"x" * 400] * 2)) == (200, b"800")
