@@ -35,6 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import regex
 from safetensors import SafetensorError, safe_open
 
 from ideogram4_mlx import hub
@@ -64,6 +65,10 @@ WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 # An ``.alpha`` may also be an integer (kohya writes torch.tensor(alpha) for an int alpha).
 ALPHA_DTYPES = (*WEIGHT_DTYPES, "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
 MAX_PATTERN_LENGTH = 256  # alpha_pattern keys are regular expressions run on every module name
+MAX_PATTERNS = 4096  # an alpha_pattern entry per module of both DiTs fits many times over
+# A short regex can still backtrack for ages (`(.|.)*Z`); `regex` stops a match at a deadline.
+PATTERN_SECONDS = 0.25
+PEFT_PREFIX = r"(.*\.)?("  # peft's get_pattern_key: a dot-bounded suffix of the module name
 PEFT_FIX = "fix it or re-save the LoRA with diffusers' save_lora_weights"
 
 
@@ -145,6 +150,11 @@ def _peft_alphas(path: Path, metadata: dict | None) -> tuple[float | None, dict,
             f"{where}: alpha_pattern is a {type(pattern).__name__}, not an object "
             f"{{module pattern: alpha}}; {PEFT_FIX}"
         )
+    if len(pattern) > MAX_PATTERNS:
+        raise LoRAError(
+            f"{where}: alpha_pattern has {len(pattern)} keys, over the {MAX_PATTERNS} this "
+            f"reader takes; {PEFT_FIX}"
+        )
     compiled = {}
     for key, value in pattern.items():
         if not _finite_number(value):
@@ -155,7 +165,7 @@ def _peft_alphas(path: Path, metadata: dict | None) -> tuple[float | None, dict,
     return alpha, compiled, rslora is True
 
 
-def _peft_pattern(where: str, key: str) -> re.Pattern:
+def _peft_pattern(where: str, key: str) -> regex.Pattern:
     r"""An ``alpha_pattern`` key as peft's ``get_pattern_key`` matches it,
     ``re.match(rf"(.*\.)?({key})$", name)``: the key matches a dot-bounded suffix of the module
     name (``1.w1`` is ``layers.1.w1``, not ``layers.11.w1``; ``layers.1`` names no linear)."""
@@ -165,19 +175,25 @@ def _peft_pattern(where: str, key: str) -> re.Pattern:
             f"{MAX_PATTERN_LENGTH} of a module pattern; {PEFT_FIX}"
         )
     try:
-        re.compile(key)
-    except re.error as e:
+        regex.compile(key, flags=regex.VERSION0)
+    except regex.error as e:
         raise LoRAError(
             f"{where}: alpha_pattern key {key!r} is not a valid regular expression ({e}); "
             f"{PEFT_FIX}"
         ) from None
-    return re.compile(rf"(.*\.)?({key})")
+    return regex.compile(rf"{PEFT_PREFIX}{key})", flags=regex.VERSION0)
 
 
-def _pattern_alpha(module: str, default: float | None, pattern: dict) -> float | None:
+def _pattern_alpha(path: Path, module: str, default: float | None, pattern: dict) -> float | None:
     for key, value in pattern.items():  # the first key that matches, as peft takes it
-        if key.fullmatch(module):
-            return value
+        try:
+            if key.fullmatch(module, timeout=PATTERN_SECONDS):
+                return value
+        except TimeoutError:
+            raise LoRAError(
+                f"{path}: alpha_pattern key {key.pattern.removeprefix(PEFT_PREFIX)[:-1]!r} took "
+                f"over {PATTERN_SECONDS} s to match {module!r} (a regular expression that backtracks); {PEFT_FIX}"
+            ) from None
     return default
 
 
@@ -288,7 +304,7 @@ def read_lora(path: Path | str) -> LoRAFile:
                     f"{path}: {key} holds NaN or inf; the LoRA is damaged: download or export "
                     "it again"
                 )
-        alpha = alphas.get(module, _pattern_alpha(module, peft_alpha, alpha_pattern))
+        alpha = alphas.get(module, _pattern_alpha(path, module, peft_alpha, alpha_pattern))
         # peft scales by alpha / r, or alpha / sqrt(r) with use_rslora; no alpha: alpha = r
         per_rank = alpha / (math.sqrt(rank) if rslora else rank) if alpha is not None else 1.0
         target, third = map_module(module)

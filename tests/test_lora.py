@@ -174,6 +174,10 @@ TO_Q = {
 }
 
 
+# ~3**23 ways to split a 23-character module name: hours for `re`, stopped by the deadline
+BACKTRACKING = {"([a-z_.0-9]|[a-z_.0-9]|[a-z_.0-9])*[A-Y]": 2}
+
+
 def peft_header(**config):
     """``lora_adapter_metadata`` holding ``config`` (json.dumps writes NaN as ``NaN``)."""
     return {"lora_adapter_metadata": json.dumps({"lora_alpha": 8, "r": 4, **config})}
@@ -224,6 +228,9 @@ def peft_header(**config):
         (TO_Q, peft_header(alpha_pattern={"to_q[": 2}), r"key 'to_q\[' is not a valid regular"),
         (TO_Q, peft_header(alpha_pattern={"q" * 300: 2}), r"key 'q+'\.\.\. is 300 characters"),
         (TO_Q, peft_header(use_rslora="yes"), "use_rslora is 'yes', not true or false"),
+        # a short pattern that backtracks exponentially on a module name: stopped, not hung
+        (TO_Q, peft_header(alpha_pattern=BACKTRACKING), r"took over 0.25 s to match"),
+        (TO_Q, peft_header(alpha_pattern=dict.fromkeys(map(str, range(4097)), 2)), "4097 keys"),
     ],
 )
 def test_bad_lora_files_name_the_key(tmp_path, tensors, metadata, message):
