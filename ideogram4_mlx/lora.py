@@ -192,7 +192,8 @@ def _pattern_alpha(path: Path, module: str, default: float | None, pattern: dict
         except TimeoutError:
             raise LoRAError(
                 f"{path}: alpha_pattern key {key.pattern.removeprefix(PEFT_PREFIX)[:-1]!r} took "
-                f"over {PATTERN_SECONDS} s to match {module!r} (a regular expression that backtracks); {PEFT_FIX}"
+                f"over {PATTERN_SECONDS} s to match {module!r} (a regular expression that "
+                f"backtracks); {PEFT_FIX}"
             ) from None
     return default
 
