@@ -300,9 +300,7 @@ def openai_requests(body: Any) -> tuple[list[GenerationRequest], str]:
         except ValueError:
             raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
         body.update(width=width, height=height)
-    base = request_from_json(body)
-    if base.seed is not None and (isinstance(base.seed, bool) or not isinstance(base.seed, int)):
-        raise BadRequest(f"seed {base.seed!r} must be an integer (image i gets seed + i)")
+    base = request_from_json(body)  # its seed is an integer or None: image i gets seed + i
     seeds = [None if base.seed is None else base.seed + i for i in range(n)]
     return [replace(base, seed=seed) for seed in seeds], response_format
 
