@@ -12,7 +12,6 @@ import ctypes
 import gc
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -167,11 +166,11 @@ BAD_JOBS = {
 
 @pytest.mark.parametrize("field, name", BAD_JOBS.values(), ids=BAD_JOBS.keys())
 def test_wrong_json_types_get_422_naming_the_field(url, field, name):
+    # JSON text, as a client could send it; the field comes last, and a later key wins
     settings = {"width": 256, "height": 256, "preset": "V4_TURBO_12", "num_steps": 1}
     body = json.dumps({"prompt": "a sign", **settings})[:-1] + ", " + field + "}"
     body = body.replace('"PNG"', json.dumps(base64.b64encode(png_bytes((64, 64))).decode()))
     body = body.replace('"BROKEN"', json.dumps(broken_idat_png()))
-    # a later key of the same name wins in JSON, as in Python's parser
     response = httpx.post(
         f"{url}/v1/jobs", content=body, headers={"Content-Type": "application/json"}, timeout=60
     )
