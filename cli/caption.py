@@ -39,10 +39,8 @@ def verify_caption(path: str) -> None:
     """
     try:
         findings = verify_file(path)
-    except UnicodeDecodeError as e:
-        raise click.ClickException(
-            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-        ) from e
+    except ValueError as e:  # too long, not UTF-8, unreadable
+        raise click.ClickException(str(e)) from e
     for finding in findings:
         click.echo(f"{path}: {finding}")
     if findings:

@@ -1,7 +1,8 @@
 """JSON caption verifier: the official ``CaptionVerifier`` rules (spec §G.2), pure Python.
 
-Every finding is a warning string; nothing here raises. Key-order checks use strict
-equality with the official order, as the reference does.
+Every finding is a warning string; nothing here raises (but ``read_text_file``, the bounded
+reader of every text file a command takes). Key-order checks use strict equality with the
+official order, as the reference does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ HEX_COLOR = re.compile(r"#[0-9A-F]{6}")
 NON_ASCII_ESCAPE = re.compile(
     r"\\u(00[89a-fA-F][0-9a-fA-F]|0[1-9a-fA-F][0-9a-fA-F]{2}|[1-9a-fA-F][0-9a-fA-F]{3})"
 )
+# Prompts are capped at 2048 tokens (prompt.py), a few KB; a file past this is the wrong file
+# (or /dev/zero), refused before it fills the memory.
+MAX_TEXT_FILE_BYTES = 256 * 1024
 # A caption nests about 4 levels; the bound keeps json's recursion far from Python's limit.
 MAX_JSON_DEPTH = 64
 PLAIN_PROMPT_WARNING = (
@@ -81,8 +85,33 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def read_text_file(
+    path: Path | str, max_bytes: int = MAX_TEXT_FILE_BYTES, encoding: str = "utf-8"
+) -> str:
+    """A text file (prompt, caption, system prompt) of at most ``max_bytes``: at most
+    ``max_bytes + 1`` bytes are read, so an endless or huge file costs nothing. Raises
+    ValueError, one line naming the file, when it is longer, not UTF-8 or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise ValueError(
+            f"{path} is over {max_bytes // 1024} KiB; a prompt or caption is a few KB "
+            "(is it the right file?)"
+        )
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+
+
 def verify_file(path: Path | str) -> list[str]:
-    return verify_raw(Path(path).read_text(encoding="utf-8"))
+    """``verify_raw`` of a caption file (``read_text_file``: ValueError if unreadable)."""
+    return verify_raw(read_text_file(path))
 
 
 def verify(obj: object) -> list[str]:

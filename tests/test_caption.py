@@ -2,10 +2,18 @@
 
 import copy
 import json
+import time
 
 import pytest
 
-from ideogram4_mlx.caption import is_json_prompt, verify, verify_file, verify_raw
+from ideogram4_mlx.caption import (
+    MAX_TEXT_FILE_BYTES,
+    is_json_prompt,
+    read_text_file,
+    verify,
+    verify_file,
+    verify_raw,
+)
 
 GOOD = {
     "high_level_description": "A poster that reads 'Café Zürich'.",
@@ -244,3 +252,35 @@ def test_verify_caption_command_bad_inputs(tmp_path):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(main, ["verify-caption", str(deep)])
     assert result.exit_code == 1 and "nests" in result.output and "Traceback" not in result.output
+
+
+def test_text_files_are_read_up_to_a_bound(tmp_path):
+    at_limit, over = tmp_path / "at_limit.txt", tmp_path / "over.txt"
+    at_limit.write_bytes(b"a" * MAX_TEXT_FILE_BYTES)
+    over.write_bytes(b"a" * (MAX_TEXT_FILE_BYTES + 1))
+    assert read_text_file(at_limit) == "a" * MAX_TEXT_FILE_BYTES
+    for path in (over, "/dev/zero"):
+        with pytest.raises(ValueError, match=f"{path} is over 256 KiB"):
+            read_text_file(path)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfa fox")
+    assert read_text_file(bom, encoding="utf-8-sig") == "a fox"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(.* at byte 3\); save"):
+        read_text_file(latin1)
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path}: Is a directory"):
+        read_text_file(tmp_path)
+
+
+def test_verify_caption_command_refuses_an_endless_file_quickly():
+    from click.testing import CliRunner
+
+    from ideogram4_mlx.cli import main
+
+    start = time.monotonic()
+    result = CliRunner().invoke(main, ["verify-caption", "/dev/zero"])
+    assert time.monotonic() - start < 5
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = "/dev/zero is over 256 KiB; a prompt or caption is a few KB (is it the right file?)"
+    assert result.output == f"Error: {message}\n"
