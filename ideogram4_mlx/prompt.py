@@ -1,18 +1,22 @@
 """Prompts -> token ids -> cached text features (spec §D.1).
 
 ``PromptEncoder`` owns the tokenizer and its chat template, the text encoder (loaded only when
-a prompt is not cached) and a small LRU cache of encoded prompts.
+a prompt is not cached) and a small LRU cache of encoded prompts. ``render_chat`` renders chat
+templates (a checkpoint's, or a ``--magic-model``'s) with bounded time, memory and output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import signal
+import subprocess
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import jinja2
 import mlx.core as mx
 import numpy as np
 
@@ -25,8 +29,108 @@ from ideogram4_mlx.weights import CheckpointError, read_json
 # diffusers, mflux and DiffSynth cap the templated prompt at 2048 tokens (the official code
 # allows 8192). We follow the ports so that one prompt gives the same image in all of them.
 MAX_TEXT_TOKENS = 2048
+# A prompt this long is far over MAX_TEXT_TOKENS (a token is a few characters); refused before
+# the tokenizer spends time on it.
+MAX_PROMPT_CHARS = 256 * MAX_TEXT_TOKENS
 # Any id works for padding slots: they are masked out of attention and zeroed in the output.
 PAD_TOKEN_ID = 0
+
+# A chat template is a program. These render here: sha256 of ``template_digest``'s text of the
+# Qwen3-VL template (synth/data/ holds a copy; test_prompt checks the two agree), whose work
+# grows with the messages only. Any other template renders in a child process within limits.
+KNOWN_TEMPLATES = frozenset({"9d879ef91075acbfb2df7e441fd79d60bacfca989cf6d511d2af45c681e94f10"})
+# A template renders in milliseconds; the child stops one that loops or grows past these.
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MEMORY = 512 * 2**20  # bytes over the child's own size (Linux; macOS ignores RLIMIT_AS)
+TEMPLATE_MAX_CHARS = 1_000_000
+# A fresh interpreter with jinja2 starts in ~0.2 s; a busy machine may take much longer.
+CHILD_START_SECONDS = 30.0
+
+# The child: a fresh interpreter with only jinja2, rendering as transformers does (its sandboxed
+# environment, filters and globals), under a wall-clock timer (loops), a CPU limit (a long C
+# call), a memory limit and an output cap. It answers one JSON line: {"text"} or {"error"}.
+RENDER_CHILD = r"""
+import json, math, resource, signal, sys
+from datetime import datetime
+import jinja2, jinja2.ext, jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+job = json.loads(sys.stdin.read())
+seconds, memory, max_chars = job["seconds"], job["memory"], job["max_chars"]
+
+
+def answer(**reply):
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.stdout.write(json.dumps(reply))
+    sys.exit(0)
+
+
+class OutOfTime(BaseException):  # not an Exception: no `except Exception` in jinja swallows it
+    pass
+
+
+def out_of_time(signum, frame):
+    raise OutOfTime
+
+
+class Generation(jinja2.ext.Extension):  # transformers' {% generation %} tag: the body as is
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        call = self.call_method("_body")
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+try:
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (size + memory, size + memory))
+except (OSError, ValueError):
+    pass  # no /proc (macOS), or a lower limit already: time and the output cap still hold
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu = math.ceil(usage.ru_utime + usage.ru_stime + seconds)
+try:
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+except ValueError:
+    pass  # a lower CPU limit already
+signal.signal(signal.SIGALRM, out_of_time)
+signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)  # and again every 0.1 s until answered
+try:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    pieces, length = [], 0
+    for piece in env.from_string(job["template"]).generate(**job["variables"]):
+        length += len(piece)
+        if length > max_chars:
+            answer(error=f"it wrote over {max_chars} characters")
+        pieces.append(piece)
+    answer(text="".join(pieces))
+except OutOfTime:
+    answer(error=f"it ran over {seconds:g} s")
+except MemoryError:
+    answer(error=f"MemoryError: it needed over {memory >> 20} MiB")
+except Exception as e:  # a template error, or any exception the template's code raised
+    answer(error=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+"""
 
 
 def canonical_prompt(prompt: str) -> str:
@@ -46,14 +150,14 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
     Raises ValueError when the result is longer than ``MAX_TEXT_TOKENS``, ``CheckpointError``
     naming the template file when the chat template fails (the Jinja sandbox refused it).
     """
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"prompt is {len(prompt)} characters long, far over the limit of {MAX_TEXT_TOKENS} "
+            f"tokens in the chat template (no prompt over {MAX_PROMPT_CHARS} characters fits). "
+            "Shorten the prompt."
+        )
     messages = [{"role": "user", "content": [{"type": "text", "text": canonical_prompt(prompt)}]}]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except (jinja2.TemplateError, OverflowError) as e:  # OverflowError: the sandbox's range cap
-        raise CheckpointError(
-            f"{template_file(tokenizer.name_or_path)}: the chat template failed "
-            f"({reason(e)}); restore the Qwen3-VL template of the original checkpoint"
-        ) from None
+    text = render_chat(tokenizer, messages)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > MAX_TEXT_TOKENS:
         raise ValueError(
@@ -61,6 +165,64 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
             f"{MAX_TEXT_TOKENS} tokens. Shorten the prompt."
         )
     return ids
+
+
+def template_digest(template: str) -> str:
+    """sha256 of a chat template, line endings and surrounding whitespace normalized."""
+    return hashlib.sha256(template.replace("\r\n", "\n").strip().encode("utf-8")).hexdigest()
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    """``messages`` in the tokenizer's chat template plus the generation prompt: the text
+    ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`` gives, with
+    bounded work. A template in ``KNOWN_TEMPLATES`` renders here; any other in a child process
+    stopped after ``TEMPLATE_SECONDS``, ``TEMPLATE_MEMORY`` or ``TEMPLATE_MAX_CHARS``.
+
+    Raises ``CheckpointError`` (one line, naming the template file) when the template fails,
+    the Jinja sandbox refuses it, or it exceeds a limit.
+    """
+    if tokenizer.chat_template is None:
+        raise CheckpointError(f"{tokenizer.name_or_path}: the tokenizer has no chat template")
+    template = tokenizer.get_chat_template()
+    if template_digest(template) in KNOWN_TEMPLATES:  # its work grows with the messages only
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    variables = {**tokenizer.special_tokens_map, "messages": messages}  # as transformers passes
+    variables.update(tools=None, documents=None, add_generation_prompt=True)
+    reply = render_in_child(template, variables)
+    if "error" in reply:
+        raise CheckpointError(
+            f"{template_file(tokenizer.name_or_path)}: the chat template failed "
+            f"({reply['error']}); restore the Qwen3-VL template of the original checkpoint"
+        )
+    return reply["text"]
+
+
+def render_in_child(template: str, variables: dict) -> dict:
+    """``RENDER_CHILD``'s answer for one template: ``{"text": ...}`` or ``{"error": ...}``."""
+    job = {
+        "template": template,
+        "variables": variables,
+        "seconds": TEMPLATE_SECONDS,
+        "memory": TEMPLATE_MEMORY,
+        "max_chars": TEMPLATE_MAX_CHARS,
+    }
+    over_time = {"error": f"it ran over {TEMPLATE_SECONDS:g} s"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", RENDER_CHILD],
+            input=json.dumps(job, default=str),  # ASCII: the child's locale cannot garble it
+            capture_output=True,
+            encoding="utf-8",
+            timeout=TEMPLATE_SECONDS + CHILD_START_SECONDS,
+        )
+    except subprocess.TimeoutExpired:  # run() has killed it
+        return over_time
+    if done.returncode == -signal.SIGXCPU:  # a long C call outlasted the timer: the CPU limit
+        return over_time
+    if done.returncode != 0:
+        cause = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return {"error": f"the renderer process failed ({cause[:300]})"}
+    return json.loads(done.stdout)
 
 
 def reason(e: Exception) -> str:

@@ -1,19 +1,28 @@
 """Prompt preparation and the prompt encoder: chat template, canonical captions, cache, release."""
 
+import copy
 import json
 import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import CAPTION, CAPTION_TEXT
 
+from ideogram4_mlx import prompt as prompt_module
 from ideogram4_mlx.prompt import (
+    KNOWN_TEMPLATES,
+    MAX_PROMPT_CHARS,
     MAX_TEXT_TOKENS,
     PromptEncoder,
     canonical_prompt,
     pad_left,
     prompt_token_ids,
+    render_chat,
+    template_digest,
 )
 from ideogram4_mlx.weights import CheckpointError
 
@@ -131,6 +140,77 @@ def test_chat_template_the_sandbox_refuses_is_one_line_naming_it(
     error = load_error(tmp_path)
     assert error.startswith(f"{folder / 'chat_template.jinja'}: the chat template failed ({kind}")
     assert error.endswith("restore the Qwen3-VL template of the original checkpoint")
+
+
+# A template is a program: each of these ran for hours or filled the memory in the sandbox.
+HOSTILE_TEMPLATES = [
+    # pure work, no output, no call or attribute access per iteration
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    # one huge value (MemoryError under the memory cap, else the output cap)
+    '{{ "x" * 10**9 }}',
+    # output, a little at a time
+    "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxx{% endfor %}{% endfor %}",
+    # a long calculation inside one C call
+    "{{ 7 ** (7 ** 9) }}",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
+def test_hostile_chat_template_ends_in_one_line_within_seconds(tiny_checkpoint, tmp_path, template):
+    folder = tokenizer_copy(tiny_checkpoint, tmp_path)
+    (folder / "chat_template.jinja").write_text(template)
+    start = time.monotonic()
+    error = load_error(tmp_path)
+    assert time.monotonic() - start < 20  # a 2 s budget plus a fresh interpreter
+    assert error.startswith(f"{folder / 'chat_template.jinja'}: the chat template failed (")
+    assert any(k in error for k in ("ran over 2 s", "MemoryError", "wrote over 1000000")), error
+
+
+def test_the_known_template_renders_in_process_and_is_the_synthetic_one(tokenizer, monkeypatch):
+    synth = Path(prompt_module.__file__).parent / "synth/data/qwen3_vl_chat_template.jinja"
+    assert template_digest(synth.read_text(encoding="utf-8")) in KNOWN_TEMPLATES
+    assert template_digest(tokenizer.chat_template) in KNOWN_TEMPLATES
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("the known template was rendered in a child process")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    assert prompt_token_ids(tokenizer, "a fox")
+
+
+# What expand() sends (a system prompt, then the idea) and what generate sends.
+CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a fox"}],
+    [{"role": "user", "content": [{"type": "text", "text": CAPTION_TEXT}]}],
+]
+# Templates that are not the known one render in a child process; the output is transformers'.
+OTHER_TEMPLATES = [
+    "{#- a copy of the official template -#}\n{template}",
+    "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+    "{% if m.role == 'system' %}{% continue %}{% endif %}{{ ns.n }}:{{ m.content | tojson }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}"
+    "{% if tools is none and documents is none %}!{% endif %}"
+    "{% generation %}{{ 'x' }}{% endgeneration %}",
+]
+
+
+@pytest.mark.parametrize("other", OTHER_TEMPLATES)
+@pytest.mark.parametrize("messages", CHATS)
+def test_another_template_renders_as_transformers_does(tokenizer, other, messages):
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = other.replace("{template}", tokenizer.chat_template)
+    assert template_digest(tokenizer.chat_template) not in KNOWN_TEMPLATES
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render_chat(tokenizer, messages) == expected
+
+
+def test_overlong_prompt_in_characters_is_refused_before_tokenizing(tokenizer, monkeypatch):
+    def no_render(*args, **kwargs):
+        raise AssertionError("the prompt was rendered")
+
+    monkeypatch.setattr(prompt_module, "render_chat", no_render)
+    with pytest.raises(ValueError, match=f"prompt is {MAX_PROMPT_CHARS + 1} characters long"):
+        prompt_token_ids(tokenizer, "x" * (MAX_PROMPT_CHARS + 1))
 
 
 def test_missing_chat_template_is_one_line(tiny_checkpoint, tmp_path):
