@@ -15,13 +15,14 @@ from click.core import ParameterSource
 from PIL import Image
 from tqdm import tqdm
 
-from ideogram4_mlx.caption import is_json_prompt, parse_json
-from ideogram4_mlx.cli.magic import magic_options
+from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
+from ideogram4_mlx.cli.magic import checked_magic_options, magic_options
 from ideogram4_mlx.cli.options import lora_options, model_options, parse_expand
 from ideogram4_mlx.distributed import MAX_IMAGES, DataGroup, DistributedError, image_seeds
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.hub import ModelAccessError
+from ideogram4_mlx.magic.options import check_idea
 from ideogram4_mlx.metadata import (
     LOAD_KEYS,
     check_output,
@@ -40,11 +41,9 @@ def _read_prompt_file(ctx, param, path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise click.BadParameter(f"{path} is not UTF-8 text ({e})") from e
-    except OSError as e:
-        raise click.BadParameter(f"cannot read {path}: {e.strerror}") from e
+        raw = read_text_file(path, encoding="utf-8-sig")
+    except ValueError as e:  # too long (/dev/zero), not UTF-8, unreadable
+        raise click.BadParameter(str(e)) from e
     if path.suffix.lower() == ".json" or is_json_prompt(raw):
         try:
             parse_json(raw)  # unstripped, so the error position is the file's
@@ -314,6 +313,9 @@ def generate(
         warnings.filterwarnings("always", message="caption:")
         warnings.showwarning = _show_warning
         try:
+            magic = checked_magic_options(magic)  # bounded: before anything loads
+            if settings["magic_prompt"] and settings["prompt"] is not None:
+                check_idea(settings["prompt"])
             given = [*loras, *uncond_loras]
             if from_metadata is None:
                 load_kwargs = {k: settings.pop(k) for k in LOAD_KEYS}

@@ -10,32 +10,43 @@ import mlx.core as mx
 from ideogram4_mlx.cli.options import model_options
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.hub import ModelAccessError
+from ideogram4_mlx.magic.options import (
+    DEFAULT_MAX_TOKENS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS_LIMIT,
+    MIN_MAX_TOKENS,
+    check_idea,
+    check_sampling,
+    check_system_prompt,
+    check_target,
+)
 from ideogram4_mlx.pipeline import load
 
 
 def magic_options(function):
-    """The expansion options shared by `magic-prompt` and `generate --magic-prompt`."""
+    """The expansion options shared by `magic-prompt` and `generate --magic-prompt` (checked
+    by ``checked_magic_options`` before anything loads)."""
     options = [
         click.option(
             "--max-tokens",
-            type=click.IntRange(32, 4096),
-            default=1024,
+            type=int,
+            default=DEFAULT_MAX_TOKENS,
             show_default=True,
-            help="Longest caption, in tokens.",
+            help=f"Longest caption, in tokens ({MIN_MAX_TOKENS}..{MAX_TOKENS_LIMIT}).",
         ),
         click.option(
             "--temperature",
-            type=click.FloatRange(0, 2),
+            type=float,
             default=1.0,
             show_default=True,
-            help="Sampling temperature (0: greedy).",
+            help=f"Sampling temperature, 0..{MAX_TEMPERATURE:g} (0: greedy).",
         ),
         click.option(
             "--top-p",
-            type=click.FloatRange(0, 1),
+            type=float,
             default=1.0,
             show_default=True,
-            help="Nucleus sampling: keep the most likely tokens up to this mass (1: all).",
+            help="Nucleus sampling, 0..1: keep the most likely tokens up to this mass (1: all).",
         ),
         click.option("--keep-bboxes", is_flag=True, help="Keep element bounding boxes."),
         click.option(
@@ -59,12 +70,25 @@ def magic_options(function):
     return function
 
 
+def checked_magic_options(options: dict) -> dict:
+    """``magic_options``' values checked by the library's rules (``MagicPromptError``), the
+    system prompt file read (bounded): what ``pipe.expand`` gets."""
+    check_sampling(options["temperature"], options["top_p"], options["max_tokens"])
+    return {**options, "system_prompt": check_system_prompt(options["system_prompt"])}
+
+
 @click.command("magic-prompt", short_help="Expand a plain idea into a JSON caption.")
 @click.argument("idea")
 @model_options
-@click.option("--width", type=int, default=1024, show_default=True, help="Target width.")
-@click.option("--height", type=int, default=1024, show_default=True, help="Target height.")
-@click.option("--seed", type=click.IntRange(min=0), help="Sampling seed (default: random).")
+@click.option(
+    "--width",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Target width, 1..2048 (the aspect ratio is what counts).",
+)
+@click.option("--height", type=int, default=1024, show_default=True, help="Target height, 1..2048.")
+@click.option("--seed", type=int, help="Sampling seed, 0..2**63-1 (default: random).")
 @click.option(
     "--output",
     "-o",
@@ -89,6 +113,9 @@ def magic_prompt(
         raise click.ClickException(f"{output} already exists; pass --force to replace it")
     stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
     try:
+        idea = check_idea(idea)  # every input before the model loads
+        check_target(options["width"], options["height"], options["seed"])
+        options = checked_magic_options(options)
         pipe = load(
             model, dtype=dtype, revision=revision, magic_head=magic_head, magic_model=magic_model
         )

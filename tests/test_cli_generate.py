@@ -288,6 +288,8 @@ def test_from_metadata_options_override_the_stored_ones(
         (["--prompt-file", "{tmp}/bad.json"], "bad.json is not valid JSON: Expecting"),
         (["--prompt-file", "{tmp}/bad.txt"], "line 2 column 1"),
         (["--prompt-file", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text"),
+        (["--prompt-file", "/dev/zero"], "/dev/zero is over 256 KiB; a prompt or caption is"),
+        (["--prompt-file", "{tmp}/huge.txt"], "huge.txt is over 256 KiB"),
         (["--prompt", "a cat", "--strict-caption"], "caption check failed: plain-text prompt"),
         (["--prompt", "x", "--guidance-schedule", "7,x"], "not a comma-separated list"),
         (["--prompt", "x", "--guidance-schedule", "7,nan"], "must be finite"),
@@ -323,6 +325,7 @@ def test_bad_inputs_fail_before_loading_with_one_line(monkeypatch, tmp_path, arg
     (tmp_path / "bad.txt").write_text('{"a": 1,\n', encoding="utf-8")
     (tmp_path / "ok.txt").write_text("a cat", encoding="utf-8")
     (tmp_path / "latin1.txt").write_text("un café", encoding="latin-1")
+    (tmp_path / "huge.txt").write_text("a fox " * 50_000, encoding="utf-8")  # 300 KB
     (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
     (tmp_path / "dir.png").mkdir()
     stored = {

@@ -92,15 +92,22 @@ def _ll_tokenizer(hf_tokenizer: PreTrainedTokenizerFast, eos_ids: tuple[int, ...
     return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=list(eos_ids))
 
 
+def hf_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer of an mlx-lm ``TokenizerWrapper`` (or the one given)."""
+    if isinstance(tokenizer, TokenizerWrapper):
+        return tokenizer._tokenizer
+    if isinstance(tokenizer, PreTrainedTokenizerFast):
+        return tokenizer
+    raise TypeError(
+        f"the magic prompt needs an mlx-lm TokenizerWrapper or a transformers fast tokenizer, "
+        f"got {type(tokenizer).__name__}"
+    )
+
+
 def _hf_and_eos(tokenizer) -> tuple[PreTrainedTokenizerFast, tuple[int, ...]]:
     if isinstance(tokenizer, TokenizerWrapper):
         return tokenizer._tokenizer, tuple(sorted(tokenizer.eos_token_ids))
-    if isinstance(tokenizer, PreTrainedTokenizerFast):
-        return tokenizer, (tokenizer.eos_token_id,)
-    raise TypeError(
-        f"caption_processor needs an mlx-lm TokenizerWrapper or a transformers fast tokenizer, "
-        f"got {type(tokenizer).__name__}"
-    )
+    return hf_tokenizer(tokenizer), (tokenizer.eos_token_id,)
 
 
 class CaptionProcessor:

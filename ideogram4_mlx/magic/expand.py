@@ -16,13 +16,17 @@ import mlx.nn as nn
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from ideogram4_mlx.magic.constrain import caption_processor, finish_caption
-
-# A full caption (several elements with descriptions) takes 300-900 tokens; the bound keeps a
-# typo from running for hours.
-DEFAULT_MAX_TOKENS = 1024
-MAX_TOKENS_LIMIT = 4096
-MIN_MAX_TOKENS = 32
+from ideogram4_mlx.magic.constrain import caption_processor, finish_caption, hf_tokenizer
+from ideogram4_mlx.magic.options import (
+    DEFAULT_MAX_TOKENS,
+    MAX_TOKENS_LIMIT,
+    MagicPromptError,
+    check_idea,
+    check_sampling,
+    check_system_prompt,
+    check_target,
+)
+from ideogram4_mlx.prompt import render_chat
 
 # Written for this project from the schema facts (spec §G.1-G.2); --system-prompt replaces it.
 SYSTEM_PROMPT = """\
@@ -45,10 +49,6 @@ An element may end with "color_palette", up to 5 colours.
 Write concrete, visual descriptions: materials, colours, positions, light. Keep every word \
 the idea asks to be written in the image exactly as given, in its own script. Do not invent \
 text the idea does not imply. Match the composition to the target aspect ratio."""
-
-
-class MagicPromptError(ValueError):
-    """The idea cannot be expanded into a valid caption (empty, or out of tokens)."""
 
 
 def aspect_ratio(width: int, height: int) -> str:
@@ -82,22 +82,21 @@ def expand(
     ``temperature``/``top_p`` under the caption grammar, seeded by ``seed``; ``on_text``
     receives the text as it streams. Bounding boxes are dropped unless ``keep_bboxes``;
     ``grammar_limits`` tightens the grammar's string and element bounds (``constrain.py``).
-    Raises :class:`MagicPromptError` for an empty idea or when ``max_tokens`` ends the caption
-    early (no partial JSON is returned).
+    Raises :class:`MagicPromptError` for a bad input (``options.py``: an empty or over-long
+    idea, a non-finite or out-of-range setting) before any model work, or when ``max_tokens``
+    ends the caption early (no partial JSON is returned); ``CheckpointError`` when the chat
+    template fails (``prompt.render_chat`` bounds its work).
     """
-    idea = (idea or "").strip()
-    if not idea:
-        raise MagicPromptError("the idea is empty: describe the image to expand")
-    if not MIN_MAX_TOKENS <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise MagicPromptError(
-            f"max_tokens {max_tokens} is out of range: use {MIN_MAX_TOKENS}..{MAX_TOKENS_LIMIT}"
-        )
-    system = read_system_prompt(system_prompt)
+    idea = check_idea(idea)
+    check_target(width, height, seed)
+    check_sampling(temperature, top_p, max_tokens)
+    system = check_system_prompt(system_prompt) or SYSTEM_PROMPT
     messages = [
         {"role": "system", "content": system},
         {"role": "user", "content": user_message(idea, width, height)},
     ]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    hf = hf_tokenizer(tokenizer)
+    prompt = hf.encode(render_chat(hf, messages), add_special_tokens=False)
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
@@ -116,19 +115,3 @@ def expand(
             f"{MAX_TOKENS_LIMIT}, --max-tokens)"
         )
     return finish_caption("".join(pieces), keep_bboxes=keep_bboxes)
-
-
-def read_system_prompt(system_prompt: str | Path | None) -> str:
-    """Our prompt, the text given, or a file's text (``--system-prompt FILE``)."""
-    if system_prompt is None:
-        return SYSTEM_PROMPT
-    if isinstance(system_prompt, Path):
-        try:
-            text = system_prompt.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise MagicPromptError(f"cannot read the system prompt {system_prompt}: {e}") from e
-    else:
-        text = system_prompt
-    if not text.strip():
-        raise MagicPromptError("the system prompt is empty")
-    return text
