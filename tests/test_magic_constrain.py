@@ -13,6 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.magic.constrain import (
+    MAX_ELEMENTS,
+    MAX_STRING_CHARS,
     CaptionIncompleteError,
     caption_processor,
     finish_caption,
@@ -138,6 +140,37 @@ def test_grammar_accepts_a_pretty_caption_and_then_only_eos(wrapper):
         out = processor(tokens, logits)
     allowed = mx.isfinite(out[0]).tolist()
     assert processor.done and {i for i, a in enumerate(allowed) if a} == wrapper.eos_token_ids
+
+
+def grammar_accepts(wrapper, caption: dict, **limits) -> bool:
+    """Whether the grammar lets the caption's minified JSON through, up to EOS."""
+    processor = caption_processor(wrapper, **limits)
+    text = json.dumps(caption, ensure_ascii=False, separators=(",", ":"))
+    tokens = wrapper.encode(text)
+    return all(processor.matcher.consume_token(t) for t in tokens) and processor.done
+
+
+def caption_with(elements: int, desc: str = "a fox") -> dict:
+    return {
+        "high_level_description": "Foxes.",
+        "compositional_deconstruction": {
+            "background": "snow",
+            "elements": [{"type": "obj", "desc": desc} for _ in range(elements)],
+        },
+    }
+
+
+@pytest.mark.parametrize("limit", [SMALL["max_elements"], MAX_ELEMENTS])
+def test_grammar_allows_max_elements_and_not_one_more(wrapper, limit):
+    assert grammar_accepts(wrapper, caption_with(1), max_elements=limit)
+    assert grammar_accepts(wrapper, caption_with(limit), max_elements=limit)
+    assert not grammar_accepts(wrapper, caption_with(limit + 1), max_elements=limit)
+
+
+@pytest.mark.parametrize("limit", [SMALL["max_string_chars"], MAX_STRING_CHARS])
+def test_grammar_allows_max_string_chars_and_not_one_more(wrapper, limit):
+    assert grammar_accepts(wrapper, caption_with(1, "x" * limit), max_string_chars=limit)
+    assert not grammar_accepts(wrapper, caption_with(1, "x" * (limit + 1)), max_string_chars=limit)
 
 
 def test_finish_caption_drops_or_repairs_bboxes():
