@@ -82,6 +82,7 @@ def expand(
     ``temperature``/``top_p`` under the caption grammar, seeded by ``seed``; ``on_text``
     receives the text as it streams. Bounding boxes are dropped unless ``keep_bboxes``;
     ``grammar_limits`` tightens the grammar's string and element bounds (``constrain.py``).
+    ``system_prompt``: the text, or a file (``Path``, read bounded); None: ``SYSTEM_PROMPT``.
     Raises :class:`MagicPromptError` for a bad input (``options.py``: an empty or over-long
     idea, a non-finite or out-of-range setting) before any model work, or when ``max_tokens``
     ends the caption early (no partial JSON is returned); ``CheckpointError`` when the chat
