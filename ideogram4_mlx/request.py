@@ -48,6 +48,9 @@ MIN_SIDE, MAX_SIDE, MAX_ASPECT = 256, 2048, 6.0
 MAX_SEED = 2**63 - 1
 # The presets use 12-48 steps; the bound keeps a typo from allocating without end.
 MAX_STEPS = 1000
+# An idea is a sentence or a paragraph (the model writes the details); a 100 KB one ran the
+# magic prompt's prefill for minutes and held the server's only worker.
+MAX_IDEA_CHARS = 2000
 # CFG weight g in v = v_uncond + g * (v_cond - v_uncond): 1 is the conditional model alone,
 # 0 the unconditional one, below 0 steers away from the prompt; far above the presets' 3..7
 # the colours saturate (30 is generous); a weight of 1e30 decodes to flat grey.
@@ -152,6 +155,8 @@ class GenerationRequest:
             )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
+        if self.magic_prompt:  # refused when submitted, not when the job runs
+            check_idea_length(self.prompt)
         resolved, edit = self.resolve_edit()
         grid_h, grid_w = check_size(resolved.width, resolved.height)
         schedule = resolved.schedule()
@@ -472,6 +477,16 @@ class ResolvedRequest:
         """Emit the caption findings as warnings (``caption: ...``)."""
         for finding in self.caption_findings:
             warnings.warn(f"caption: {finding}", stacklevel=3)
+
+
+def check_idea_length(idea: str) -> None:
+    """A magic-prompt idea of at most ``MAX_IDEA_CHARS`` characters (stripped)."""
+    n = len(idea.strip())
+    if n > MAX_IDEA_CHARS:
+        raise ValueError(
+            f"the idea is {n} characters long; the limit is {MAX_IDEA_CHARS}: describe the "
+            "image in a sentence or a paragraph (the magic prompt writes the details)"
+        )
 
 
 def check_size(width: int, height: int) -> tuple[int, int]:

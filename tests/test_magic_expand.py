@@ -25,8 +25,9 @@ from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.magic import constrain
 from ideogram4_mlx.magic.expand import SYSTEM_PROMPT, MagicPromptError, aspect_ratio, user_message
-from ideogram4_mlx.magic.options import MAX_IDEA_CHARS, MAX_SYSTEM_PROMPT_CHARS
+from ideogram4_mlx.magic.options import MAX_SYSTEM_PROMPT_CHARS
 from ideogram4_mlx.metadata import read_metadata
+from ideogram4_mlx.request import MAX_IDEA_CHARS
 
 SMALL = {"max_string_chars": 12, "max_elements": 3}
 FAST = {"width": 256, "height": 256, "num_steps": 2}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ideogram4_mlx.request import (
+    MAX_IDEA_CHARS,
     MAX_SEED,
     MAX_STEPS,
     SETTINGS,
@@ -32,6 +33,15 @@ def test_validate_gives_the_grid_the_schedule_and_the_findings():
     assert resolved.schedule.guidance == expected.guidance and resolved.caption_findings == []
     plain = GenerationRequest("a cat").validate()
     assert plain.caption_findings and "plain-text prompt" in plain.caption_findings[0]
+
+
+def test_a_magic_prompt_idea_over_the_limit_is_refused_by_validate():
+    """The server validates a job when it is submitted: an idea too long for the magic prompt
+    is a 422 then, not a failure when the job runs; a caption of that length is not an idea."""
+    GenerationRequest("x" * MAX_IDEA_CHARS, magic_prompt=True).validate()
+    with pytest.raises(ValueError, match="the idea is 2001 characters long; the limit is 2000"):
+        GenerationRequest("x" * (MAX_IDEA_CHARS + 1), magic_prompt=True).validate()
+    GenerationRequest("x" * (MAX_IDEA_CHARS + 1)).validate()
 
 
 def test_with_seed_reseeds_a_resolved_request_and_bounds_the_seed():

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ideogram4_mlx.caption import read_text_file
-from ideogram4_mlx.request import MAX_SEED, MAX_SIDE
+from ideogram4_mlx.request import MAX_SEED, MAX_SIDE, check_idea_length
 
 # A full caption (several elements with descriptions) takes 300-900 tokens; the bound keeps a
 # typo from running for hours.
@@ -18,9 +18,6 @@ DEFAULT_MAX_TOKENS = 1024
 MAX_TOKENS_LIMIT = 4096
 MIN_MAX_TOKENS = 32
 MAX_TEMPERATURE = 2.0
-# An idea is a sentence or a paragraph (the model writes the details); a 100 KB one ran the
-# prefill for minutes and held the server's only worker.
-MAX_IDEA_CHARS = 2000
 # Our system prompt is ~1,900 characters; room for a longer one, not for a book.
 MAX_SYSTEM_PROMPT_CHARS = 16000
 
@@ -36,11 +33,10 @@ def check_idea(idea: object) -> str:
     idea = (idea or "").strip()
     if not idea:
         raise MagicPromptError("the idea is empty: describe the image to expand")
-    if len(idea) > MAX_IDEA_CHARS:
-        raise MagicPromptError(
-            f"the idea is {len(idea)} characters long; the limit is {MAX_IDEA_CHARS}: describe "
-            "the image in a sentence or a paragraph (the magic prompt writes the details)"
-        )
+    try:
+        check_idea_length(idea)
+    except ValueError as e:
+        raise MagicPromptError(str(e)) from None
     return idea
 
 
