@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ideogram4_mlx.cli.options import components_option
+from ideogram4_mlx.cli.options import components_option, show_warning
 from ideogram4_mlx.constants import DTYPE_ALIASES, DTYPES
 from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
@@ -91,7 +91,3 @@ def convert(
         except (ValueError, ModelAccessError, OSError) as e:  # CheckpointError, FileExistsError
             raise click.ClickException(str(e)) from e
     click.echo(str(path))
-
-
-def show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {message}", err=True)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
 from ideogram4_mlx.cli.magic import checked_magic_options, magic_options
-from ideogram4_mlx.cli.options import lora_options, model_options, parse_expand
+from ideogram4_mlx.cli.options import lora_options, model_options, parse_expand, show_warning
 from ideogram4_mlx.distributed import MAX_IMAGES, DataGroup, DistributedError, image_seeds
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.files import write_file
@@ -74,10 +74,6 @@ def _parse_guidance(ctx, param, value: str | None) -> tuple[float, ...] | None:
     if not all(math.isfinite(w) for w in weights):
         raise click.BadParameter(f"{value!r}: weights must be finite numbers")
     return weights
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {message}", err=True)
 
 
 @click.command(short_help="Generate an image from a prompt, or replay a PNG.")
@@ -311,7 +307,7 @@ def generate(
         explicit["prompt"] = prompt_file
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="caption:")
-        warnings.showwarning = _show_warning
+        warnings.showwarning = show_warning
         try:
             magic = checked_magic_options(magic)  # bounded: before anything loads
             if settings["magic_prompt"] and settings["prompt"] is not None:

@@ -7,6 +7,11 @@ from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError, parse_lora_option
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` for commands: one ``warning: ...`` line, no source location."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def components_option(valid: tuple[str, ...]):
     """A click callback parsing ``a,b,c`` into a tuple of names from ``valid`` (None stays None)."""
 

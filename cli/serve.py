@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ideogram4_mlx.cli.options import lora_options, model_options
+from ideogram4_mlx.cli.options import lora_options, model_options, show_warning
 from ideogram4_mlx.hub import ModelAccessError
 
 LOOPBACK_NAMES = ("localhost",)
@@ -19,10 +19,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {message}", err=True)
 
 
 @click.command(short_help="Serve the model over HTTP (OpenAI-compatible API and a web page).")
