@@ -81,7 +81,9 @@ def reference_encode(model: AutoencoderKLFlux2, image: np.ndarray) -> np.ndarray
         x = torch.from_numpy(image).float() / 127.5 - 1
     else:
         x = torch.from_numpy(image.astype(np.float32))
-    x = x.permute(0, 3, 1, 2).to(device=param.device, dtype=param.dtype)
+    # contiguous NCHW: on a channels-last view torch's CPU GroupNorm sums less precisely
+    # (fp32 error 1.3e-5 at 512^2 instead of 1.2e-6)
+    x = x.permute(0, 3, 1, 2).contiguous().to(device=param.device, dtype=param.dtype)
     posterior = model.encode(x, return_dict=False)[0]
     z = posterior.mean.float()
     b, c, h, w = z.shape
