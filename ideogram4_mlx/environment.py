@@ -7,6 +7,7 @@ replay elsewhere says so.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
@@ -29,16 +30,80 @@ def backend() -> str:
     return "metal" if mx.metal.is_available() else "cuda"
 
 
+class DlInfo(ctypes.Structure):
+    """``Dl_info`` of dladdr(3): which loaded file holds an address."""
+
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def loaded_files() -> list[Path]:
+    """Every file mapped into this process (Linux); empty elsewhere."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    return [Path(line.split(maxsplit=5)[5]) for line in lines if "/" in line]
+
+
+def openblas(path: str) -> str | None:
+    """``openblas-<version>-<kernel>-<n>threads`` of the loaded OpenBLAS at ``path``."""
+    lib = ctypes.CDLL(path)
+    try:
+        corename, config = lib.openblas_get_corename, lib.openblas_get_config
+        threads = lib.openblas_get_num_threads()
+    except AttributeError:
+        return None  # some other BLAS
+    corename.restype = config.restype = ctypes.c_char_p
+    version = config().decode().split()[1]  # "OpenBLAS 0.3.21 DYNAMIC_ARCH ... Haswell ..."
+    return f"openblas-{version}-{corename().decode()}-{threads}threads".lower()
+
+
+def blas() -> tuple[str | None, str]:
+    """(key, how it was found) of the BLAS whose ``cblas_sgemm`` MLX's CPU backend calls.
+
+    A library in the global symbol scope (an ``LD_PRELOAD``) binds before the wheel's own, so
+    that one is asked first; the key is None when the library cannot be told.
+    """
+    try:
+        process = ctypes.CDLL(None)
+    except OSError as e:
+        return None, f"the process's symbols cannot be read ({e})"
+    if hasattr(process, "cblas_sgemm"):
+        info = DlInfo()
+        address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p)
+        if not process.dladdr(address, ctypes.byref(info)):
+            return None, "cblas_sgemm is in the global scope but dladdr cannot place it"
+        path = info.dli_fname.decode()
+        key = openblas(path)
+        return key, f"{path}: " + ("OpenBLAS" if key else "not an OpenBLAS, not keyed")
+    site = Path(mx.__file__).parent.parent  # auditwheel's mlx_cpu.libs/libblas-<hash>.so.<v>
+    bundled = [
+        p
+        for p in loaded_files()
+        if p.parent.parent == site and p.parent.name.startswith("mlx") and "blas" in p.name
+    ]
+    if bundled:
+        name = bundled[0].name
+        return f"bundled-{name.split('-')[0]}-{name.split('.so.')[-1]}", str(bundled[0])
+    return None, "no cblas_sgemm in the global scope and no BLAS bundled with MLX is loaded"
+
+
 def describe() -> dict:
     """The machine facts that can change an image's bits: backend, device, MLX, BLAS, OS."""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
-    preload = os.environ.get("LD_PRELOAD", "")
+    key, _ = blas()
     return {
         "backend": backend(),
         "device": str(info.get("device_name", platform.processor() or platform.machine())),
         "mlx": mx.__version__,
-        # MLX's Linux CPU wheel bundles its own BLAS; a preloaded OpenBLAS replaces it.
-        "blas": "openblas" if "openblas" in preload else "bundled",
+        # MLX's Linux CPU wheel bundles its own BLAS; a preloaded OpenBLAS replaces it, and
+        # its kernel and thread count move fp32 results too.
+        "blas": key or "unknown",
         "platform": f"{platform.system()} {platform.machine()}",
     }
 

@@ -12,9 +12,14 @@ of formula moves latents by >1e-2. GPU backends were not measured: they get the 
 and two levels.
 """
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
+import pytest
 import regression_case
 from helpers import rel_l2
 
@@ -46,3 +51,32 @@ def test_tiny_end_to_end_is_pinned(tiny_checkpoint):
         data = np.load(path)
         assert rel_l2(latents, data["latents"]) <= bound, path.name
         assert np.abs(image.astype(int) - data["image"]).max() <= levels, path.name
+
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+SHOW_BLAS = "from ideogram4_mlx.environment import describe; print(describe()['blas'])"
+
+
+def recorded_blas(**overrides: str) -> str:
+    """``describe()["blas"]`` in a fresh process, without this one's preload or core type."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE")}
+    done = subprocess.run(
+        [sys.executable, "-c", SHOW_BLAS],
+        env={**env, **overrides},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(not OPENBLAS.exists(), reason=f"needs Debian's OpenBLAS at {OPENBLAS}")
+def test_the_recorded_blas_names_the_openblas_kernel_and_threads():
+    """PNG metadata records what decides the bits: a preloaded OpenBLAS with its kernel and
+    thread count (another kernel moved 93% of the latents), else the bundled BLAS."""
+    preload = {"LD_PRELOAD": str(OPENBLAS), "OPENBLAS_NUM_THREADS": "1"}
+    sandy = recorded_blas(**preload, OPENBLAS_CORETYPE="Sandybridge")
+    prescott = recorded_blas(**preload, OPENBLAS_CORETYPE="Prescott")
+    assert sandy.startswith("openblas-") and sandy.endswith("-sandybridge-1threads"), sandy
+    assert prescott.endswith("-prescott-1threads"), prescott
+    assert recorded_blas().startswith("bundled-")
