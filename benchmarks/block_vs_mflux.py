@@ -4,8 +4,9 @@ The step benchmark (``dit_step.py``) fits per-block time from runs of N blocks, 
 each implementation's fixed cost and run-to-run noise; this times one block directly. Both
 get the same fp8 codes and per-row scales: mflux's ``Fp8Linear`` decodes them in every call
 (as it ships), ours holds them dequantized once. The dequantization here is mflux's own
-formula in the compute dtype (not our loader's bf16 rounding, spec A.2), so in fp32 the two
-blocks get the same weights and their outputs can be compared bit for bit. Variants:
+formula in the compute dtype (not our loader's bf16 rounding, MODEL_NOTES#fp8-dequantization),
+so in fp32 the two blocks get the same weights and their outputs can be compared bit for bit.
+Variants:
 
 - ``ours``: our ``TransformerBlock`` as the pipeline runs it (attention in head groups,
   feed-forward in token chunks).

@@ -1,4 +1,5 @@
-"""JSON caption verifier: the official ``CaptionVerifier`` rules (spec §G.2), pure Python.
+"""JSON caption verifier: the official ``CaptionVerifier`` rules, pure Python
+(MODEL_NOTES#caption-verifier-rules).
 
 Every finding is a warning string; nothing here raises (but ``read_text_file``, the bounded
 reader of every text file a command takes). Key-order checks use strict equality with the
@@ -238,7 +239,7 @@ def _check_element(path: str, element: object) -> list[str]:
 def _check_bbox(path: str, bbox: object) -> list[str]:
     if not isinstance(bbox, list) or len(bbox) != 4:
         return [f"{path}: expected [y_min, x_min, y_max, x_max], a list of 4 integers"]
-    # isinstance(v, int) accepts booleans, as the official verifier does (spec §G.2).
+    # bool is an int here, as in the official verifier (MODEL_NOTES#caption-verifier-rules).
     if not all(isinstance(v, int) for v in bbox):
         return [f"{path}: values must be integers, got {bbox}"]
     out = []

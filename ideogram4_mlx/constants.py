@@ -5,7 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-# Image geometry (spec §F.5): the VAE downsamples 8x, then 2x2 latent patches form one token.
+# Image geometry: the VAE downsamples 8x, then 2x2 latent patches form one token
+# (MODEL_NOTES#latent-packing).
 PATCH = 2  # latent pixels per token side
 VAE_CHANNELS = 32  # channels of the raw VAE latent
 PACKED_CHANNELS = PATCH * PATCH * VAE_CHANNELS  # 128: channels of one packed token
@@ -34,8 +35,8 @@ def _floats(text: str) -> np.ndarray:
     return np.array(text.split(), dtype=np.float32)
 
 
-# Per-channel normalization of the packed 128-channel latent (spec F.4), as float32, indexed in
-# the packed order pi*64 + pj*32 + c (one block of 32 per (pi, pj)).
+# Per-channel normalization of the packed 128-channel latent (MODEL_NOTES#latent-normalization),
+# as float32, indexed in the packed order pi*64 + pj*32 + c (one block of 32 per (pi, pj)).
 # Decode: z_raw = z_model * LATENT_SCALE + LATENT_SHIFT (fp32).
 LATENT_SHIFT = _floats(
     """

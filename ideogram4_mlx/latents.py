@@ -1,4 +1,4 @@
-"""Ideogram 4's latent packing and the image <-> uint8 conversions (spec §F.4-F.6).
+"""Ideogram 4's latent packing and the image <-> uint8 conversions (MODEL_NOTES#vae).
 
 Packed latents are what the DiT sees: (B, gh * gw, 128), normalised, fp32. Raw latents are the
 VAE's: (B, 2gh, 2gw, 32), NHWC. Packed channel index = pi * 2C + pj * C + c.

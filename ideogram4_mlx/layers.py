@@ -1,9 +1,9 @@
 """Primitives shared by the DiT, the text encoder and the VAE, and their config base.
 
-Rounding follows PyTorch's bf16 reference (spec §I.4-5): RMSNorm normalises in fp32, rounds,
-then multiplies by the weight; SiLU is evaluated in fp32 and rounded once. RoPE tables are
-host-side: angles reach ~6.6e4 rad, so they are evaluated in float64 from the fp32 products
-the reference forms, then rounded to fp32 (spec §C.3, §I.2).
+Rounding follows PyTorch's bf16 reference (MODEL_NOTES#bf16-rounding): RMSNorm normalises in
+fp32, rounds, then multiplies by the weight; SiLU is evaluated in fp32 and rounded once. RoPE
+tables are host-side: angles reach ~6.6e4 rad, so they are evaluated in float64 from the fp32
+products the reference forms, then rounded to fp32 (MODEL_NOTES#mrope-positions).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # Normalise in fp32 and round to x's dtype (one fused kernel on Metal/CUDA; the same
         # composed ops on the CPU, bit for bit), then multiply by the weight: the reference's
-        # two roundings (spec D.4).
+        # two roundings (MODEL_NOTES#bf16-rounding).
         return mx.fast.rms_norm(x, None, self.eps) * self.weight
 
 

@@ -14,7 +14,8 @@ Tensors in bf16, fp16 (what trainers save) or fp32 are read exactly into fp32 (f
 
 A LoRA delta on a linear with weight ``W`` (out, in) is ``scale * up @ down`` with ``down``
 (r, in) and ``up`` (out, r); ``scale`` = the user's scale times alpha / r. Split ``to_q``/``to_k``/
-``to_v`` deltas land on row thirds of the fused ``attention.qkv`` (spec §A.3: Q, K, V rows).
+``to_v`` deltas land on the Q, K and V row thirds of the fused ``attention.qkv``
+(MODEL_NOTES#dit-keys).
 
 Applied unfused by default (:func:`apply_loras`): the linear's class is swapped for one that
 adds ``(x @ down.T) @ up.T * scale`` to the base output, so it is exact on fp8-dequantized,

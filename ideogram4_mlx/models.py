@@ -32,7 +32,7 @@ MODEL_COMPONENTS = ("transformer", "unconditional_transformer", "text_encoder", 
 FILE_COMPONENTS = ("tokenizer", "scheduler")  # copied as they are; no dtype
 PIPELINE_CLASS = "Ideogram4Pipeline"
 DIT_CLASS = "Ideogram4Transformer2DModel"
-FP8_TEXT = "fp8, per-row scales"  # the released format (spec §A.2)
+FP8_TEXT = "fp8, per-row scales"  # the released format (MODEL_NOTES#fp8-dequantization)
 
 
 @dataclass(frozen=True)

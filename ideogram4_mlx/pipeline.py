@@ -1,4 +1,5 @@
-"""Text-to-image: encode the prompt, denoise with two DiTs, decode with the VAE (spec §E, §I).
+"""Text-to-image: encode the prompt, denoise with two DiTs, decode with the VAE
+(MODEL_NOTES#sampler, #numerics).
 
 Each stage is visible and timed: ``encode`` (Qwen3-VL taps), ``denoise`` (Euler + CFG over the
 conditional and unconditional DiTs), ``decode`` (FLUX.2 VAE). Unless ``keep_in_memory`` is set,

@@ -1,4 +1,4 @@
-"""Prompts -> token ids -> cached text features (spec §D.1).
+"""Prompts -> token ids -> cached text features (MODEL_NOTES#prompt-format).
 
 ``PromptEncoder`` owns the tokenizer and its chat template, the text encoder (loaded only when
 a prompt is not cached) and a small LRU cache of encoded prompts. ``render_chat`` renders chat
@@ -63,7 +63,8 @@ def canonical_prompt(prompt: str) -> str:
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of one prompt in the Qwen3-VL chat template, no system prompt (spec §D.1).
+    """Token ids of one prompt in the Qwen3-VL chat template, no system prompt
+    (MODEL_NOTES#prompt-format).
 
     Raises ValueError when the result is longer than ``MAX_TEXT_TOKENS``, ``CheckpointError``
     naming the template file when the chat template fails (the Jinja sandbox refused it).

@@ -81,13 +81,14 @@ class GenerationRequest:
     the pipeline first expands into a JSON caption (seeded by ``seed``).
 
     Edits (``edit.py``): ``image`` (a path, PIL image or uint8 array) starts the run from that
-    image: image-to-image with ``strength`` in (0, 1] (default 0.6; 1 = from noise, spec §H).
-    ``mask`` (white = regenerate, the image's size) makes it inpainting (default strength 1):
-    ``mask_grow`` and ``mask_feather`` widen it by tokens (16 px), ``paste_back`` keeps every
-    unmasked pixel of the input exactly. ``expand`` (left, top, right, bottom pixels,
-    multiples of 16) outpaints a border. ``width`` and ``height`` are the output size: 1024,
-    or the image's own size (plus ``expand``) when None. ``image_sha256``/``mask_sha256``,
-    when set (a replay), must match the inputs' fingerprints (``edit.fingerprint``).
+    image: image-to-image with ``strength`` in (0, 1] (default 0.6; 1 = from noise;
+    MODEL_NOTES#image-to-image). ``mask`` (white = regenerate, the image's size) makes it
+    inpainting (default strength 1): ``mask_grow`` and ``mask_feather`` widen it by tokens
+    (16 px), ``paste_back`` keeps every unmasked pixel of the input exactly. ``expand`` (left,
+    top, right, bottom pixels, multiples of 16) outpaints a border. ``width`` and ``height``
+    are the output size: 1024, or the image's own size (plus ``expand``) when None.
+    ``image_sha256``/``mask_sha256``, when set (a replay), must match the inputs' fingerprints
+    (``edit.fingerprint``).
 
     Each field's type is checked as the request is made (``REQUEST_TYPES``: an integer is no
     float or bool, a number is finite, the prompt is UTF-8 text), a ``ValueError`` naming it;
@@ -490,7 +491,8 @@ def check_idea_length(idea: str) -> None:
 
 
 def check_size(width: int, height: int) -> tuple[int, int]:
-    """Validate the image size (spec §E.5) and return the token grid (grid_h, grid_w)."""
+    """Validate the image size and return the token grid (grid_h, grid_w)
+    (MODEL_NOTES#presets-and-sizes)."""
     for name, side in (("width", width), ("height", height)):
         if side % PIXELS_PER_TOKEN or not MIN_SIDE <= side <= MAX_SIDE:
             raise ValueError(
@@ -503,7 +505,8 @@ def check_size(width: int, height: int) -> tuple[int, int]:
 
 
 def caption_findings(prompt: str) -> list[str]:
-    """Caption verifier findings (spec §G.2); a plain-text prompt is one finding."""
+    """Caption verifier findings (MODEL_NOTES#caption-verifier-rules); a plain-text prompt is
+    one finding."""
     return verify_raw(prompt) if is_json_prompt(prompt) else [PLAIN_PROMPT_WARNING]
 
 

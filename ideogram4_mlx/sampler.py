@@ -1,4 +1,5 @@
-"""Flow-matching Euler sampler with asymmetric CFG (spec §E). Pure functions, numpy in fp32.
+"""Flow-matching Euler sampler with asymmetric CFG (MODEL_NOTES#sampler). Pure functions, numpy
+in fp32.
 
 Time convention: t = 0 is pure noise, t = 1 is clean data; the model predicts
 ``v = x0 - noise`` and each Euler step is ``z += v * (t_next - t_cur)``.
@@ -61,7 +62,8 @@ def get_preset(name: str) -> Preset:
 
 
 def guidance_from_index_order(schedule: Sequence[float]) -> tuple[float, ...]:
-    """Official/mflux loop-index order (entry 0 = last step) -> chronological order."""
+    """Official/mflux loop-index order (entry 0 = last step) -> chronological order
+    (MODEL_NOTES#guidance-order)."""
     return tuple(float(g) for g in reversed(schedule))
 
 
@@ -76,10 +78,11 @@ def time_grid(
     """``S[0..N]`` float32, from ``t_max`` (S[0], clean end) down to ``t_min`` (S[N], noise end).
 
     A float32 linspace feeds float64 ndtri and sigmoid, then the result is clamped and cast
-    to float32 (official ``scheduler.py``; spec §E.1, §I.13). ``strength`` s < 1 is
-    image-to-image (spec §H, DiffSynth's ``denoising_strength``): ``u = linspace(0, s)``, so all
-    N steps are spent between ``S(s)`` (S[N], the start) and ``t_max``. The linspace stays
-    float32 (DiffSynth's is float64: ~1e-7 apart) so that s = 1 is the text-to-image grid.
+    to float32 (official ``scheduler.py``; MODEL_NOTES#time-grid). ``strength`` s < 1 is
+    image-to-image (DiffSynth's ``denoising_strength``, MODEL_NOTES#image-to-image):
+    ``u = linspace(0, s)``, so all N steps are spent between ``S(s)`` (S[N], the start) and
+    ``t_max``. The linspace stays float32 (DiffSynth's is float64: ~1e-7 apart) so that s = 1
+    is the text-to-image grid.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -116,7 +119,7 @@ class Schedule:
     @property
     def start_time(self) -> float:
         """The model time of the starting latents: ``t_min`` for text-to-image, ``S(s)`` for
-        image-to-image (spec §H)."""
+        image-to-image (MODEL_NOTES#image-to-image)."""
         return float(self.grid[-1])
 
 
@@ -169,7 +172,7 @@ def skips_uncond(g: float) -> bool:
 
 
 def combine(v_cond: mx.array, v_uncond: mx.array, g: float) -> mx.array:
-    """``g * v_cond + (1 - g) * v_uncond`` in fp32 (spec §E.3)."""
+    """``g * v_cond + (1 - g) * v_uncond`` in fp32 (MODEL_NOTES#asymmetric-cfg)."""
     g32 = mx.array(g, dtype=mx.float32)
     return g32 * v_cond + (1 - g32) * v_uncond
 
@@ -187,7 +190,8 @@ def guide(cond: VelocityFn, uncond: VelocityFn) -> GuidedFn:
 
 
 def noised(x0: mx.array, noise: mx.array, t: float) -> mx.array:
-    """The flow-matching path ``t * x0 + (1 - t) * noise`` in fp32 (spec §E.6); t = 1 is x0."""
+    """The flow-matching path ``t * x0 + (1 - t) * noise`` in fp32; t = 1 is x0
+    (MODEL_NOTES#noise-and-the-flow-path)."""
     t32 = mx.array(t, dtype=mx.float32)
     return t32 * x0.astype(mx.float32) + (1 - t32) * noise.astype(mx.float32)
 
@@ -220,16 +224,17 @@ def euler_steps(
     guided: GuidedFn | None = None,
 ) -> Iterator[tuple[int, float, mx.array]]:
     """Euler from ``schedule.start_time`` to ``t_max`` with ``v = g*v_cond + (1-g)*v_uncond``
-    (spec §E.2-3), one step per iteration: yields ``(step, t, z)`` with the model time ``t``
-    reached and the latents ``z`` (1, N, 128) fp32, unevaluated: the caller evaluates them
-    (``mx.eval``).
+    (MODEL_NOTES#denoising-loop, #asymmetric-cfg), one step per iteration: yields
+    ``(step, t, z)`` with the model time ``t`` reached and the latents ``z`` (1, N, 128) fp32,
+    unevaluated: the caller evaluates them (``mx.eval``).
 
     ``start`` is the noise (text-to-image) or the noised input (image-to-image, see
     :func:`noised`). ``cond(z, t)`` and ``uncond(z, t)`` return the velocity (same shape as
     ``z``); latents, the CFG combination and the step are fp32. The unconditional call is
-    skipped when ``g == 1``. The last step ends at ``t_max``, never at 1 (spec §I.11).
-    ``known`` pins the kept tokens of an inpainting run after every step. ``guided(z, t, g)``
-    replaces the cond/uncond pair (CFG-parallel ranks, ``distributed.py``).
+    skipped when ``g == 1``. The last step ends at ``t_max``, never at 1
+    (MODEL_NOTES#denoising-loop). ``known`` pins the kept tokens of an inpainting run after every
+    step. ``guided(z, t, g)`` replaces the cond/uncond pair (CFG-parallel ranks,
+    ``distributed.py``).
     """
     z = mx.array(start).astype(mx.float32)
     grid, n = schedule.grid, schedule.num_steps

@@ -1,4 +1,5 @@
-"""The Ideogram 4 prompt encoder: Qwen3-VL-8B's text decoder, tapped at 13 layers (spec §D).
+"""The Ideogram 4 prompt encoder: Qwen3-VL-8B's text decoder, tapped at 13 layers
+(MODEL_NOTES#text-encoder).
 
 ``Qwen3VLTextEncoder`` is the text half of ``Qwen3VLModel`` (the vision tower is never used).
 Module attribute names equal the checkpoint keys under ``language_model.``, so the fp8 file
@@ -27,7 +28,7 @@ from ideogram4_mlx.weights import (
 )
 
 # 0-based decoder layers whose outputs (residual stream, before the final norm) are the
-# features; diffusers calls this QWEN3_VL_ACTIVATION_LAYERS (spec §D.2).
+# features; diffusers calls this QWEN3_VL_ACTIVATION_LAYERS (MODEL_NOTES#text-encoder-taps).
 TAP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
 
 LM_PREFIXES = ("model.language_model.", "language_model.")
@@ -115,10 +116,10 @@ class TextEncoderConfig(BaseConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoder. Own blocks instead of mlx_lm.models.qwen3's: that block uses mx.fast.rms_norm
-# (one rounding; HF rounds before the weight multiply, spec §D.4), mx.fast.rope with one scalar
-# offset per batch (no left-padding positions; HF rounds cos/sin to bf16 first) and a two-rounding
-# SiLU. The names and the math are otherwise the same.
+# The decoder. Own blocks instead of mlx_lm.models.qwen3's: that block uses mx.fast.rms_norm (one
+# rounding; HF rounds before the weight multiply, MODEL_NOTES#bf16-rounding), mx.fast.rope with one
+# scalar offset per batch (no left-padding positions; HF rounds cos/sin to bf16 first) and a
+# two-rounding SiLU. The names and the math are otherwise the same.
 
 
 class Attention(nn.Module):
@@ -136,7 +137,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | str) -> mx.array:
         b, length, _ = x.shape
         shape = (b, length, -1, self.head_dim)
-        # QK-norm per head, then RoPE (spec §D.3); GQA is native in MLX's SDPA.
+        # QK-norm per head, then RoPE (MODEL_NOTES#text-encoder-forward); MLX's SDPA does GQA.
         q = apply_rope(self.q_norm(self.q_proj(x).reshape(shape)), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x).reshape(shape)), cos, sin)
         v = self.v_proj(x).reshape(shape)
@@ -185,13 +186,14 @@ def left_padding(attention_mask: np.ndarray) -> np.ndarray:
 
 
 def position_ids(pad: np.ndarray, length: int) -> np.ndarray:
-    """(B, T) RoPE positions: real tokens count from 0, left-padding slots get 0 (spec §D.3)."""
+    """(B, T) RoPE positions: real tokens count from 0, left-padding slots get 0
+    (MODEL_NOTES#text-encoder-forward)."""
     return np.maximum(np.arange(length)[None] - np.asarray(pad)[:, None], 0)
 
 
 def padded_causal_mask(pad: np.ndarray, length: int) -> mx.array:
     """(B, 1, T, T) bool: causal, left-padding keys hidden; padding queries see only themselves,
-    so their rows stay finite (spec §I.16)."""
+    so their rows stay finite (MODEL_NOTES#text-encoder-forward)."""
     i = np.arange(length)
     mask = (i[None, :] <= i[:, None])[None] & (i[None, None, :] >= np.asarray(pad)[:, None, None])
     mask |= np.eye(length, dtype=bool)[None]
@@ -199,7 +201,8 @@ def padded_causal_mask(pad: np.ndarray, length: int) -> mx.array:
 
 
 def stack_taps(taps: list[mx.array], attention_mask: mx.array | np.ndarray | None) -> mx.array:
-    """13 x (B, T, D) -> (B, T, 13*D), interleaved: feature ``d*13 + slot`` (spec §D.2).
+    """13 x (B, T, D) -> (B, T, 13*D), interleaved: feature ``d*13 + slot``
+    (MODEL_NOTES#text-encoder-taps).
 
     Padding rows are set to 0 with ``where`` (not a multiply), so nothing there can be NaN.
     """
@@ -212,10 +215,11 @@ def stack_taps(taps: list[mx.array], attention_mask: mx.array | np.ndarray | Non
 
 
 class Qwen3VLTextEncoder(nn.Module):
-    """Qwen3-VL's text decoder returning the Ideogram 4 prompt features (spec §D.2-D.3)."""
+    """Qwen3-VL's text decoder returning the Ideogram 4 prompt features
+    (MODEL_NOTES#text-encoder-taps, #text-encoder-forward)."""
 
-    # Raw files (spec §A.4): LM linears F8_E4M3 + F32 scale [V], embedding and norms BF16 [I];
-    # a BF16 repack stores its weights as BF16. The vision tower's dtypes are [?] and unread.
+    # Raw files (MODEL_NOTES#text-encoder-keys): LM linears F8_E4M3 + F32 scale [V], embedding
+    # and norms BF16 [I]; a BF16 repack is all BF16. The vision tower's dtypes are [?] and unread.
     dtype_rule: ClassVar[DtypeRule] = DtypeRule(skip=UNUSED_PREFIXES)
 
     def __init__(self, config: TextEncoderConfig):
@@ -241,7 +245,7 @@ class Qwen3VLTextEncoder(nn.Module):
         b, length = input_ids.shape
         pad = np.zeros(b, np.int64) if attention_mask is None else left_padding(attention_mask)
         positions = position_ids(pad, length)
-        # Text-only MRoPE is plain 1-D RoPE: all three axes share the id (spec §D.3).
+        # Text-only MRoPE is 1-D RoPE, the id on all three axes (MODEL_NOTES#text-encoder-forward).
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         cos = mx.array(cos)[:, :, None].astype(self.dtype)
         sin = mx.array(sin)[:, :, None].astype(self.dtype)
@@ -266,8 +270,9 @@ class Qwen3VLTextEncoder(nn.Module):
     def from_pretrained(
         cls, component_dir: Path | str, dtype: mx.Dtype = mx.bfloat16
     ) -> Qwen3VLTextEncoder:
-        """Load ``text_encoder/``: fp8 + per-row scales (dequantized once, spec §A.2) or plain
-        bf16 weights, one file or shards with an index. ``dtype`` is the compute dtype."""
+        """Load ``text_encoder/``: fp8 + per-row scales (dequantized once,
+        MODEL_NOTES#fp8-dequantization) or plain bf16 weights, one file or shards with an index.
+        ``dtype`` is the compute dtype."""
         return load_component(cls.build(component_dir), component_dir, dtype)
 
     @classmethod
@@ -280,7 +285,8 @@ class Qwen3VLTextEncoder(nn.Module):
         """Checkpoint tensors -> parameters. Pure and idempotent.
 
         Keeps ``language_model.*`` (prefix stripped), drops the vision tower and any LM head,
-        drops the final ``norm`` (never applied to the features, spec §D.2) and dequantizes fp8.
+        drops the final ``norm`` (never applied to the features, MODEL_NOTES#text-encoder-taps)
+        and dequantizes fp8.
         """
         kept = {k: v for k, v in weights.items() if not k.startswith(UNUSED_PREFIXES)}
         kept = strip_prefixes(kept, LM_PREFIXES)

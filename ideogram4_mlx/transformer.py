@@ -1,4 +1,4 @@
-"""The Ideogram 4 single-stream DiT (spec §B, §C).
+"""The Ideogram 4 single-stream DiT (MODEL_NOTES#transformer).
 
 One class serves both ``transformer/`` (conditional: ``[text][image]``) and
 ``unconditional_transformer/`` (image tokens only). Module attribute names equal the
@@ -29,12 +29,13 @@ from ideogram4_mlx.weights import (
     strip_prefixes,
 )
 
-# Token roles (spec §C): indicator values, and the segment id that marks padding.
+# Token roles (MODEL_NOTES#token-roles): indicator values, and the segment id that marks padding.
 LLM_TOKEN_INDICATOR = 3
 OUTPUT_IMAGE_INDICATOR = 2
 PADDING_INDICATOR = 0
 PADDING_SEGMENT_ID = -1
-# Image grid positions start here so they never collide with text positions (spec §C.3).
+# Image grid positions start here so they never collide with text positions
+# (MODEL_NOTES#token-roles, #mrope-positions).
 IMAGE_POSITION_OFFSET = 65536
 # The timestep is scaled to [0, 1e4] before the sinusoid (Ideogram4EmbedScalar).
 TIMESTEP_SCALE = 1e4
@@ -53,8 +54,8 @@ LOW_MEMORY_FFN_TOKENS = 2048
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # What ``from_pretrained(text_input=False)`` leaves unread (the unconditional branch).
 TEXT_INPUT_MODULES = ("llm_cond_norm.", "llm_cond_proj.")
-# The checkpoint's two DiT folders and whether each reads text features (spec §B.2): the
-# conditional one on [text][image], the unconditional one on image tokens only.
+# The checkpoint's two DiT folders and whether each reads text features: the conditional one on
+# [text][image], the unconditional one on image tokens only (MODEL_NOTES#unconditional-branch).
 DIT_COMPONENTS = (("transformer", True), ("unconditional_transformer", False))
 # Quantization (``quant_predicate``): small but sensitive layers stay in float: the indicator
 # embedding, the timestep/AdaLN path (it scales every block), the 128-channel input projection
@@ -146,7 +147,8 @@ def mrope_cos_sin(
 
 
 def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
-    """``concat(sin(s*w), cos(s*w))`` (B, dim) fp32 with ``s = 1e4 * bf16(t)`` (spec §C.1.4)."""
+    """``concat(sin(s*w), cos(s*w))`` (B, dim) fp32 with ``s = 1e4 * bf16(t)``
+    (MODEL_NOTES#timestep-embedding)."""
     t = np.asarray(mx.array(np.asarray(t, dtype=np.float32)).astype(mx.bfloat16).astype(mx.float32))
     half = dim // 2
     freq = np.exp(
@@ -161,7 +163,8 @@ def timestep_sinusoid(t: np.ndarray, dim: int) -> np.ndarray:
 def sequence_ids(
     text_lengths: list[int], grid_h: int, grid_w: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed ``[left padding][text][image]`` layout (spec §C.4) for a batch of prompts.
+    """Packed ``[left padding][text][image]`` layout for a batch of prompts
+    (MODEL_NOTES#sequence-layout).
 
     Returns ``position_ids`` (B, L, 3), ``segment_ids`` (B, L) and ``indicator`` (B, L), int32,
     with ``L = max(text_lengths) + grid_h * grid_w``. An empty ``text_lengths`` entry of 0 is an
@@ -282,7 +285,7 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Sandwich-norm block with AdaLN scale and tanh gate, no shift (spec §C.2)."""
+    """Sandwich-norm block with AdaLN scale and tanh gate, no shift (MODEL_NOTES#dit-block)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -322,7 +325,7 @@ class FinalLayer(nn.Module):
         self.adaln_modulation = nn.Linear(adaln_dim, hidden_size)
 
     def __call__(self, h: mx.array, c: mx.array) -> mx.array:
-        # Double SiLU: c is already SiLU(adaln_proj(t_cond)) (spec §I.6).
+        # Double SiLU: c is already SiLU(adaln_proj(t_cond)) (MODEL_NOTES#dit-forward-pass).
         scale = 1 + self.adaln_modulation(silu(c))
         return self.linear(mx.fast.layer_norm(h, None, None, FINAL_NORM_EPS) * scale)
 
@@ -345,10 +348,11 @@ class PreparedSequence:
 
 
 class Ideogram4Transformer(nn.Module):
-    """The DiT. Inputs follow spec §C; the output is the velocity (B, L, 128) in fp32."""
+    """The DiT. Inputs follow MODEL_NOTES#dit-forward-pass; the output is the velocity
+    (B, L, 128) in fp32."""
 
-    # Raw files (spec §A.2-A.3): every nn.Linear F8_E4M3 + F32 scale [V], the rest BF16 [I,
-    # pinned by the file's exact byte count]; a BF16 repack stores its weights as BF16.
+    # Raw files (MODEL_NOTES#dit-keys): every nn.Linear F8_E4M3 + F32 scale [V], the rest BF16
+    # [I, pinned by the file's exact byte count]; a BF16 repack stores its weights as BF16.
     dtype_rule: ClassVar[DtypeRule] = DtypeRule()
 
     def __init__(self, config: TransformerConfig):
@@ -443,7 +447,8 @@ class Ideogram4Transformer(nn.Module):
         in [0, 1] (rounded to bf16 before the embedding, as the reference does); only image
         positions are meaningful."""
         m_img = seq.image_mask
-        # Biases are masked after the projection so they do not leak into other roles (spec §I.8).
+        # Biases are masked after the projection, or they leak into other roles
+        # (MODEL_NOTES#dit-forward-pass).
         h = self.input_proj(x.astype(self.dtype) * m_img) * m_img
         if seq.text is not None:
             # 0 beyond the text prefix, as the full-length text input is there.
@@ -498,9 +503,10 @@ class Ideogram4Transformer(nn.Module):
         rounding where a BLAS switches kernels).
 
         ``text_input=False`` is for the unconditional branch, which only ever sees image
-        tokens (spec §B.2): its text projection (``llm_cond_norm``, ``llm_cond_proj``, 245M
-        parameters) is checked like every other key but never read, and ``prepare`` then
-        refuses text features. Exact: with no text slots that projection contributes nothing.
+        tokens (MODEL_NOTES#unconditional-branch): its text projection (``llm_cond_norm``,
+        ``llm_cond_proj``, 245M parameters) is checked like every other key but never read, and
+        ``prepare`` then refuses text features. Exact: with no text slots that projection
+        contributes nothing.
         """
         component_dir = Path(component_dir)
         model = cls.build(component_dir)

@@ -1,10 +1,10 @@
-"""The FLUX.2 KL autoencoder (diffusers ``AutoencoderKLFlux2``) in NHWC (spec §F); the latent
-packing it decodes from and encodes to is ``latents.py``.
+"""The FLUX.2 KL autoencoder (diffusers ``AutoencoderKLFlux2``) in NHWC (MODEL_NOTES#vae); the
+latent packing it decodes from and encodes to is ``latents.py``.
 
 Module attribute names equal the diffusers keys of ``vae/diffusion_pytorch_model.safetensors``,
 so loading needs no mapping table; conv kernels are transposed once at load. The ``bn.*``
-buffers are not weights: the port denormalises with the hard-coded constants (spec §F.4) and
-only checks the buffers against them.
+buffers are not weights: the port denormalises with the hard-coded constants
+(MODEL_NOTES#latent-normalization) and only checks the buffers against them.
 
 Dtype policy: latents and their (de)normalisation are fp32; the network runs in the weights'
 dtype (bf16 in the reference). GroupNorm statistics and the mid-block attention core are fp32,
@@ -39,7 +39,7 @@ from ideogram4_mlx.weights import (
 
 RESNET_EPS = 1e-6  # every GroupNorm of the encoder and decoder
 BN_PREFIX = "bn."
-BN_TOLERANCE = 1e-6  # bn buffers vs the constants (spec §F.4)
+BN_TOLERANCE = 1e-6  # bn buffers vs the constants (MODEL_NOTES#latent-normalization)
 # Bounded-memory decode and encode: image pixels per row strip, and fp32 attention scores per
 # query chunk.
 DEFAULT_STRIP_PIXELS = 2**15
@@ -556,9 +556,9 @@ class Decoder(nn.Module):
 class Flux2VAE(nn.Module):
     """``AutoencoderKLFlux2``; the latent normalisation lives in :func:`pack`/:func:`unpack`."""
 
-    # Raw files (spec §A.1, §F.1): BF16 [I, from the file size]; the FLUX.2 VAE files it matches
-    # are F32 (336 MB), so both are taken, but not F16 (no release; a BF16 retag reads as it).
-    # The bn buffers are no parameters: check_latent_stats compares them with the constants.
+    # Raw files: BF16 [I, from the file size: MODEL_NOTES#checkpoint-layout]; the FLUX.2 VAE files
+    # it matches are F32 (336 MB), so both are taken, but not F16 (no release; a BF16 retag reads
+    # as it). The bn buffers are no parameters: check_latent_stats compares them to the constants.
     dtype_rule: ClassVar[DtypeRule] = DtypeRule(("BF16", "F32"), fp8=False, skip=(BN_PREFIX,))
 
     def __init__(self, config: VAEConfig):
@@ -672,9 +672,9 @@ def kernel_layout(weights: dict[str, mx.array]) -> str:
 
 
 def check_latent_stats(bn: dict[str, mx.array], eps: float, source: str) -> None:
-    """Warn unless the bn buffers hold the Ideogram constants (spec §F.4): ``running_mean =
-    LATENT_SHIFT`` and ``sqrt(running_var + eps) = LATENT_SCALE`` within 1e-6, plus the
-    rounding of the buffers' own dtype when they are stored below fp32."""
+    """Warn unless the bn buffers hold the Ideogram constants (MODEL_NOTES#latent-normalization):
+    ``running_mean = LATENT_SHIFT`` and ``sqrt(running_var + eps) = LATENT_SCALE`` within 1e-6,
+    plus the rounding of the buffers' own dtype when they are stored below fp32."""
     keys = ("bn.running_mean", "bn.running_var")
     if any(k not in bn for k in keys):
         warnings.warn(
@@ -698,7 +698,8 @@ def check_latent_stats(bn: dict[str, mx.array], eps: float, source: str) -> None
     if diff > BN_TOLERANCE:
         warnings.warn(
             f"{source}: bn.running_mean/running_var differ from the Ideogram latent constants "
-            f"(by {diff:.3g} beyond tolerance); decoding uses the constants (spec §F.4)",
+            f"(by {diff:.3g} beyond tolerance); decoding uses the constants "
+            "(docs/MODEL_NOTES.md#latent-normalization)",
             stacklevel=3,
         )
 
@@ -714,7 +715,8 @@ def decode(
     grid_w: int,
     strip_pixels: int | None = DEFAULT_STRIP_PIXELS,
 ) -> np.ndarray:
-    """Packed normalised latents (B, gh * gw, 128) -> uint8 RGB (B, 16 gh, 16 gw, 3) (spec §F.6).
+    """Packed normalised latents (B, gh * gw, 128) -> uint8 RGB (B, 16 gh, 16 gw, 3)
+    (MODEL_NOTES#vae-decode).
 
     fp32 denormalisation, unpatchify, cast to the VAE dtype, decoder, fp32, clamp, round half
     to even. ``strip_pixels`` selects the bounded-memory decode (None: whole-graph decode).
@@ -729,7 +731,7 @@ def encode(
     strip_pixels: int | None = DEFAULT_STRIP_PIXELS,
 ) -> mx.array:
     """RGB (B, H, W, 3), uint8 or float in [-1, 1], H and W multiples of 16 -> packed normalised
-    latents (B, H/16 * W/16, 128) fp32 (spec §F.7: the posterior mean, no sampling).
+    latents (B, H/16 * W/16, 128) fp32 (MODEL_NOTES#vae-encode: the posterior mean, no sampling).
 
     ``strip_pixels`` selects the bounded-memory encode (None: whole-graph encode).
     """

@@ -4,8 +4,9 @@ One loader serves every component (:func:`load_component`): raw snapshots and co
 alike go through the model's own ``sanitize`` (idempotent, so converted weights pass unchanged),
 and a converted folder's quantized skeleton is rebuilt from its ``mlx_conversion`` record first.
 
-The fp8 layout (spec §A.2): every quantized ``nn.Linear`` stores ``<name>.weight`` as F8_E4M3
-``(out, in)`` and ``<name>.weight_scale`` as F32 ``(out,)``. ``mx.load`` reads F8_E4M3 as uint8.
+The fp8 layout (MODEL_NOTES#fp8-dequantization): every quantized ``nn.Linear`` stores
+``<name>.weight`` as F8_E4M3 ``(out, in)`` and ``<name>.weight_scale`` as F32 ``(out,)``.
+``mx.load`` reads F8_E4M3 as uint8.
 
 Before anything is built or read, the headers are checked: every file lies inside its component
 folder, config.json agrees with the tensors (:func:`checked_config`) and every tensor has the
@@ -44,7 +45,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class DtypeRule:
-    """The safetensors dtypes a model's raw snapshot files may hold (spec §A)."""
+    """The safetensors dtypes a model's raw snapshot files may hold (MODEL_NOTES#checkpoint)."""
 
     floats: tuple[str, ...] = ("BF16",)  # every tensor but fp8 weights and their scales
     fp8: bool = True  # a ``.weight`` may be F8_E4M3 next to an F32 ``.weight_scale``
@@ -180,7 +181,8 @@ def allowed_roots(component_dir: Path) -> list[Path]:
 
 
 def check_fp8_pair(key: str, tensors: dict, path: Path) -> None:
-    """An F8_E4M3 tensor must be a ``.weight`` with a ``.weight_scale`` partner (spec §A.2)."""
+    """An F8_E4M3 tensor must be a ``.weight`` with a ``.weight_scale`` partner
+    (MODEL_NOTES#fp8-dequantization)."""
     if not key.endswith(".weight"):
         raise CheckpointError(f"{path}: unexpected fp8 tensor {key} (only .weight may be fp8)")
     scale_key = key[: -len(".weight")] + SCALE_SUFFIX
@@ -309,7 +311,8 @@ def layer_count(keys, prefix: str) -> int:
 
 
 def dequantize_fp8(weight: mx.array, scale: mx.array) -> mx.array:
-    """``bf16(bf16(w8) * bf16(scale)[:, None])``: the reference rounding (spec §A.2, §I.3).
+    """``bf16(bf16(w8) * bf16(scale)[:, None])``: the reference rounding
+    (MODEL_NOTES#fp8-dequantization).
 
     fp8 -> bf16 is exact, and the product of two bf16 values is exact in fp32, so one
     rounding of the product reproduces PyTorch's bf16 multiply bit for bit.

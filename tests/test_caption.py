@@ -1,4 +1,4 @@
-"""Caption verifier rules (spec §G.2)."""
+"""Caption verifier rules (MODEL_NOTES#caption-verifier-rules)."""
 
 import copy
 import json

@@ -9,7 +9,7 @@ Tolerances (issue acceptance, justified by the per-component parity tests):
   custom schedule (6 steps, weight-1 steps where the official loop skips the unconditional
   pass, mu and std overrides) on a non-square image. DEFAULT_20 and TURBO_12 run the same code
   with fewer steps and other numbers: the reference is handed our resolved schedule, and the
-  schedules themselves are checked against the spec's vectors in test_sampler.py.
+  schedules themselves are checked against MODEL_NOTES#time-grid-test-vectors in test_sampler.py.
 - bf16: both sides carry bf16 rounding noise of ~1e-2 per DiT call (see the DiT parity
   tests); over 12 steps the latents may drift by a few 1e-2, so the bound is 5e-2 relative
   and image PSNR >= 30 dB.
@@ -89,12 +89,12 @@ def test_crosscheck_command_prints_every_stage(tiny_checkpoint, crosscheck):
     assert result.exit_code == 1 and "not a Hugging Face repo id" in result.output
 
 
-# --- edits (spec §H): the same tolerances as text-to-image in fp32 -----------------------------
-# The reference encodes with diffusers' encoder, computes its own §H grid in torch (DiffSynth's
-# float64 linspace: ~1e-7 from ours), starts from t0 * x0 + (1 - t0) * noise and blends the kept
-# tokens after each step; only the canvas and the masks are prepared by our edit.py (image
-# handling, not model numerics). Four steps run every edit code path (start, blends, the final
-# x0 pin, paste-back); S = 0.7 also runs the full V4_TURBO_12 grid.
+# --- edits (MODEL_NOTES#image-to-image): the same tolerances as text-to-image in fp32 -------------
+# The reference encodes with diffusers' encoder, computes its own compressed grid in torch
+# (DiffSynth's float64 linspace: ~1e-7 from ours), starts from t0 * x0 + (1 - t0) * noise and blends
+# the kept tokens after each step; only the canvas and the masks are prepared by our edit.py (image
+# handling, not model numerics). Four steps run every edit code path (start, blends, the final x0
+# pin, paste-back); S = 0.7 also runs the full V4_TURBO_12 grid.
 
 
 def edit_inputs(tmp_path):

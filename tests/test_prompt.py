@@ -57,7 +57,7 @@ def test_chat_template_ids_equal_transformers(tokenizer, prompt):
     )
     ids = prompt_token_ids(tokenizer, prompt)
     assert ids == list(expected)
-    # The spec's literal form (§D.1): no system prompt, no special tokens added around it.
+    # MODEL_NOTES#prompt-format, literally: no system prompt, no special tokens added around it.
     assert tokenizer.decode(ids) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -1,4 +1,5 @@
-"""Sampler: the spec's time-grid test vectors (§E.7), presets, guidance order, CFG, Euler."""
+"""Sampler: the time-grid test vectors (MODEL_NOTES#time-grid-test-vectors), presets, guidance
+order, CFG, Euler."""
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +18,7 @@ from ideogram4_mlx.sampler import (
     time_grid,
 )
 
-# Spec §E.7, float32 results of the formula at 1024x1024.
+# MODEL_NOTES#time-grid-test-vectors, float32 results of the formula at 1024x1024.
 DEFAULT_20 = [
     0.99944723,
     0.8989259,
@@ -139,8 +140,8 @@ def test_time_grid_matches_spec_vectors(preset, expected):
     p = get_preset(preset)
     grid = time_grid(p.num_steps, 1024, 1024, p.mu, p.std)
     assert grid.dtype == np.float32 and grid.shape == (p.num_steps + 1,)
-    # The vectors are 8-9 significant digits of float32 values; 1e-7 absolute is below one
-    # float32 ulp at 0.5-1.0 (6e-8..1.2e-7) plus print rounding (spec §I.24).
+    # The vectors are 8-9 significant digits of float32 values; 1e-7 absolute is below one float32
+    # ulp at 0.5-1.0 (6e-8..1.2e-7) plus print rounding (MODEL_NOTES#time-grid-test-vectors).
     np.testing.assert_allclose(grid, np.array(expected, np.float32), atol=1e-7, rtol=0)
 
 
@@ -154,7 +155,7 @@ def test_grid_endpoints_and_midpoint():
 
 
 def test_strength_compresses_the_grid_onto_the_later_times():
-    """Spec §H: u = linspace(0, s, N + 1); all N steps between S(s) and t_max."""
+    """MODEL_NOTES#image-to-image: u = linspace(0, s, N + 1); all N steps between S(s) and t_max."""
     p = get_preset("V4_DEFAULT_20")
     full = time_grid(20, 1024, 1024, p.mu, p.std)
     np.testing.assert_array_equal(time_grid(20, 1024, 1024, p.mu, p.std, 1.0), full)
@@ -232,7 +233,7 @@ def test_resolve_schedule_overrides():
 
 
 def reference_loop(noise, grid, guidance_index_order, cond, uncond):
-    """The official loop, written as in spec §E.2 (loop index i from N-1 down to 0)."""
+    """The official loop of MODEL_NOTES#denoising-loop (loop index i from N-1 down to 0)."""
     z = noise.astype(np.float32)
     n = len(guidance_index_order)
     for i in range(n - 1, -1, -1):

@@ -1,4 +1,5 @@
-"""Synthetic checkpoints: the exact layout of ideogram-ai/ideogram-4-fp8 (spec A), deterministic."""
+"""Synthetic checkpoints: the exact layout of ideogram-ai/ideogram-4-fp8 (MODEL_NOTES#checkpoint),
+deterministic."""
 
 import dataclasses
 import errno
@@ -71,7 +72,8 @@ def shapes_of(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def dequantized(path: Path, torch) -> dict:
-    """fp8 weights dequantized as the reference does (spec A.2), scales dropped."""
+    """fp8 weights dequantized as the reference does, scales dropped
+    (MODEL_NOTES#fp8-dequantization)."""
     with safe_open(path, framework="pt") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}
     out = {}

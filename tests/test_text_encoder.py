@@ -201,7 +201,8 @@ def test_left_padding_is_the_only_accepted_layout():
 
 
 def test_positions_count_from_the_first_real_token():
-    """RoPE is shift-invariant, so only this test (not parity) pins the spec's positions."""
+    """RoPE is shift-invariant, so only this test (not parity) pins the positions of
+    MODEL_NOTES#text-encoder-forward."""
     pad = left_padding(np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
     np.testing.assert_array_equal(position_ids(pad, 5), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
 

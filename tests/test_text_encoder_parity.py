@@ -1,8 +1,9 @@
 """MLX text encoder vs transformers' Qwen3VLModel on the same synthetic fp8 checkpoint.
 
 Both sides get the same token ids (left-padded for the batch) and the same weights, dequantized
-per spec §A.2. The reference runs HF's whole forward (its own position ids and masks) and taps
-the decoder layers with hooks. Errors are relative L2 over the real (non-padding) tokens.
+per MODEL_NOTES#fp8-dequantization. The reference runs HF's whole forward (its own position ids
+and masks) and taps the decoder layers with hooks. Errors are relative L2 over the real
+(non-padding) tokens.
 
 Tolerances:
 - fp32: <= 1e-4 per tap and for the stacked features. Both sides compute in fp32; what differs
@@ -116,7 +117,8 @@ def test_bf16_parity_within_reference_noise(run, inputs, case):
         assert 1e-4 < floor < 1e-1, f"{name}: reference bf16 noise floor {floor} is implausible"
         assert rel_l2(a, r32) <= 1.5 * floor, f"{name}: {rel_l2(a, r32):.2e} vs floor {floor:.2e}"
         assert rel_l2(a, r16) <= 2.0 * floor, f"{name}: {rel_l2(a, r16):.2e} vs floor {floor:.2e}"
-    # bf16 mode hands out fp32 arrays holding bf16 values (spec §D.2), padding rows exactly 0.
+    # bf16 mode hands out fp32 arrays holding bf16 values (MODEL_NOTES#text-encoder-taps), padding
+    # rows exactly 0.
     assert np.array_equal(ours, np.array(mx.array(ours).astype(mx.bfloat16).astype(mx.float32)))
     assert not ours[~real].any()
 
@@ -124,7 +126,8 @@ def test_bf16_parity_within_reference_noise(run, inputs, case):
 def test_reference_taps_are_pre_norm_decoder_outputs(run, inputs, torch):
     """The reference itself: taps 0..11 equal HF hidden_states[1, 4, ..., 34] (index 0 is the
     embeddings, so tap 0 is NOT the embeddings), and tap 12 (layer 35) is NOT HF's
-    ``hidden_states[-1]``, which transformers replaces by the post-norm output (spec §I.9)."""
+    ``hidden_states[-1]``, which transformers replaces by the post-norm output
+    (MODEL_NOTES#text-encoder-taps)."""
     ids, _, _ = inputs["single"]
     model = run.model("ref", "float32")
     taps, _ = run("ref", "float32", "single")
@@ -140,10 +143,12 @@ def test_reference_taps_are_pre_norm_decoder_outputs(run, inputs, torch):
 
 
 def test_dequantized_weights_equal_the_reference_bit_for_bit(run, torch):
-    """Spec §A.2 rounding, MLX vs PyTorch: every language-model parameter identical in bf16."""
+    """The rounding of MODEL_NOTES#fp8-dequantization, MLX vs PyTorch: every language-model
+    parameter identical in bf16."""
     ours = dict(tree_flatten(run.model("mlx", "bfloat16").parameters()))
     ref_model = run.model("ref", "bfloat16")
-    assert ref_model.language_model.rotary_emb.inv_freq.dtype == torch.float32  # spec §I.23
+    # MODEL_NOTES#reference-runs-in-bf16
+    assert ref_model.language_model.rotary_emb.inv_freq.dtype == torch.float32
     ref = ref_model.language_model.state_dict()
     assert set(ref) - set(ours) == {"norm.weight"}  # the final norm is never applied
     for key, value in ours.items():

@@ -70,7 +70,7 @@ def test_mrope_slot_assignment_is_interleaved():
 def test_timestep_sinusoid_rounds_t_to_bf16_first():
     t_min = 1.2339457598623172e-4
     a = timestep_sinusoid(np.array([t_min]), 64)
-    b = timestep_sinusoid(np.array([1.23023987e-4]), 64)  # bf16(t_min), spec §E.2
+    b = timestep_sinusoid(np.array([1.23023987e-4]), 64)  # bf16(t_min), MODEL_NOTES#denoising-loop
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, timestep_sinusoid(np.array([0.3]), 64))
     # sin first, then cos; slot 0 has frequency 1: sin(1e4 * t), cos(1e4 * t)
@@ -129,9 +129,9 @@ def test_dequantize_fp8_rounds_scale_to_bf16_then_product_once():
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_rms_norm_rounds_twice_as_the_reference(dtype):
-    # Spec D.4: y = w * round(x_fp32 * rsqrt(mean(x_fp32^2) + eps)), the product rounded again.
-    # Written out here with plain ops; the module uses the fused kernel. On the CPU that kernel
-    # is these ops (bitwise equal); on Metal/CUDA its reduction order may move 1 ulp.
+    # MODEL_NOTES#bf16-rounding: y = w * round(x_fp32 * rsqrt(mean(x_fp32^2) + eps)), the product
+    # rounded again. Written out here with plain ops; the module uses the fused kernel. On the CPU
+    # that kernel is these ops (bitwise equal); on Metal/CUDA its reduction order may move 1 ulp.
     rng = np.random.default_rng(0)
     x = mx.array(rng.standard_normal((2, 7, 3, 256)) * 3, dtype=dtype)[:, :, 1]
     # x is a strided view, as q/k are taken out of the fused qkv.

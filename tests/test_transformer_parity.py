@@ -118,7 +118,8 @@ def test_cond_and_uncond_checkpoints_differ(models):
 
 
 def test_dequantized_weights_equal_the_reference_bit_for_bit(models, torch):
-    """Spec §A.2 rounding, MLX vs PyTorch: every parameter identical in bf16."""
+    """The rounding of MODEL_NOTES#fp8-dequantization, MLX vs PyTorch: every parameter identical
+    in bf16."""
     from mlx.utils import tree_flatten
 
     ours = dict(tree_flatten(models("mlx", "transformer", "bfloat16").parameters()))

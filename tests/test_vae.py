@@ -119,14 +119,16 @@ def test_config_rejects_unsupported_architecture():
 
 
 def test_real_config_has_84m_parameters():
-    assert count_parameters(Flux2VAE(VAEConfig())) == 84_046_115  # spec §F.1, bn buffers excluded
+    # MODEL_NOTES#vae-configuration, bn buffers excluded
+    assert count_parameters(Flux2VAE(VAEConfig())) == 84_046_115
 
 
 # --- latent packing -------------------------------------------------------------------------
 
 
 def test_unpatchify_element_mapping():
-    """``raw[ch, 2r+pi, 2c+pj] = packed[r*gw + c, pi*64 + pj*32 + ch]`` (spec §F.5), NHWC."""
+    """``raw[ch, 2r+pi, 2c+pj] = packed[r*gw + c, pi*64 + pj*32 + ch]``, NHWC
+    (MODEL_NOTES#latent-packing)."""
     gh, gw = 3, 5
     packed = np.arange(2 * gh * gw * 128, dtype=np.float32).reshape(2, gh * gw, 128)
     raw = np.array(unpatchify(mx.array(packed), gh, gw))
@@ -162,7 +164,8 @@ def test_unpack_with_wrong_grid_raises():
 
 
 def test_constants_equal_diffusers_bn_formula():
-    """diffusers: ``z * sqrt(running_var + eps) + running_mean`` in fp32 (spec §F.4)."""
+    """diffusers: ``z * sqrt(running_var + eps) + running_mean`` in fp32
+    (MODEL_NOTES#latent-normalization)."""
     z = latents(1, 2, 3, seed=4)
     running_mean = LATENT_SHIFT
     running_var = (LATENT_SCALE.astype(np.float64) ** 2 - 1e-4).astype(np.float32)

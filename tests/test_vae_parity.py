@@ -1,4 +1,4 @@
-"""MLX VAE vs diffusers' AutoencoderKLFlux2 on the same random weights (spec §F.4-F.7).
+"""MLX VAE vs diffusers' AutoencoderKLFlux2 on the same random weights (MODEL_NOTES#vae).
 
 Weights: a tiny diffusers model (block_out_channels (32, 32, 64, 64), 1 layer per block,
 8 groups) from ``torch.manual_seed(0)``, GroupNorm affines randomised, every weight rounded

@@ -1,4 +1,4 @@
-"""The VAE round trip (``decode(encode(image))``, spec §F.4-F.7) against an answer known exactly.
+"""The VAE round trip (``decode(encode(image))``, MODEL_NOTES#vae) against an answer known exactly.
 
 Why not the synthetic checkpoints: their VAE weights are random, so a round trip through them
 returns noise and no PSNR bound on it means anything. Here the weights are set (in numpy) so

@@ -200,7 +200,7 @@ def test_raw_tensor_with_a_wrong_dtype_is_an_error_naming_file_key_and_dtype(
 
 
 def test_vision_tower_dtypes_are_not_checked(tiny_checkpoint, tmp_path):
-    """The vision tower is never read (its dtypes are [?] in the spec)."""
+    """The vision tower is never read (its dtypes are [?], MODEL_NOTES#text-encoder-keys)."""
     folder = copy_component(tiny_checkpoint, tmp_path, "text_encoder")
     retag(folder / FILES["text_encoder"], "visual.patch_embed.proj.bias", "F16")
     load(folder, "text_encoder")

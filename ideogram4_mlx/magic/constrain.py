@@ -1,5 +1,5 @@
-"""Constrained decoding of JSON captions: a grammar our verifier accepts in strict mode (spec
-§G.1-G.2), run by llguidance as an mlx-lm logits processor.
+"""Constrained decoding of JSON captions: a grammar our verifier accepts in strict mode
+(MODEL_NOTES#captions), run by llguidance as an mlx-lm logits processor.
 
 The grammar fixes the key orders, ``photo`` xor ``art_style``, element shapes, bbox integers in
 0..1000, palette sizes and uppercase ``#RRGGBB``; strings admit only the escapes json.dumps

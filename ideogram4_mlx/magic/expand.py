@@ -1,4 +1,5 @@
-"""Magic prompt: a plain idea -> a JSON caption in Ideogram 4's schema (spec §G), on this machine.
+"""Magic prompt: a plain idea -> a JSON caption in Ideogram 4's schema, on this machine
+(MODEL_NOTES#caption-schema).
 
 A causal LM (the checkpoint's own Qwen3-VL body with the prompt-enhancer lm_head, or any
 mlx-lm chat model) writes the caption under a grammar (``constrain.py``), so what comes out
@@ -28,7 +29,7 @@ from ideogram4_mlx.magic.options import (
 )
 from ideogram4_mlx.prompt import render_chat
 
-# Written for this project from the schema facts (spec §G.1-G.2); --system-prompt replaces it.
+# Written for this project from MODEL_NOTES#captions; --system-prompt replaces it.
 SYSTEM_PROMPT = """\
 You turn a short image idea into a detailed caption for a text-to-image model. Reply with one \
 JSON object and nothing else.

@@ -35,7 +35,8 @@ class HeadConfig(BaseConfig):
 class PromptEnhancerHead(nn.Module):
     """The bias-free ``lm_head`` (vocab, hidden) of diffusers' ``Ideogram4PromptEnhancerHead``."""
 
-    # [I] the repo's dtype is not documented: a diffusers save keeps the model's float dtype.
+    # [I] the repo's dtype is not documented (MODEL_NOTES#prompt-enhancer): a diffusers save
+    # keeps the model's float dtype.
     dtype_rule: ClassVar[DtypeRule] = DtypeRule(floats=("BF16", "F16", "F32"), fp8=False)
 
     def __init__(self, config: HeadConfig):

@@ -1,10 +1,10 @@
 """The magic-prompt LM: the checkpoint's own Qwen3-VL text body plus the prompt-enhancer head.
 
-Text-only Qwen3-VL is Qwen3 with 1-D RoPE (spec §D.3), so the body loads into mlx-lm's
-``qwen3.Model`` and mlx-lm's ``generate``/``stream_generate``, KV cache, samplers and logits
-processors run on it unchanged. The weights are the ``text_encoder/`` folder ``generate`` uses
-(fp8 snapshot or converted), read with our loader, *including* the final
-``language_model.norm`` that the feature taps skip. The ``lm_head`` comes from diffusers'
+Text-only Qwen3-VL is Qwen3 with 1-D RoPE (MODEL_NOTES#text-encoder-forward), so the body
+loads into mlx-lm's ``qwen3.Model`` and mlx-lm's ``generate``/``stream_generate``, KV cache,
+samplers and logits processors run on it unchanged. The weights are the ``text_encoder/``
+folder ``generate`` uses (fp8 snapshot or converted), read with our loader, *including* the
+final ``language_model.norm`` that the feature taps skip. The ``lm_head`` comes from diffusers'
 ``Ideogram4PromptEnhancerHead`` repo (``DEFAULT_HEAD_REPO``), a bundled
 ``prompt_enhancer_head/`` folder or any local folder in that layout.
 
@@ -55,7 +55,8 @@ from ideogram4_mlx.weights import (
 
 DEFAULT_HEAD_REPO = "diffusers/qwen3-vl-8b-instruct-lm-head"
 HEAD_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
-# Qwen3-VL-8B's max_position_embeddings (spec §D.5); mlx-lm reads it only for scaled RoPE.
+# Qwen3-VL-8B's max_position_embeddings (MODEL_NOTES#text-encoder-config); mlx-lm reads it
+# only for scaled RoPE.
 MAX_POSITIONS = 262144
 # Chat turns end with <|im_end|>; <|endoftext|> ends a document (Qwen generation_config).
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")

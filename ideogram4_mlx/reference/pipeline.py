@@ -1,5 +1,6 @@
-"""The whole text-to-image path in PyTorch, as the official pipeline runs it (spec §D-§F),
-plus the edits (spec §H): image-to-image, inpainting, outpainting.
+"""The whole text-to-image path in PyTorch, as the official pipeline runs it
+(MODEL_NOTES#text-encoder, #sampler, #vae), plus the edits (MODEL_NOTES#image-to-image):
+image-to-image, inpainting, outpainting.
 
 transformers' Qwen3-VL taps, diffusers' DiTs and VAE (its encoder for edits), and the
 official Euler loop written here in torch (index order, asymmetric CFG, uncond skipped at
@@ -65,7 +66,7 @@ def check_original(checkpoint: Path) -> None:
 
 
 def reference_token_ids(tokenizer_dir: Path, prompt: str) -> list[int]:
-    """Chat template, no system prompt, no added special tokens (spec §D.1)."""
+    """Chat template, no system prompt, no added special tokens (MODEL_NOTES#prompt-format)."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -74,8 +75,9 @@ def reference_token_ids(tokenizer_dir: Path, prompt: str) -> list[int]:
 
 def reference_canonical_prompt(prompt: str) -> str:
     """The caption text the reference tokenizes: a JSON object re-serialised as mflux does
-    (spec §D.1: minified, ``ensure_ascii=False``, key order kept); other text as given.
-    Written here, apart from the MLX prompt code, so the two are checked against each other."""
+    (minified, ``ensure_ascii=False``, key order kept: MODEL_NOTES#prompt-format); other text as
+    given. Written here, apart from the MLX prompt code, so the two are checked against each
+    other."""
     try:
         caption = json.loads(prompt)
     except json.JSONDecodeError:
@@ -91,7 +93,7 @@ def reference_grid(
     """``S[0..N]`` float32 in torch: ``1 - sigmoid(mean + std * ndtri(u))`` clamped to
     [t_min, t_max] (logSNR 18 and -15), ``u = linspace(0, strength, N + 1)``. Text-to-image
     (strength 1) takes the official float32 linspace; image-to-image DiffSynth's float64 one
-    (spec §E.1, §H)."""
+    (MODEL_NOTES#time-grid, #image-to-image)."""
     mean = mu + 0.5 * math.log(height * width / (512 * 512))
     if strength == 1:
         u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float32).double()

@@ -20,8 +20,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 
 from ideogram4_mlx.reference.transformer import read_state_dict
 
-# Spec §D.2 (diffusers' QWEN3_VL_ACTIVATION_LAYERS). Kept apart from the MLX module's copy on
-# purpose: the reference must not inherit a bug from the code it checks.
+# MODEL_NOTES#text-encoder-taps (diffusers' QWEN3_VL_ACTIVATION_LAYERS). Kept apart from the MLX
+# module's copy on purpose: the reference must not inherit a bug from the code it checks.
 TAP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
 # The config flag marking Ideogram's fp8 layout; transformers' config class does not know it.
 FP8_FLAG = "ideogram_fp8_weight_only"
@@ -41,7 +41,8 @@ def load_reference_text_encoder(
     component_dir: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Qwen3VLModel:
     """Build ``Qwen3VLModel`` (vision tower included, as in the file) with fp8 dequantized as
-    ``bf16(bf16(w8) * bf16(scale)[:, None])`` (spec §A.2), then cast to ``dtype``."""
+    ``bf16(bf16(w8) * bf16(scale)[:, None])`` (MODEL_NOTES#fp8-dequantization), then cast to
+    ``dtype``."""
     component_dir = Path(component_dir)
     config_dict = json.loads((component_dir / "config.json").read_text())
     config_dict.pop(FP8_FLAG, None)
@@ -53,8 +54,8 @@ def load_reference_text_encoder(
     for path in safetensors_files(component_dir):
         state.update(read_state_dict(path, dtype, device))
     model.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent RoPE buffers are not in the file (still on meta): build them in fp32 on
-    # the device, which also keeps inv_freq fp32 in a bf16 model (spec §I.23).
+    # Non-persistent RoPE buffers are not in the file (still on meta): build them in fp32 on the
+    # device, which also keeps inv_freq fp32 in a bf16 model (MODEL_NOTES#reference-runs-in-bf16).
     with torch.device(device):
         model.language_model.rotary_emb = Qwen3VLTextRotaryEmbedding(config.text_config)
         model.visual.rotary_pos_emb = Qwen3VLVisionRotaryEmbedding(config.vision_config)
@@ -69,7 +70,8 @@ def reference_taps(
 
     Returns ``taps`` (13, B, T, D) float32, the outputs of the ``TAP_LAYERS`` decoder layers
     (residual stream, before the final norm), and ``features`` (B, T, 13*D) float32 stacked
-    interleaved (feature ``d*13 + slot``) with padding rows set to 0 (spec §D.2).
+    interleaved (feature ``d*13 + slot``) with padding rows set to 0
+    (MODEL_NOTES#text-encoder-taps).
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)

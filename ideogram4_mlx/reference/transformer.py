@@ -19,7 +19,8 @@ REPACK_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
 def read_state_dict(path: Path, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     """Load one file tensor by tensor, dequantizing fp8 + per-row scale as the official
-    ``Fp8Linear`` does (spec §A.2): ``bf16(w8) * bf16(scale)[:, None]``, rounded to bf16.
+    ``Fp8Linear`` does: ``bf16(w8) * bf16(scale)[:, None]``, rounded to bf16
+    (MODEL_NOTES#fp8-dequantization).
 
     Each tensor is converted to ``dtype`` as it is read, so peak memory stays near the size
     of the final model (the real DiT file is 9.3 GB of fp8).
@@ -70,7 +71,8 @@ def load_reference_transformer(
         model = Ideogram4Transformer2DModel.from_config(config)
     state = to_diffusers_names(read_state_dict(checkpoint_file(component_dir), dtype, device))
     model.load_state_dict(state, strict=True, assign=True)
-    # A dtype cast also rounds the RoPE inv_freq buffer; keep it fp32 (spec §I.23).
+    # A dtype cast also rounds the RoPE inv_freq buffer; keep it fp32
+    # (MODEL_NOTES#reference-runs-in-bf16).
     rope = model.rotary_emb
     rope.inv_freq = 1.0 / (
         rope_theta(config)
@@ -107,7 +109,8 @@ def reference_forward(
 ) -> np.ndarray:
     """Run the diffusers DiT as the official pipeline feeds it; returns (B, L, 128) float32.
 
-    The pipeline rounds t to bf16 before the model (spec §I.1); we do that in every dtype.
+    The pipeline rounds t to bf16 before the model (MODEL_NOTES#timestep-embedding); we do that
+    in every dtype.
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

@@ -1,4 +1,5 @@
-"""diffusers' ``AutoencoderKLFlux2`` as the Ideogram 4 pipelines use it (spec §F.6-F.7).
+"""diffusers' ``AutoencoderKLFlux2`` as the Ideogram 4 pipelines use it
+(MODEL_NOTES#vae-decode, #vae-encode).
 
 Independent of the MLX code: diffusers' module code, and diffusers' own latent
 (de)normalisation from the VAE's ``bn`` buffers in the (patch_row, patch_col, channel) layout

@@ -9,7 +9,8 @@ import json
 from ideogram4_mlx.constants import PACKED_CHANNELS, VAE_CHANNELS
 from ideogram4_mlx.synth.plan import SyntheticSpec
 
-# Versions recorded in the real snapshot's configs (spec A.1, D.5); fixed so output is reproducible.
+# Versions the real snapshot's configs record (MODEL_NOTES#checkpoint-layout, #text-encoder-config);
+# fixed so output is reproducible.
 DIFFUSERS_VERSION = "0.42.1"
 TRANSFORMERS_VERSION = "5.8.0"
 
@@ -33,8 +34,8 @@ def model_index() -> dict:
 
 
 def scheduler_config() -> dict:
-    # Real contents are [?] (spec A.1): diffusers defaults with no shifting, which is what the
-    # Ideogram pipeline assumes (it divides by num_train_timesteps and passes its own sigmas).
+    # Real contents are [?] (MODEL_NOTES#checkpoint-layout): diffusers defaults, no shifting, as
+    # the Ideogram pipeline assumes (it divides by num_train_timesteps and passes its own sigmas).
     return {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,

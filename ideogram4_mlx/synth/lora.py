@@ -39,7 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 LAYOUTS = ("diffusers", "split", "ai-toolkit", "kohya", "diffsynth")
-# Per-block linears (our names, spec §A.3); adaln_modulation only when asked for.
+# Per-block linears (our names, MODEL_NOTES#dit-keys); adaln_modulation only when asked for.
 DEFAULT_MODULES = (
     "attention.qkv",
     "attention.o",

@@ -188,7 +188,8 @@ class TensorPlan:
 
 
 def dit_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
-    """Both DiT files (spec A.3): fused qkv/o, every nn.Linear F8_E4M3 + F32 weight_scale."""
+    """Both DiT files: fused qkv/o, every nn.Linear F8_E4M3 + F32 weight_scale
+    (MODEL_NOTES#dit-keys)."""
     d, a, f = spec.dit_hidden_size, spec.dit_adaln_dim, spec.dit_intermediate_size
     out = [
         *_fp8_linear("input_proj", d, PACKED_CHANNELS),
@@ -219,7 +220,8 @@ def dit_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
 
 
 def text_encoder_tensors(spec: SyntheticSpec, vocab_size: int) -> list[TensorPlan]:
-    """Qwen3VLModel state dict (spec A.4): FP8 LM linears, no lm_head, plus the vision tower."""
+    """Qwen3VLModel state dict: FP8 LM linears, no lm_head, plus the vision tower
+    (MODEL_NOTES#text-encoder-keys)."""
     h, hd, ff = spec.text_hidden_size, spec.text_head_dim, spec.text_intermediate_size
     q, kv = spec.text_num_attention_heads * hd, spec.text_num_key_value_heads * hd
     lm = "language_model."
@@ -250,8 +252,8 @@ def prompt_enhancer_head_tensors(spec: SyntheticSpec, vocab_size: int) -> list[T
 
 
 def _vision_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
-    # Visual dtypes are [?] in the spec: nn.Linear weights FP8 + scale like the LM (the official
-    # swap converts every nn.Linear), the Conv3d patch embed, LayerNorms and pos_embed BF16.
+    # Visual dtypes are [?] (MODEL_NOTES#text-encoder-keys): nn.Linear weights FP8 + scale like
+    # the LM (the official swap converts every nn.Linear); patch embed, norms, pos_embed BF16.
     c, ff, out_h = spec.vision_hidden_size, spec.vision_intermediate_size, spec.text_hidden_size
     merged = c * 4  # spatial_merge_size 2 -> 2x2 patches per merged token
     patch = (c, 3, 2, 16, 16)  # (hidden, rgb, temporal_patch, patch, patch)
@@ -286,7 +288,8 @@ def _vision_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
 
 
 def vae_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
-    """AutoencoderKLFlux2 state dict in diffusers naming (spec F.3), BF16 except the bn buffers."""
+    """AutoencoderKLFlux2 state dict in diffusers naming, BF16 except the bn buffers
+    (MODEL_NOTES#vae-keys)."""
     ch, n = spec.vae_block_out_channels, spec.vae_layers_per_block
     out = _conv("encoder.conv_in", ch[0], 3, 3)
     prev = ch[0]
@@ -312,7 +315,7 @@ def vae_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
         prev = c
     out += _affine_norm("decoder.conv_norm_out", ch[0])
     out += _conv("decoder.conv_out", 3, ch[0], 3)
-    # F32 (real dtype [?]) so the buffers can hold the Ideogram constants exactly (spec F.4).
+    # F32 (the real dtype is [?]) to hold the constants exactly (MODEL_NOTES#latent-normalization).
     var = LATENT_SCALE.astype(np.float64) ** 2 - 1e-4
     bn = (PACKED_CHANNELS,)
     return out + [

@@ -2,9 +2,9 @@
 
 The real weights are gated, so every loading, conversion and generation test runs on folders made
 here, through the same code that reads the real snapshot. Folder and file names, config keys,
-safetensors key names, shapes and dtypes follow spec section A; only the sizes (SyntheticSpec) and
-the values (seeded random) differ. Files are streamed tensor by tensor and chunk by chunk, so even
-the full-size 9.3 GB transformer file is written with bounded memory.
+safetensors key names, shapes and dtypes follow MODEL_NOTES#checkpoint; only the sizes
+(SyntheticSpec) and the values (seeded random) differ. Files are streamed tensor by tensor and
+chunk by chunk, so even the full-size 9.3 GB transformer file is written with bounded memory.
 
     write_synthetic_checkpoint("/tmp/ideo4-tiny")                       # whole checkpoint, < 2 s
     write_synthetic_checkpoint(dst, "full", components=("transformer",))  # one real-size DiT file
@@ -289,7 +289,7 @@ def _bf16_table(mean: float, std: float) -> np.ndarray:
 
 
 def decode_e4m3(codes) -> np.ndarray:
-    """E4M3FN bytes -> float32 (spec A.2 decode)."""
+    """E4M3FN bytes -> float32, the decode of MODEL_NOTES#fp8-dequantization."""
     codes = np.asarray(codes, dtype=np.uint8)
     e = ((codes >> 3) & 0xF).astype(np.int32)
     m = (codes & 0x7).astype(np.float32)
