@@ -19,7 +19,6 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import PACKED_CHANNELS
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.metadata import save_png
@@ -36,6 +35,7 @@ from ideogram4_mlx.sampler import (
 )
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
 from ideogram4_mlx.vae import decode, encode
+from ideogram4_mlx.version import __version__
 
 if TYPE_CHECKING:
     from ideogram4_mlx.pipeline import Ideogram4Pipeline
