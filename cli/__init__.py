@@ -5,7 +5,6 @@ Each command parses options and calls one library function; no logic lives here.
 
 import click
 
-from ideogram4_mlx import __version__
 from ideogram4_mlx.cli.caption import verify_caption
 from ideogram4_mlx.cli.convert import convert
 from ideogram4_mlx.cli.crosscheck import crosscheck
@@ -15,6 +14,7 @@ from ideogram4_mlx.cli.magic import magic_prompt
 from ideogram4_mlx.cli.models import models
 from ideogram4_mlx.cli.serve import serve
 from ideogram4_mlx.cli.synth import synth
+from ideogram4_mlx.version import __version__
 
 
 class Commands(click.Group):

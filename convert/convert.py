@@ -28,7 +28,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
@@ -56,6 +55,7 @@ from ideogram4_mlx.quantization import (
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
+from ideogram4_mlx.version import __version__
 from ideogram4_mlx.weights import (
     CheckpointError,
     check_raw_dtypes,

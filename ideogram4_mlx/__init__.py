@@ -1,15 +1,14 @@
 """Ideogram 4 on MLX: ``from ideogram4_mlx import load``."""
 
-__version__ = "0.1.0"
-
-from ideogram4_mlx.pipeline import (  # noqa: E402
+from ideogram4_mlx.pipeline import (
     Generation,
     GenerationResult,
     Ideogram4Pipeline,
     Step,
     load,
 )
-from ideogram4_mlx.request import GenerationRequest  # noqa: E402
+from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.version import __version__
 
 __all__ = [
     "Generation",

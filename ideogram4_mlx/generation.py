@@ -1,9 +1,10 @@
 """One generation in flight: the stages of one image (expand, encode, encode_image, denoise,
 decode) as a step iterator, and the velocity functions the sampler calls.
 
-``Ideogram4Pipeline.start`` makes a :class:`Generation`; its steps are what the CLI's bar, the
-server's events, previews and ``generate``'s callback consume, and ``result()`` decodes the
-image. Each stage is timed (:class:`Stage`).
+``Ideogram4Pipeline.start`` makes a :class:`Generation` from the request and the
+:class:`Components` it uses (an encoder, the DiTs, the VAE, a release hook); its steps are what
+the CLI's bar, the server's events, previews and ``generate``'s callback consume, and
+``result()`` decodes the image. Each stage is timed (:class:`Stage`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from ideogram4_mlx import __version__
 from ideogram4_mlx.constants import PACKED_CHANNELS
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.metadata import save_png
@@ -35,10 +34,8 @@ from ideogram4_mlx.sampler import (
     skips_uncond,
 )
 from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
-from ideogram4_mlx.vae import decode, encode
-
-if TYPE_CHECKING:
-    from ideogram4_mlx.pipeline import Ideogram4Pipeline
+from ideogram4_mlx.vae import Flux2VAE, decode, encode
+from ideogram4_mlx.version import __version__
 
 
 @dataclass
@@ -55,6 +52,21 @@ class GenerationResult:
 
 
 Report = Callable[[str], None]
+DiTs = tuple[Ideogram4Transformer | None, Ideogram4Transformer | None]
+
+
+@dataclass(frozen=True)
+class Components:
+    """What a generation uses, handed over by whoever holds the models (the pipeline's
+    ``start``). Each model loads on first call; ``release`` frees one after its stage."""
+
+    encode: Callable[[str], mx.array]  # prompt -> text features (1, T, 13*D) fp32, evaluated
+    dits: Callable[[int], DiTs]  # (cond, uncond) planned for that many tokens; None: not held
+    vae: Callable[[], Flux2VAE]
+    release: Callable[[str], None]  # "text_encoder", "transformers" or "vae", after its stage
+    expand: Callable[[str, int, int, int | None], str]  # magic prompt: idea, w, h, seed -> caption
+    settings: Callable[[], dict]  # what the models add to the metadata (model, dtype, LoRAs)
+    cfg: CFGGroup | None = None  # CFG-parallel ranks (None: one process)
 
 
 class Stage:
@@ -96,19 +108,18 @@ class Generation:
     """One request in flight: ``for step in generation: mx.eval(step.latents)``, then
     :meth:`result`. Progress bars, previews and callbacks are consumers of the steps.
 
-    The prompt is encoded when iteration starts; the text encoder is freed before the first
-    step and the DiTs after the last (unless the pipeline keeps them in memory).
+    The prompt is encoded when iteration starts; the text encoder is released before the
+    first step and the DiTs after the last (``release`` may keep them in memory).
     """
 
     def __init__(
         self,
-        pipe: Ideogram4Pipeline,
-        request: GenerationRequest | ResolvedRequest,
+        components: Components,
+        resolved: ResolvedRequest,
         noise: np.ndarray | None = None,
         verbose: bool = False,
         report: Report | None = None,
     ):
-        resolved = pipe.check(request)
         resolved.warn()
         request = resolved.request  # size, strength and input fingerprints filled in
         n = resolved.grid_h * resolved.grid_w
@@ -119,7 +130,7 @@ class Generation:
         else:
             request = replace(request, seed=None)
             self.noise = mx.array(check_noise(noise, resolved.grid_h, resolved.grid_w))
-        self.pipe, self.request, self.resolved = pipe, request, resolved
+        self.components, self.request, self.resolved = components, request, resolved
         self.verbose, self.report = verbose, report
         self.given_noise = noise is not None
         self.idea: str | None = None  # the magic prompt's idea, once expanded
@@ -132,7 +143,7 @@ class Generation:
         return self.resolved.schedule.num_steps
 
     def __iter__(self) -> Iterator[Step]:
-        cfg = self.pipe.cfg
+        cfg = self.components.cfg
         if cfg is None:
             yield from self._steps()
             return
@@ -144,48 +155,48 @@ class Generation:
                 yield step
 
     def _steps(self) -> Iterator[Step]:
-        pipe, r = self.pipe, self.resolved
-        rank = 0 if pipe.cfg is None else pipe.cfg.rank
+        c, r = self.components, self.resolved
+        rank = 0 if c.cfg is None else c.cfg.rank
         if self.request.magic_prompt and rank == 0:
             with Stage(self.stats, "expand", self.report, self.verbose):
                 idea, r0 = self.request.prompt, self.request
-                caption = pipe.expand(idea, r0.width, r0.height, r0.seed, **pipe.magic_options)
+                caption = c.expand(idea, r0.width, r0.height, r0.seed)
                 self.idea, self.request = idea, replace(r0, prompt=caption, magic_prompt=False)
         features = None
         if rank == 0:  # a CFG-parallel rank 1 holds the unconditional DiT only
             with Stage(self.stats, "encode", self.report, self.verbose):
-                features = pipe.encode(self.request.prompt)
-                pipe.release("text_encoder")
+                features = c.encode(self.request.prompt)
+                c.release("text_encoder")
         start, known, x0 = self.noise, None, None
         if r.edit is not None and rank == 0:
             with Stage(self.stats, "encode_image", self.report, self.verbose):
-                x0 = encode(pipe.vae(), r.edit.canvas[None])
+                x0 = encode(c.vae(), r.edit.canvas[None])
                 mx.eval(x0)
-                pipe.release("vae")
+                c.release("vae")
             start = noised(x0, self.noise, r.schedule.start_time)
         noise = self.noise
-        if pipe.cfg is not None:  # both ranks start from rank 0's latents (and its noise)
-            start = pipe.cfg.share(start if rank == 0 else None, self.noise)
+        if c.cfg is not None:  # both ranks start from rank 0's latents (and its noise)
+            start = c.cfg.share(start if rank == 0 else None, self.noise)
             if r.edit is not None and r.edit.token_mask is not None:
-                x0 = pipe.cfg.share(x0 if rank == 0 else None, self.noise)
-                noise = pipe.cfg.share(self.noise if rank == 0 else None, self.noise)
+                x0 = c.cfg.share(x0 if rank == 0 else None, self.noise)
+                noise = c.cfg.share(self.noise if rank == 0 else None, self.noise)
         if r.edit is not None and r.edit.token_mask is not None:
             mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
             known = KnownLatents(x0, noise, mask)
         with Stage(self.stats, "denoise", self.report, self.verbose):
             n_text = MAX_TEXT_TOKENS if features is None else features.shape[1]
-            dits = pipe.dits(r.grid_h * r.grid_w + n_text)
+            dits = c.dits(r.grid_h * r.grid_w + n_text)
             cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w)
             guided = None
-            if pipe.cfg is not None:
-                guided = parallel_guidance(pipe.cfg, cond if rank == 0 else uncond)
+            if c.cfg is not None:
+                guided = parallel_guidance(c.cfg, cond if rank == 0 else uncond)
             steps = euler_steps(start, r.schedule, cond, uncond, known, guided)
             for index, t, z in steps:
                 self.latents = z
                 yield Step(index, self.num_steps, t, z)
                 check_finite(z, index)  # after the caller's evaluation: no extra work
             mx.eval(self.latents)
-            pipe.release("transformers")
+            c.release("transformers")
         self.done = True
 
     def result(self) -> GenerationResult | None:
@@ -193,18 +204,18 @@ class Generation:
         CFG-parallel rank 1, which has no VAE: rank 0 writes the image)."""
         if not self.done:
             raise RuntimeError("iterate over all the denoising steps before result()")
-        pipe, r = self.pipe, self.resolved
-        if pipe.cfg is not None and pipe.cfg.rank != 0:
+        c, r = self.components, self.resolved
+        if c.cfg is not None and c.cfg.rank != 0:
             return None
         with Stage(self.stats, "decode", self.report, self.verbose):
-            pixels = decode(pipe.vae(), self.latents, r.grid_h, r.grid_w)
-            pipe.release("vae")
+            pixels = decode(c.vae(), self.latents, r.grid_h, r.grid_w)
+            c.release("vae")
             if r.edit is not None:
                 pixels = r.edit.paste(pixels[0])[None]
         metadata = {
             **self.request.to_metadata(),
             "noise": "given" if self.given_noise else "seeded",
-            **pipe.settings(),
+            **c.settings(),
             "caption_findings": r.caption_findings,
             **({"idea": self.idea} if self.idea is not None else {}),
             "version": __version__,

@@ -17,13 +17,13 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from ideogram4_mlx import __version__
 from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.constants import parse_dtype
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.lora import LoRASpec, replay_loras
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
+from ideogram4_mlx.version import __version__
 
 PNG_KEY = "ideogram4-mlx"
 # What ``load()`` needs to rebuild the pipeline an image was made with.

@@ -8,6 +8,7 @@ the text encoder is freed before denoising and the DiTs before decoding.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from ideogram4_mlx.constants import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
+    Components,
     Generation,
     GenerationResult,
     NonFiniteError,
@@ -308,6 +310,20 @@ class Ideogram4Pipeline:
 
     # -- generation ---------------------------------------------------------------------------
 
+    def components(self) -> Components:
+        """What a generation uses of this pipeline: the prompt encoder, the DiTs, the VAE, the
+        release hook, the magic prompt (with ``magic_options``), the metadata settings and the
+        CFG-parallel group. Nothing loads here."""
+        return Components(
+            encode=self.encode,
+            dits=self.dits,
+            vae=self.vae,
+            release=self.release,
+            expand=functools.partial(self.expand, **self.magic_options),
+            settings=self.settings,
+            cfg=self.cfg,
+        )
+
     def check(self, request: GenerationRequest | ResolvedRequest) -> ResolvedRequest:
         """Every check of ``request`` that needs no model, the prompt's token count included
         (the tokenizer only): ``ValueError`` (``CaptionError``) or ``OSError`` naming it. A
@@ -332,7 +348,8 @@ class Ideogram4Pipeline:
         the default prints them when ``verbose``. See :meth:`generate`."""
         if report is None and verbose:
             report = print
-        return Generation(self, request, noise, verbose, report)
+        resolved = self.check(request)
+        return Generation(self.components(), resolved, noise, verbose, report)
 
     def generate(
         self,

@@ -34,10 +34,10 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
-from ideogram4_mlx import __version__
 from ideogram4_mlx.edit import MAX_INPUT_PIXELS
 from ideogram4_mlx.request import SETTINGS, GenerationRequest, caption_findings
 from ideogram4_mlx.server.jobs import TERMINAL, JobQueue, QueueFull
+from ideogram4_mlx.version import __version__
 
 MAX_BODY_BYTES = 32 * 2**20  # room for a base64 input image and mask
 MAX_IMAGES = 4  # n of one OpenAI request
