@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from ideogram4_mlx import __version__
+from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.constants import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
@@ -56,13 +57,7 @@ from ideogram4_mlx.quantization import (
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
-from ideogram4_mlx.weights import (
-    CheckpointError,
-    check_raw_dtypes,
-    component_files,
-    load_safetensors,
-    read_json,
-)
+from ideogram4_mlx.weights import check_raw_dtypes, component_files, load_safetensors
 
 # Shards are saved with mx.save_safetensors, which holds a whole shard in memory: 1 GiB keeps
 # the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.

@@ -24,13 +24,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.config import BaseConfig, CheckpointError, HeaderCheck
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PATCH
 from ideogram4_mlx.latents import from_uint8, pack, to_uint8, unpack
-from ideogram4_mlx.layers import BaseConfig, silu
+from ideogram4_mlx.layers import silu
 from ideogram4_mlx.weights import (
-    CheckpointError,
     DtypeRule,
-    HeaderCheck,
     checked_config,
     component_files,
     load_component,

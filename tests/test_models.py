@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.models import FP8_TEXT, inspect_checkpoint, list_models
-from ideogram4_mlx.weights import CheckpointError
 
 REPO = "ideogram-ai/ideogram-4-fp8"
 OLD, NEW = "a" * 40, "ee79a7237b519f1402ceacf952f30c8a31ec5073"

@@ -35,6 +35,7 @@ import pytest
 from helpers import rel_l2
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
 from ideogram4_mlx.latents import pack, patchify, to_uint8, unpack, unpatchify
 from ideogram4_mlx.synth import write_synthetic_checkpoint
@@ -52,7 +53,6 @@ from ideogram4_mlx.vae import (
     kernel_layout,
     tree_sum,
 )
-from ideogram4_mlx.weights import CheckpointError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
