@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx import __version__
 from ideogram4_mlx.config import CheckpointError, read_json
-from ideogram4_mlx.constants import dtype_name, parse_dtype
+from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
 from ideogram4_mlx.lora import (

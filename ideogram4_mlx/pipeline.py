@@ -14,8 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ideogram4_mlx.constants import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.distributed import CFGGroup
+from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Generation,

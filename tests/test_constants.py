@@ -1,5 +1,4 @@
-"""Constants against the spec itself: the 256 latent normalisation values (spec §F.4), the
-dtype table.
+"""Constants against the spec itself: the 256 latent normalisation values (spec §F.4).
 
 The spec sits beside the repository (``../shared/docs/IDEOGRAM4_SPEC.md``), as in CI. Where it
 is absent the spec test skips, except under CI (``CI=true``), where it must run.
@@ -9,17 +8,10 @@ import os
 import re
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from ideogram4_mlx.constants import (
-    LATENT_SCALE,
-    LATENT_SHIFT,
-    PACKED_CHANNELS,
-    dtype_name,
-    parse_dtype,
-)
+from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PACKED_CHANNELS
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "docs" / "IDEOGRAM4_SPEC.md"
 NUMBER = re.compile(r"[-\u2212]?\d+\.\d+")
@@ -49,10 +41,3 @@ def test_latent_constants_equal_the_spec_in_order(name, ours):
     assert expected.shape == (PACKED_CHANNELS,), f"parsed {expected.shape} values from the spec"
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours, expected)
-
-
-def test_dtype_names_and_aliases():
-    assert parse_dtype("bf16") is parse_dtype("bfloat16") == mx.bfloat16
-    assert parse_dtype("fp32") == mx.float32 and dtype_name(mx.float16) == "float16"
-    with pytest.raises(ValueError, match="unknown dtype 'int8'; valid: bfloat16"):
-        parse_dtype("int8")
