@@ -166,13 +166,13 @@ def read_loras(
     """The LoRAs to bake, by DiT folder name, each read and matched against its DiT."""
     baked: dict[str, list[tuple[LoRAFile, float]]] = {}
     for spec in loras:
-        spec = parse_lora_option(spec) if isinstance(spec, str) else spec
+        spec = (parse_lora_option(spec) if isinstance(spec, str) else spec).resolved()
         name = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
         if name not in components:
             raise LoRAError(f"LoRA {spec.source} is for {name}, which is not being converted")
         lora = read_lora(resolve_file(spec.source))
         match(lora, linear_shapes(MODEL_COMPONENTS[name].model.build(src_dir / name)))
-        baked.setdefault(name, []).append((lora, spec.weight))
+        baked.setdefault(name, []).append((lora, spec.scale))
     return baked
 
 

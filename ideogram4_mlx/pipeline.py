@@ -202,7 +202,7 @@ class Ideogram4Pipeline:
             )
             self.resident_blocks = plan
             for model, target in zip(self._dits, TARGETS, strict=True):
-                chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
+                chosen = [(f, s.scale) for s, f in self.loras if s.target == target]
                 if chosen and model is not None:
                     (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
         return self._dits
@@ -213,7 +213,7 @@ class Ideogram4Pipeline:
 
         Every LoRA module must match a layer with the right shape (``LoRAError`` naming the
         key otherwise); ``allow_partial`` applies the rest with a warning giving the count."""
-        spec = parse_lora_option(spec) if isinstance(spec, str) else spec
+        spec = (parse_lora_option(spec) if isinstance(spec, str) else spec).resolved()
         lora = read_lora(resolve_file(spec.source))
         if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
@@ -240,7 +240,7 @@ class Ideogram4Pipeline:
         in place; fused ones are merged again at the next load."""
         for i, (spec, lora) in enumerate(self.loras):
             if lora.name == name:
-                self.loras[i] = (LoRASpec(spec.source, scale, spec.target), lora)
+                self.loras[i] = (LoRASpec(spec.source, scale, spec.target).resolved(), lora)
                 if self._dits is not None and not self.fuse_lora:
                     set_scale(self._dits[TARGETS.index(spec.target)], name, scale)
                 elif self.fuse_lora:
@@ -298,7 +298,7 @@ class Ideogram4Pipeline:
                     "name": lora.name,
                     "sha256": lora.sha256,
                     "target": spec.target,
-                    "scale": spec.weight,
+                    "scale": spec.scale,
                     "fused": self.fuse_lora,
                 }
                 for spec, lora in self.loras
