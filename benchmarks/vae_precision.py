@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2
 
-from ideogram4_mlx import vae
+from ideogram4_mlx import vae, vae_strips
 from ideogram4_mlx.latents import from_uint8
 
 
 def plain_moments(x: mx.array, groups: int) -> tuple[mx.array, mx.array]:
-    """The former ``vae.group_moments``: two passes, each one fp32 reduction."""
+    """The former ``group_moments``: two passes, each one fp32 reduction."""
     b, c = x.shape[0], x.shape[-1]
     xf = x.astype(mx.float32).reshape(b, -1, groups, c // groups)
     mean = mx.mean(xf, axis=(1, 3))
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--plain-moments", action="store_true", help="the former moments")
     args = parser.parse_args()
     if args.plain_moments:
-        vae.group_moments = plain_moments
+        vae.group_moments = vae_strips.group_moments = plain_moments  # GroupNorm, RowStrips
     warnings.simplefilter("ignore")  # save_pretrained's bn buffers are not the constants
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp) / "vae", (16, 16, 32, 32), 4)

@@ -6,9 +6,9 @@ from pathlib import Path
 import click
 
 from ideogram4_mlx.cli.options import components_option, show_warning
-from ideogram4_mlx.constants import DTYPE_ALIASES, DTYPES
 from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
+from ideogram4_mlx.dtypes import DTYPE_ALIASES, DTYPES
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import click
 
+from ideogram4_mlx.catalog import Checkpoint, list_models
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.files import format_size
-from ideogram4_mlx.models import Checkpoint, list_models
-from ideogram4_mlx.weights import CheckpointError
 
 
 @click.command("models", short_help="List the Ideogram 4 checkpoints on this machine.")

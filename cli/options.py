@@ -2,7 +2,7 @@
 
 import click
 
-from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError, parse_lora_option
 

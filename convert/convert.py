@@ -28,7 +28,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from ideogram4_mlx.constants import dtype_name, parse_dtype
+from ideogram4_mlx.config import CheckpointError, read_json
+from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
 from ideogram4_mlx.lora import (
@@ -56,13 +57,7 @@ from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.version import __version__
-from ideogram4_mlx.weights import (
-    CheckpointError,
-    check_raw_dtypes,
-    component_files,
-    load_safetensors,
-    read_json,
-)
+from ideogram4_mlx.weights import check_raw_dtypes, component_files, load_safetensors
 
 # Shards are saved with mx.save_safetensors, which holds a whole shard in memory: 1 GiB keeps
 # the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.
@@ -171,13 +166,13 @@ def read_loras(
     """The LoRAs to bake, by DiT folder name, each read and matched against its DiT."""
     baked: dict[str, list[tuple[LoRAFile, float]]] = {}
     for spec in loras:
-        spec = parse_lora_option(spec) if isinstance(spec, str) else spec
+        spec = (parse_lora_option(spec) if isinstance(spec, str) else spec).resolved()
         name = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
         if name not in components:
             raise LoRAError(f"LoRA {spec.source} is for {name}, which is not being converted")
         lora = read_lora(resolve_file(spec.source))
         match(lora, linear_shapes(MODEL_COMPONENTS[name].model.build(src_dir / name)))
-        baked.setdefault(name, []).append((lora, spec.weight))
+        baked.setdefault(name, []).append((lora, spec.scale))
     return baked
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 
 # Image geometry: the VAE downsamples 8x, then 2x2 latent patches form one token
@@ -12,33 +11,10 @@ VAE_CHANNELS = 32  # channels of the raw VAE latent
 PACKED_CHANNELS = PATCH * PATCH * VAE_CHANNELS  # 128: channels of one packed token
 PIXELS_PER_TOKEN = 16  # image pixels per token side (8 x PATCH)
 
-# Compute dtypes by name: one table for the CLI, metadata, convert and the reference path.
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def parse_dtype(name: str) -> mx.Dtype:
-    """``bfloat16``/``bf16``, ``float16``/``fp16``, ``float32``/``fp32`` -> the MLX dtype."""
-    canonical = DTYPE_ALIASES.get(name, name)
-    if canonical not in DTYPES:
-        valid = ", ".join([*DTYPES, *DTYPE_ALIASES])
-        raise ValueError(f"unknown dtype {name!r}; valid: {valid}")
-    return DTYPES[canonical]
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    """The table's name of an MLX dtype (``bfloat16``, ...)."""
-    return next(name for name, d in DTYPES.items() if d == dtype)
-
-
-def _floats(text: str) -> np.ndarray:
-    return np.array(text.split(), dtype=np.float32)
-
-
 # Per-channel normalization of the packed 128-channel latent (MODEL_NOTES#latent-normalization),
 # as float32, indexed in the packed order pi*64 + pj*32 + c (one block of 32 per (pi, pj)).
 # Decode: z_raw = z_model * LATENT_SCALE + LATENT_SHIFT (fp32).
-LATENT_SHIFT = _floats(
+LATENT_SHIFT = np.array(
     """
 0.01984364 0.10149707 0.29689495 0.27188619 -0.21445648 -0.15979549 0.05021099 -0.15083604
 -0.15360136 -0.20131799 0.01922352 0.0622626 0.10140969 -0.06739428 0.3758261 -0.233712
@@ -59,9 +35,10 @@ LATENT_SHIFT = _floats(
 -0.16111187 -0.2020305 0.02602069 0.04852717 0.10432153 -0.06309942 0.38402443 -0.22397003
 0.34814481 -0.03774432 -0.03381438 -0.11245691 -0.14128767 -0.02853208 -0.21752016 0.24872463
 -0.11399775 0.1222687 0.05620835 0.309178 -0.18065738 -0.19401479 -0.34495114 -0.01760592
-"""
+""".split(),
+    dtype=np.float32,
 )
-LATENT_SCALE = _floats(
+LATENT_SCALE = np.array(
     """
 1.63933691 1.70204478 1.73642566 1.90004803 1.6675316 1.69059584 1.56853198 1.62314944
 1.89106626 1.58086668 1.60822129 1.60962993 1.63322129 1.56074359 1.73419528 1.7919265
@@ -82,5 +59,6 @@ LATENT_SCALE = _floats(
 1.87148809 1.56244866 1.56697152 1.61584394 1.62759496 1.55480378 1.73484107 1.79055143
 1.64688773 1.66121492 1.60135887 1.75254572 1.64798332 1.62989921 1.61381592 1.60792883
 1.63939668 1.53075757 1.65371318 1.66801185 1.80029087 1.67591476 1.65655173 1.68533454
-"""
+""".split(),
+    dtype=np.float32,
 )

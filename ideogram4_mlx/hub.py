@@ -12,7 +12,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from ideogram4_mlx.weights import CheckpointError
+from ideogram4_mlx.config import CheckpointError
 
 DEFAULT_REPO = "ideogram-ai/ideogram-4-fp8"
 # What the pipeline reads: the text-encoder, DiT and VAE folders plus the tokenizer.

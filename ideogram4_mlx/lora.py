@@ -538,9 +538,9 @@ class LoRASpec:
                 f"+-{MAX_SCALE:g}"
             )
 
-    @property
-    def weight(self) -> float:
-        return 1.0 if self.scale is None else float(self.scale)
+    def resolved(self) -> LoRASpec:
+        """This spec with its scale as a float: 1 where none was given."""
+        return replace(self, scale=1.0 if self.scale is None else float(self.scale))
 
 
 def parse_lora_option(value: str, target: str = "cond") -> LoRASpec:

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx.caption import parse_json
-from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.lora import LoRASpec, replay_loras

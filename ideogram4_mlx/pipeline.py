@@ -16,8 +16,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ideogram4_mlx.constants import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.distributed import CFGGroup
+from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
@@ -205,7 +205,7 @@ class Ideogram4Pipeline:
             )
             self.resident_blocks = plan
             for model, target in zip(self._dits, TARGETS, strict=True):
-                chosen = [(f, s.weight) for s, f in self.loras if s.target == target]
+                chosen = [(f, s.scale) for s, f in self.loras if s.target == target]
                 if chosen and model is not None:
                     (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
         return self._dits
@@ -216,7 +216,7 @@ class Ideogram4Pipeline:
 
         Every LoRA module must match a layer with the right shape (``LoRAError`` naming the
         key otherwise); ``allow_partial`` applies the rest with a warning giving the count."""
-        spec = parse_lora_option(spec) if isinstance(spec, str) else spec
+        spec = (parse_lora_option(spec) if isinstance(spec, str) else spec).resolved()
         lora = read_lora(resolve_file(spec.source))
         if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
@@ -243,7 +243,7 @@ class Ideogram4Pipeline:
         in place; fused ones are merged again at the next load."""
         for i, (spec, lora) in enumerate(self.loras):
             if lora.name == name:
-                self.loras[i] = (LoRASpec(spec.source, scale, spec.target), lora)
+                self.loras[i] = (LoRASpec(spec.source, scale, spec.target).resolved(), lora)
                 if self._dits is not None and not self.fuse_lora:
                     set_scale(self._dits[TARGETS.index(spec.target)], name, scale)
                 elif self.fuse_lora:
@@ -301,7 +301,7 @@ class Ideogram4Pipeline:
                     "name": lora.name,
                     "sha256": lora.sha256,
                     "target": spec.target,
-                    "scale": spec.weight,
+                    "scale": spec.scale,
                     "fused": self.fuse_lora,
                 }
                 for spec, lora in self.loras

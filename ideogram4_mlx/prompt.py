@@ -23,8 +23,8 @@ import numpy as np
 # PreTrainedTokenizerFast, not AutoTokenizer: the auto mapping imports torch when it is installed.
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, stack_taps
-from ideogram4_mlx.weights import CheckpointError, read_json
 
 # diffusers, mflux and DiffSynth cap the templated prompt at 2048 tokens (the official code
 # allows 8192). We follow the ports so that one prompt gives the same image in all of them.

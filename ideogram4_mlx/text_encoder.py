@@ -16,11 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ideogram4_mlx.layers import BaseConfig, RMSNorm, apply_rope, rope_cos_sin, silu
+from ideogram4_mlx.config import BaseConfig, CheckpointError, HeaderCheck
+from ideogram4_mlx.layers import RMSNorm, apply_rope, rope_cos_sin, silu
 from ideogram4_mlx.weights import (
-    CheckpointError,
     DtypeRule,
-    HeaderCheck,
     checked_config,
     dequantize_fp8_weights,
     load_component,

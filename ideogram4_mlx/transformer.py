@@ -17,11 +17,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from ideogram4_mlx.layers import BaseConfig, RMSNorm, apply_rope, rope_inv_freq, silu
+from ideogram4_mlx.config import BaseConfig, CheckpointError, HeaderCheck
+from ideogram4_mlx.layers import RMSNorm, apply_rope, rope_inv_freq, silu
 from ideogram4_mlx.weights import (
-    CheckpointError,
     DtypeRule,
-    HeaderCheck,
     WeightStream,
     checked_config,
     dequantize_fp8_weights,

@@ -9,6 +9,12 @@ buffers are not weights: the port denormalises with the hard-coded constants
 Dtype policy: latents and their (de)normalisation are fp32; the network runs in the weights'
 dtype (bf16 in the reference). GroupNorm statistics and the mid-block attention core are fp32,
 as in PyTorch; every op's output is rounded to the compute dtype once.
+
+Two forwards: the whole-image ones here (``Encoder.__call__``, ``Decoder.__call__``;
+``strip_pixels=None``) are the oracle, checked against diffusers in tests/test_vae_parity.py.
+The bounded-memory strip forwards of ``vae_strips.py``, which :func:`decode` and :func:`encode`
+take by default, are tested against them in tests/test_vae.py (bit for bit with one strip,
+within fp32 rounding with many).
 """
 
 from __future__ import annotations
@@ -24,13 +30,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.config import BaseConfig, CheckpointError, HeaderCheck
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PATCH
 from ideogram4_mlx.latents import from_uint8, pack, to_uint8, unpack
-from ideogram4_mlx.layers import BaseConfig, silu
+from ideogram4_mlx.layers import group_moments, silu, upsample_nearest
+from ideogram4_mlx.vae_strips import decoder_strips, encoder_strips
 from ideogram4_mlx.weights import (
-    CheckpointError,
     DtypeRule,
-    HeaderCheck,
     checked_config,
     component_files,
     load_component,
@@ -40,11 +46,8 @@ from ideogram4_mlx.weights import (
 RESNET_EPS = 1e-6  # every GroupNorm of the encoder and decoder
 BN_PREFIX = "bn."
 BN_TOLERANCE = 1e-6  # bn buffers vs the constants (MODEL_NOTES#latent-normalization)
-# Bounded-memory decode and encode: image pixels per row strip, and fp32 attention scores per
-# query chunk.
+# Bounded-memory decode and encode (``vae_strips.py``): image pixels per row strip.
 DEFAULT_STRIP_PIXELS = 2**15
-ATTENTION_CHUNK_SCORES = 2**25
-SUM_FAN_IN = 64  # values per node of a GroupNorm moment's summation tree
 
 
 @dataclass(frozen=True)
@@ -122,28 +125,6 @@ class VAEConfig(BaseConfig):
 # Layers. All tensors are NHWC.
 
 
-def tree_sum(x: mx.array) -> mx.array:
-    """Sum over axis 1 as a tree of SUM_FAN_IN-wide fp32 sums: the rounding error grows with
-    the depth, log N, not with N (a plain fp32 sum of a GroupNorm group's millions of values
-    is off by ~3e-5 relative, torch's by ~1e-7). fp32 only, so it runs on every backend."""
-    while x.shape[1] > SUM_FAN_IN:
-        pad = -x.shape[1] % SUM_FAN_IN
-        if pad:
-            x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(x.shape[0], -1, SUM_FAN_IN, *x.shape[2:]).sum(axis=2)
-    return x.sum(axis=1)
-
-
-def group_moments(x: mx.array, groups: int) -> tuple[mx.array, mx.array]:
-    """Per-(batch, group) mean and sum of squared deviations (B, G): two passes (mean, then
-    squared deviations from it), each a :func:`tree_sum` in fp32."""
-    b, c = x.shape[0], x.shape[-1]
-    xf = x.astype(mx.float32).reshape(b, -1, groups, c // groups)
-    mean = tree_sum(xf).sum(axis=-1) / (xf.shape[1] * xf.shape[3])
-    m2 = tree_sum(mx.square(xf - mean[:, None, :, None])).sum(axis=-1)
-    return mean, m2
-
-
 class GroupNorm(nn.Module):
     """PyTorch GroupNorm: fp32 statistics, ``x * scale + shift`` in fp32, one rounding."""
 
@@ -182,81 +163,6 @@ class Conv2d(nn.Conv2d):
         return (y + self.bias.astype(mx.float32)).astype(x.dtype)
 
 
-def conv_rows(conv: Conv2d, x: mx.array, pad_top: int, pad_bottom: int) -> mx.array:
-    """A 3x3 stride-1 conv on a window of rows: zero rows only where the window meets the image
-    border (``pad_*``); interior windows carry one real halo row instead."""
-    return conv(mx.pad(x, [(0, 0), (pad_top, pad_bottom), (1, 1), (0, 0)]), padding=0)
-
-
-def upsample_nearest(x: mx.array) -> mx.array:
-    b, h, w, c = x.shape
-    x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    return x.reshape(b, 2 * h, 2 * w, c)
-
-
-class RowStrips:
-    """An NHWC activation held as a list of evaluated row strips, with the GroupNorm moments
-    of the whole tensor accumulated as strips are appended."""
-
-    def __init__(self, groups: int):
-        self.groups = groups
-        self.parts: list[mx.array | None] = []
-        self.moments: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self._stats = None
-
-    @classmethod
-    def split(cls, x: mx.array, rows: int, groups: int) -> RowStrips:
-        strips = cls(groups)
-        for start in range(0, x.shape[1], rows):
-            strips.append(x[:, start : start + rows])
-        return strips
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def __getitem__(self, i: int) -> mx.array:
-        return self.parts[i]
-
-    def append(self, x: mx.array) -> None:
-        mean, m2 = group_moments(x, self.groups)
-        mx.eval(x, mean, m2)
-        count = x.size // (x.shape[0] * self.groups)
-        self.moments.append((count, np.array(mean, np.float64), np.array(m2, np.float64)))
-        self.parts.append(x)
-
-    @property
-    def stats(self) -> tuple[mx.array, mx.array]:
-        """(mean, var) (B, G) fp32 over all strips: Chan's parallel combination in float64."""
-        if self._stats is None:
-            counts = np.array([n for n, _, _ in self.moments], np.float64)[:, None, None]
-            means = np.stack([m for _, m, _ in self.moments])
-            total = counts.sum()
-            mean = (counts * means).sum(0) / total
-            m2 = sum(m2 for _, _, m2 in self.moments) + (counts * (means - mean) ** 2).sum(0)
-            self._stats = (
-                mx.array(mean.astype(np.float32)),
-                mx.array((m2 / total).astype(np.float32)),
-            )
-        return self._stats
-
-    def window(self, i: int) -> tuple[mx.array, int, int]:
-        """Strip ``i`` plus one halo row from each neighbour, and the number of rows (0 or 1)
-        that fall outside the image at the top and bottom."""
-        parts = [self.parts[i]]
-        top = bottom = 1
-        if i > 0:
-            parts.insert(0, self.parts[i - 1][:, -1:])
-            top = 0
-        if i + 1 < len(self.parts):
-            parts.append(self.parts[i + 1][:, :1])
-            bottom = 0
-        return mx.concatenate(parts, axis=1), top, bottom
-
-    def release(self, i: int) -> None:
-        if 0 <= i < len(self.parts):
-            self.parts[i] = None
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -275,23 +181,6 @@ class ResnetBlock(nn.Module):
         h = self.conv2(silu(self.norm2(h)))
         return self.shortcut(x) + h
 
-    def strips(self, x: RowStrips) -> RowStrips:
-        """The same block on row strips (consumes ``x``)."""
-        h = RowStrips(x.groups)
-        for i in range(len(x)):
-            rows, top, bottom = x.window(i)
-            h.append(conv_rows(self.conv1, silu(self.norm1(rows, x.stats)), top, bottom))
-        y = RowStrips(x.groups)
-        for i in range(len(x)):
-            rows, top, bottom = h.window(i)
-            y.append(
-                self.shortcut(x[i])
-                + conv_rows(self.conv2, silu(self.norm2(rows, h.stats)), top, bottom)
-            )
-            x.release(i)
-            h.release(i - 1)
-        return y
-
 
 def attention(q: mx.array, k: mx.array, v: mx.array, query_chunk: int | None) -> mx.array:
     """Single-head SDPA (B, L, C) in fp32, scale 1/sqrt(C). With ``query_chunk`` the queries are
@@ -307,12 +196,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, query_chunk: int | None) ->
         out.append(mx.fast.scaled_dot_product_attention(chunk, k, v, scale=scale)[:, 0])
         mx.eval(out[-1])
     return mx.concatenate(out, axis=1)
-
-
-def attention_chunk(z: mx.array) -> int:
-    """Queries per chunk so one chunk's fp32 scores hold about ATTENTION_CHUNK_SCORES values."""
-    tokens = z.shape[1] * z.shape[2]
-    return max(1, ATTENTION_CHUNK_SCORES // tokens)
 
 
 class Attention(nn.Module):
@@ -345,17 +228,6 @@ class MidBlock(nn.Module):
             x = attn(x, query_chunk)
         return self.resnets[1](x)
 
-    def strips(self, x: RowStrips) -> RowStrips:
-        """The resnets on strips (consumes ``x``); the attention, which is global, on the whole
-        tensor with its queries chunked. (A whole-tensor resnet at 256x256x512, a 2048^2
-        image's latent, has ~4.5 GiB of fp32 conv temporaries.)"""
-        x = self.resnets[0].strips(x)
-        for attn in self.attentions:
-            rows = x[0].shape[1]
-            whole = mx.concatenate(x.parts, axis=1)
-            x = RowStrips.split(attn(whole, attention_chunk(whole)), rows, x.groups)
-        return self.resnets[1].strips(x)
-
 
 class Downsample(nn.Module):
     """Zero-pad right and bottom by one, then a stride-2 3x3 conv without padding."""
@@ -367,20 +239,6 @@ class Downsample(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
 
-    def strips(self, x: RowStrips) -> RowStrips:
-        """The same layer on row strips (consumes ``x``): each output strip is half as tall.
-        Output row r reads input rows 2r..2r+2, so a strip (an even number of rows; only the
-        last may be odd) reads one halo row from the next strip, a zero row at the bottom."""
-        y = RowStrips(x.groups)
-        for i in range(len(x)):
-            b, n, w, c = x[i].shape
-            if n > 1:  # a last strip of one row has no output row of its own
-                below = x[i + 1][:, :1] if i + 1 < len(x) else mx.zeros((b, 1, w, c), x[i].dtype)
-                rows = mx.concatenate([x[i], below], axis=1)
-                y.append(self.conv(mx.pad(rows, [(0, 0), (0, 0), (0, 1), (0, 0)])))
-            x.release(i)
-        return y
-
 
 class Upsample(nn.Module):
     """Nearest x2, then a 3x3 conv."""
@@ -391,17 +249,6 @@ class Upsample(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(upsample_nearest(x))
-
-    def strips(self, x: RowStrips) -> RowStrips:
-        """The same layer on row strips (consumes ``x``): each output strip is twice as tall."""
-        y = RowStrips(x.groups)
-        for i in range(len(x)):
-            rows, top, bottom = x.window(i)
-            u = upsample_nearest(rows)  # each halo row became two: keep the one next to the strip
-            u = u[:, 1 - top : u.shape[1] - (1 - bottom)]
-            y.append(conv_rows(self.conv, u, top, bottom))
-            x.release(i - 1)
-        return y
 
 
 def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int) -> list:
@@ -421,11 +268,6 @@ class DownBlock(nn.Module):
             x = layer(x)
         return x
 
-    def strips(self, x: RowStrips) -> RowStrips:
-        for layer in self.resnets + self.downsamplers:
-            x = layer.strips(x)
-        return x
-
 
 class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, up: bool):
@@ -436,11 +278,6 @@ class UpBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.upsamplers:
             x = layer(x)
-        return x
-
-    def strips(self, x: RowStrips) -> RowStrips:
-        for layer in self.resnets + self.upsamplers:
-            x = layer.strips(x)
         return x
 
 
@@ -465,42 +302,6 @@ class Encoder(nn.Module):
         x = self.mid_block(x)
         return self.conv_out(silu(self.conv_norm_out(x)))
 
-    def strips(self, x: mx.array, strip_rows: int) -> mx.array:
-        """Bounded-memory encode; equal to ``__call__`` up to summation order.
-
-        Every layer runs strip by strip on horizontal strips of ``strip_rows`` image rows (a
-        multiple of the scale factor, 8, so every strip but the last stays even at each
-        downsampler and the strips halve in step; the last strip may be shorter), with the halo
-        rows and exact GroupNorm statistics of :meth:`Decoder.strips`; only the mid-block
-        attention, which is global, runs on the whole low-resolution tensor, its queries
-        chunked. The peak is about two full-resolution activations in the compute dtype plus
-        one strip's temporaries or the attention's (2.5 GiB in bf16 at 2048^2, where the whole
-        graph would need ~74 GiB: benchmarks/results/vae_encoder_memory_cpu.txt).
-        """
-        if strip_rows <= 0 or strip_rows % self.scale_factor:
-            raise ValueError(
-                f"strip_rows {strip_rows}: must be a positive multiple of {self.scale_factor} "
-                "(the encoder's downsampling) so that every level splits evenly"
-            )
-        height = x.shape[1]
-        h = RowStrips(self.conv_norm_out.groups)
-        for start in range(0, height, strip_rows):
-            rows = x[:, max(start - 1, 0) : start + strip_rows + 1]
-            top, bottom = int(start == 0), int(start + strip_rows >= height)
-            h.append(conv_rows(self.conv_in, rows, top, bottom))
-        for block in self.down_blocks:
-            h = block.strips(h)
-        h = self.mid_block.strips(h)
-        out = []
-        for i in range(len(h)):
-            rows, top, bottom = h.window(i)
-            out.append(
-                conv_rows(self.conv_out, silu(self.conv_norm_out(rows, h.stats)), top, bottom)
-            )
-            mx.eval(out[-1])
-            h.release(i - 1)
-        return mx.concatenate(out, axis=1)
-
 
 class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
@@ -520,33 +321,6 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(silu(self.conv_norm_out(x)))
-
-    def strips(self, z: mx.array, strip_rows: int) -> mx.array:
-        """Bounded-memory decode; equal to ``__call__`` up to summation order.
-
-        Only conv_in (32 channels in) and the mid-block attention, which is global, run on the
-        whole latent, the attention's queries chunked; every other activation, the mid block's
-        resnets' included, is kept as horizontal strips (``strip_rows`` latent rows, doubled
-        at each upsampler) and each layer runs strip by strip: a 3x3 conv reads one halo row
-        from each neighbouring strip, so the convs are exact. GroupNorm needs statistics of
-        the whole image: the moments of every activation are accumulated exactly (fp32 per
-        strip, combined in float64) while its strips are produced, and applied when it is
-        consumed. Input strips are freed as soon as the output no longer needs them, so the
-        peak is about two full-resolution activations in the compute dtype plus one strip's
-        temporaries, instead of the fp32 and im2col temporaries of whole-image ops.
-        """
-        x = RowStrips.split(self.conv_in(z), strip_rows, self.conv_norm_out.groups)
-        x = self.mid_block.strips(x)  # whole-latent resnets: ~4.5 GiB of fp32 temps at 2048^2
-        for block in self.up_blocks:
-            x = block.strips(x)
-        out = []
-        for i in range(len(x)):
-            rows, top, bottom = x.window(i)
-            h = conv_rows(self.conv_out, silu(self.conv_norm_out(rows, x.stats)), top, bottom)
-            out.append(h.astype(mx.float32))
-            mx.eval(out[-1])
-            x.release(i - 1)
-        return mx.concatenate(out, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,8 +354,8 @@ class Flux2VAE(nn.Module):
         """Raw latents (B, H/8, W/8, 32) -> image (B, H, W, 3) fp32, not clamped.
 
         ``z`` is cast to the model dtype first. ``strip_pixels=None`` evaluates the whole
-        graph at once; an int runs the bounded-memory path (:meth:`Decoder.strips`) with
-        about that many output pixels per strip.
+        graph at once (the oracle); an int runs the bounded-memory path
+        (:func:`vae_strips.decoder_strips`) with about that many output pixels per strip.
         """
         z = z.astype(self.dtype)
         if "post_quant_conv" in self:
@@ -590,14 +364,15 @@ class Flux2VAE(nn.Module):
             return self.decoder(z).astype(mx.float32)
         scale = self.config.scale_factor
         rows = max(1, strip_pixels // (z.shape[2] * scale * scale))
-        return self.decoder.strips(z, rows)
+        return decoder_strips(self.decoder, z, rows)
 
     def encode_raw(self, x: mx.array, strip_pixels: int | None = None) -> mx.array:
         """Image (B, H, W, 3) in [-1, 1] -> raw latent mean (B, H/8, W/8, 32) fp32.
 
         ``x`` is cast to the model dtype first. ``strip_pixels=None`` evaluates the whole
-        graph at once; an int runs the bounded-memory path (:meth:`Encoder.strips`) with
-        about that many input pixels per strip (whole multiples of 8 rows, at least 8).
+        graph at once (the oracle); an int runs the bounded-memory path
+        (:func:`vae_strips.encoder_strips`) with about that many input pixels per strip (whole
+        multiples of 8 rows, at least 8).
         """
         x = x.astype(self.dtype)
         if strip_pixels is None:
@@ -605,7 +380,7 @@ class Flux2VAE(nn.Module):
         else:
             scale = self.config.scale_factor
             rows = max(1, strip_pixels // (x.shape[2] * scale)) * scale
-            h = self.encoder.strips(x, rows)
+            h = encoder_strips(self.encoder, x, rows)
         if "quant_conv" in self:
             h = self.quant_conv(h)
         return h[..., : self.config.latent_channels].astype(mx.float32)

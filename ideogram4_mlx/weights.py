@@ -15,17 +15,16 @@ dtype of its layout (:func:`check_raw_dtypes`, :func:`check_converted_dtypes`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 
+from ideogram4_mlx.config import CheckpointError, Config, json_kind, read_json
 from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, check_record, quantize_skeleton
 
 FP8_DTYPE = "F8_E4M3"
@@ -36,11 +35,6 @@ QUANTIZED_DTYPE = "U32"  # the packed weight of a quantized layer
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # A model's ``sanitize``: checkpoint tensors -> its parameters (pure, idempotent).
 Sanitize = Callable[[dict[str, mx.array]], dict[str, mx.array]]
-Config = TypeVar("Config")  # a config dataclass (``layers.BaseConfig``)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory is missing, damaged or does not match the model."""
 
 
 @dataclass(frozen=True)
@@ -50,43 +44,6 @@ class DtypeRule:
     floats: tuple[str, ...] = ("BF16",)  # every tensor but fp8 weights and their scales
     fp8: bool = True  # a ``.weight`` may be F8_E4M3 next to an F32 ``.weight_scale``
     skip: tuple[str, ...] = ()  # key prefixes nobody reads as parameters (checked elsewhere)
-
-
-class HeaderCheck(NamedTuple):
-    """One config.json value against the checkpoint's tensors (a config's ``header_checks``)."""
-
-    field: str  # the config.json field(s) it comes from, for the message
-    value: int
-    key: str  # a tensor key (repack prefixes stripped); ending in ".": count its ".N." children
-    axis: int = 0
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object file (config, index); a missing, malformed or non-object one is a
-    ``CheckpointError`` naming it."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: invalid JSON ({e}); restore the file from the original checkpoint"
-        ) from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"{path}: expected a JSON object ({{...}}), found {json_kind(data)}; "
-            "restore the file from the original checkpoint"
-        )
-    return data
-
-
-def json_kind(value) -> str:
-    """How a JSON value that should have been an object reads, for messages."""
-    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
 
 
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -1,5 +1,5 @@
 """Constants against docs/MODEL_NOTES.md: the 256 latent normalisation values, in order
-(MODEL_NOTES#latent-normalization), and the dtype table.
+(MODEL_NOTES#latent-normalization) (the dtype table: test_dtypes.py).
 
 The notes are in the repository, so the constants are always checked against them. Where the
 spec the notes were written from sits beside the repository (``../shared/docs/IDEOGRAM4_SPEC.md``),
@@ -9,17 +9,10 @@ the notes' tables are also checked against the spec's; elsewhere that test skips
 import re
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from ideogram4_mlx.constants import (
-    LATENT_SCALE,
-    LATENT_SHIFT,
-    PACKED_CHANNELS,
-    dtype_name,
-    parse_dtype,
-)
+from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PACKED_CHANNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = ROOT / "docs" / "MODEL_NOTES.md"
@@ -67,9 +60,3 @@ def test_notes_tables_equal_the_spec(name):
     assert expected.shape == (PACKED_CHANNELS,), f"parsed {expected.shape} values from the spec"
     np.testing.assert_array_equal(notes_table(name), expected)
 
-
-def test_dtype_names_and_aliases():
-    assert parse_dtype("bf16") is parse_dtype("bfloat16") == mx.bfloat16
-    assert parse_dtype("fp32") == mx.float32 and dtype_name(mx.float16) == "float16"
-    with pytest.raises(ValueError, match="unknown dtype 'int8'; valid: bfloat16"):
-        parse_dtype("int8")

@@ -25,6 +25,7 @@ from helpers import rel_l2
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.cli.convert import convert as convert_command
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.files import locked
 from ideogram4_mlx.pipeline import load
@@ -33,7 +34,7 @@ from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
 from ideogram4_mlx.vae import Flux2VAE
-from ideogram4_mlx.weights import CheckpointError, conversion_record, read_header
+from ideogram4_mlx.weights import conversion_record, read_header
 
 # the package exports the function `convert` under the module's name
 convert_module = importlib.import_module("ideogram4_mlx.convert.convert")

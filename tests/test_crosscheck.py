@@ -33,8 +33,8 @@ def test_crosscheck_refuses_a_converted_folder_in_one_line(converted_vae, tiny_c
 
 def test_reference_generate_refuses_a_converted_folder(converted_vae):
     require_reference()
+    from ideogram4_mlx.config import CheckpointError
     from ideogram4_mlx.reference.pipeline import check_original
-    from ideogram4_mlx.weights import CheckpointError
 
     with pytest.raises(CheckpointError, match="needs the original fp8 snapshot"):
         check_original(converted_vae)

@@ -21,12 +21,12 @@ SOURCES = {PACKAGE: ROOT / "ideogram4_mlx", "cli": ROOT / "cli", "convert": ROOT
 # "ideogram4_mlx" is the package root (its __init__). A new module gets a line here.
 FLOORS = [
     # Definitions and pure helpers: import nothing of the package.
-    ("leaves", ["version", "constants", "caption", "sampler", "quantization", "files",
-                "template_child"]),
+    ("leaves", ["version", "constants", "config", "dtypes", "caption", "sampler",
+                "quantization", "files", "template_child"]),
     # Reading checkpoints and the machine; the layers the models share; an edit's inputs.
-    ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "models"]),
+    ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog"]),
     # The models, one a file, and LoRA on top of them.
-    ("models", ["text_encoder", "transformer", "vae", "lora"]),
+    ("models", ["text_encoder", "transformer", "vae", "vae_strips", "lora"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the PNG metadata, the magic prompt.
     ("stages", ["request", "prompt", "memory", "distributed", "metadata", "magic"]),

@@ -405,6 +405,14 @@ def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes, monkey
         LoRASpec(path, 1.0, "both")
 
 
+def test_a_spec_has_one_scale_resolved_to_a_float():
+    """``scale`` is the one name: None (not given: 1, or the stored one in a replay) until the
+    pipeline or the converter resolves it."""
+    assert LoRASpec("a.safetensors").resolved() == LoRASpec("a.safetensors", 1.0)
+    assert type(LoRASpec("a.safetensors", 2).resolved().scale) is float
+    assert not hasattr(LoRASpec("a.safetensors"), "weight")
+
+
 def test_parse_lora_option():
     assert parse_lora_option("a.safetensors") == LoRASpec("a.safetensors", None)
     assert parse_lora_option("a.safetensors:0.5") == LoRASpec("a.safetensors", 0.5)

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.request import GenerationRequest
@@ -29,7 +30,6 @@ from ideogram4_mlx.transformer import (
     attention,
     sequence_ids,
 )
-from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = '{"high_level_description":"a blue door"}'
 

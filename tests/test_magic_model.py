@@ -10,6 +10,7 @@ import pytest
 from helpers import rel_l2, require_reference
 from mlx_lm.generate import generate_step
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.magic import model as magic
 from ideogram4_mlx.magic.model import (
@@ -23,7 +24,6 @@ from ideogram4_mlx.magic.model import (
     resolve_head,
 )
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
-from ideogram4_mlx.weights import CheckpointError
 
 IDEA = "a fox reading a neon sign that says OPEN"
 GREEDY_TOKENS = 32

@@ -14,9 +14,9 @@ import pytest
 from huggingface_hub.errors import GatedRepoError
 
 from ideogram4_mlx import hub
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.request import CaptionError, GenerationRequest, check_size
-from ideogram4_mlx.weights import CheckpointError
 
 CAPTION = (
     '{"high_level_description":"a red sign","compositional_deconstruction":'

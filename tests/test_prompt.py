@@ -13,6 +13,7 @@ import pytest
 from helpers import CAPTION, CAPTION_TEXT
 
 from ideogram4_mlx import prompt as prompt_module
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.prompt import (
     KNOWN_TEMPLATES,
     MAX_PROMPT_CHARS,
@@ -24,7 +25,6 @@ from ideogram4_mlx.prompt import (
     render_chat,
     template_digest,
 )
-from ideogram4_mlx.weights import CheckpointError
 
 
 @pytest.fixture

@@ -246,7 +246,9 @@ def check_generate(params: dict, output: str):
         assert metadata["image_sha256"] and metadata["strength"] == strength
     else:
         assert size == (params["width"], params["height"])
-    given = [(spec.weight, spec.target) for spec in params["loras"] + params["uncond_loras"]]
+    given = [
+        (spec.resolved().scale, spec.target) for spec in params["loras"] + params["uncond_loras"]
+    ]
     stored = [(r["scale"], r["target"]) for r in metadata.get("loras", [])]
     assert stored == given or params["from_metadata"] is not None, (stored, given)
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import CAPTION_TEXT, rel_l2
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.prompt import pad_left, prompt_token_ids
 from ideogram4_mlx.text_encoder import (
     TAP_LAYERS,
@@ -19,7 +20,6 @@ from ideogram4_mlx.text_encoder import (
     position_ids,
     stack_taps,
 )
-from ideogram4_mlx.weights import CheckpointError
 
 TINY = TextEncoderConfig(
     hidden_size=16, intermediate_size=32, num_hidden_layers=36, num_attention_heads=2,

@@ -6,6 +6,7 @@ import pytest
 from helpers import rel_l2
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.layers import RMSNorm
 from ideogram4_mlx.transformer import (
     IMAGE_POSITION_OFFSET,
@@ -20,7 +21,7 @@ from ideogram4_mlx.transformer import (
     sequence_ids,
     timestep_sinusoid,
 )
-from ideogram4_mlx.weights import CheckpointError, dequantize_fp8, load_strict
+from ideogram4_mlx.weights import dequantize_fp8, load_strict
 
 TINY = TransformerConfig(
     num_layers=2,

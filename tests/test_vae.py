@@ -35,24 +35,21 @@ import pytest
 from helpers import rel_l2
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT
 from ideogram4_mlx.latents import pack, patchify, to_uint8, unpack, unpatchify
 from ideogram4_mlx.synth import write_synthetic_checkpoint
 from ideogram4_mlx.vae import (
     DEFAULT_STRIP_PIXELS,
     Downsample,
-    Encoder,
     Flux2VAE,
-    RowStrips,
     VAEConfig,
     count_parameters,
     decode,
     encode,
-    group_moments,
     kernel_layout,
-    tree_sum,
 )
-from ideogram4_mlx.weights import CheckpointError
+from ideogram4_mlx.vae_strips import RowStrips, downsample_strips, encoder_strips
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -333,23 +330,6 @@ def test_decode_and_encode_shapes(models):
         encode(vae, np.zeros((1, 40, 48, 3), np.uint8))
 
 
-def test_group_moments_match_float64():
-    rng = np.random.default_rng(0)
-    x = (1.0 + 0.5 * rng.standard_normal((1, 512, 512, 32))).astype(np.float32)
-    mean, m2 = group_moments(mx.array(x), 8)
-    x64 = x.astype(np.float64).reshape(1, -1, 8, 4)
-    std = x64.std(axis=(1, 3))
-    assert np.abs(np.array(mean) - x64.mean(axis=(1, 3))).max() <= 1e-6 * std.min()
-    var = np.array(m2, np.float64) / (x64.shape[1] * 4)
-    np.testing.assert_allclose(var, std**2, rtol=1e-6)
-
-
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 255, 4097])
-def test_tree_sum_pads_any_length(n):
-    x = (mx.arange(2 * n * 3) % 7).astype(mx.float32).reshape(2, n, 3)  # exact sums
-    np.testing.assert_array_equal(np.array(tree_sum(x)), np.array(x).sum(axis=1))
-
-
 def test_bounded_decode_one_strip_is_bitwise(models):
     z = unpack(mx.array(latents(1, 3, 4)), 3, 4)
     for vae in models.values():
@@ -430,7 +410,7 @@ def test_downsample_strips_reads_the_next_strips_first_row(height, rows):
     layer = Downsample(16)
     x = mx.random.normal((2, height, 6, 16), key=mx.random.key(height))
     expected = np.array(layer(x))
-    out = layer.strips(RowStrips.split(x, rows, groups=4))
+    out = downsample_strips(layer, RowStrips.split(x, rows, groups=4))
     actual = np.array(mx.concatenate(out.parts, axis=1))
     assert actual.shape == expected.shape == (2, height // 2, 3, 16)
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
@@ -438,7 +418,7 @@ def test_downsample_strips_reads_the_next_strips_first_row(height, rows):
 
 def test_bounded_encode_rejects_uneven_strip_rows(models):
     with pytest.raises(ValueError, match="multiple of 8"):
-        models["float32"].encoder.strips(images(1, 32, 16), 12)
+        encoder_strips(models["float32"].encoder, images(1, 32, 16), 12)
 
 
 def test_encode_uses_bounded_path_by_default(models, monkeypatch):
@@ -447,9 +427,9 @@ def test_encode_uses_bounded_path_by_default(models, monkeypatch):
     x = images(1, 256, 192, seed=9)
     expected = pack(vae.encode_raw(x, strip_pixels=DEFAULT_STRIP_PIXELS))
     calls = []
-    strips = Encoder.strips
     monkeypatch.setattr(
-        Encoder, "strips", lambda self, x, rows: calls.append(rows) or strips(self, x, rows)
+        "ideogram4_mlx.vae.encoder_strips",
+        lambda encoder, x, rows: calls.append(rows) or encoder_strips(encoder, x, rows),
     )
     np.testing.assert_array_equal(np.array(encode(vae, np.array(x))), np.array(expected))
     assert calls == [168]

@@ -10,16 +10,12 @@ import struct
 import mlx.core as mx
 import pytest
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import Flux2VAE
-from ideogram4_mlx.weights import (
-    CheckpointError,
-    check_raw_dtypes,
-    component_files,
-    read_header,
-)
+from ideogram4_mlx.weights import check_raw_dtypes, component_files, read_header
 
 MODELS = {
     "transformer": Ideogram4Transformer,

@@ -13,8 +13,8 @@ from typing import ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from ideogram4_mlx.layers import BaseConfig
-from ideogram4_mlx.weights import DtypeRule, HeaderCheck, checked_config
+from ideogram4_mlx.config import BaseConfig, HeaderCheck
+from ideogram4_mlx.weights import DtypeRule, checked_config
 
 HEAD_FOLDER = "prompt_enhancer_head"  # the head bundled inside a checkpoint folder
 

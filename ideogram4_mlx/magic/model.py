@@ -30,6 +30,7 @@ from mlx_lm.tokenizer_utils import (
     TokenizerWrapper,
 )
 
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.hub import is_network_error
 from ideogram4_mlx.magic.head import HEAD_FOLDER, HeadConfig, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
@@ -41,7 +42,6 @@ from ideogram4_mlx.text_encoder import (
     TextEncoderConfig,
 )
 from ideogram4_mlx.weights import (
-    CheckpointError,
     DtypeRule,
     checked_config,
     component_files,

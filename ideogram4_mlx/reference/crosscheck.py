@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ideogram4_mlx.constants import parse_dtype
+from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.edit import ImageInput
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.reference.pipeline import ReferenceRun, check_original, reference_generate

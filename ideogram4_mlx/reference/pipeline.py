@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.edit import Edit
 from ideogram4_mlx.quantization import RECORD_KEY
 from ideogram4_mlx.reference.text_encoder import load_reference_text_encoder, reference_taps
@@ -31,7 +32,6 @@ from ideogram4_mlx.reference.transformer import (
 )
 from ideogram4_mlx.reference.vae import load_reference_vae, reference_decode, reference_encode
 from ideogram4_mlx.sampler import Schedule
-from ideogram4_mlx.weights import CheckpointError, read_json
 
 MODEL_COMPONENTS = ("text_encoder", "transformer", "unconditional_transformer", "vae")
 

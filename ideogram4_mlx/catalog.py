@@ -19,14 +19,9 @@ import huggingface_hub.constants
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
+from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.hub import DEFAULT_REPO, REQUIRED_FILES
-from ideogram4_mlx.weights import (
-    CheckpointError,
-    component_files,
-    conversion_record,
-    read_json,
-    tensor_headers,
-)
+from ideogram4_mlx.weights import component_files, conversion_record, tensor_headers
 
 MODEL_COMPONENTS = ("transformer", "unconditional_transformer", "text_encoder", "vae")
 FILE_COMPONENTS = ("tokenizer", "scheduler")  # copied as they are; no dtype

@@ -1,4 +1,5 @@
-"""`ideo4-mlx models`: Ideogram 4 snapshots in a Hugging Face cache and named folders.
+"""`ideo4-mlx models` (`catalog.py`): Ideogram 4 snapshots in a Hugging Face cache and
+named folders.
 
 The cache is built by hand in huggingface_hub's layout (``models--owner--name/blobs``,
 ``snapshots/<commit>/`` links into the blobs, ``refs/main``); nothing touches the network.
@@ -13,10 +14,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from ideogram4_mlx.catalog import FP8_TEXT, inspect_checkpoint, list_models
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
-from ideogram4_mlx.models import FP8_TEXT, inspect_checkpoint, list_models
-from ideogram4_mlx.weights import CheckpointError
 
 REPO = "ideogram-ai/ideogram-4-fp8"
 OLD, NEW = "a" * 40, "ee79a7237b519f1402ceacf952f30c8a31ec5073"
