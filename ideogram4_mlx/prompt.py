@@ -138,6 +138,8 @@ def render_in_child(template: str, variables: dict) -> dict:
         return over_time
     if done.returncode == -signal.SIGXCPU:  # a long C call outlasted the timer: the CPU limit
         return over_time
+    if done.stderr.rstrip().endswith("OutOfTime"):  # the repeating timer fired again while the
+        return over_time  # child was answering the first one
     if done.returncode != 0:
         cause = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         return {"error": f"the renderer process failed ({cause[:300]})"}
