@@ -4,7 +4,8 @@ import click
 
 from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO
-from ideogram4_mlx.lora import LoRAError, parse_lora_option
+from ideogram4_mlx.lora import LoRAError
+from ideogram4_mlx.lora_spec import parse_lora_option
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):

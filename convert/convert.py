@@ -32,17 +32,8 @@ from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
-from ideogram4_mlx.lora import (
-    TARGETS,
-    LoRAError,
-    LoRAFile,
-    LoRASpec,
-    fused_weight,
-    linear_shapes,
-    match,
-    parse_lora_option,
-    read_lora,
-)
+from ideogram4_mlx.lora import LoRAError, LoRAFile, fused_weight, linear_shapes, match, read_lora
+from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import (

@@ -21,7 +21,7 @@ from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.lora import LoRASpec, replay_loras
+from ideogram4_mlx.lora_spec import LoRASpec, replay_loras
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
 from ideogram4_mlx.version import __version__
 
@@ -114,7 +114,7 @@ def replay(
     image set them explicitly, a new ``num_steps`` reshapes a preset-shaped guidance schedule.
     A new ``model`` drops the stored revision. The image's LoRAs are found again by SHA-256
     among ``loras`` (files given again; their scales override) or in the Hugging Face cache
-    (see :func:`~ideogram4_mlx.lora.replay_loras`); the load arguments then hold ``loras``
+    (see :func:`~ideogram4_mlx.lora_spec.replay_loras`); the load arguments then hold ``loras``
     and ``fuse_lora``.
 
     Raises ``ValueError`` when a field is missing or mistyped, or when the image was made

@@ -30,18 +30,16 @@ from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: publ
 )
 from ideogram4_mlx.hub import resolve_file, resolve_model
 from ideogram4_mlx.lora import (
-    TARGETS,
     LoRAError,
     LoRAFile,
-    LoRASpec,
     apply_loras,
     fuse_loras,
     linear_shapes,
     match,
-    parse_lora_option,
     read_lora,
     set_scale,
 )
+from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.memory import (
     cache_limit,
     check_limit,
@@ -421,10 +419,10 @@ def load(
     else ``diffusers/qwen3-vl-8b-instruct-lm-head``). ``magic_model``: expand with another
     mlx-lm chat model instead (a folder or repo id).
 
-    ``loras``: :class:`~ideogram4_mlx.lora.LoRASpec` (or a ``"FILE[:SCALE]"`` string) each, for the
-    conditional DiT unless its ``target`` is ``"uncond"``; read and checked here, before any
-    weights load (``lora_allow_partial``: see :meth:`Ideogram4Pipeline.add_lora`). They run
-    unfused (exact on any base; ``set_lora_scale`` changes one in place) unless
+    ``loras``: :class:`~ideogram4_mlx.lora_spec.LoRASpec` (or a ``"FILE[:SCALE]"`` string)
+    each, for the conditional DiT unless its ``target`` is ``"uncond"``; read and checked here,
+    before any weights load (``lora_allow_partial``: see :meth:`Ideogram4Pipeline.add_lora`).
+    They run unfused (exact on any base; ``set_lora_scale`` changes one in place) unless
     ``fuse_lora``, which merges them into the float weights at load (not with a quantized
     checkpoint or ``low_memory``).
 

@@ -59,4 +59,3 @@ def test_notes_tables_equal_the_spec(name):
     expected = spec_table(name)
     assert expected.shape == (PACKED_CHANNELS,), f"parsed {expected.shape} values from the spec"
     np.testing.assert_array_equal(notes_table(name), expected)
-

@@ -14,17 +14,15 @@ from safetensors.numpy import load_file, save_file
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.lora import (
     LoRAError,
-    LoRASpec,
     apply_loras,
     fuse_loras,
     linear_shapes,
     map_module,
     match,
-    parse_lora_option,
     read_lora,
-    replay_loras,
     set_scale,
 )
+from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
 from ideogram4_mlx.metadata import read_metadata, replay
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.transformer import Ideogram4Transformer

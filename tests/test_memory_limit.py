@@ -217,7 +217,7 @@ def test_estimate_and_plan_follow_from_the_loaded_weights_and_file_bytes(tiny_ch
 
     sizes = checkpoint_sizes(tiny_checkpoint, dtype)
     order = [(0, 0), (1, 0), (1, 1), (2, 1), (2, 2)]  # the planner adds blocks in this order
-    for before, plan in zip(order, order[1:]):
+    for before, plan in zip(order, order[1:], strict=False):  # consecutive pairs
         assert denoise_bytes(sizes, before, tokens) == expected(before), before
         cost = expected(plan)
         assert plan_denoise(tiny_checkpoint, dtype, cost, tokens) == (*plan, cost)

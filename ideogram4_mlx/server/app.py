@@ -149,7 +149,7 @@ class HostCheck:
 
 
 def origin_host(origin: str) -> str:
-    """"http://127.0.0.1:8000" -> "127.0.0.1:8000" (the Host its page's requests carry)."""
+    """ "http://127.0.0.1:8000" -> "127.0.0.1:8000" (the Host its page's requests carry)."""
     try:
         return urlsplit(origin).netloc.lower()
     except ValueError:  # e.g. an unclosed "[" of an IPv6 address
