@@ -22,9 +22,10 @@ import numpy as np
 from mlx_lm.utils import dequantize_model
 
 from ideogram4_mlx.convert import convert
+from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.quantization import RECIPES
 from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
-from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import component_files, read_header
 
 SETTINGS = ("bf16", "8", "6", "mixed-4-8", "mixed-4-6", "4")

@@ -124,7 +124,7 @@ def run_mflux(ckpt: Path, side: int, n_text: int, args) -> dict:
     from mflux.models.ideogram4.weights.ideogram4_weight_mapping import Ideogram4WeightMapping
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from ideogram4_mlx.transformer import sequence_ids
+    from ideogram4_mlx.dit_sequence import sequence_ids
 
     def load(component: str) -> Ideogram4Transformer:
         config = json.loads((ckpt / component / "config.json").read_text())
@@ -186,8 +186,8 @@ def run_diffusers(ckpt: Path, side: int, n_text: int, args) -> dict:
     import numpy as np
     import torch
 
+    from ideogram4_mlx.dit_sequence import sequence_ids
     from ideogram4_mlx.reference.transformer import load_reference_transformer
-    from ideogram4_mlx.transformer import sequence_ids
 
     device = "cuda" if args.device == "gpu" else "cpu"
     dtype = getattr(torch, args.dtype)

@@ -47,8 +47,9 @@ import numpy as np
 from dit_step import machine  # benchmarks/ (the script's folder)
 from flops import dit_pass_flops
 
+from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.lora import Delta, LoRAFile, apply_loras, fuse_loras, lora_parameters
-from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 REAL_LAYERS = 34
 TARGETS = ("attention.qkv", "attention.o", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ideogram4_mlx.constants import PACKED_CHANNELS
 from ideogram4_mlx.distributed import CFGGroup
+from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
@@ -33,7 +34,7 @@ from ideogram4_mlx.sampler import (
     noised,
     skips_uncond,
 )
-from ideogram4_mlx.transformer import Ideogram4Transformer, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.version import __version__
 

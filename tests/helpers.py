@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ideogram4_mlx.transformer import sequence_ids
+from ideogram4_mlx.dit_sequence import sequence_ids
 
 
 def require_reference():

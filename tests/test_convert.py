@@ -27,12 +27,13 @@ from mlx.utils import tree_flatten
 from ideogram4_mlx.cli.convert import convert as convert_command
 from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
+from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.files import locked
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.quantization import RECORD_KEY, quantization_plan
 from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
-from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 from ideogram4_mlx.vae import Flux2VAE
 from ideogram4_mlx.weights import conversion_record, read_header
 

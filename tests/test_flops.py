@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from ideogram4_mlx import vae
+from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
-from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 
 @pytest.fixture

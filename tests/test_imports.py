@@ -26,7 +26,8 @@ FLOORS = [
     # Reading checkpoints and the machine; the layers the models share; an edit's inputs.
     ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog"]),
     # The models, one a file, and LoRA on top of them.
-    ("models", ["text_encoder", "transformer", "vae", "vae_strips", "lora", "lora_spec"]),
+    ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
+                "lora_spec"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the PNG metadata, the magic prompt.
     ("stages", ["request", "prompt", "memory", "distributed", "metadata", "magic"]),

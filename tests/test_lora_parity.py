@@ -39,6 +39,7 @@ from helpers import rel_l2, require_reference
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from ideogram4_mlx.dit_sequence import OUTPUT_IMAGE_INDICATOR, sequence_ids
 from ideogram4_mlx.lora import (
     LoRAError,
     LoRAQuantizedLinear,
@@ -51,7 +52,7 @@ from ideogram4_mlx.lora import (
 )
 from ideogram4_mlx.quantization import quantization_plan, quantize_skeleton
 from ideogram4_mlx.synth.lora import ALL_MODULES, write_synthetic_lora
-from ideogram4_mlx.transformer import OUTPUT_IMAGE_INDICATOR, Ideogram4Transformer, sequence_ids
+from ideogram4_mlx.transformer import Ideogram4Transformer
 
 TEXT_LENGTHS, GRID, T = [9, 4], (4, 5), [0.3123, 0.75]
 BF16 = "bfloat16"

@@ -20,6 +20,7 @@ from PIL import Image
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
+from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
@@ -28,7 +29,6 @@ from ideogram4_mlx.transformer import (
     FeedForward,
     Ideogram4Transformer,
     attention,
-    sequence_ids,
 )
 
 CAPTION = '{"high_level_description":"a blue door"}'

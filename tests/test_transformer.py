@@ -7,20 +7,18 @@ from helpers import rel_l2
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.config import CheckpointError
-from ideogram4_mlx.layers import RMSNorm
-from ideogram4_mlx.transformer import (
+from ideogram4_mlx.dit_sequence import (
     IMAGE_POSITION_OFFSET,
     LLM_TOKEN_INDICATOR,
     OUTPUT_IMAGE_INDICATOR,
     PADDING_INDICATOR,
     PADDING_SEGMENT_ID,
-    Ideogram4Transformer,
-    TransformerConfig,
     mrope_axis_of_slot,
-    segment_mask,
     sequence_ids,
     timestep_sinusoid,
 )
+from ideogram4_mlx.layers import RMSNorm
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, segment_mask
 from ideogram4_mlx.weights import dequantize_fp8, load_strict
 
 TINY = TransformerConfig(

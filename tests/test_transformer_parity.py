@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from helpers import rel_l2, require_reference
 
-from ideogram4_mlx.transformer import (
+from ideogram4_mlx.dit_sequence import (
     OUTPUT_IMAGE_INDICATOR,
-    Ideogram4Transformer,
     mrope_cos_sin,
     sequence_ids,
     timestep_sinusoid,
 )
+from ideogram4_mlx.transformer import Ideogram4Transformer
 
 T_MIN, T_MAX = 1.2339457598623172e-4, 0.9994472213630764
 # (name, component, text lengths, grid (h, w), t). 0.375 and 0.75 are exact in bf16; 0.3123,
