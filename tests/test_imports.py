@@ -156,6 +156,15 @@ def test_no_module_imports_one_above_it():
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
+MAX_LINES = 600  # a module a reader takes in at once (STYLE: files of ~150-400 lines)
+
+
+def test_no_module_is_over_600_lines():
+    counts = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    long = {name: n for name, n in counts.items() if n > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them at a seam): {long}"
+
+
 def test_the_reader_sees_every_kind_of_import(tmp_path):
     path = tmp_path / "x.py"
     path.write_text(
