@@ -1,6 +1,5 @@
 """`ideo4-mlx serve`: keep the model loaded behind an HTTP API and a web page."""
 
-import ipaddress
 import warnings
 from pathlib import Path
 
@@ -8,17 +7,7 @@ import click
 
 from ideogram4_mlx.cli.options import lora_options, model_options, show_warning
 from ideogram4_mlx.hub import ModelAccessError
-
-LOOPBACK_NAMES = ("localhost",)
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from ideogram4_mlx.server.hosts import is_loopback
 
 
 @click.command(short_help="Serve the model over HTTP (OpenAI-compatible API and a web page).")

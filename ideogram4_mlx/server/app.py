@@ -18,7 +18,6 @@ import base64
 import binascii
 import hmac
 import io
-import ipaddress
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ideogram4_mlx.edit import MAX_INPUT_PIXELS
 from ideogram4_mlx.request import SETTINGS, GenerationRequest, caption_findings
+from ideogram4_mlx.server.hosts import LOOPBACK_NAMES, host_name, is_ip_address
 from ideogram4_mlx.server.jobs import TERMINAL, JobQueue, QueueFull
 from ideogram4_mlx.version import __version__
 
@@ -47,7 +47,6 @@ EVENT_POLL_SECONDS = 1.0
 IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style", "background", "moderation")
 # Request fields a client never sets: fingerprints come from the images it sends.
 CLIENT_SETTINGS = tuple(k for k in SETTINGS if k not in ("image_sha256", "mask_sha256"))
-LOOPBACK_NAMES = ("localhost",)  # loopback addresses are IP addresses: always accepted
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # change nothing: any page may send them
 # Exceptions that bad settings raise in the request's checks (besides our BadRequest).
 BAD_SETTINGS = (ValueError, TypeError, ArithmeticError, OSError)
@@ -106,22 +105,6 @@ class BodyLimit:
             if not over or started:
                 raise
             await self.too_large(scope, receive, send)
-
-
-def host_name(host: str) -> str:
-    """The name in a ``Host`` header ("[::1]:8000" -> "::1"), lowercased; "" if none."""
-    try:
-        return urlsplit(f"//{host}").hostname or ""
-    except ValueError:
-        return ""
-
-
-def is_ip_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 class HostCheck:
