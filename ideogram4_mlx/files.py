@@ -39,6 +39,7 @@ from typing import BinaryIO
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # The command-line flag first: most readers come from the CLI.
 FORCE_HINT = "pass --force to replace it (force=True from Python)"
+TEMPORARY_SUFFIX = ".tmp"  # write_file's temporary files: ".<name>.<mkstemp's 8>.tmp"
 
 
 def format_size(n: int) -> str:
@@ -304,7 +305,7 @@ def write_file(path: Path | str, write: Callable[[BinaryIO], None], force: bool 
     if (path.exists() or path.is_symlink()) and not force:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -316,6 +317,12 @@ def write_file(path: Path | str, write: Callable[[BinaryIO], None], force: bool 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_pattern(name: str) -> re.Pattern:
+    """The names :func:`write_file` gives its temporary files for files named by the regular
+    expression ``name`` (mkstemp adds 8 characters of ``[a-z0-9_]``)."""
+    return re.compile(rf"\.{name}\.[a-z0-9_]{{8}}{re.escape(TEMPORARY_SUFFIX)}")
 
 
 def current_umask() -> int:

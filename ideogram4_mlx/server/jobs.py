@@ -19,7 +19,6 @@ import fcntl
 import io
 import os
 import queue
-import re
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 from PIL import Image
 
+from ideogram4_mlx.files import temporary_pattern
 from ideogram4_mlx.metadata import read_metadata, save_png
 from ideogram4_mlx.pipeline import Ideogram4Pipeline
 from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
@@ -42,8 +42,8 @@ PREVIEW_SIDE = 256  # previews are small PNGs: the longer side in pixels
 ID_LENGTH = 32  # uuid4 hex
 KEEP_ENDED = 256  # ended jobs kept in memory (their PNGs stay listed from disk after that)
 KEEP_PREVIEWS = 8  # ended jobs that keep their preview images (data URLs, ~50 KB each)
-# save_png (files.write_file) writes <id>.png through a temporary ".<id>.png.<mkstemp's 8>.tmp"
-TEMPORARY_PNG = re.compile(rf"\.[0-9a-f]{{{ID_LENGTH}}}\.png\.[a-z0-9_]{{8}}\.tmp")
+# save_png writes <id>.png through files.write_file's temporary file
+TEMPORARY_PNG = temporary_pattern(rf"[0-9a-f]{{{ID_LENGTH}}}\.png")
 
 
 class QueueFull(RuntimeError):
