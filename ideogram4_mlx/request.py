@@ -440,9 +440,10 @@ def checked_field(name: str, value, kind, what: str):
         if None in weights:
             raise ValueError(f"{name} must be finite numbers, got {reprlib.repr(value)}")
         return weights
-    if finite(value) is None:
+    number = finite(value)
+    if number is None:
         raise ValueError(f"{name} must be a finite number, got {reprlib.repr(value)}")
-    return finite(value)
+    return number
 
 
 def finite(value: numbers.Real) -> float | None:
