@@ -1,10 +1,8 @@
 """`ideo4-mlx crosscheck MODEL`: the MLX pipeline vs the PyTorch reference, stage by stage."""
 
-from pathlib import Path
-
 import click
 
-from ideogram4_mlx.cli.options import parse_expand
+from ideogram4_mlx.cli.options import edit_options, pipeline_options
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
 
 MINIMAL_CAPTION = (
@@ -14,7 +12,7 @@ MINIMAL_CAPTION = (
 
 
 @click.command("crosscheck", short_help="Compare the MLX pipeline with the PyTorch reference.")
-@click.argument("model")
+@pipeline_options("memory", model_argument=True, dtype="float32")
 @click.option(
     "--prompt",
     default=MINIMAL_CAPTION,
@@ -43,21 +41,8 @@ MINIMAL_CAPTION = (
     show_default=True,
     help="Where the PyTorch reference runs (MLX uses its default device).",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="Weights and activations of both pipelines.",
-)
-@click.option("--image", type=click.Path(path_type=Path), help="Cross-check an edit of this image.")
-@click.option("--strength", type=float, help="As for generate (image-to-image).")
-@click.option("--mask", type=click.Path(path_type=Path), help="As for generate (inpainting).")
-@click.option("--mask-grow", type=int, default=0, help="As for generate.")
-@click.option("--mask-feather", type=int, default=0, help="As for generate.")
-@click.option("--paste-back", is_flag=True, help="As for generate.")
-@click.option("--expand", callback=parse_expand, help="As for generate (outpainting).")
-def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dtype, **edit):
+@edit_options
+def crosscheck(options, prompt, width, height, preset, num_steps, seed, device, **edit):
     """Run the MLX pipeline and the PyTorch reference on the same prompt and noise, and print
     the difference at each stage (token ids, text features, time grid, first velocity, final
     latents, image). With --image (and --mask, --expand) the same for an edit, plus the
@@ -81,16 +66,7 @@ def crosscheck(model, prompt, width, height, preset, num_steps, seed, device, dt
         ) from e
     try:
         result = run(
-            model,
-            prompt,
-            width,
-            height,
-            preset,
-            num_steps,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-            **edit,
+            options, prompt, width, height, preset, num_steps, seed=seed, device=device, **edit
         )
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e

@@ -1,11 +1,24 @@
-"""Option parsers shared by several commands."""
+"""Option parsers shared by several commands, and the load options as one decorator."""
+
+import functools
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from ideogram4_mlx.dtypes import parse_dtype
+from ideogram4_mlx.dtypes import DTYPES, parse_dtype
+from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import parse_lora_option
+from ideogram4_mlx.magic.options import (
+    DEFAULT_MAX_TOKENS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS_LIMIT,
+    MIN_MAX_TOKENS,
+    MagicOptions,
+)
+from ideogram4_mlx.pipeline_options import PipelineOptions
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -13,41 +26,88 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
 
 
-def components_option(valid: tuple[str, ...]):
-    """A click callback parsing ``a,b,c`` into a tuple of names from ``valid`` (None stays None)."""
+def comma_list(kind: type = str, example: str = "a,b", valid=None, one_for: int | None = None):
+    """A click callback parsing ``a,b,c`` into a tuple of ``kind`` (None stays None): names
+    from ``valid`` when given; one value stands for ``one_for`` when given. The values' ranges
+    are the library's to check."""
 
-    def parse(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    def parse(ctx, param, value: str | None) -> tuple | None:
         if value is None:
             return None
-        names = tuple(n.strip() for n in value.split(",") if n.strip())
-        unknown = [n for n in names if n not in valid]
+        try:
+            items = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            items = ()
+        if not items:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list (e.g. {example})")
+        unknown = [v for v in items if valid is not None and v not in valid]
         if unknown:
             raise click.BadParameter(
-                f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+                f"unknown name(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
             )
-        return names
+        if one_for is not None and len(items) == 1:
+            items *= one_for
+        return items
 
     return parse
 
 
-def model_options(function):
-    """``--model``, ``--revision`` and ``--dtype``: which checkpoint, and how to run it."""
+def components_option(valid: tuple[str, ...]):
+    """``a,b,c`` -> a tuple of names from ``valid`` (:func:`comma_list`)."""
+    return comma_list(str, ",".join(valid[:2]), valid=valid)
+
+
+def edit_options(function):
+    """``--image``, ``--strength``, ``--mask``, ``--mask-grow``, ``--mask-feather``,
+    ``--paste-back``, ``--expand``: a ``GenerationRequest``'s edit fields."""
     options = [
         click.option(
-            "--model",
-            default=DEFAULT_REPO,
-            show_default=True,
-            help="A local checkpoint folder or a Hugging Face repo id.",
+            "--image",
+            type=click.Path(path_type=Path),
+            help="Start from this image (image-to-image): resized and centre-cropped to the "
+            "output size. EXIF rotation applied, transparency composited on white.",
         ),
-        click.option("--revision", help="Hub revision (branch, tag or commit) of a repo id."),
         click.option(
-            "--dtype",
-            type=click.Choice(["bfloat16", "float32"]),
-            default="bfloat16",
+            "--strength",
+            type=float,
+            help="How much of --image to redraw, in (0, 1]: the steps run from the time "
+            "S(strength) of the preset's grid; 1 starts from noise. Default: 0.6, or 1 with "
+            "--mask or --expand.",
+        ),
+        click.option(
+            "--mask",
+            type=click.Path(path_type=Path),
+            help="Inpainting: white (luminance >= 128) = regenerate, black = keep. Same size "
+            "as --image. A 16x16-pixel token is regenerated if any of its pixels is white.",
+        ),
+        click.option(
+            "--mask-grow",
+            type=int,
+            default=0,
             show_default=True,
-            callback=lambda ctx, param, value: parse_dtype(value),
-            help="Weights and activations (latents are always float32; float32 is the fast "
-            "one on MLX's CPU backend).",
+            help=f"Grow the regenerated region by this many tokens (16 px each, "
+            f"0..{MAX_MASK_TOKENS}) in every direction.",
+        ),
+        click.option(
+            "--mask-feather",
+            type=int,
+            default=0,
+            show_default=True,
+            help=f"Blend this many more rings of tokens (0..{MAX_MASK_TOKENS}) around the "
+            "region (weights falling to 0).",
+        ),
+        click.option(
+            "--paste-back",
+            is_flag=True,
+            help="Keep every unmasked pixel of the input exactly in the output (the model's "
+            "pixels only where the mask, grown by --mask-grow, is white).",
+        ),
+        click.option(
+            "--expand",
+            callback=comma_list(int, "0,0,256,0", one_for=4),
+            help="Outpainting: add LEFT,TOP,RIGHT,BOTTOM pixels (multiples of 16; one value "
+            "for all four) around --image and generate them. With --width/--height, the "
+            "image is fitted into the output size minus the border.",
         ),
     ]
     for option in reversed(options):
@@ -55,21 +115,13 @@ def model_options(function):
     return function
 
 
-def parse_expand(ctx, param, value: str | None) -> tuple[int, int, int, int] | None:
-    """``--expand LEFT,TOP,RIGHT,BOTTOM`` (or one value for all four) -> a 4-tuple of ints."""
-    if value is None:
-        return None
-    try:
-        sides = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not LEFT,TOP,RIGHT,BOTTOM in pixels (e.g. 0,0,256,0)"
-        ) from None
-    if len(sides) == 1:
-        sides *= 4
-    if len(sides) != 4:
-        raise click.BadParameter(f"{value!r}: give 4 numbers LEFT,TOP,RIGHT,BOTTOM (or one)")
-    return sides
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not a default)."""
+    return ctx.get_parameter_source(name) not in (
+        ParameterSource.DEFAULT,
+        ParameterSource.DEFAULT_MAP,
+        None,
+    )
 
 
 def _lora_specs(target: str):
@@ -82,42 +134,184 @@ def _lora_specs(target: str):
     return parse
 
 
-def lora_options(function):
-    """``--lora``, ``--lora-uncond``, ``--fuse-lora``, ``--lora-allow-partial``."""
-    options = [
+def _model_group(argument: bool, dtype: str) -> list:
+    model = (
+        click.argument("model")
+        if argument
+        else click.option(
+            "--model",
+            default=DEFAULT_REPO,
+            show_default=True,
+            help="A local checkpoint folder or a Hugging Face repo id.",
+        )
+    )
+    return [
+        model,
+        click.option("--revision", help="Hub revision (branch, tag or commit) of a repo id."),
         click.option(
-            "--lora",
-            "loras",
-            multiple=True,
-            callback=_lora_specs("cond"),
-            metavar="FILE[:SCALE]",
-            help="A LoRA for the conditional DiT (repeatable): a .safetensors file or a Hub "
-            "repo (owner/name or owner/name/file.safetensors); SCALE defaults to 1. Layouts: "
-            "diffusers/PEFT, ai-toolkit, kohya, DiffSynth-Studio.",
-        ),
-        click.option(
-            "--lora-uncond",
-            "uncond_loras",
-            multiple=True,
-            callback=_lora_specs("uncond"),
-            metavar="FILE[:SCALE]",
-            help="A LoRA for the unconditional DiT (repeatable). Off by default: LoRAs are "
-            "trained on the conditional DiT, and one on the unconditional DiT too pushes CFG "
-            "off (mosaics).",
-        ),
-        click.option(
-            "--fuse-lora",
-            is_flag=True,
-            help="Merge the LoRAs into the float weights at load (a little faster per step; "
-            "not with a quantized checkpoint or --low-memory). Default: unfused, exact.",
-        ),
-        click.option(
-            "--lora-allow-partial",
-            is_flag=True,
-            help="Apply a LoRA some of whose modules match no layer (warns with the count); "
-            "otherwise that is an error.",
+            "--dtype",
+            type=click.Choice(list(DTYPES)),
+            default=dtype,
+            show_default=True,
+            callback=lambda ctx, param, value: parse_dtype(value),
+            help="Weights and activations (latents are always float32; float32 is the fast "
+            "one on MLX's CPU backend).",
         ),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+
+
+MEMORY_GROUP = [
+    click.option(
+        "--memory-limit",
+        type=click.FloatRange(min=0),
+        metavar="GB",
+        help="Memory budget for denoising, in GB: as many DiT blocks stay resident as fit, the "
+        "rest are streamed from disk each step (same image); 0 streams them all (as "
+        "--low-memory). Default: the machine's (MLX's recommended working set on a Mac, 60% "
+        "of RAM elsewhere).",
+    ),
+    click.option(
+        "--low-memory",
+        is_flag=True,
+        help="Stream the DiT blocks from disk on every pass instead of holding both DiTs in "
+        "memory: same image, far lower peak, one read of the DiT files per step (the smallest "
+        "--memory-limit).",
+    ),
+]
+LORA_GROUP = [
+    click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        callback=_lora_specs("cond"),
+        metavar="FILE[:SCALE]",
+        help="A LoRA for the conditional DiT (repeatable): a .safetensors file or a Hub "
+        "repo (owner/name or owner/name/file.safetensors); SCALE defaults to 1. Layouts: "
+        "diffusers/PEFT, ai-toolkit, kohya, DiffSynth-Studio.",
+    ),
+    click.option(
+        "--lora-uncond",
+        "uncond_loras",
+        multiple=True,
+        callback=_lora_specs("uncond"),
+        metavar="FILE[:SCALE]",
+        help="A LoRA for the unconditional DiT (repeatable). Off by default: LoRAs are "
+        "trained on the conditional DiT, and one on the unconditional DiT too pushes CFG "
+        "off (mosaics).",
+    ),
+    click.option(
+        "--fuse-lora",
+        is_flag=True,
+        help="Merge the LoRAs into the float weights at load (a little faster per step; "
+        "not with a quantized checkpoint or --low-memory). Default: unfused, exact.",
+    ),
+    click.option(
+        "--lora-allow-partial",
+        is_flag=True,
+        help="Apply a LoRA some of whose modules match no layer (warns with the count); "
+        "otherwise that is an error.",
+    ),
+]
+MAGIC_GROUP = [
+    click.option(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        show_default=True,
+        help=f"Magic prompt: longest caption, in tokens ({MIN_MAX_TOKENS}..{MAX_TOKENS_LIMIT}).",
+    ),
+    click.option(
+        "--temperature",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help=f"Magic prompt: sampling temperature, 0..{MAX_TEMPERATURE:g} (0: greedy).",
+    ),
+    click.option(
+        "--top-p",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Magic prompt: nucleus sampling, 0..1: keep the most likely tokens up to this "
+        "mass (1: all).",
+    ),
+    click.option("--keep-bboxes", is_flag=True, help="Magic prompt: keep element bounding boxes."),
+    click.option(
+        "--system-prompt",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Magic prompt: a file with another system prompt.",
+    ),
+    click.option(
+        "--magic-model",
+        help="Expand with another mlx-lm chat model (a folder or repo id, e.g. a quantized "
+        "Qwen3 instruct) instead of the checkpoint's text encoder + lm_head.",
+    ),
+    click.option(
+        "--magic-head",
+        help="The magic prompt's lm_head: a folder or repo id (default: the checkpoint's "
+        "prompt_enhancer_head/, else diffusers/qwen3-vl-8b-instruct-lm-head).",
+    ),
+]
+DISTRIBUTED_GROUP = [
+    click.option(
+        "--distributed",
+        is_flag=True,
+        help="Use the two ranks mlx.launch started: for one image CFG-parallel (rank 0 runs "
+        "the text encoder, the conditional DiT and the VAE and writes the image, rank 1 the "
+        "unconditional DiT; the same image as one process), for several images each rank "
+        "makes its share. Example: mlx.launch -n 2 --backend ring -- ideo4-mlx generate "
+        "--distributed ... (--hostfile hosts.json for two Macs).",
+    ),
+]
+MAGIC_FIELDS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")
+GROUPS = {"memory": MEMORY_GROUP, "lora": LORA_GROUP, "magic": MAGIC_GROUP}
+# Every load option a command can take, by the PipelineOptions field or flag it sets.
+LOAD_PARAMETERS = {
+    "model": ("model", "revision", "dtype"),
+    "memory": ("memory_limit", "low_memory"),
+    "lora": ("loras", "uncond_loras", "fuse_lora", "lora_allow_partial"),
+    "magic": (*MAGIC_FIELDS, "magic_model", "magic_head"),
+    "distributed": ("distributed",),
+}
+
+
+def pipeline_options(
+    *groups: str, model_argument: bool = False, dtype: str = "bfloat16", **defaults
+):
+    """The load options as click options, turned into one :class:`PipelineOptions` passed to
+    the command as ``options``. ``groups``: which besides ``--model/--revision/--dtype``
+    (``memory``, ``lora``, ``magic``, ``distributed``); ``model_argument``: MODEL is an
+    argument; ``dtype``: its default; ``defaults``: other PipelineOptions fields the command
+    sets (e.g. ``keep_in_memory``). Bad values are a usage error naming the option."""
+    declared = _model_group(model_argument, dtype)
+    for group in groups:
+        declared += DISTRIBUTED_GROUP if group == "distributed" else GROUPS[group]
+    names = [n for g in ("model", *groups) for n in LOAD_PARAMETERS[g]]
+
+    def decorate(function):
+        @functools.wraps(function)
+        def command(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            kwargs["options"] = _options(values, defaults)
+            return function(*args, **kwargs)
+
+        for option in reversed(declared):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _options(values: dict, defaults: dict) -> PipelineOptions:
+    if values.pop("low_memory", False):
+        if values.get("memory_limit") is not None:
+            raise click.UsageError("give --low-memory or --memory-limit, not both")
+        values["memory_limit"] = 0
+    loras = [*values.pop("loras", ()), *values.pop("uncond_loras", ())]
+    magic = {k: values.pop(k) for k in MAGIC_FIELDS if k in values}
+    try:
+        return PipelineOptions(
+            **values, **defaults, loras=loras, magic_options=MagicOptions(**magic)
+        ).validate()
+    except ValueError as e:  # LoRAError, MagicPromptError, a bad memory limit
+        raise click.ClickException(str(e)) from None

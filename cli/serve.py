@@ -5,14 +5,13 @@ from pathlib import Path
 
 import click
 
-from ideogram4_mlx.cli.options import lora_options, model_options, show_warning
+from ideogram4_mlx.cli.options import pipeline_options, show_warning
 from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.server.hosts import is_loopback
 
 
 @click.command(short_help="Serve the model over HTTP (OpenAI-compatible API and a web page).")
-@model_options
-@lora_options
+@pipeline_options("memory", "lora", "magic")
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -60,19 +59,8 @@ from ideogram4_mlx.server.hosts import is_loopback
     show_default=True,
     help="Largest request body accepted, in MiB.",
 )
-@click.option(
-    "--low-memory",
-    is_flag=True,
-    help="Stream the DiT blocks from disk on every pass (see generate --low-memory).",
-)
 def serve(
-    model,
-    revision,
-    dtype,
-    loras,
-    uncond_loras,
-    fuse_lora,
-    lora_allow_partial,
+    options,
     host,
     port,
     output_dir,
@@ -83,11 +71,11 @@ def serve(
     cors_origin,
     allowed_hosts,
     max_body_mb,
-    low_memory,
 ) -> None:
     """Load the model once and serve it: the OpenAI Images API (POST
     /v1/images/generations), native jobs with progress events (/v1/jobs), caption checks, the
-    magic prompt, and a web page at /. Jobs run one at a time from a bounded queue.
+    magic prompt (with the --temperature, --max-tokens, ... given here), and a web page at /.
+    Jobs run one at a time from a bounded queue.
 
     \b
     Example:
@@ -117,15 +105,7 @@ def serve(
             warnings.simplefilter("ignore")  # the CPU-backend note is for the CLI's one image
             from ideogram4_mlx.pipeline import load
 
-            pipe = load(
-                model,
-                dtype=dtype,
-                revision=revision,
-                low_memory=low_memory,
-                loras=[*loras, *uncond_loras],
-                fuse_lora=fuse_lora,
-                lora_allow_partial=lora_allow_partial,
-            )
+            pipe = load(options)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = show_warning  # temporary files it removed: one line

@@ -7,6 +7,7 @@ from ideogram4_mlx.pipeline import (
     Step,
     load,
 )
+from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.version import __version__
 
@@ -15,6 +16,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "Ideogram4Pipeline",
+    "PipelineOptions",
     "Step",
     "load",
     "__version__",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -222,27 +221,3 @@ class DataGroup:
                 if length >= 0:
                     out[rank + i * self.size] = every[rank, i, :length].tobytes()
         return out
-
-
-MAX_IMAGES = 256  # one command's images: a bound on what --num-images / --seeds can ask
-
-
-def image_seeds(
-    seed: int | None, num_images: int, seeds: list[int] | None, group: DataGroup | None = None
-) -> list[int]:
-    """``seeds`` as given, else ``seed, seed + 1, ...``; with no seed, a random start below
-    2**31, rank 0's on every rank of ``group``."""
-    if seeds:
-        chosen = list(seeds)
-    else:
-        start = seed
-        if start is None:
-            start = random.randint(0, 2**31 - 1)
-            if group is not None:
-                mine = mx.array([start if group.rank == 0 else 0], dtype=mx.int32)
-                with group.watchdog.watching("agreeing on the first seed"):
-                    start = int(mx.distributed.all_sum(mine, group=group.group).item())
-        chosen = [int(start) + i for i in range(num_images)]
-    if not 1 <= len(chosen) <= MAX_IMAGES:
-        raise ValueError(f"{len(chosen)} images: use 1..{MAX_IMAGES} per command")
-    return chosen

@@ -14,20 +14,18 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx.caption import parse_json
-from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.lora_spec import LoRASpec, replay_loras
-from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest, check_type
+from ideogram4_mlx.pipeline_options import STORED, PipelineOptions
+from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest
 from ideogram4_mlx.version import __version__
 
 PNG_KEY = "ideogram4-mlx"
-# What ``load()`` needs to rebuild the pipeline an image was made with.
-LOAD_KEYS = ("model", "revision", "dtype")
 
 
 def png_info(metadata: Mapping) -> PngInfo:
@@ -74,6 +72,21 @@ def check_output(path: Path | str, force: bool = False) -> None:
         raise PermissionError(f"cannot write into {parent}: choose another --output")
 
 
+def compare_replay(original: Path | str, replayed: Path | str) -> str:
+    """How a replay's pixels compare with the image it replays, in one line."""
+    with Image.open(original) as a, Image.open(replayed) as b:
+        old, new = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
+    if old.shape != new.shape:
+        return f"replay: {replayed} and {original} differ in size"
+    diff = np.abs(old - new).max(axis=-1)
+    if not diff.any():
+        return f"replay: identical to {original}"
+    return (
+        f"replay: differs from {original} in {100 * (diff > 0).mean():.1f}% of pixels, "
+        f"by at most {int(diff.max())} levels"
+    )
+
+
 def read_metadata(path: Path | str) -> dict:
     """The metadata dict stored by :func:`png_info` in the PNG at ``path``.
 
@@ -103,33 +116,29 @@ def read_metadata(path: Path | str) -> dict:
 
 
 def replay(
-    metadata: Mapping, overrides: Mapping | None = None, loras: list[LoRASpec] | None = None
-) -> tuple[dict, GenerationRequest]:
-    """``load()`` keyword arguments and the ``GenerationRequest`` that reproduce ``metadata``.
+    metadata: Mapping, overrides: Mapping | None = None, options: PipelineOptions | None = None
+) -> tuple[PipelineOptions, GenerationRequest]:
+    """The :class:`PipelineOptions` and the ``GenerationRequest`` that reproduce ``metadata``.
 
-    ``overrides`` holds load keys (``model``, ``revision``, ``dtype``) and request fields;
+    ``overrides`` holds stored options (``model``, ``revision``, ``dtype``) and request fields;
     the request's are applied with ``dataclasses.replace`` to
     ``GenerationRequest.from_metadata(metadata)``, where values that only came from the
     preset are None: a new ``preset`` brings its own steps, guidance, mu and std unless the
     image set them explicitly, a new ``num_steps`` reshapes a preset-shaped guidance schedule.
-    A new ``model`` drops the stored revision. The image's LoRAs are found again by SHA-256
-    among ``loras`` (files given again; their scales override) or in the Hugging Face cache
-    (see :func:`~ideogram4_mlx.lora_spec.replay_loras`); the load arguments then hold ``loras``
-    and ``fuse_lora``.
+    ``options`` (the command line's) give everything the image does not store; the image's
+    LoRAs are found again among its ``loras`` or in the Hugging Face cache
+    (:meth:`PipelineOptions.from_metadata`).
 
     Raises ``ValueError`` when a field is missing or mistyped, or when the image was made
     from given noise (no seed) and no ``seed`` override is given.
     """
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(LOAD_KEYS + SETTINGS))
+    unknown = sorted(set(overrides) - set(STORED + SETTINGS))
     if unknown:
-        raise ValueError(f"cannot override {unknown}; valid: {', '.join(LOAD_KEYS + SETTINGS)}")
-    missing = [k for k in (*LOAD_KEYS, *METADATA_TYPES) if k not in metadata]
+        raise ValueError(f"cannot override {unknown}; valid: {', '.join(STORED + SETTINGS)}")
+    missing = [k for k in (*STORED, *METADATA_TYPES) if k not in metadata]
     if missing:
         raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
-    check_type("model", metadata["model"], str)
-    check_type("revision", metadata["revision"], (str, type(None)))
-    check_type("dtype", metadata["dtype"], str)
     request = GenerationRequest.from_metadata(metadata)
     if request.seed is None and overrides.get("seed") is None:
         raise ValueError(
@@ -149,14 +158,6 @@ def replay(
             "differ by a few levels in some pixels",
             stacklevel=2,
         )
-    load = {k: metadata[k] for k in LOAD_KEYS}
-    if "model" in overrides:
-        load["revision"] = None
-    load.update({k: v for k, v in overrides.items() if k in LOAD_KEYS})
-    if isinstance(load["dtype"], str):
-        load["dtype"] = parse_dtype(load["dtype"])
-    stored_loras = metadata.get("loras")
-    load["loras"] = replay_loras(stored_loras, list(loras or []))
-    load["fuse_lora"] = bool(stored_loras) and all(r.get("fused") is True for r in stored_loras)
+    options = PipelineOptions.from_metadata(metadata, options, overrides)
     request = replace(request, **{k: v for k, v in overrides.items() if k in SETTINGS})
-    return load, request
+    return options, request

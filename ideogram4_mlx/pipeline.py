@@ -8,16 +8,16 @@ the text encoder is freed before denoising and the DiTs before decoding.
 
 from __future__ import annotations
 
-import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from ideogram4_mlx.distributed import CFGGroup
-from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
+from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
@@ -28,7 +28,7 @@ from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: publ
     Stage,
     Step,
 )
-from ideogram4_mlx.hub import resolve_file, resolve_model
+from ideogram4_mlx.hub import DEFAULT_REPO, resolve_file, resolve_model
 from ideogram4_mlx.lora import (
     LoRAError,
     LoRAFile,
@@ -42,12 +42,12 @@ from ideogram4_mlx.lora import (
 from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.memory import (
     cache_limit,
-    check_limit,
     checkpoint_sizes,
     default_memory_limit,
     plan_denoise,
     set_cache_limit,
 )
+from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS, PromptEncoder
 from ideogram4_mlx.request import (
     GenerationRequest,
@@ -65,29 +65,25 @@ PLAN_TOKENS = (1024 // 16) ** 2 + MAX_TEXT_TOKENS
 class Ideogram4Pipeline:
     """Loads components on demand from one checkpoint folder; see :func:`load`."""
 
-    def __init__(
-        self,
-        checkpoint_dir: Path,
-        dtype: mx.Dtype = mx.bfloat16,
-        keep_in_memory: bool | None = None,
-        model_id: str | None = None,
-        revision: str | None = None,
-        low_memory: bool = False,
-        memory_limit: float | None = None,
-    ):
+    def __init__(self, checkpoint_dir: Path, options: PipelineOptions | None = None):
+        """``options``: validated, their model and revision resolved (``load`` does both)."""
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.low_memory = low_memory
+        options = PipelineOptions(str(self.checkpoint_dir)) if options is None else options
+        self.options = options
+        self.dtype = options.dtype
+        self.low_memory = options.low_memory
+        limit = None if options.memory_limit in (None, 0) else options.memory_limit * 1e9
         # Bytes the denoise stage may use (see ideogram4_mlx.memory); None: the machine's.
-        self.memory_limit = default_memory_limit() if memory_limit is None else memory_limit
+        self.memory_limit = default_memory_limit() if limit is None else limit
         self.resident_blocks: tuple[int, int] | None = None  # the loaded DiTs' plan
         self._dit_sizes: tuple | None = None  # memory.checkpoint_sizes, read on first plan
-        self.dtype = dtype
-        self.model_id = model_id or str(self.checkpoint_dir)
-        self.revision = revision
+        self.model_id = str(options.model)
+        self.revision = options.revision
+        keep_in_memory = options.keep_in_memory
         if keep_in_memory is None:
             # Kept models would share the budget with the DiTs, which the plan does not count.
-            keep_in_memory = fits_in_memory(self.checkpoint_dir, dtype) and (
-                weight_bytes(self.checkpoint_dir, dtype) <= self.memory_limit
+            keep_in_memory = fits_in_memory(self.checkpoint_dir, self.dtype) and (
+                weight_bytes(self.checkpoint_dir, self.dtype) <= self.memory_limit
             )
         self.keep_in_memory = keep_in_memory
         self._prompt_encoder: PromptEncoder | None = None
@@ -95,11 +91,11 @@ class Ideogram4Pipeline:
         self._vae: Flux2VAE | None = None
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
         self.loras: list[tuple[LoRASpec, LoRAFile]] = []  # see add_lora
-        self.cfg: CFGGroup | None = None  # CFG-parallel ranks (load(distributed=True))
-        self.fuse_lora = False
-        self.magic_head: str | Path | None = None  # lm_head folder or repo (None: default)
-        self.magic_options: dict = {}  # expand()'s options when generate expands an idea
-        self.magic_model_name: str | Path | None = None  # another mlx-lm chat model to expand
+        self.cfg: CFGGroup | None = None  # CFG-parallel ranks (options.distributed)
+
+    @property
+    def fuse_lora(self) -> bool:
+        return self.options.fuse_lora
 
     # -- components -------------------------------------------------------------------------
 
@@ -134,14 +130,14 @@ class Ideogram4Pipeline:
             resolve_head,
         )
 
-        if self.magic_model_name is not None:
+        if self.options.magic_model is not None:
             if self._magic is None:
-                self._magic = load_chat_model(self.magic_model_name)
+                self._magic = load_chat_model(self.options.magic_model)
             return self._magic
         encoder = self.prompt_encoder()
         encoder.load_model()
         if self._magic is None:
-            head_dir = resolve_head(self.magic_head, self.checkpoint_dir)
+            head_dir = resolve_head(self.options.magic_head, self.checkpoint_dir)
             lm_head = load_head(head_dir, encoder.model.config, self.dtype)
             text_dir = self.checkpoint_dir / "text_encoder"
             lm = from_text_encoder(encoder.model, text_dir, lm_head)
@@ -151,13 +147,15 @@ class Ideogram4Pipeline:
     def expand(
         self, idea: str, width: int = 1024, height: int = 1024, seed: int | None = None, **options
     ) -> str:
-        """A JSON caption for a plain ``idea`` (magic prompt), verifier-clean; ``options`` as
-        :func:`ideogram4_mlx.magic.expand.expand` (temperature, top_p, max_tokens,
-        keep_bboxes, system_prompt, on_text)."""
+        """A JSON caption for a plain ``idea`` (magic prompt), verifier-clean. The pipeline
+        options' ``magic_options`` apply; ``options`` override them, as
+        :func:`ideogram4_mlx.magic.expand.expand`'s (temperature, top_p, max_tokens,
+        keep_bboxes, system_prompt, grammar_limits, on_text)."""
         from ideogram4_mlx.magic.expand import expand  # mlx-lm: see magic_model
 
         model, tokenizer = self.magic_model()
-        return expand(model, tokenizer, idea, width, height, seed, **options)
+        settings = {**self.options.magic_options.as_kwargs(), **options}
+        return expand(model, tokenizer, idea, width, height, seed, **settings)
 
     def plan(self, tokens: int) -> tuple[int, int]:
         """Resident blocks of (cond, uncond) for a ``tokens``-long sequence: all when the
@@ -280,9 +278,7 @@ class Ideogram4Pipeline:
     def settings(self) -> dict:
         """What this pipeline adds to an image's metadata: model, revision, dtype, quantization."""
         settings = {
-            "model": self.model_id,
-            "revision": self.revision,
-            "dtype": dtype_name(self.dtype),
+            **self.options.to_metadata(),
             "quantization": self.quantization(),
             "environment": describe(),
         }
@@ -310,14 +306,14 @@ class Ideogram4Pipeline:
 
     def components(self) -> Components:
         """What a generation uses of this pipeline: the prompt encoder, the DiTs, the VAE, the
-        release hook, the magic prompt (with ``magic_options``), the metadata settings and the
-        CFG-parallel group. Nothing loads here."""
+        release hook, the magic prompt, the metadata settings and the CFG-parallel group.
+        Nothing loads here."""
         return Components(
             encode=self.encode,
             dits=self.dits,
             vae=self.vae,
             release=self.release,
-            expand=functools.partial(self.expand, **self.magic_options),
+            expand=self.expand,
             settings=self.settings,
             cfg=self.cfg,
         )
@@ -388,79 +384,44 @@ class Ideogram4Pipeline:
         return generation.result()
 
 
-def load(
-    model: str | Path,
-    dtype: mx.Dtype | str = mx.bfloat16,
-    keep_in_memory: bool | None = None,
-    revision: str | None = None,
-    low_memory: bool = False,
-    memory_limit: float | None = None,
-    magic_head: str | Path | None = None,
-    magic_model: str | Path | None = None,
-    loras: Sequence[LoRASpec | str] = (),
-    fuse_lora: bool = False,
-    lora_allow_partial: bool = False,
-    distributed: bool = False,
-) -> Ideogram4Pipeline:
-    """A pipeline for a local checkpoint folder or a Hugging Face repo id: load once, then
-    generate many images.
+def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideogram4Pipeline:
+    """A pipeline for :class:`PipelineOptions` (or a checkpoint folder or Hugging Face repo id
+    and the options' fields as keywords): load once, then generate many images.
 
-    Components load on first use. A repo id is downloaded with huggingface_hub into its cache
-    (only the files the pipeline reads). ``dtype`` is an MLX dtype or its name
-    (``"bfloat16"``, ``"float32"``, ...). ``keep_in_memory``: True keeps every model loaded
-    between images (fast, most memory), False frees each after its stage (least memory, each
-    image reloads), None (default) keeps them when their weights take at most 60% of RAM.
-    ``memory_limit`` (GB) bounds the denoise stage: as many DiT blocks stay resident as fit
-    and the rest are streamed from disk on every pass (same images; one read of the streamed
-    blocks per step); None (default) takes the machine's: MLX's recommended working set on a
-    Mac, 60% of RAM elsewhere. MLX's buffer cache is held to what the plan leaves of it.
-    ``low_memory`` is the smallest setting: every DiT block streamed. ``magic_head``: the magic
-    prompt's lm_head, a folder or repo id (default: the checkpoint's ``prompt_enhancer_head/``,
-    else ``diffusers/qwen3-vl-8b-instruct-lm-head``). ``magic_model``: expand with another
-    mlx-lm chat model instead (a folder or repo id).
+    The options are validated before anything loads. Components load on first use. A repo id
+    is downloaded with huggingface_hub into its cache (only the files the pipeline reads).
+    ``low_memory=True`` is ``memory_limit=0`` (every DiT block streamed). The LoRAs are read and
+    checked here, before any weights load (:meth:`Ideogram4Pipeline.add_lora`); they run
+    unfused (exact on any base; ``set_lora_scale`` changes one in place) unless ``fuse_lora``
+    (not with a quantized checkpoint or low memory).
 
-    ``loras``: :class:`~ideogram4_mlx.lora_spec.LoRASpec` (or a ``"FILE[:SCALE]"`` string)
-    each, for the conditional DiT unless its ``target`` is ``"uncond"``; read and checked here,
-    before any weights load (``lora_allow_partial``: see :meth:`Ideogram4Pipeline.add_lora`).
-    They run unfused (exact on any base; ``set_lora_scale`` changes one in place) unless
-    ``fuse_lora``, which merges them into the float weights at load (not with a quantized
-    checkpoint or ``low_memory``).
-
-    ``distributed``: CFG-parallel on the two ranks ``mlx.launch -n 2`` started (``distributed.py``):
-    rank 0 holds the text encoder, the conditional DiT and the VAE, rank 1 the unconditional
-    DiT; every step one velocity is swapped; rank 0's image equals one process's bit for bit,
-    rank 1's ``result()`` is None. ``DistributedError`` without a launcher, with another
-    rank count, or when the ranks' checkpoints differ.
+    ``distributed``: CFG-parallel on the two ranks ``mlx.launch -n 2`` started
+    (``distributed.py``): rank 0 holds the text encoder, the conditional DiT and the VAE, rank 1
+    the unconditional DiT; every step one velocity is swapped; rank 0's image equals one
+    process's bit for bit, rank 1's ``result()`` is None. ``DistributedError`` without a
+    launcher, with another rank count, or when the ranks' checkpoints differ.
     """
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, mx.Dtype) or dtype not in DTYPES.values():
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if memory_limit is not None:
-        check_limit(memory_limit, "GB")
-        if low_memory:
-            raise ValueError(
-                "low_memory streams every DiT block, whatever the memory_limit: give one of them"
-            )
-    checkpoint_dir, model_id, revision = resolve_model(model, revision)
-    limit = None if memory_limit is None else memory_limit * 1e9
-    pipe = Ideogram4Pipeline(
-        checkpoint_dir, dtype, keep_in_memory, model_id, revision, low_memory, limit
-    )
-    pipe.magic_head, pipe.magic_model_name = magic_head, magic_model
-    if fuse_lora and low_memory:
-        raise LoRAError(
-            "--fuse-lora with --low-memory: the streamed blocks are read from disk on every "
-            "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
-            "--lora`"
-        )
-    pipe.fuse_lora = fuse_lora
-    if distributed:
+    if isinstance(model, PipelineOptions):
+        options = replace(model, **keywords) if keywords else model
+    else:
+        if keywords.pop("low_memory", False):
+            if keywords.get("memory_limit") is not None:
+                raise ValueError(
+                    "low_memory streams every DiT block, whatever the memory_limit: give one "
+                    "of them"
+                )
+            keywords["memory_limit"] = 0
+        options = PipelineOptions(model, **keywords)
+    options = options.validate()
+    checkpoint_dir, model_id, revision = resolve_model(options.model, options.revision)
+    pipe = Ideogram4Pipeline(checkpoint_dir, replace(options, model=model_id, revision=revision))
+    if options.distributed:
         pipe.cfg = CFGGroup.start(pipe.checkpoint_dir)
-    for spec in loras:
-        pipe.add_lora(spec, lora_allow_partial)
+    for spec in options.loras:
+        pipe.add_lora(spec, options.lora_allow_partial)
     quantized = pipe.quantization() is not None
-    if is_slow(dtype, quantized):
-        slow = [dtype_name(dtype)] if dtype != mx.float32 else []
+    if is_slow(options.dtype, quantized):
+        slow = [dtype_name(options.dtype)] if options.dtype != mx.float32 else []
         slow += ["quantized"] if quantized else []
         warnings.warn(
             f"MLX runs on its CPU backend here, where {' and '.join(slow)} matmuls are 10-50x "

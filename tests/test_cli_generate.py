@@ -25,6 +25,7 @@ from ideogram4_mlx.environment import describe
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.metadata import PNG_KEY, png_info, read_metadata, replay, save_png
 from ideogram4_mlx.pipeline import GenerationResult
+from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
 
@@ -197,24 +198,11 @@ def fake(monkeypatch):
             seen.request, seen.verbose = request.request, verbose
             return FakeGeneration()
 
-    def fake_load(
-        model,
-        dtype,
-        revision,
-        keep_in_memory,
-        low_memory,
-        memory_limit,
-        magic_head,
-        magic_model,
-        loras,
-        fuse_lora,
-        lora_allow_partial,
-        distributed,
-    ):
-        seen.load = {"model": model, "dtype": dtype, "revision": revision}
-        seen.low_memory, seen.keep_in_memory = low_memory, keep_in_memory
-        seen.memory_limit = memory_limit
-        seen.loras, seen.fuse_lora, seen.lora_allow_partial = loras, fuse_lora, lora_allow_partial
+    def fake_load(options, **keywords):
+        options = replace(options, **keywords)
+        seen.options = options
+        seen.load = {"model": options.model, "dtype": options.dtype, "revision": options.revision}
+        seen.memory_limit, seen.keep_in_memory = options.memory_limit, options.keep_in_memory
         return FakePipe()
 
     monkeypatch.setattr(sys.modules[GENERATE_MODULE], "load", fake_load)
@@ -225,8 +213,8 @@ def test_defaults_reach_load_and_the_request(fake, tmp_path):
     result = invoke("--prompt", CAPTION, "--output", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
-    assert fake.low_memory is False  # --low-memory is opt-in (tests/test_low_memory.py)
-    assert fake.memory_limit is None  # the machine's budget (tests/test_memory_limit.py)
+    assert fake.memory_limit is None  # the machine's (tests/test_memory_limit.py); 0: low memory
+    assert fake.options == PipelineOptions(keep_in_memory=False)  # every other default
     assert fake.keep_in_memory is False  # one image per process: free each model after use
     assert fake.verbose is False
     # the CLI's defaults are the request's (resolved: the default size filled in)
@@ -458,18 +446,17 @@ def test_read_metadata_errors_name_the_file(tmp_path):
 
 
 def test_replay_maps_metadata_to_load_and_the_request():
-    load_kwargs, request = replay(sample_metadata())
-    assert load_kwargs == {
-        "model": "owner/repo",
-        "revision": "abc123",
-        "dtype": mx.float32,
-        "loras": [],
-        "fuse_lora": False,
-    }
+    options, request = replay(sample_metadata())
+    assert options == PipelineOptions("owner/repo", "abc123", mx.float32)
     assert request == GenerationRequest(
         CAPTION, 320, 256, "V4_DEFAULT_20", 2, (5.0, 2.5), 0.25, 1.5, seed=7
     )
-    assert replay(sample_metadata(dtype="bfloat16"))[0]["dtype"] == mx.bfloat16
+    assert replay(sample_metadata(dtype="bfloat16"))[0].dtype == mx.bfloat16
+    # what the image does not store comes from the command line's options
+    given = PipelineOptions(memory_limit=2.0, magic_options={"temperature": 0.0})
+    assert replay(sample_metadata(), {}, given)[0] == replace(
+        given, model="owner/repo", revision="abc123", dtype=mx.float32
+    )
     assert request.to_metadata() == {
         k: v for k, v in sample_metadata().items() if k in request.to_metadata()
     }
@@ -494,9 +481,9 @@ def test_replay_of_preset_values_keeps_them_tied_to_the_preset():
 
 def test_replay_overrides():
     def changed(overrides):
-        base_load, base = replay(sample_metadata())
-        load_kwargs, new = replay(sample_metadata(), overrides)
-        diff = {k: v for k, v in load_kwargs.items() if base_load[k] != v}
+        base_options, base = replay(sample_metadata())
+        options, new = replay(sample_metadata(), overrides)
+        diff = {k: v for k, v in vars(options).items() if vars(base_options)[k] != v}
         diff.update({k: v for k, v in vars(new).items() if vars(base)[k] != v})
         return diff
 

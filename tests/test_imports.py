@@ -29,10 +29,11 @@ FLOORS = [
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
                 "lora_spec"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
-    # CFG-parallel ranks, the PNG metadata, the magic prompt.
-    ("stages", ["request", "prompt", "memory", "distributed", "metadata", "magic"]),
-    # One generation in flight, handed its components.
-    ("generation", ["generation"]),
+    # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt.
+    ("stages", ["request", "prompt", "memory", "distributed", "pipeline_options", "metadata",
+                "magic"]),
+    # One generation in flight, handed its components; many images of one request.
+    ("generation", ["generation", "batch"]),
     # Loads the components and starts generations; the package root re-exports it.
     ("pipeline", ["pipeline", PACKAGE]),
     # Consumers of the pipeline and tools beside it.

@@ -25,6 +25,7 @@ from ideogram4_mlx.lora import (
 from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
 from ideogram4_mlx.metadata import read_metadata, replay
 from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.transformer import Ideogram4Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -357,9 +358,9 @@ def test_pipeline_lora_metadata_scale_and_replay(tmp_path, tiny_checkpoint, shap
         pipe.set_lora_scale("other", 1.0)
 
     stored = {**with_lora.metadata, "seed": 5}
-    load_kwargs, _ = replay(stored, {}, [LoRASpec(path)])
-    assert load_kwargs["loras"] == [LoRASpec(path, 0.8, "cond")]
-    assert replay(stored, {}, [LoRASpec(path, 0.3)])[0]["loras"][0].scale == 0.3
+    options, _ = replay(stored, {}, PipelineOptions(loras=[LoRASpec(path)]))
+    assert options.loras == (LoRASpec(path, 0.8, "cond"),) and not options.fuse_lora
+    assert replay(stored, {}, PipelineOptions(loras=[LoRASpec(path, 0.3)]))[0].loras[0].scale == 0.3
     with pytest.raises(LoRAError, match=r"the image used the LoRA diffsynth.safetensors .* --lora"):
         replay(stored)
     with pytest.raises(ValueError, match="metadata field 'loras'"):
@@ -388,7 +389,9 @@ def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes, monkey
     assert type(cond.layers[0].attention.qkv) is nn.Linear  # an uncond LoRA leaves cond alone
     with pytest.raises(LoRAError, match="--fuse-lora with --low-memory"):
         load(tiny_checkpoint, loras=[str(path)], fuse_lora=True, low_memory=True)
-    tight = load(tiny_checkpoint, "float32", loras=[str(path)], fuse_lora=True, memory_limit=1e-6)
+    tight = load(
+        tiny_checkpoint, dtype="float32", loras=[str(path)], fuse_lora=True, memory_limit=1e-6
+    )
     monkeypatch.setattr(Ideogram4Transformer, "from_pretrained", lambda *a, **k: 1 / 0)
     with pytest.raises(LoRAError, match=r"memory budget \(0\.0 GB\) streams 4 of them"):
         tight.dits()  # refused from the plan, before any weights load
@@ -396,7 +399,7 @@ def test_uncond_target_and_load_errors(tmp_path, tiny_checkpoint, shapes, monkey
         tmp_path / "nan.safetensors", {**A_B, f"{QKV}.alpha": np.array(np.nan, np.float32)}
     )
     with pytest.raises(LoRAError, match=r"nan.safetensors: layers.0.attention.qkv.alpha is nan"):
-        load(tiny_checkpoint, "float32", loras=[str(nan_alpha)]).dits()  # no weights loaded
+        load(tiny_checkpoint, dtype="float32", loras=[str(nan_alpha)]).dits()  # no weights loaded
     with pytest.raises(LoRAError, match="is loaded already"):
         load(tiny_checkpoint, dtype="float32", loras=[str(path), str(path)])
     with pytest.raises(LoRAError, match="LoRA target 'both'"):

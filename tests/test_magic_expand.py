@@ -49,9 +49,12 @@ def capture_model_input(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pipe(magic_checkpoint):
-    pipe = load(magic_checkpoint, dtype=mx.float32, keep_in_memory=True)
-    pipe.magic_options = {"grammar_limits": SMALL}
-    return pipe
+    return load(
+        magic_checkpoint,
+        dtype=mx.float32,
+        keep_in_memory=True,
+        magic_options={"grammar_limits": SMALL},
+    )
 
 
 def test_expand_is_verifier_clean_and_seeded(pipe):

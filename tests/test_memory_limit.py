@@ -341,5 +341,7 @@ def test_cli_memory_limit(tiny_checkpoint, tmp_path):
             "--output", str(out)]  # fmt: skip
     result = CliRunner().invoke(main, [*args, "--memory-limit", "0.001"])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, [*args, "--memory-limit", "0", "--force"])
+    result = CliRunner().invoke(main, [*args, "--memory-limit", "-1", "--force"])
     assert result.exit_code != 0 and "--memory-limit" in result.output
+    result = CliRunner().invoke(main, [*args, "--memory-limit", "1", "--low-memory", "--force"])
+    assert result.exit_code != 0 and "give --low-memory or --memory-limit" in result.output

@@ -7,6 +7,7 @@ the server (whose JSON may hold anything).
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ideogram4_mlx.caption import read_text_file
@@ -24,6 +25,32 @@ MAX_SYSTEM_PROMPT_CHARS = 16000
 
 class MagicPromptError(ValueError):
     """The idea cannot be expanded into a valid caption (a bad input, or out of tokens)."""
+
+
+@dataclass(frozen=True)
+class MagicOptions:
+    """How the magic prompt expands an idea (``expand()``'s settings): sampling
+    ``temperature`` (0: greedy) and ``top_p``, the longest caption in tokens, whether element
+    bounding boxes are kept, another system prompt (text, or a file read by :meth:`validate`)
+    and ``grammar_limits`` (tighter string and element bounds, ``constrain.py``)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    keep_bboxes: bool = False
+    system_prompt: str | Path | None = None
+    grammar_limits: dict | None = None
+
+    def validate(self) -> MagicOptions:
+        """Checked (``MagicPromptError``), the system prompt file read (bounded)."""
+        check_sampling(self.temperature, self.top_p, self.max_tokens)
+        if not isinstance(self.keep_bboxes, bool):
+            raise MagicPromptError(f"keep_bboxes must be True or False, got {self.keep_bboxes!r}")
+        return replace(self, system_prompt=check_system_prompt(self.system_prompt))
+
+    def as_kwargs(self) -> dict:
+        """``expand()``'s keyword arguments."""
+        return asdict(self)
 
 
 def check_idea(idea: object) -> str:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ideogram4_mlx.dtypes import parse_dtype
+from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.edit import ImageInput
 from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.reference.pipeline import ReferenceRun, check_original, reference_generate
 from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.sampler import DEFAULT_PRESET
@@ -62,7 +63,7 @@ class CrossCheck:
 
 
 def crosscheck(
-    model: str,
+    model: str | PipelineOptions,
     prompt: str,
     width: int | None = None,
     height: int | None = None,
@@ -79,14 +80,18 @@ def crosscheck(
 ) -> CrossCheck:
     """Both pipelines on the same noise (drawn with numpy from ``seed``), stage by stage.
 
-    ``model`` is the original fp8 snapshot (folder or repo id); a converted folder is refused
-    before anything loads. The size defaults to 256x256, or the input ``image``'s own size.
+    ``model`` is the original fp8 snapshot (folder or repo id), or :class:`PipelineOptions`
+    naming it (their dtype then wins over ``dtype``); a converted folder is refused before
+    anything loads. The size defaults to 256x256, or the input ``image``'s own size.
     ``edit``: ``mask``, ``strength``, ``mask_grow``, ``mask_feather``, ``paste_back``,
     ``expand``, as for ``generate``.
     """
-    if Path(model).expanduser().is_dir():
-        check_original(Path(model).expanduser())
-    mlx_dtype, torch_dtype = parse_dtype(dtype), getattr(torch, dtype)
+    if not isinstance(model, PipelineOptions):
+        model = PipelineOptions(model, dtype=dtype)
+    options = model.validate()
+    if Path(options.model).expanduser().is_dir():
+        check_original(Path(options.model).expanduser())
+    torch_dtype = getattr(torch, dtype_name(options.dtype))
     if image is None:
         width, height = width or CROSSCHECK_SIZE, height or CROSSCHECK_SIZE
     request = GenerationRequest(
@@ -106,7 +111,7 @@ def crosscheck(
     grid_h, grid_w = resolved.grid_h, resolved.grid_w
     noise = np.random.default_rng(seed).standard_normal((1, grid_h * grid_w, 128), np.float32)
 
-    pipe = load(model, dtype=mlx_dtype, keep_in_memory=True)
+    pipe = load(options, keep_in_memory=True)
     features = pipe.encode(prompt)
     encoded = None
     if resolved.edit is not None:

@@ -22,7 +22,6 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
+from ideogram4_mlx.batch import image_requests
 from ideogram4_mlx.edit import MAX_INPUT_PIXELS
 from ideogram4_mlx.request import SETTINGS, GenerationRequest, caption_findings
 from ideogram4_mlx.server.hosts import LOOPBACK_NAMES, host_name, is_ip_address
@@ -283,9 +283,8 @@ def openai_requests(body: Any) -> tuple[list[GenerationRequest], str]:
         except ValueError:
             raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
         body.update(width=width, height=height)
-    base = request_from_json(body)  # its seed is an integer or None: image i gets seed + i
-    seeds = [None if base.seed is None else base.seed + i for i in range(n)]
-    return [replace(base, seed=seed) for seed in seeds], response_format
+    # image i gets seed + i (a random start when None), as generate --num-images
+    return image_requests(request_from_json(body), n), response_format
 
 
 def create_app(
@@ -462,9 +461,8 @@ def create_app(
         body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("idea"), str):
             raise BadRequest('send {"idea": "..."} (and optionally width, height, seed)')
-        # the server's expand options (serve's command line), then the request's size and seed
-        options = dict(jobs.pipe.magic_options)
-        options.update({k: body[k] for k in ("width", "height", "seed") if body.get(k) is not None})
+        # the request's size and seed; the rest is serve's command line (pipe.options)
+        options = {k: body[k] for k in ("width", "height", "seed") if body.get(k) is not None}
         try:
             caption = await run_in_threadpool(
                 jobs.run, lambda: jobs.pipe.expand(body["idea"], **options)

@@ -1,0 +1,177 @@
+"""How to load and run the models: the one definition of the load settings.
+
+:class:`PipelineOptions` is the load side's mirror of ``GenerationRequest``: ``load()``, the
+commands (one click decorator, ``cli/options.py``), the server, the PNG metadata and replay all
+map onto it. Values are type-checked and normalised as it is made; :meth:`validate` checks
+ranges and combinations before anything loads.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import mlx.core as mx
+
+from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
+from ideogram4_mlx.hub import DEFAULT_REPO
+from ideogram4_mlx.lora import LoRAError
+from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
+from ideogram4_mlx.magic.options import MagicOptions
+from ideogram4_mlx.memory import check_limit
+from ideogram4_mlx.request import check_type
+
+# The options an image's metadata stores: what decides its pixels besides the request (the
+# pipeline adds the quantization and the LoRA files' fingerprints, see Ideogram4Pipeline).
+STORED = ("model", "revision", "dtype")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Which checkpoint, and how to run it.
+
+    ``model``: a local checkpoint folder or a Hugging Face repo id (``revision``: its branch,
+    tag or commit). ``dtype``: an MLX dtype or its name. ``memory_limit``: GB the denoise stage
+    may use (as many DiT blocks resident as fit, the rest streamed from disk each pass, the same
+    image); 0 streams every block (the least memory, ``--low-memory``); None takes the
+    machine's. ``keep_in_memory``: keep every model loaded between images (None: when their
+    weights fit the budget). ``loras``: :class:`LoRASpec` or ``"FILE[:SCALE]"`` strings, for the
+    conditional DiT unless their target is ``uncond``; ``fuse_lora`` merges them into the float
+    weights at load; ``lora_allow_partial`` applies a LoRA some of whose modules match no layer.
+    ``magic_head``/``magic_model``: the magic prompt's lm_head, or another mlx-lm chat model;
+    ``magic_options``: its expansion settings (:class:`MagicOptions`, or a dict of them).
+    ``distributed``: use the ranks ``mlx.launch -n 2`` started (CFG-parallel for one image).
+    """
+
+    model: str | Path = DEFAULT_REPO
+    revision: str | None = None
+    dtype: mx.Dtype = mx.bfloat16
+    memory_limit: float | None = None
+    keep_in_memory: bool | None = None
+    loras: tuple[LoRASpec, ...] = ()
+    fuse_lora: bool = False
+    lora_allow_partial: bool = False
+    magic_head: str | Path | None = None
+    magic_model: str | Path | None = None
+    magic_options: MagicOptions = field(default_factory=MagicOptions)
+    distributed: bool = False
+    # Set by validate() on the options it returns; replace() makes unvalidated options.
+    validated: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if isinstance(self.dtype, str):
+            set_("dtype", parse_dtype(self.dtype))
+        if not isinstance(self.dtype, mx.Dtype) or self.dtype not in DTYPES.values():
+            raise ValueError(
+                f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}"
+            )
+        if isinstance(self.loras, (str, LoRASpec)):
+            raise LoRAError("loras must be a list of LoRAs, not one: wrap it in [...]")
+        set_("loras", tuple(parse_lora_option(s) if isinstance(s, str) else s for s in self.loras))
+        if not all(isinstance(s, LoRASpec) for s in self.loras):
+            raise LoRAError(f"loras {reprlib.repr(self.loras)} must be LoRASpecs or FILE[:SCALE]")
+        if isinstance(self.magic_options, Mapping):
+            set_("magic_options", MagicOptions(**self.magic_options))
+        for name, kind in TYPES.items():
+            if not isinstance(getattr(self, name), kind) or (
+                isinstance(getattr(self, name), bool) and bool not in _kinds(kind)
+            ):
+                raise ValueError(f"{name} {reprlib.repr(getattr(self, name))} must be {WHAT[name]}")
+
+    @property
+    def low_memory(self) -> bool:
+        """Every DiT block streamed (``memory_limit`` 0)."""
+        return self.memory_limit == 0
+
+    def validate(self) -> PipelineOptions:
+        """Ranges and combinations, checked before anything loads (``ValueError`` or
+        ``LoRAError`` naming the option and the fix); the options with the magic prompt's
+        system prompt file read. Validated options are returned as they are."""
+        if self.validated:
+            return self
+        if self.memory_limit is not None and self.memory_limit != 0:
+            check_limit(self.memory_limit, "GB")
+        if self.fuse_lora and self.low_memory:
+            raise LoRAError(
+                "--fuse-lora with --low-memory: the streamed blocks are read from disk on every "
+                "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
+                "--lora`"
+            )
+        options = replace(self, magic_options=self.magic_options.validate())
+        object.__setattr__(options, "validated", True)
+        return options
+
+    def to_metadata(self) -> dict:
+        """What an image's metadata stores of these options (``STORED``)."""
+        return {
+            "model": str(self.model),
+            "revision": self.revision,
+            "dtype": dtype_name(self.dtype),
+        }
+
+    @classmethod
+    def from_metadata(
+        cls,
+        metadata: Mapping,
+        base: PipelineOptions | None = None,
+        overrides: Mapping | None = None,
+    ) -> PipelineOptions:
+        """The options an image was made with: ``base`` (the command line's; its ``loras`` are
+        files given again) with the stored model, revision and dtype unless ``overrides`` gives
+        them (a new model drops the stored revision), and the stored LoRAs found again by
+        SHA-256 (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they were."""
+        base = cls() if base is None else base
+        overrides = overrides or {}
+        missing = [k for k in STORED if k not in metadata]
+        if missing:
+            raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
+        check_type("model", metadata["model"], str)
+        check_type("revision", metadata["revision"], (str, type(None)))
+        check_type("dtype", metadata["dtype"], str)
+        stored = {k: metadata[k] for k in STORED}
+        if "model" in overrides:
+            stored["revision"] = None
+        stored.update({k: v for k, v in overrides.items() if k in STORED})
+        records = metadata.get("loras")
+        fused = bool(records) and all(r.get("fused") is True for r in records)
+        return replace(
+            base,
+            **stored,
+            loras=tuple(replay_loras(records, list(base.loras))),
+            fuse_lora=base.fuse_lora or fused,
+        )
+
+
+def _kinds(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+OPTIONAL_PATH = (str, Path, type(None))
+TYPES = {
+    "model": (str, Path),
+    "revision": (str, type(None)),
+    "memory_limit": (int, float, type(None)),
+    "keep_in_memory": (bool, type(None)),
+    "fuse_lora": bool,
+    "lora_allow_partial": bool,
+    "magic_head": OPTIONAL_PATH,
+    "magic_model": OPTIONAL_PATH,
+    "magic_options": MagicOptions,
+    "distributed": bool,
+}
+WHAT = {
+    "model": "a checkpoint folder or a repo id",
+    "revision": "a branch, tag or commit, or None",
+    "memory_limit": "a number of GB (0: stream every DiT block) or None (the machine's)",
+    "keep_in_memory": "True, False or None (when the weights fit)",
+    "fuse_lora": "True or False",
+    "lora_allow_partial": "True or False",
+    "magic_head": "a folder or repo id, or None",
+    "magic_model": "a folder or repo id, or None",
+    "magic_options": "MagicOptions or a dict of its fields",
+    "distributed": "True or False",
+}
+OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)
