@@ -1,15 +1,18 @@
-"""A memory budget for denoising: how many DiT blocks stay resident, the rest streamed.
+"""Memory policy, in one place: the machine's default budget, whether the models stay loaded
+between images, how many DiT blocks stay resident while denoising (the rest streamed), and
+MLX's buffer-cache limit. :class:`MemoryBudget` holds it for one pipeline.
 
-The pipeline runs its stages one after another and frees each model after its stage (text
-encoder, then both DiTs, then the VAE), so the budget binds where the DiTs run: both DiTs'
-resident parameters, one streamed block at a time when any streams, and one block's
-activations (blocks run one after another). Everything is estimated from the weight files'
-headers and the config, before anything loads; the activation model is an upper bound of
-``benchmarks/results/pipeline_memory.json`` (see :func:`activation_bytes`).
+Everything is estimated from the weight files' headers and the configs before anything loads,
+by one byte rule (:func:`held_bytes`). The pipeline runs its stages one after another and frees
+each model after its stage (text encoder, then both DiTs, then the VAE), so the budget binds
+where the DiTs run: both DiTs' resident parameters, one streamed block at a time when any
+streams, and one block's activations (blocks run one after another). The activation model is an
+upper bound of ``benchmarks/results/pipeline_memory.json`` (see :func:`activation_bytes`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ideogram4_mlx.environment import KEEP_FRACTION, physical_memory
+from ideogram4_mlx.environment import physical_memory
+from ideogram4_mlx.text_encoder import LM_PREFIXES, UNUSED_PREFIXES
 from ideogram4_mlx.transformer import (
     CHECKPOINT_PREFIXES,
     DIT_COMPONENTS,
@@ -29,8 +33,21 @@ from ideogram4_mlx.transformer import (
     TransformerConfig,
     block_index,
 )
-from ideogram4_mlx.weights import QUANTIZED_DTYPE, component_files, strip_prefixes, tensor_headers
+from ideogram4_mlx.vae import BN_PREFIX
+from ideogram4_mlx.weights import (
+    QUANTIZED_DTYPE,
+    SCALE_SUFFIX,
+    component_files,
+    strip_prefixes,
+    tensor_headers,
+)
 
+GB = 10**9  # the unit of --memory-limit and load(memory_limit=)
+# The largest limit taken (1 PB): no machine has it, so a larger one is a typo or bytes given
+# as GB; below it every byte count is exact in a float (< 2**53).
+MAX_LIMIT_BYTES = 10**15
+# The share of RAM the models' weights may take and still stay loaded between images.
+KEEP_FRACTION = 0.6
 # Activations: fp32 widths of (tokens, hidden) alive at a block's peak, beyond the chunked
 # feed-forward and the attention scores. 13 bounds every measured row (11.3-12.4 widths at
 # 1024^2 and 2048^2, fp32; bf16 needs less), see activation_bytes.
@@ -38,6 +55,83 @@ ACTIVATION_WIDTHS = 13
 ACTIVATION_ITEMSIZE = 4  # fp32: SiLU and the softmax compute in fp32 whatever the dtype
 # Safetensors dtype -> bytes per element in the file.
 FILE_ITEMSIZE = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, QUANTIZED_DTYPE: 4}
+# What the load of the models outside the DiTs keeps of their files, as their ``sanitize``
+# does: (prefixes stripped, keys then dropped). The text encoder drops the vision tower, any LM
+# head and the final norm (MODEL_NOTES#text-encoder-taps), the VAE its bn buffers
+# (MODEL_NOTES#latent-normalization).
+OTHER_MODELS = {
+    "text_encoder": (LM_PREFIXES, (*UNUSED_PREFIXES, "norm.weight")),
+    "vae": ((), (BN_PREFIX,)),
+}
+
+
+def check_limit(memory_limit: object, unit: str = "GB") -> int:
+    """The one check of a memory limit, for every interface: ``memory_limit`` in ``unit``
+    (``"GB"``, 10^9 bytes, as ``--memory-limit`` and ``load(memory_limit=)`` take it, or
+    ``"bytes"``) -> whole bytes (rounded, at least 1).
+
+    It must be an int or float (not a bool), finite, > 0 and at most ``MAX_LIMIT_BYTES``
+    (10^6 GB); else a ``ValueError`` naming the value. 0 is refused too: streaming every DiT
+    block is ``low_memory`` (``PipelineOptions``' memory limit 0, checked there).
+    """
+    scale = {"GB": GB, "bytes": 1}[unit]
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float):
+        raise ValueError(f"memory limit must be a number of {unit}, got {memory_limit!r}")
+    if not (math.isfinite(memory_limit) and 0 < memory_limit <= MAX_LIMIT_BYTES / scale):
+        raise ValueError(
+            f"memory limit must be a finite number of {unit} > 0 and at most "
+            f"{MAX_LIMIT_BYTES / scale:g}, got {memory_limit!r}"
+        )
+    return max(1, round(memory_limit * scale))
+
+
+def default_memory_limit() -> int:
+    """The budget when none is given: on Metal, MLX's recommended working set (what macOS lets
+    the GPU keep resident: about 65-75% of a Mac's memory); elsewhere ``KEEP_FRACTION`` (60%)
+    of RAM, the share :meth:`MemoryBudget.keep_models` grants the weights."""
+    if mx.metal.is_available():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        recommended = info.get("max_recommended_working_set_size")
+        if recommended:
+            return int(recommended)
+    return int(KEEP_FRACTION * physical_memory())
+
+
+# -- the byte rule -----------------------------------------------------------------------------
+
+
+def held_bytes(key: str, file_dtype: str, shape: tuple[int, ...], dtype: mx.Dtype) -> int:
+    """The byte rule: what one checkpoint tensor takes in memory once loaded in ``dtype``.
+    Packed quantized weights (U32) as stored; an fp8 ``.weight_scale`` nothing, folded into its
+    weight at load (MODEL_NOTES#fp8-dequantization); every other tensor, fp8 weights
+    dequantized, ``dtype``'s bytes per element (``weights.cast_floats``)."""
+    count = math.prod(shape)
+    if file_dtype == QUANTIZED_DTYPE:
+        return 4 * count
+    if key.endswith(SCALE_SUFFIX):
+        return 0
+    return count * dtype.size
+
+
+def kept_headers(
+    component_dir: Path, strip: tuple[str, ...] = (), dropped: tuple[str, ...] = ()
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{key: (file dtype, shape)}`` of the tensors a component's load keeps: keys without
+    their ``strip`` prefix, those then starting with one of ``dropped`` left out."""
+    headers = strip_prefixes(tensor_headers(component_files(component_dir)), strip)
+    return {
+        key: (file_dtype, shape)
+        for key, (file_dtype, shape, _) in headers.items()
+        if not key.startswith(dropped)
+    }
+
+
+def component_bytes(
+    component_dir: Path, dtype: mx.Dtype, strip: tuple[str, ...] = (), dropped: tuple[str, ...] = ()
+) -> int:
+    """:func:`held_bytes` summed over what a component's load keeps (see :func:`kept_headers`)."""
+    kept = kept_headers(component_dir, strip, dropped)
+    return sum(held_bytes(key, d, shape, dtype) for key, (d, shape) in kept.items())
 
 
 @dataclass(frozen=True)
@@ -53,34 +147,59 @@ class DiTSizes:
     def largest_block(self) -> int:
         return max(self.blocks, default=0)
 
+    @property
+    def total(self) -> int:
+        """Every parameter, all blocks resident."""
+        return self.resident + sum(self.blocks)
+
 
 def dit_sizes(component_dir: Path | str, dtype: mx.Dtype, text_input: bool = True) -> DiTSizes:
-    """Bytes of a DiT component folder as ``from_pretrained`` would hold it in ``dtype``:
-    packed quantized weights as stored, every float (and fp8, dequantized) tensor in ``dtype``."""
+    """Bytes of a DiT component folder as ``from_pretrained`` would hold it in ``dtype``, by
+    :func:`held_bytes`; ``text_input=False``: without the text projection, which is not read."""
     component_dir = Path(component_dir)
     config = TransformerConfig.from_file(component_dir / "config.json")
-    headers = strip_prefixes(tensor_headers(component_files(component_dir)), CHECKPOINT_PREFIXES)
+    dropped = () if text_input else TEXT_INPUT_MODULES
     resident = 0
     blocks = [0] * config.num_layers
     transient = [0] * config.num_layers
-    for key, (file_dtype, shape, _) in headers.items():
-        if key.startswith(TEXT_INPUT_MODULES) and not text_input:
-            continue
-        count = math.prod(shape)
-        if file_dtype == QUANTIZED_DTYPE:
-            held = 4 * count
-        elif key.endswith(".weight_scale"):
-            held = 0  # folded into its fp8 weight at load
-        else:
-            held = count * dtype.size
+    for key, (file_dtype, shape) in kept_headers(
+        component_dir, CHECKPOINT_PREFIXES, dropped
+    ).items():
+        held = held_bytes(key, file_dtype, shape, dtype)
         index = block_index(key)
         if index is None or index >= config.num_layers:
             resident += held
             continue
         blocks[index] += held
-        if file_dtype != QUANTIZED_DTYPE and FILE_ITEMSIZE.get(file_dtype, 4) != dtype.size:
-            transient[index] += count * FILE_ITEMSIZE.get(file_dtype, 4)
+        itemsize = FILE_ITEMSIZE.get(file_dtype, 4)
+        if file_dtype != QUANTIZED_DTYPE and itemsize != dtype.size:
+            transient[index] += math.prod(shape) * itemsize
     return DiTSizes(resident, tuple(blocks), max(transient, default=0), config)
+
+
+def checkpoint_sizes(checkpoint_dir: Path | str, dtype: mx.Dtype) -> tuple[DiTSizes, ...]:
+    """:func:`dit_sizes` of both DiTs of a checkpoint (reads their configs and file headers)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return tuple(dit_sizes(checkpoint_dir / name, dtype, text) for name, text in DIT_COMPONENTS)
+
+
+def models_bytes(
+    checkpoint_dir: Path | str, dtype: mx.Dtype, sizes: tuple[DiTSizes, ...] | None = None
+) -> int:
+    """What every model of a checkpoint holds once loaded in ``dtype`` (``keep_in_memory``):
+    both DiTs as the denoise plan counts them (``sizes``: their :func:`checkpoint_sizes`, read
+    here when not given), the text encoder and the VAE by the same rule."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if sizes is None:
+        sizes = checkpoint_sizes(checkpoint_dir, dtype)
+    others = sum(
+        component_bytes(checkpoint_dir / name, dtype, strip, dropped)
+        for name, (strip, dropped) in OTHER_MODELS.items()
+    )
+    return sum(s.total for s in sizes) + others
+
+
+# -- the denoise plan --------------------------------------------------------------------------
 
 
 def activation_bytes(config: TransformerConfig, tokens: int, streaming: bool) -> int:
@@ -112,27 +231,16 @@ def denoise_bytes(sizes: tuple[DiTSizes, ...], resident: tuple[int, ...], tokens
     return held + running
 
 
-def check_limit(memory_limit: float, unit: str = "bytes") -> float:
-    """A memory limit must be a finite number > 0 (of ``unit``); else a ``ValueError`` naming it."""
-    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float):
-        raise ValueError(f"memory limit must be a number of {unit}, got {memory_limit!r}")
-    if not math.isfinite(memory_limit) or memory_limit <= 0:
-        raise ValueError(
-            f"memory limit must be a finite number of {unit} > 0, got {memory_limit!r}"
-        )
-    return memory_limit
-
-
 def plan_from_sizes(
-    sizes: tuple[DiTSizes, ...], memory_limit_bytes: float, tokens: int
+    sizes: tuple[DiTSizes, ...], limit_bytes: float, tokens: int
 ) -> tuple[int, ...]:
-    """Blocks of each DiT to keep resident: the most whose :func:`denoise_bytes` fits in the
-    limit, added one block at a time to the DiT with fewer kept (equal blocks cost the same
-    memory and the same reads), in block order. All blocks when everything fits; 0 each (the
-    low-memory mode) when nothing more fits, even if that too is over the limit."""
-    check_limit(memory_limit_bytes)
+    """Blocks of each DiT to keep resident: the most whose :func:`denoise_bytes` fits in
+    ``limit_bytes`` (from :func:`check_limit`), added one block at a time to the DiT with fewer
+    kept (equal blocks cost the same memory and the same reads), in block order. All blocks
+    when everything fits; 0 each (the low-memory mode) when nothing more fits, even if that too
+    is over the limit."""
     full = tuple(len(s.blocks) for s in sizes)
-    if denoise_bytes(sizes, full, tokens) <= memory_limit_bytes:
+    if denoise_bytes(sizes, full, tokens) <= limit_bytes:
         return full
     kept = [0] * len(sizes)
     while True:
@@ -142,7 +250,7 @@ def plan_from_sizes(
         i = min(open_, key=lambda j: (kept[j], j))
         trial = list(kept)
         trial[i] += 1
-        if denoise_bytes(sizes, tuple(trial), tokens) > memory_limit_bytes:
+        if denoise_bytes(sizes, tuple(trial), tokens) > limit_bytes:
             break
         kept = trial
     return tuple(kept)
@@ -156,62 +264,23 @@ class DenoisePlan(NamedTuple):
     estimate: int
 
 
-def checkpoint_sizes(checkpoint_dir: Path | str, dtype: mx.Dtype) -> tuple[DiTSizes, ...]:
-    """:func:`dit_sizes` of both DiTs of a checkpoint (reads their configs and file headers)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    return tuple(dit_sizes(checkpoint_dir / name, dtype, text) for name, text in DIT_COMPONENTS)
-
-
-def plan_denoise(
-    checkpoint_dir: Path | str,
-    dtype: mx.Dtype,
-    memory_limit_bytes: float,
-    tokens: int,
-    sizes: tuple[DiTSizes, ...] | None = None,
-) -> DenoisePlan:
-    """:func:`plan_resident_blocks` with its estimate (for :func:`cache_limit`); ``sizes``:
-    the checkpoint's :func:`checkpoint_sizes` when the caller has read them already."""
-    check_limit(memory_limit_bytes)
+def plan_denoise(sizes: tuple[DiTSizes, ...], limit_bytes: float, tokens: int) -> DenoisePlan:
+    """:func:`plan_from_sizes` for both DiTs (``sizes``: :func:`checkpoint_sizes`) and a
+    ``tokens``-long sequence (caption + image tokens), with its estimate (for
+    :func:`cache_limit`). The text encoder and the VAE are not counted: they run before and
+    after denoising and are freed (``keep_in_memory=False``)."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise ValueError(f"tokens must be an integer > 0, got {tokens!r}")
-    if sizes is None:
-        sizes = checkpoint_sizes(checkpoint_dir, dtype)
-    cond, uncond = plan_from_sizes(sizes, memory_limit_bytes, tokens)
+    cond, uncond = plan_from_sizes(sizes, limit_bytes, tokens)
     return DenoisePlan(cond, uncond, denoise_bytes(sizes, (cond, uncond), tokens))
 
 
-def plan_resident_blocks(
-    checkpoint_dir: Path | str, dtype: mx.Dtype, memory_limit_bytes: float, tokens: int
-) -> tuple[int, int]:
-    """``(cond_k, uncond_k)``: how many blocks of ``transformer/`` and
-    ``unconditional_transformer/`` stay resident (``from_pretrained(resident_blocks=k)``) so
-    that denoising a ``tokens``-long sequence (caption + image tokens) stays within
-    ``memory_limit_bytes`` by this module's estimate (0 and 0, the low-memory mode, when even
-    that does not fit). The text encoder and the VAE are not counted: they run before and
-    after denoising and are freed (``keep_in_memory=False``)."""
-    plan = plan_denoise(checkpoint_dir, dtype, memory_limit_bytes, tokens)
-    return plan.cond, plan.uncond
-
-
-def default_memory_limit() -> int:
-    """The budget when none is given: on Metal, MLX's recommended working set (what macOS lets
-    the GPU keep resident: about 65-75% of a Mac's memory); elsewhere ``KEEP_FRACTION`` (60%)
-    of RAM, the share ``environment.fits_in_memory`` grants the weights."""
-    if mx.metal.is_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        recommended = info.get("max_recommended_working_set_size")
-        if recommended:
-            return int(recommended)
-    return int(KEEP_FRACTION * physical_memory())
-
-
-def cache_limit(memory_limit_bytes: float, planned_bytes: int) -> int:
+def cache_limit(limit_bytes: float, planned_bytes: int) -> int:
     """MLX's buffer-cache limit under a budget: what the plan leaves free of it. The cache
     keeps freed buffers for reuse (each streamed block reuses the last one's), but counts in
     the process's memory while MLX's active-memory peak does not; capped so the two together
     stay within the limit."""
-    check_limit(memory_limit_bytes)
-    return max(0, int(memory_limit_bytes) - int(planned_bytes))
+    return max(0, int(limit_bytes) - int(planned_bytes))
 
 
 def set_cache_limit(limit_bytes: int) -> int:
@@ -222,3 +291,53 @@ def set_cache_limit(limit_bytes: int) -> int:
             f"cache limit must be an integer number of bytes >= 0, got {limit_bytes!r}"
         )
     return mx.set_cache_limit(limit_bytes)
+
+
+# -- one pipeline's policy ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The memory policy of one pipeline over ``checkpoint_dir`` in ``dtype``: ``limit_bytes``
+    bounds denoising (checked by :func:`check_limit`; None: :func:`default_memory_limit`),
+    ``low_memory`` streams every DiT block whatever the limit. The DiTs' headers are read once,
+    on first use, for both :meth:`keep_models` and :meth:`plan`."""
+
+    checkpoint_dir: Path
+    dtype: mx.Dtype
+    limit_bytes: int | None = None
+    low_memory: bool = False
+
+    def __post_init__(self):
+        limit = default_memory_limit() if self.limit_bytes is None else self.limit_bytes
+        object.__setattr__(self, "limit_bytes", check_limit(limit, "bytes"))
+        object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir))
+
+    @functools.cached_property
+    def sizes(self) -> tuple[DiTSizes, ...]:
+        """Both DiTs' :func:`checkpoint_sizes`."""
+        return checkpoint_sizes(self.checkpoint_dir, self.dtype)
+
+    def models_bytes(self) -> int:
+        """:func:`models_bytes` of the checkpoint: every model loaded."""
+        return models_bytes(self.checkpoint_dir, self.dtype, self.sizes)
+
+    def keep_models(self) -> bool:
+        """``keep_in_memory``'s default: every model stays loaded between images when their
+        weights take at most ``KEEP_FRACTION`` of RAM and fit the budget (kept models share it
+        with the DiTs, which the plan does not count)."""
+        return self.models_bytes() <= min(KEEP_FRACTION * physical_memory(), self.limit_bytes)
+
+    def plan(self, tokens: int) -> tuple[int, int]:
+        """Resident blocks of (cond, uncond) for a ``tokens``-long sequence: all when the
+        budget holds them, none with ``low_memory``; sets MLX's cache limit to what the plan
+        leaves of the budget (left alone with ``low_memory``)."""
+        if self.low_memory:
+            return 0, 0
+        plan = plan_denoise(self.sizes, self.limit_bytes, tokens)
+        set_cache_limit(cache_limit(self.limit_bytes, plan.estimate))
+        return plan.cond, plan.uncond
+
+    def streamed(self, plan: tuple[int, ...], dits: tuple[int, ...] = (0, 1)) -> int:
+        """How many blocks of the DiTs numbered ``dits`` (0: cond, 1: uncond) ``plan`` streams."""
+        return sum(len(self.sizes[i].blocks) - plan[i] for i in dits)

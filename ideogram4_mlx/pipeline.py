@@ -18,7 +18,7 @@ import numpy as np
 
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.dtypes import dtype_name
-from ideogram4_mlx.environment import describe, fits_in_memory, is_slow, weight_bytes
+from ideogram4_mlx.environment import describe, is_slow
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
     Generation,
@@ -40,13 +40,7 @@ from ideogram4_mlx.lora import (
     set_scale,
 )
 from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
-from ideogram4_mlx.memory import (
-    cache_limit,
-    checkpoint_sizes,
-    default_memory_limit,
-    plan_denoise,
-    set_cache_limit,
-)
+from ideogram4_mlx.memory import MemoryBudget, check_limit
 from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS, PromptEncoder
 from ideogram4_mlx.request import (
@@ -72,19 +66,16 @@ class Ideogram4Pipeline:
         self.options = options
         self.dtype = options.dtype
         self.low_memory = options.low_memory
-        limit = None if options.memory_limit in (None, 0) else options.memory_limit * 1e9
-        # Bytes the denoise stage may use (see ideogram4_mlx.memory); None: the machine's.
-        self.memory_limit = default_memory_limit() if limit is None else limit
+        limit = None if options.memory_limit in (None, 0) else check_limit(options.memory_limit)
+        # The memory policy (ideogram4_mlx.memory); memory_limit None: the machine's budget.
+        self.budget = MemoryBudget(self.checkpoint_dir, self.dtype, limit, self.low_memory)
+        self.memory_limit = self.budget.limit_bytes  # bytes the denoise stage may use
         self.resident_blocks: tuple[int, int] | None = None  # the loaded DiTs' plan
-        self._dit_sizes: tuple | None = None  # memory.checkpoint_sizes, read on first plan
         self.model_id = str(options.model)
         self.revision = options.revision
         keep_in_memory = options.keep_in_memory
         if keep_in_memory is None:
-            # Kept models would share the budget with the DiTs, which the plan does not count.
-            keep_in_memory = fits_in_memory(self.checkpoint_dir, self.dtype) and (
-                weight_bytes(self.checkpoint_dir, self.dtype) <= self.memory_limit
-            )
+            keep_in_memory = self.budget.keep_models()
         self.keep_in_memory = keep_in_memory
         self._prompt_encoder: PromptEncoder | None = None
         self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
@@ -160,16 +151,8 @@ class Ideogram4Pipeline:
     def plan(self, tokens: int) -> tuple[int, int]:
         """Resident blocks of (cond, uncond) for a ``tokens``-long sequence: all when the
         budget holds them, none with ``low_memory``; sets MLX's cache limit to what the plan
-        leaves of the budget."""
-        if self.low_memory:
-            return 0, 0
-        if self._dit_sizes is None:  # the weight headers, read once per pipeline
-            self._dit_sizes = checkpoint_sizes(self.checkpoint_dir, self.dtype)
-        plan = plan_denoise(
-            self.checkpoint_dir, self.dtype, self.memory_limit, tokens, self._dit_sizes
-        )
-        set_cache_limit(cache_limit(self.memory_limit, plan.estimate))
-        return plan.cond, plan.uncond
+        leaves of the budget (``memory.MemoryBudget.plan``)."""
+        return self.budget.plan(tokens)
 
     def dits(self, tokens: int = PLAN_TOKENS) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
         """Both DiTs, as many blocks resident as the memory budget allows for ``tokens``
@@ -182,8 +165,8 @@ class Ideogram4Pipeline:
             # The unconditional branch sees image tokens only: its text projection is not read.
             # A CFG-parallel rank loads its own DiT only (rank 0: cond, rank 1: uncond).
             held = (0, 1) if self.cfg is None else (self.cfg.rank,)
-            if self.fuse_lora and self._dit_sizes is not None:  # before any weights load
-                streamed = sum(len(self._dit_sizes[i].blocks) - plan[i] for i in held)
+            if self.fuse_lora:  # before any weights load
+                streamed = self.budget.streamed(plan, held)
                 if streamed:
                     raise LoRAError(
                         f"--fuse-lora needs every DiT block resident, but the memory budget "

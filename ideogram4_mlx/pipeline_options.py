@@ -8,6 +8,7 @@ ranges and combinations before anything loads.
 
 from __future__ import annotations
 
+import numbers
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -21,7 +22,7 @@ from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
 from ideogram4_mlx.magic.options import MagicOptions
 from ideogram4_mlx.memory import check_limit
-from ideogram4_mlx.request import check_type
+from ideogram4_mlx.request import check_type, is_kind
 
 # The options an image's metadata stores: what decides its pixels besides the request (the
 # pipeline adds the quantization and the LoRA files' fingerprints, see Ideogram4Pipeline).
@@ -84,7 +85,7 @@ class PipelineOptions:
     @property
     def low_memory(self) -> bool:
         """Every DiT block streamed (``memory_limit`` 0)."""
-        return self.memory_limit == 0
+        return is_kind(self.memory_limit, numbers.Real) and self.memory_limit == 0
 
     def validate(self) -> PipelineOptions:
         """Ranges and combinations, checked before anything loads (``ValueError`` or
@@ -92,8 +93,8 @@ class PipelineOptions:
         system prompt file read. Validated options are returned as they are."""
         if self.validated:
             return self
-        if self.memory_limit is not None and self.memory_limit != 0:
-            check_limit(self.memory_limit, "GB")
+        if self.memory_limit is not None and not self.low_memory:
+            check_limit(self.memory_limit, "GB")  # its type too
         if self.fuse_lora and self.low_memory:
             raise LoRAError(
                 "--fuse-lora with --low-memory: the streamed blocks are read from disk on every "
@@ -153,7 +154,6 @@ OPTIONAL_PATH = (str, Path, type(None))
 TYPES = {
     "model": (str, Path),
     "revision": (str, type(None)),
-    "memory_limit": (int, float, type(None)),
     "keep_in_memory": (bool, type(None)),
     "fuse_lora": bool,
     "lora_allow_partial": bool,
@@ -165,7 +165,6 @@ TYPES = {
 WHAT = {
     "model": "a checkpoint folder or a repo id",
     "revision": "a branch, tag or commit, or None",
-    "memory_limit": "a number of GB (0: stream every DiT block) or None (the machine's)",
     "keep_in_memory": "True, False or None (when the weights fit)",
     "fuse_lora": "True or False",
     "lora_allow_partial": "True or False",

@@ -17,21 +17,24 @@ from mlx.utils import tree_flatten
 
 import ideogram4_mlx.transformer as transformer
 from ideogram4_mlx.cli import main
-from ideogram4_mlx.environment import KEEP_FRACTION, physical_memory
+from ideogram4_mlx.environment import physical_memory
 from ideogram4_mlx.memory import (
+    KEEP_FRACTION,
+    MAX_LIMIT_BYTES,
     DiTSizes,
+    MemoryBudget,
     activation_bytes,
     cache_limit,
+    check_limit,
     checkpoint_sizes,
     default_memory_limit,
     denoise_bytes,
     dit_sizes,
     plan_denoise,
     plan_from_sizes,
-    plan_resident_blocks,
     set_cache_limit,
 )
-from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.pipeline import PLAN_TOKENS, load
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
@@ -220,8 +223,8 @@ def test_estimate_and_plan_follow_from_the_loaded_weights_and_file_bytes(tiny_ch
     for before, plan in zip(order, order[1:], strict=False):  # consecutive pairs
         assert denoise_bytes(sizes, before, tokens) == expected(before), before
         cost = expected(plan)
-        assert plan_denoise(tiny_checkpoint, dtype, cost, tokens) == (*plan, cost)
-        assert plan_resident_blocks(tiny_checkpoint, dtype, cost - 1, tokens) == before
+        assert plan_denoise(sizes, cost, tokens) == (*plan, cost)
+        assert plan_denoise(sizes, cost - 1, tokens)[:2] == before
 
 
 def synthetic_sizes(blocks=34, block=160 * 10**6, resident=230 * 10**6, extra=0):
@@ -273,20 +276,59 @@ def test_activation_estimate_bounds_the_measured_rows():
         assert row["activations"] * GB <= estimate <= 1.4 * row["activations"] * GB, row
 
 
-@pytest.mark.parametrize("limit", [0, -1, -8e9, math.nan, math.inf, "8", None, True])
+def test_check_limit_takes_gb_or_bytes_and_gives_whole_bytes():
+    assert check_limit(8) == check_limit(8.0) == 8 * GB
+    assert check_limit(0.5) == GB // 2
+    assert check_limit(1e-12) == 1  # at least a byte: a positive limit never becomes 0
+    assert check_limit(1e6) == MAX_LIMIT_BYTES  # the largest taken, in GB
+    assert check_limit(3 * GB + 0.4, "bytes") == 3 * GB
+    assert check_limit(MAX_LIMIT_BYTES, "bytes") == MAX_LIMIT_BYTES
+    estimate = denoise_bytes(synthetic_sizes(), (3, 2), 5096)
+    assert check_limit(estimate / GB) == estimate  # GB of an estimate: that estimate, exactly
+
+
+# Not finite, not > 0, over 10^6 GB (8e9 GB: bytes given as GB), or no number.
+BAD_LIMITS = [0, 0.0, -1, -8e9, math.nan, math.inf, -math.inf, 1e6 + 1, 8e9, "8", None, True]
+
+
+@pytest.mark.parametrize("limit", BAD_LIMITS)
 def test_a_bad_limit_is_an_error_naming_it(tiny_checkpoint, limit):
-    with pytest.raises(ValueError, match=f"memory limit.*{limit!r}".replace("(", r"\(")):
-        plan_resident_blocks(tiny_checkpoint, mx.float32, limit, 100)
-    with pytest.raises(ValueError, match="memory limit"):
-        plan_from_sizes(synthetic_sizes(), limit, 100)
+    named = f"memory limit.*{re.escape(repr(limit))}"
+    with pytest.raises(ValueError, match=named):
+        check_limit(limit)
+    if limit is not None and limit != 0:  # None: the machine's budget; 0: low memory
+        with pytest.raises(ValueError, match=named):
+            load(tiny_checkpoint, memory_limit=limit)
 
 
-def test_plan_resident_blocks_reads_the_checkpoint(tiny_checkpoint):
-    assert plan_resident_blocks(tiny_checkpoint, mx.float32, 1e12, 100) == (2, 2)
-    assert plan_resident_blocks(tiny_checkpoint, mx.float32, 1e3, 100) == (0, 0)
-    with pytest.raises(ValueError, match="tokens must be an integer > 0, got 0"):
-        plan_resident_blocks(tiny_checkpoint, mx.float32, 1e12, 0)
-    plan = plan_denoise(tiny_checkpoint, mx.float32, 1e12, 100)
+def test_a_limit_of_0_streams_every_block(tiny_checkpoint):
+    """PipelineOptions fold --low-memory into the limit: 0 (GB) plans no resident block."""
+    for pipe in load(tiny_checkpoint, memory_limit=0), load(tiny_checkpoint, low_memory=True):
+        assert pipe.options.low_memory and pipe.plan(PLAN_TOKENS) == (0, 0)
+    assert load(tiny_checkpoint, memory_limit=1e6).plan(PLAN_TOKENS) != (0, 0)
+
+
+@pytest.mark.parametrize("limit", [0, -1, math.nan, math.inf, MAX_LIMIT_BYTES + 1, "8", True])
+def test_a_budget_checks_its_limit_in_bytes(tiny_checkpoint, limit):
+    with pytest.raises(ValueError, match=f"memory limit.*{re.escape(repr(limit))}"):
+        MemoryBudget(tiny_checkpoint, mx.float32, limit)
+
+
+def test_the_budget_plans_from_the_checkpoint_and_sets_the_cache_limit(tiny_checkpoint):
+    previous = mx.set_cache_limit(0)
+    try:
+        assert MemoryBudget(tiny_checkpoint, mx.float32, 10**12).plan(100) == (2, 2)
+        estimate = denoise_bytes(checkpoint_sizes(tiny_checkpoint, mx.float32), (2, 2), 100)
+        assert mx.set_cache_limit(0) == 10**12 - estimate
+        assert MemoryBudget(tiny_checkpoint, mx.float32, 1000).plan(100) == (0, 0)
+        assert mx.set_cache_limit(0) == 0  # the plan is over the limit: nothing cached
+        low = MemoryBudget(tiny_checkpoint, mx.float32, 10**12, low_memory=True)
+        assert low.plan(100) == (0, 0) and low.streamed((0, 0)) == 4
+        with pytest.raises(ValueError, match="tokens must be an integer > 0, got 0"):
+            MemoryBudget(tiny_checkpoint, mx.float32, 10**12).plan(0)
+    finally:
+        mx.set_cache_limit(previous)
+    plan = plan_denoise(checkpoint_sizes(tiny_checkpoint, mx.float32), 1e12, 100)
     sizes = tuple(
         dit_sizes(tiny_checkpoint / name, mx.float32, text)
         for name, text in (("transformer", True), ("unconditional_transformer", False))
@@ -294,11 +336,12 @@ def test_plan_resident_blocks_reads_the_checkpoint(tiny_checkpoint):
     assert plan == (2, 2, denoise_bytes(sizes, (2, 2), 100))
 
 
-def test_default_limit_and_cache_limit():
+def test_default_limit_and_cache_limit(tiny_checkpoint):
     limit = default_memory_limit()
     if not mx.metal.is_available():
         assert limit == int(KEEP_FRACTION * physical_memory())
     assert 0 < limit <= physical_memory()
+    assert MemoryBudget(tiny_checkpoint, mx.float32).limit_bytes == limit
     assert cache_limit(8 * GB, 6 * GB) == 2 * GB
     assert cache_limit(8 * GB, 9 * GB) == 0
     previous = set_cache_limit(123 * 10**6)
@@ -328,8 +371,6 @@ def test_pipeline_under_a_budget_makes_the_same_image(tiny_checkpoint):
             got = pipe.generate(caption, **kwargs)
             assert pipe.resident_blocks == plan
             np.testing.assert_array_equal(got.latents, image.latents)
-    with pytest.raises(ValueError, match="memory limit.*nan"):
-        load(tiny_checkpoint, memory_limit=math.nan)
     with pytest.raises(ValueError, match="low_memory.*memory_limit"):
         load(tiny_checkpoint, low_memory=True, memory_limit=8)
 

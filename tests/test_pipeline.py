@@ -218,14 +218,20 @@ def test_overlong_prompt_fails_before_the_text_encoder_loads(tiny_checkpoint):
 
 
 def test_by_default_models_stay_loaded_when_they_fit(tiny_checkpoint, monkeypatch):
-    from ideogram4_mlx import environment
+    from ideogram4_mlx import memory
 
-    assert load(tiny_checkpoint, dtype=mx.float32).keep_in_memory  # a few MB: load once
-    weights = environment.weight_bytes(tiny_checkpoint, mx.float32)
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+    assert pipe.keep_in_memory  # a few MB: load once
+    weights = pipe.budget.models_bytes()  # the byte rule: tests/test_memory_budget.py
     assert weights > 0
-    monkeypatch.setattr(environment, "physical_memory", lambda: int(weights / 0.6) - 1)
+    over = weights / memory.GB * 0.999
+    assert not load(tiny_checkpoint, dtype=mx.float32, memory_limit=over).keep_in_memory
+    ram = int(weights / memory.KEEP_FRACTION)
+    monkeypatch.setattr(memory, "physical_memory", lambda: ram - 1)
     assert not load(tiny_checkpoint, dtype=mx.float32).keep_in_memory
     assert load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=True).keep_in_memory
+    monkeypatch.setattr(memory, "physical_memory", lambda: ram + 2)
+    assert load(tiny_checkpoint, dtype=mx.float32).keep_in_memory
 
 
 def test_dtype_by_name_and_bad_dtypes_fail_at_load(tiny_checkpoint):
