@@ -14,18 +14,21 @@ import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import click
 import httpx
 import numpy as np
 import openai
 import pytest
 import uvicorn
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from helpers import serving
 from PIL import Image
 
 import ideogram4_mlx.generation as generation_module
 import ideogram4_mlx.pipeline as pipeline_module
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.cli.options import DISTRIBUTED_GROUP, LORA_GROUP, MAGIC_GROUP, MEMORY_GROUP
 from ideogram4_mlx.metadata import read_metadata, save_png
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.request import GenerationRequest
@@ -634,3 +637,82 @@ def test_openai_n_is_accepted_whole_or_not_at_all(pipe, tmp_path):
             response = client.post("/v1/images/generations", json=body)
             assert "2 more do not fit" in error_message(response, 429)
             assert len(jobs.jobs) == 3
+
+
+# -- serve's load options ---------------------------------------------------------------------
+
+
+def load_option_names(command: str) -> set[str]:
+    params = main.commands[command].params
+    return {name for p in params if isinstance(p, click.Option) for name in p.opts} & LOAD_FLAGS
+
+
+# Every flag the load-options decorator can declare (cli/options.pipeline_options).
+LOAD_FLAGS = {
+    opt
+    for group in (MEMORY_GROUP, LORA_GROUP, MAGIC_GROUP, DISTRIBUTED_GROUP)
+    for decorate in group
+    for opt in decorate(lambda: None).__click_params__[0].opts
+} | {"--model", "--revision", "--dtype"}
+
+
+def test_serve_offers_every_load_option_generate_does():
+    # --distributed is generate's alone: the ranks split one generation, a server is one process
+    assert load_option_names("generate") - load_option_names("serve") == {"--distributed"}
+    assert {"--memory-limit", "--magic-head", "--magic-model", "--temperature"} <= (
+        load_option_names("serve")
+    )
+
+
+def test_the_servers_magic_prompt_uses_serves_options(monkeypatch, tiny_checkpoint, tmp_path):
+    """serve's --temperature, --max-tokens, --top-p, --keep-bboxes and --system-prompt reach
+    the server's magic prompt; the request gives the size and seed; --memory-limit and
+    --magic-model reach the pipeline."""
+    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
+    apps, expanded, queues = [], [], []
+
+    class RecordedQueue(JobQueue):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            queues.append(self)
+
+    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(pipeline_module.Ideogram4Pipeline, "magic_model", lambda self: (1, 2))
+
+    def fake_expand(model, tokenizer, idea, width, height, seed, **options):
+        expanded.append(((model, tokenizer, idea, width, height, seed), options))
+        return '{"high_level_description": "a fox"}'
+
+    monkeypatch.setattr("ideogram4_mlx.magic.expand.expand", fake_expand)
+    (tmp_path / "system.txt").write_text("Write captions.", encoding="utf-8")
+    result = cli(
+        "serve", "--model", tiny_checkpoint, "--dtype", "float32", "--output-dir",
+        tmp_path / "out", "--temperature", 0.25, "--max-tokens", 300, "--top-p", 0.5,
+        "--keep-bboxes", "--system-prompt", tmp_path / "system.txt", "--memory-limit", 3,
+        "--magic-model", "owner/chat-model",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (app,), (jobs,) = apps, queues
+    pipe = jobs.pipe
+    try:
+        body = {"idea": "a fox", "width": 512, "height": 256, "seed": 4}
+        response = TestClient(app, base_url="http://127.0.0.1").post("/v1/magic-prompt", json=body)
+    finally:
+        jobs.shutdown()
+    assert response.status_code == 200, response.text
+    assert expanded == [
+        (
+            (1, 2, "a fox", 512, 256, 4),
+            {
+                "max_tokens": 300,
+                "temperature": 0.25,
+                "top_p": 0.5,
+                "keep_bboxes": True,
+                "system_prompt": "Write captions.",
+                "grammar_limits": None,
+            },
+        )
+    ]
+    assert pipe.options.memory_limit == 3 and pipe.memory_limit == 3e9
+    assert pipe.options.magic_model == "owner/chat-model"
