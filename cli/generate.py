@@ -100,8 +100,8 @@ def _check_prompt(ctx, param, text: str | None) -> str | None:
 @click.option("--height", type=int, help="As --width.")
 @click.option(
     "--seed",
-    type=click.IntRange(min=0),
-    help="Noise seed, below 2**63. Default: a random seed, printed and stored in the PNG.",
+    type=int,
+    help="Noise seed, 0..2**63-1. Default: a random seed, printed and stored in the PNG.",
 )
 @click.option(
     "--steps",
