@@ -438,7 +438,7 @@ def _preflight(
         problems.append(str(e))
     if stepwise_dir is not None and resolved is not None:
         try:
-            previews = StepPreviews(stepwise_dir, resolved.grid_h, resolved.grid_w, force)
+            previews = StepPreviews(stepwise_dir, force)
         except OSError as e:
             problems.append(str(e))
     if problems:
@@ -473,7 +473,7 @@ def _run(
     for step in steps:
         mx.eval(step.latents)
         if previews is not None:
-            previews.save(pipe, step)
+            previews.save(generation, step)
     return generation.result()
 
 

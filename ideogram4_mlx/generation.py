@@ -3,7 +3,7 @@ decode) as a step iterator, and the velocity functions the sampler calls.
 
 ``Ideogram4Pipeline.start`` makes a :class:`Generation` from the request and the
 :class:`Components` it uses (an encoder, the DiTs, the VAE, a release hook); its steps are what
-the CLI's bar, the server's events, previews and ``generate``'s callback consume,
+the CLI's bar, the server's events, previews (``preview``) and ``generate``'s callback consume,
 and ``result()`` decodes the image. Each stage is timed (:class:`Stage`). On CFG-parallel ranks
 the :class:`CFGGroup` shares rank 0's starting latents and swaps the two velocities.
 """
@@ -100,7 +100,8 @@ class Step:
 
 class Generation:
     """One request in flight: ``for step in generation: mx.eval(step.latents)``, then
-    :meth:`result`. Progress bars, previews and callbacks are consumers of the steps.
+    :meth:`result`. Progress bars, previews (:meth:`preview`) and callbacks are consumers of
+    the steps.
 
     The prompt is encoded when iteration starts; the text encoder is released before the
     first step and the DiTs after the last (``release`` may keep them in memory).
@@ -221,6 +222,12 @@ class Generation:
                 check_finite(z, index)  # after the caller's evaluation: no extra work
             mx.eval(self.latents)
             c.release("transformers")
+
+    def preview(self, latents: mx.array) -> Image.Image:
+        """``latents`` (1, N, 128), a step's, decoded with this generation's VAE: one full
+        decode, the raw canvas (an edit is not pasted back)."""
+        r = self.resolved
+        return Image.fromarray(decode(self.components.vae(), latents, r.grid_h, r.grid_w)[0])
 
     def result(self) -> GenerationResult | None:
         """Decode the final latents; the image, its metadata and per-stage stats (None on a
