@@ -252,7 +252,7 @@ def _generate_one(options, request, output, force, stepwise_dir, verbose):
         problems.append(str(e))
     if stepwise_dir is not None and resolved is not None:
         try:
-            previews = StepPreviews(stepwise_dir, resolved.grid_h, resolved.grid_w, force)
+            previews = StepPreviews(stepwise_dir, force)
         except OSError as e:
             problems.append(str(e))
     if problems:
@@ -298,5 +298,5 @@ def _run(pipe, request, previews: StepPreviews | None, verbose: bool):
     for step in steps:
         mx.eval(step.latents)
         if previews is not None:
-            previews.save(pipe, step)
+            previews.save(generation, step)
     return generation.result()

@@ -22,11 +22,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx.sampler import GuidedFn, KnownLatents, VelocityFn, combine, skips_uncond
 from ideogram4_mlx.transformer import DIT_COMPONENTS
 
 CFG_RANKS = 2
@@ -152,7 +154,8 @@ def join_ranks(checkpoint_dir: Path):
 
 
 class CFGGroup:
-    """The two ranks of a CFG-parallel run."""
+    """The two ranks of a CFG-parallel run. Rank 0 leads: it holds the text encoder, the
+    conditional DiT and the VAE, and its latents are the run's."""
 
     def __init__(self, group, watchdog: Watchdog):
         self.group, self.watchdog = group, watchdog
@@ -169,10 +172,39 @@ class CFGGroup:
             )
         return cls(group, watchdog)
 
-    def share(self, x: mx.array | None, like: mx.array) -> mx.array:
-        """Rank 0's ``x`` on both ranks (rank 1 passes None); exact: ``x + 0``."""
-        mine = x if self.rank == 0 else mx.zeros_like(like)
+    @property
+    def leads(self) -> bool:
+        """Rank 0: the rank that encodes the prompt and the input image and decodes."""
+        return self.rank == 0
+
+    def share(self, x: mx.array) -> mx.array:
+        """Rank 0's ``x`` on both ranks, fp32 (rank 1's gives only the shape); exact: ``x + 0``."""
+        mine = x if self.leads else mx.zeros_like(x)
         return mx.distributed.all_sum(mine.astype(mx.float32), group=self.group)
+
+    def share_start(
+        self, start: mx.array, known: KnownLatents | None
+    ) -> tuple[mx.array, KnownLatents | None]:
+        """Rank 0's starting latents (1, N, 128) and an inpainting edit's known latents on both
+        ranks. Rank 1's stand in for shapes (it has no VAE to encode the input image); the
+        mask is the request's, the same on both."""
+        start = self.share(start)
+        if known is not None:
+            known = replace(known, x0=self.share(known.x0), noise=self.share(known.noise))
+        return start, known
+
+    def guided(self, cond: VelocityFn | None, uncond: VelocityFn | None) -> GuidedFn:
+        """The CFG velocity: this rank's pass (rank 0 the conditional ``cond``, rank 1 the
+        unconditional ``uncond``, which it skips at g = 1), swapped with the other rank's and
+        combined exactly as one process combines them."""
+        mine = cond if self.leads else uncond
+
+        def guided(z: mx.array, t: float, g: float) -> mx.array:
+            v = mx.zeros_like(z) if not self.leads and skips_uncond(g) else mine(z, t)
+            v_cond, v_uncond = self.swap(v)
+            return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
+
+        return guided
 
     def swap(self, velocity: mx.array) -> tuple[mx.array, mx.array]:
         """(v_cond, v_uncond), both fp32, from rank 0's and rank 1's velocity (1, N, 128)."""

@@ -3,8 +3,9 @@ decode) as a step iterator, and the velocity functions the sampler calls.
 
 ``Ideogram4Pipeline.start`` makes a :class:`Generation` from the request and the
 :class:`Components` it uses (an encoder, the DiTs, the VAE, a release hook); its steps are what
-the CLI's bar, the server's events, previews and ``generate``'s callback consume, and
-``result()`` decodes the image. Each stage is timed (:class:`Stage`).
+the CLI's bar, the server's events, previews (``preview``) and ``generate``'s callback consume,
+and ``result()`` decodes the image. Each stage is timed (:class:`Stage`). On CFG-parallel ranks
+the :class:`CFGGroup` shares rank 0's starting latents and swaps the two velocities.
 """
 
 from __future__ import annotations
@@ -25,15 +26,7 @@ from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
-from ideogram4_mlx.sampler import (
-    GuidedFn,
-    KnownLatents,
-    VelocityFn,
-    combine,
-    euler_steps,
-    noised,
-    skips_uncond,
-)
+from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.version import __version__
@@ -107,7 +100,8 @@ class Step:
 
 class Generation:
     """One request in flight: ``for step in generation: mx.eval(step.latents)``, then
-    :meth:`result`. Progress bars, previews and callbacks are consumers of the steps.
+    :meth:`result`. Progress bars, previews (:meth:`preview`) and callbacks are consumers of
+    the steps.
 
     The prompt is encoded when iteration starts; the text encoder is released before the
     first step and the DiTs after the last (``release`` may keep them in memory).
@@ -143,6 +137,12 @@ class Generation:
     def num_steps(self) -> int:
         return self.resolved.schedule.num_steps
 
+    @property
+    def leads(self) -> bool:
+        """Whether this process encodes and decodes: one process, or a CFG-parallel rank 0
+        (rank 1 holds the unconditional DiT only)."""
+        return self.components.cfg is None or self.components.cfg.leads
+
     def __iter__(self) -> Iterator[Step]:
         cfg = self.components.cfg
         if cfg is None:
@@ -156,49 +156,78 @@ class Generation:
                 yield step
 
     def _steps(self) -> Iterator[Step]:
-        c, r = self.components, self.resolved
-        rank = 0 if c.cfg is None else c.cfg.rank
-        if self.request.magic_prompt and rank == 0:
-            with Stage(self.stats, "expand", self.report, self.verbose):
-                idea, r0 = self.request.prompt, self.request
-                caption = c.expand(idea, r0.width, r0.height, r0.seed)
-                self.idea, self.request = idea, replace(r0, prompt=caption, magic_prompt=False)
-        features = None
-        if rank == 0:  # a CFG-parallel rank 1 holds the unconditional DiT only
-            with Stage(self.stats, "encode", self.report, self.verbose):
-                features = c.encode(self.request.prompt)
-                c.release("text_encoder")
-        start, known, x0 = self.noise, None, None
-        if r.edit is not None and rank == 0:
-            with Stage(self.stats, "encode_image", self.report, self.verbose):
-                x0 = encode(c.vae(), r.edit.canvas[None])
-                mx.eval(x0)
-                c.release("vae")
+        self._expand()
+        features = self._encode()
+        start, known = self._start_latents()
+        yield from self._denoise(features, start, known)
+        self.done = True
+
+    def _expand(self) -> None:
+        """The magic prompt: the request's idea becomes a caption, kept as ``idea``."""
+        if not (self.request.magic_prompt and self.leads):
+            return
+        with Stage(self.stats, "expand", self.report, self.verbose):
+            idea, r = self.request.prompt, self.request
+            caption = self.components.expand(idea, r.width, r.height, r.seed)
+            self.idea, self.request = idea, replace(r, prompt=caption, magic_prompt=False)
+
+    def _encode(self) -> mx.array | None:
+        """The prompt's text features (1, T, 13*D); None where no text encoder is held."""
+        if not self.leads:
+            return None
+        c = self.components
+        with Stage(self.stats, "encode", self.report, self.verbose):
+            features = c.encode(self.request.prompt)
+            c.release("text_encoder")
+        return features
+
+    def _start_latents(self) -> tuple[mx.array, KnownLatents | None]:
+        """The latents the first step starts from (1, N, 128): the noise, or an edit's input
+        image noised to the schedule's start; and an inpainting edit's known latents."""
+        r, cfg = self.resolved, self.components.cfg
+        start, known = self.noise, None
+        if r.edit is not None:
+            # A CFG-parallel rank 1 has no VAE: the noise stands in until rank 0's arrive.
+            x0 = self._encode_image() if self.leads else self.noise
             start = noised(x0, self.noise, r.schedule.start_time)
-        noise = self.noise
-        if c.cfg is not None:  # both ranks start from rank 0's latents (and its noise)
-            start = c.cfg.share(start if rank == 0 else None, self.noise)
-            if r.edit is not None and r.edit.token_mask is not None:
-                x0 = c.cfg.share(x0 if rank == 0 else None, self.noise)
-                noise = c.cfg.share(self.noise if rank == 0 else None, self.noise)
-        if r.edit is not None and r.edit.token_mask is not None:
-            mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
-            known = KnownLatents(x0, noise, mask)
+            if r.edit.token_mask is not None:
+                mask = mx.array(r.edit.token_mask.reshape(1, -1, 1))
+                known = KnownLatents(x0, self.noise, mask)
+        if cfg is not None:  # both ranks start from rank 0's latents (and its noise)
+            start, known = cfg.share_start(start, known)
+        return start, known
+
+    def _encode_image(self) -> mx.array:
+        """An edit's input image as latents (1, N, 128); the VAE is released after."""
+        c = self.components
+        with Stage(self.stats, "encode_image", self.report, self.verbose):
+            x0 = encode(c.vae(), self.resolved.edit.canvas[None])
+            mx.eval(x0)
+            c.release("vae")
+        return x0
+
+    def _denoise(
+        self, features: mx.array | None, start: mx.array, known: KnownLatents | None
+    ) -> Iterator[Step]:
+        """The Euler loop from ``start``; the DiTs are released after the last step."""
+        c, r = self.components, self.resolved
         with Stage(self.stats, "denoise", self.report, self.verbose):
             n_text = MAX_TEXT_TOKENS if features is None else features.shape[1]
             dits = c.dits(r.grid_h * r.grid_w + n_text)
             cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w)
-            guided = None
-            if c.cfg is not None:
-                guided = parallel_guidance(c.cfg, cond if rank == 0 else uncond)
-            steps = euler_steps(start, r.schedule, cond, uncond, known, guided)
-            for index, t, z in steps:
+            guided = None if c.cfg is None else c.cfg.guided(cond, uncond)
+            for index, t, z in euler_steps(start, r.schedule, cond, uncond, known, guided):
                 self.latents = z
                 yield Step(index, self.num_steps, t, z)
                 check_finite(z, index)  # after the caller's evaluation: no extra work
             mx.eval(self.latents)
             c.release("transformers")
-        self.done = True
+
+    def preview(self, latents: mx.array) -> Image.Image:
+        """``latents`` (1, N, 128), a step's, decoded with this generation's VAE: one full
+        decode, the raw canvas (an edit is not pasted back)."""
+        r = self.resolved
+        return Image.fromarray(decode(self.components.vae(), latents, r.grid_h, r.grid_w)[0])
 
     def result(self) -> GenerationResult | None:
         """Decode the final latents; the image, its metadata and per-stage stats (None on a
@@ -206,7 +235,7 @@ class Generation:
         if not self.done:
             raise RuntimeError("iterate over all the denoising steps before result()")
         c, r = self.components, self.resolved
-        if c.cfg is not None and c.cfg.rank != 0:
+        if not self.leads:
             return None
         with Stage(self.stats, "decode", self.report, self.verbose):
             pixels = decode(c.vae(), self.latents, r.grid_h, r.grid_w)
@@ -255,21 +284,6 @@ def velocity_fns(
             return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
 
     return cond, uncond
-
-
-def parallel_guidance(cfg: CFGGroup, mine: VelocityFn) -> GuidedFn:
-    """The CFG velocity on a CFG-parallel rank: this rank's pass (rank 1 skips it at g = 1),
-    swapped with the other rank's, combined exactly as one process combines them."""
-
-    def guided(z: mx.array, t: float, g: float) -> mx.array:
-        if cfg.rank == 1 and skips_uncond(g):
-            v = mx.zeros_like(z)
-        else:
-            v = mine(z, t)
-        v_cond, v_uncond = cfg.swap(v)
-        return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
-
-    return guided
 
 
 class NonFiniteError(ValueError):

@@ -332,9 +332,7 @@ def test_bad_inputs_fail_before_loading_with_one_line(monkeypatch, tmp_path, arg
     assert not (tmp_path / "out.png").exists()
 
 
-def test_stepwise_dir_must_be_empty_unless_force_and_links_are_replaced(
-    fake, tmp_path, monkeypatch
-):
+def test_stepwise_dir_must_be_empty_unless_force_and_links_are_replaced(fake, tmp_path):
     steps = tmp_path / "steps"
     steps.mkdir()
     victim = tmp_path / "victim.txt"
@@ -344,13 +342,12 @@ def test_stepwise_dir_must_be_empty_unless_force_and_links_are_replaced(
     result = invoke(*args)
     assert result.exit_code == 1 and f"{steps} is not empty; pass --force" in result.output
     assert fake.load is None  # refused before loading
-    previews = StepPreviews(steps, 16, 16, force=True)
+    previews = StepPreviews(steps, force=True)
 
-    # the preview path without a model: a stand-in VAE decode of the right size
-    black = lambda vae, z, gh, gw: np.zeros((1, 16 * gh, 16 * gw, 3), np.uint8)  # noqa: E731
-    monkeypatch.setattr(sys.modules["ideogram4_mlx.previews"], "decode", black)
+    # the preview path without a model: a stand-in generation whose preview is black
+    black = SimpleNamespace(preview=lambda z: Image.new("RGB", (256, 256)))
     step = SimpleNamespace(index=0, latents=mx.zeros((1, 256, 128)))
-    path = previews.save(SimpleNamespace(vae=lambda: None), step)
+    path = previews.save(black, step)
     assert victim.read_text() == "keep me" and not path.is_symlink()
     assert pixels(path).shape == (256, 256, 3)
 

@@ -20,11 +20,12 @@ from ideogram4_mlx.cli import main
 from ideogram4_mlx.distributed import (
     DEFAULT_RANK_TIMEOUT,
     WATCHDOG_EXIT,
+    CFGGroup,
     DistributedError,
+    Watchdog,
     rank_timeout,
 )
-from ideogram4_mlx.generation import parallel_guidance
-from ideogram4_mlx.sampler import guide
+from ideogram4_mlx.sampler import KnownLatents, guide
 from ideogram4_mlx.transformer import Ideogram4Transformer
 
 CAPTION = '{"high_level_description":"a test","compositional_deconstruction":{"background":"x"}}'
@@ -117,7 +118,31 @@ def test_cfg_parallel_image_equals_one_process(tiny_checkpoint, tmp_path, dtype,
     assert Path(f"{counts}1").read_text().split() == ["uncond"] * 2  # none at guidance 1
 
 
-class OneRank:
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cfg_parallel_inpainting_equals_one_process(tiny_checkpoint, tmp_path):
+    """Rank 1 has no VAE: rank 0 sends the noised input latents and the known latents."""
+    yy, xx = np.mgrid[0:256, 0:256] / 40.0
+    pixels = np.stack([np.sin(xx) * np.cos(yy), np.cos(xx + yy), np.sin(0.5 * xx - yy)], -1)
+    Image.fromarray(np.round(127.5 + 100 * pixels).astype(np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((256, 256), np.uint8)
+    mask[64:160, 96:200] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    edit = ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png")]
+    args = [
+        "generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt", CAPTION,
+        "--steps", "3", "--guidance-schedule", "5,1,3", "--strength", "0.7", "--seed", "11",
+        *edit,
+    ]  # fmt: skip
+    single, parallel = tmp_path / "single.png", tmp_path / "parallel.png"
+    result = CliRunner().invoke(main, [*args, "--output", str(single)])
+    assert result.exit_code == 0, result.output
+    run = launch(2, [*args, "--output", str(parallel), "--distributed"])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with Image.open(single) as a, Image.open(parallel) as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class OneRank(CFGGroup):
     """A CFG-parallel rank whose peer sent ``theirs``: ``swap`` in one process."""
 
     def __init__(self, rank: int, theirs: mx.array):
@@ -147,11 +172,30 @@ def test_parallel_guidance_skips_rank_1s_pass_at_guidance_1_and_combines_as_one_
         want = guide(cond, uncond)(z, t, g)  # one process
         assert passes == wanted, g
         passes.clear()
-        got0 = parallel_guidance(OneRank(0, peer_uncond), cond)(z, t, g)
-        got1 = parallel_guidance(OneRank(1, peer_cond), uncond)(z, t, g)
+        got0 = OneRank(0, peer_uncond).guided(cond, None)(z, t, g)
+        got1 = OneRank(1, peer_cond).guided(None, uncond)(z, t, g)
         assert passes == wanted, g  # rank 1 runs no pass at guidance 1
         np.testing.assert_array_equal(np.array(got0), np.array(want))
         np.testing.assert_array_equal(np.array(got1), np.array(want))
+
+
+def test_share_start_sends_rank_0s_latents_and_keeps_the_mask():
+    """In one process (a group of one) the all_sum is rank 0's ``x + 0``: rank 0's latents come
+    back exactly, as fp32; a rank 1 contributes zeros, its arguments giving only the shapes."""
+    rng = np.random.default_rng(1)
+    start, x0, noise = (mx.array(rng.standard_normal((1, 6, 128)), mx.float32) for _ in "abc")
+    mask = mx.array(rng.uniform(size=(1, 6, 1)), mx.float32)
+    for rank in (0, 1):
+        group = CFGGroup(mx.distributed.init(), Watchdog(rank, 60.0))
+        group.rank = rank  # a group of one is rank 0: stand in for rank 1's contribution
+        assert group.leads == (rank == 0)
+        got, known = group.share_start(start, KnownLatents(x0, noise.astype(mx.bfloat16), mask))
+        assert got.dtype == known.x0.dtype == known.noise.dtype == mx.float32
+        np.testing.assert_array_equal(np.array(known.mask), np.array(mask))
+        want = (start, x0, noise.astype(mx.bfloat16).astype(mx.float32))
+        for a, b in zip((got, known.x0, known.noise), want, strict=True):
+            np.testing.assert_array_equal(np.array(a), np.array(b) * (rank == 0))
+        assert group.share_start(start, None)[1] is None
 
 
 def test_distributed_without_a_launcher_is_one_line(tiny_checkpoint, tmp_path):

@@ -12,11 +12,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from huggingface_hub.errors import GatedRepoError
+from PIL import Image
 
 from ideogram4_mlx import hub
 from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import CaptionError, GenerationRequest, check_size
+from ideogram4_mlx.vae import decode
 
 CAPTION = (
     '{"high_level_description":"a red sign","compositional_deconstruction":'
@@ -180,6 +183,21 @@ def test_start_yields_each_step_for_the_caller_to_evaluate(pipe):
     direct = pipe.generate(request)  # generate() consumes the same iterator
     np.testing.assert_array_equal(streamed.latents, direct.latents)
     assert streamed.request == request and streamed.metadata == direct.metadata
+
+
+def test_previews_decode_the_steps_with_the_generations_vae(pipe, tmp_path):
+    generation = pipe.start(GenerationRequest(CAPTION, seed=3, **FAST))
+    previews, r = StepPreviews(tmp_path / "steps"), generation.resolved
+    for step in generation:
+        mx.eval(step.latents)
+        want = decode(pipe.vae(), step.latents, r.grid_h, r.grid_w)[0]
+        np.testing.assert_array_equal(np.asarray(generation.preview(step.latents)), want)
+        with Image.open(previews.save(generation, step)) as written:
+            np.testing.assert_array_equal(np.asarray(written), want)
+    final = np.asarray(generation.result().image)  # the last preview is the image
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "steps" / "step_003.png")), final
+    )
 
 
 def test_start_checks_the_request_before_any_model_loads(modelless):

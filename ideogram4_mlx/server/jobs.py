@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-from PIL import Image
 
 from ideogram4_mlx.files import temporary_pattern
+from ideogram4_mlx.generation import Generation
 from ideogram4_mlx.metadata import read_metadata, save_png
 from ideogram4_mlx.pipeline import Ideogram4Pipeline
 from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
-from ideogram4_mlx.vae import decode
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_SIDE = 256  # previews are small PNGs: the longer side in pixels
@@ -359,10 +358,9 @@ class JobQueue:
             job.path, job.metadata = path, result.metadata
             self._finish(job, "done", {"type": "done", "image": f"/v1/images/{path.name}"})
 
-    def _preview(self, generation, latents: mx.array) -> str:
+    def _preview(self, generation: Generation, latents: mx.array) -> str:
         """A small PNG of the current latents, as a data URL (a full VAE decode)."""
-        r = generation.resolved
-        image = Image.fromarray(decode(self.pipe.vae(), latents, r.grid_h, r.grid_w)[0])
+        image = generation.preview(latents)
         scale = PREVIEW_SIDE / max(image.size)
         if scale < 1:
             image = image.resize(
