@@ -13,6 +13,7 @@ from huggingface_hub.errors import (
 )
 
 from ideogram4_mlx.config import CheckpointError
+from ideogram4_mlx.errors import Ideo4Error, InputError
 
 DEFAULT_REPO = "ideogram-ai/ideogram-4-fp8"
 # What the pipeline reads: the text-encoder, DiT and VAE folders plus the tokenizer.
@@ -44,11 +45,11 @@ def check_components(components, valid: tuple[str, ...]) -> tuple[str, ...]:
     components = (components,) if isinstance(components, str) else tuple(components)
     unknown = [c for c in components if c not in valid]
     if unknown:
-        raise ValueError(f"unknown component(s) {unknown}; valid components: {', '.join(valid)}")
+        raise InputError(f"unknown component(s) {unknown}; valid components: {', '.join(valid)}")
     return tuple(c for c in valid if c in components)
 
 
-class ModelAccessError(RuntimeError):
+class ModelAccessError(Ideo4Error, RuntimeError):
     """The Hub refused the download (gated or private repo, missing token) or could not be
     reached with no complete copy in the cache."""
 
