@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import model_options
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.magic.options import (
     DEFAULT_MAX_TOKENS,
     MAX_TEMPERATURE,
@@ -77,7 +77,7 @@ def checked_magic_options(options: dict) -> dict:
     return {**options, "system_prompt": check_system_prompt(options["system_prompt"])}
 
 
-@click.command("magic-prompt", short_help="Expand a plain idea into a JSON caption.")
+@click.command("magic-prompt", cls=Command, short_help="Expand a plain idea into a JSON caption.")
 @click.argument("idea")
 @model_options
 @click.option(
@@ -112,24 +112,18 @@ def magic_prompt(
     if output is not None and output.exists() and not force:
         raise click.ClickException(f"{output} already exists; pass --force to replace it")
     stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
-    try:
-        idea = check_idea(idea)  # every input before the model loads
-        check_target(options["width"], options["height"], options["seed"])
-        options = checked_magic_options(options)
-        pipe = load(
-            model, dtype=dtype, revision=revision, magic_head=magic_head, magic_model=magic_model
-        )
-        mx.reset_peak_memory()
-        caption = pipe.expand(idea, on_text=stream, **options)
-    except (ValueError, ModelAccessError, OSError) as e:
-        raise click.ClickException(str(e)) from e
+    idea = check_idea(idea)  # every input before the model loads
+    check_target(options["width"], options["height"], options["seed"])
+    options = checked_magic_options(options)
+    pipe = load(
+        model, dtype=dtype, revision=revision, magic_head=magic_head, magic_model=magic_model
+    )
+    mx.reset_peak_memory()
+    caption = pipe.expand(idea, on_text=stream, **options)
     if verbose:
         click.echo(f"\n[expand] peak {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
     if output is None:
         click.echo(caption)
         return
-    try:
-        write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
-    except OSError as e:
-        raise click.ClickException(str(e)) from e
+    write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
     click.echo(str(output))

@@ -8,6 +8,7 @@ from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
@@ -97,10 +98,13 @@ def download(
     repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None
 ) -> Path:
     """Download the files the pipeline needs (or ``allow_patterns``); a refusal, or no
-    connection and no cached copy, becomes a ``ModelAccessError`` saying what to do."""
+    connection and no cached copy, becomes a ``ModelAccessError`` saying what to do, a name
+    the Hub would refuse an ``InputError``."""
     patterns = ALLOW_PATTERNS if allow_patterns is None else allow_patterns
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except HFValidationError as e:  # huggingface_hub checks the name before any request
+        raise InputError(f"{repo_id}: no such folder, and not a valid repo id ({e})") from None
     except (GatedRepoError, RepositoryNotFoundError) as e:
         raise ModelAccessError(access_message(repo_id)) from e
     except HfHubHTTPError as e:
