@@ -7,6 +7,7 @@ import click
 
 import ideogram4_mlx
 from ideogram4_mlx.caption import verify_file
+from ideogram4_mlx.cli.errors import Command
 
 PACKAGE_DIR = Path(ideogram4_mlx.__file__).parent
 # examples/ is installed as ideogram4_mlx/examples; in a source checkout it sits next to the
@@ -24,7 +25,9 @@ def examples_hint() -> str:
 
 
 @click.command(
-    "verify-caption", short_help="Check a JSON caption against the official caption rules."
+    "verify-caption",
+    cls=Command,
+    short_help="Check a JSON caption against the official caption rules.",
 )
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def verify_caption(path: str) -> None:
@@ -37,10 +40,7 @@ def verify_caption(path: str) -> None:
     Example:
       ideo4-mlx verify-caption examples/poster.json
     """
-    try:
-        findings = verify_file(path)
-    except ValueError as e:  # too long, not UTF-8, unreadable
-        raise click.ClickException(str(e)) from e
+    findings = verify_file(path)  # InputError: too long, not UTF-8, unreadable
     for finding in findings:
         click.echo(f"{path}: {finding}")
     if findings:

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import click
 
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import components_option, show_warning
 from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
 from ideogram4_mlx.dtypes import DTYPE_ALIASES, DTYPES
-from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 
 
-@click.command(short_help="Convert the fp8 checkpoint to MLX (bf16 or quantized).")
+@click.command(cls=Command, short_help="Convert the fp8 checkpoint to MLX (bf16 or quantized).")
 @click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
@@ -75,19 +75,16 @@ def convert(
     """
     with warnings.catch_warnings():
         warnings.showwarning = show_warning  # stale lock / partial folder reports: one line each
-        try:
-            path = convert_checkpoint(
-                src,
-                dst,
-                dtype=dtype,
-                quantize=None if quantize is None else int(quantize),
-                group_size=int(group_size),
-                recipe=recipe,
-                components=components,
-                force=force,
-                revision=revision,
-                loras=list(loras),
-            )
-        except (ValueError, ModelAccessError, OSError) as e:  # CheckpointError, FileExistsError
-            raise click.ClickException(str(e)) from e
+        path = convert_checkpoint(
+            src,
+            dst,
+            dtype=dtype,
+            quantize=None if quantize is None else int(quantize),
+            group_size=int(group_size),
+            recipe=recipe,
+            components=components,
+            force=force,
+            revision=revision,
+            loras=list(loras),
+        )
     click.echo(str(path))

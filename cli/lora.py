@@ -4,12 +4,15 @@ from pathlib import Path
 
 import click
 
-from ideogram4_mlx.hub import ModelAccessError, resolve_file
-from ideogram4_mlx.lora import LoRAError, describe, linear_shapes, read_lora
+from ideogram4_mlx.cli.errors import Command
+from ideogram4_mlx.hub import resolve_file
+from ideogram4_mlx.lora import describe, linear_shapes, read_lora
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 
-@click.command("lora-info", short_help="Show a LoRA file's layout, ranks and matched layers.")
+@click.command(
+    "lora-info", cls=Command, short_help="Show a LoRA file's layout, ranks and matched layers."
+)
 @click.argument("source")
 @click.option(
     "--model",
@@ -28,15 +31,12 @@ def lora_info(source: str, model: Path | None, uncond: bool) -> None:
     Example:
       ideo4-mlx lora-info my-style.safetensors --model ~/models/ideo4-q4
     """
-    try:
-        lora = read_lora(resolve_file(source))
-        if model is None:
-            dit, against = Ideogram4Transformer(TransformerConfig()), "Ideogram 4 (real shapes)"
-        else:
-            name = "unconditional_transformer" if uncond else "transformer"
-            dit, against = Ideogram4Transformer.build(model / name), str(model / name)
-        shapes = linear_shapes(dit)  # lazy skeleton: shapes only, no memory
-    except (LoRAError, OSError, ValueError, ModelAccessError) as e:
-        raise click.ClickException(str(e)) from e
+    lora = read_lora(resolve_file(source))
+    if model is None:
+        dit, against = Ideogram4Transformer(TransformerConfig()), "Ideogram 4 (real shapes)"
+    else:
+        name = "unconditional_transformer" if uncond else "transformer"
+        dit, against = Ideogram4Transformer.build(model / name), str(model / name)
+    shapes = linear_shapes(dit)  # lazy skeleton: shapes only, no memory
     for line in describe(lora, shapes, against):
         click.echo(line)

@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import pipeline_options
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.magic.options import check_idea, check_target
 from ideogram4_mlx.pipeline import load
 
 
-@click.command("magic-prompt", short_help="Expand a plain idea into a JSON caption.")
+@click.command("magic-prompt", cls=Command, short_help="Expand a plain idea into a JSON caption.")
 @click.argument("idea")
 @pipeline_options("magic")
 @click.option(
@@ -46,21 +46,15 @@ def magic_prompt(idea, options, width, height, seed, output, force, verbose):
     if output is not None and output.exists() and not force:
         raise click.ClickException(f"{output} already exists; pass --force to replace it")
     stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
-    try:
-        idea = check_idea(idea)  # every input before the model loads
-        check_target(width, height, seed)
-        pipe = load(options)
-        mx.reset_peak_memory()
-        caption = pipe.expand(idea, width, height, seed, on_text=stream)
-    except (ValueError, ModelAccessError, OSError) as e:
-        raise click.ClickException(str(e)) from e
+    idea = check_idea(idea)  # every input before the model loads
+    check_target(width, height, seed)
+    pipe = load(options)
+    mx.reset_peak_memory()
+    caption = pipe.expand(idea, width, height, seed, on_text=stream)
     if verbose:
         click.echo(f"\n[expand] peak {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
     if output is None:
         click.echo(caption)
         return
-    try:
-        write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
-    except OSError as e:
-        raise click.ClickException(str(e)) from e
+    write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
     click.echo(str(output))

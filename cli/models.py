@@ -5,11 +5,11 @@ from pathlib import Path
 import click
 
 from ideogram4_mlx.catalog import Checkpoint, list_models
-from ideogram4_mlx.config import CheckpointError
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.files import format_size
 
 
-@click.command("models", short_help="List the Ideogram 4 checkpoints on this machine.")
+@click.command("models", cls=Command, short_help="List the Ideogram 4 checkpoints on this machine.")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[PATH]...")
 def models(paths: tuple[Path, ...]) -> None:
     """List the Ideogram 4 snapshots in the Hugging Face cache, and describe each checkpoint
@@ -25,10 +25,7 @@ def models(paths: tuple[Path, ...]) -> None:
       ideo4-mlx models
       ideo4-mlx models ~/models/ideo4-q4
     """
-    try:
-        found = list_models(paths)
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from e
+    found = list_models(paths)
     if not found.cached:
         click.echo(f"Hugging Face cache ({found.cache_dir}): no Ideogram 4 snapshot")
     else:

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import click
 
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import components_option
 from ideogram4_mlx.synth.plan import ALL_COMPONENTS, COMPONENTS, SYNTHETIC_PRESETS
 
 
-@click.command(short_help="Write a synthetic checkpoint with random weights.")
+@click.command(cls=Command, short_help="Write a synthetic checkpoint with random weights.")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
     "--preset",
@@ -50,10 +51,7 @@ def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool
     spec = SYNTHETIC_PRESETS[preset]
     if dit_layers is not None:
         spec = dataclasses.replace(spec, dit_num_layers=dit_layers)
-    try:
-        path = write_synthetic_checkpoint(
-            dst, spec, seed=seed, components=components, force=force, progress=True
-        )
-    except (ValueError, OSError) as e:  # FileExistsError: refused DST; a full disk
-        raise click.ClickException(str(e)) from e
+    path = write_synthetic_checkpoint(
+        dst, spec, seed=seed, components=components, force=force, progress=True
+    )
     click.echo(str(path))

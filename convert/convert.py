@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.dtypes import dtype_name, parse_dtype
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
 from ideogram4_mlx.lora import LoRAError, LoRAFile, fused_weight, linear_shapes, match, read_lora
@@ -183,7 +184,7 @@ def check_apart(src: Path, dst: Path) -> None:
         return  # a repo id
     a, b = src.resolve(), dst.resolve()
     if a == b or a in b.parents or b in a.parents:
-        raise ValueError(
+        raise InputError(
             f"{dst}: the output folder and the source {src} must not be the same or inside "
             "each other; choose an output folder outside the source"
         )

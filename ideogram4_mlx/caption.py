@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from ideogram4_mlx.errors import InputError
+
 TOP_KEYS = ("high_level_description", "style_description", "compositional_deconstruction")
 STYLE_KEYS = ("aesthetics", "lighting", "photo", "art_style", "medium", "color_palette")
 ELEMENT_KEYS = ("type", "bbox", "text", "desc", "color_palette")
@@ -50,11 +52,11 @@ def verify_raw(text: str) -> list[str]:
 
 
 def parse_json(text: str) -> object:
-    """``json.loads``, refusing nesting deeper than ``MAX_JSON_DEPTH`` (ValueError) before it
+    """``json.loads``, refusing nesting deeper than ``MAX_JSON_DEPTH`` (InputError) before it
     can exhaust Python's recursion limit."""
     depth = json_depth(text)
     if depth > MAX_JSON_DEPTH:
-        raise ValueError(
+        raise InputError(
             f"the JSON nests {depth} levels deep; the limit is {MAX_JSON_DEPTH} "
             "(a caption needs about 4)"
         )
@@ -91,27 +93,27 @@ def read_text_file(
 ) -> str:
     """A text file (prompt, caption, system prompt) of at most ``max_bytes``: at most
     ``max_bytes + 1`` bytes are read, so an endless or huge file costs nothing. Raises
-    ValueError, one line naming the file, when it is longer, not UTF-8 or unreadable."""
+    InputError, one line naming the file, when it is longer, not UTF-8 or unreadable."""
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > max_bytes:
-        raise ValueError(
+        raise InputError(
             f"{path} is over {max_bytes // 1024} KiB; a prompt or caption is a few KB "
             "(is it the right file?)"
         )
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise InputError(
             f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
         ) from None
 
 
 def verify_file(path: Path | str) -> list[str]:
-    """``verify_raw`` of a caption file (``read_text_file``: ValueError if unreadable)."""
+    """``verify_raw`` of a caption file (``read_text_file``: InputError if unreadable)."""
     return verify_raw(read_text_file(path))
 
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar, NamedTuple, TypeVar
 
+from ideogram4_mlx.errors import InputError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(InputError):
     """A checkpoint file or directory is missing, damaged or does not match the model."""
 
 

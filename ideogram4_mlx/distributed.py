@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx.errors import Ideo4Error
 from ideogram4_mlx.sampler import GuidedFn, KnownLatents, VelocityFn, combine, skips_uncond
 from ideogram4_mlx.transformer import DIT_COMPONENTS
 
@@ -41,7 +42,7 @@ MAX_RANK_TIMEOUT = 7 * 24 * 3600.0
 WATCHDOG_EXIT = 3  # the exit status of a rank the watchdog ends
 
 
-class DistributedError(RuntimeError):
+class DistributedError(Ideo4Error, RuntimeError):
     """The ranks cannot run together: no launcher, a wrong rank count, other checkpoints."""
 
 

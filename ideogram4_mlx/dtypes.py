@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ideogram4_mlx.errors import InputError
+
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -13,7 +15,7 @@ def parse_dtype(name: str) -> mx.Dtype:
     canonical = DTYPE_ALIASES.get(name, name)
     if canonical not in DTYPES:
         valid = ", ".join([*DTYPES, *DTYPE_ALIASES])
-        raise ValueError(f"unknown dtype {name!r}; valid: {valid}")
+        raise InputError(f"unknown dtype {name!r}; valid: {valid}")
     return DTYPES[canonical]
 
 

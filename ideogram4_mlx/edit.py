@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ideogram4_mlx.constants import PIXELS_PER_TOKEN
+from ideogram4_mlx.errors import InputError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -64,12 +65,12 @@ def fingerprint(image: Image.Image) -> str:
 def load_image(source: ImageInput, what: str = "image") -> InputImage:
     """A path, a PIL image or a uint8 array (H, W), (H, W, 3) or (H, W, 4) -> InputImage.
 
-    Raises ``ValueError`` (``FileNotFoundError`` for a missing path) naming ``what`` and the
+    Raises ``InputError`` (``FileNotFoundError`` for a missing path) naming ``what`` and the
     file: not an image, truncated, or larger than :data:`MAX_INPUT_PIXELS`.
     """
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3):
-            raise ValueError(
+            raise InputError(
                 f"the {what} array has dtype {source.dtype} and shape {source.shape}: give "
                 "uint8 (H, W), (H, W, 3) or (H, W, 4)"
             )
@@ -85,19 +86,19 @@ def load_image(source: ImageInput, what: str = "image") -> InputImage:
             _check_pixels(opened.size, str(path), what)
             image = ImageOps.exif_transpose(_decoded(opened, str(path), what))
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{what} {path} cannot be read as an image ({e})") from None
+        raise InputError(f"{what} {path} cannot be read as an image ({e})") from None
     return InputImage(image, fingerprint(image), str(path))  # checked and turned above
 
 
 def _decoded(image: Image.Image, name: str, what: str) -> Image.Image:
     """The pixels decoded now (Pillow opens lazily): damaged data (a broken zlib stream, a
-    mangled chunk, a cut file) is a ``ValueError`` naming the file, not Pillow's OSError or
+    mangled chunk, a cut file) is an ``InputError`` naming the file, not Pillow's OSError or
     SyntaxError from deep inside a later step."""
     try:
         image.load()
     except (OSError, SyntaxError, EOFError, zlib.error) as e:
         kind = image.format or "image"
-        raise ValueError(
+        raise InputError(
             f"{what} {name} cannot be read as an image (broken {kind} data: {e})"
         ) from None
     return image
@@ -106,12 +107,12 @@ def _decoded(image: Image.Image, name: str, what: str) -> Image.Image:
 def _check_pixels(size: tuple[int, int], name: str, what: str) -> None:
     w, h = size
     if w * h > MAX_INPUT_PIXELS:
-        raise ValueError(
+        raise InputError(
             f"{what} {name} is {w}x{h} ({w * h / 2**20:.0f} MP), over the "
             f"{MAX_INPUT_PIXELS // 2**20} MP limit: downscale it first"
         )
     if min(w, h) < 1:
-        raise ValueError(f"{what} {name} is empty ({w}x{h})")
+        raise InputError(f"{what} {name} is empty ({w}x{h})")
 
 
 def _checked(image: Image.Image, name: str, what: str) -> InputImage:
@@ -219,7 +220,7 @@ def check_edit_settings(
     paste_back: bool,
     expand: tuple[int, ...] | None,
 ) -> None:
-    """The checks that need no file: option combinations and ranges (``ValueError``)."""
+    """The checks that need no file: option combinations and ranges (``InputError``)."""
     if not has_image:
         given = [
             name
@@ -234,26 +235,26 @@ def check_edit_settings(
             if on
         ]
         if given:
-            raise ValueError(
+            raise InputError(
                 f"{', '.join(given)} edit(s) an input image: give one with --image (image=)"
             )
         return
     if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
-        raise ValueError(
+        raise InputError(
             f"strength {strength} is out of range: use a number in (0, 1] (1 = from noise)"
         )
     for name, value in (("mask_grow", mask_grow), ("mask_feather", mask_feather)):
         if not isinstance(value, int) or not 0 <= value <= MAX_MASK_TOKENS:
-            raise ValueError(f"{name} {value!r} is out of range: use 0..{MAX_MASK_TOKENS} tokens")
+            raise InputError(f"{name} {value!r} is out of range: use 0..{MAX_MASK_TOKENS} tokens")
     if (mask_grow or mask_feather) and not (has_mask or expand is not None):
-        raise ValueError("mask_grow and mask_feather shape a mask: give --mask or --expand too")
+        raise InputError("mask_grow and mask_feather shape a mask: give --mask or --expand too")
     if paste_back and not (has_mask or expand is not None):
-        raise ValueError("paste_back keeps the unmasked pixels: give --mask or --expand too")
+        raise InputError("paste_back keeps the unmasked pixels: give --mask or --expand too")
     if expand is not None:
         if len(expand) != 4 or not all(isinstance(v, int) for v in expand):
-            raise ValueError(f"expand {expand!r}: give 4 whole numbers LEFT,TOP,RIGHT,BOTTOM")
+            raise InputError(f"expand {expand!r}: give 4 whole numbers LEFT,TOP,RIGHT,BOTTOM")
         if any(v < 0 or v % PIXELS_PER_TOKEN for v in expand) or not any(expand):
-            raise ValueError(
+            raise InputError(
                 f"expand {','.join(map(str, expand))}: each side must be a multiple of "
                 f"{PIXELS_PER_TOKEN} pixels, >= 0, and at least one side > 0"
             )
@@ -277,7 +278,7 @@ def edit_size(
     else:
         inner_w, inner_h = width - left - right, height - top - bottom
     if inner_w < PIXELS_PER_TOKEN or inner_h < PIXELS_PER_TOKEN:
-        raise ValueError(
+        raise InputError(
             f"expand {left},{top},{right},{bottom} leaves {inner_w}x{inner_h} pixels of a "
             f"{width}x{height} canvas for the image: expand less or give a larger size"
         )
@@ -296,9 +297,9 @@ def prepare_edit(
 ) -> Edit:
     """Fit the image (and mask) to ``inner_size`` and place it on the canvas (``expand`` adds
     a border, edge pixels repeated, all of it masked); see :class:`Edit`. Sizes are multiples
-    of 16, checked by the caller; a mask must have the image's size (else ``ValueError``)."""
+    of 16, checked by the caller; a mask must have the image's size (else ``InputError``)."""
     if mask is not None and mask.size != image.size:
-        raise ValueError(
+        raise InputError(
             f"mask {mask.name} is {mask.size[0]}x{mask.size[1]} but image {image.name} is "
             f"{image.size[0]}x{image.size[1]}: the mask must have the image's size (both are "
             "then fitted to the output size together)"

@@ -23,6 +23,7 @@ from PIL import Image
 from ideogram4_mlx.constants import PACKED_CHANNELS
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.dit_sequence import sequence_ids
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
@@ -286,7 +287,7 @@ def velocity_fns(
     return cond, uncond
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(InputError):
     """The latents became NaN or infinite: the image would be black."""
 
 

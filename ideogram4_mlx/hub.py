@@ -8,11 +8,13 @@ from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
 
 from ideogram4_mlx.config import CheckpointError
+from ideogram4_mlx.errors import Ideo4Error, InputError
 
 DEFAULT_REPO = "ideogram-ai/ideogram-4-fp8"
 # What the pipeline reads: the text-encoder, DiT and VAE folders plus the tokenizer.
@@ -44,11 +46,11 @@ def check_components(components, valid: tuple[str, ...]) -> tuple[str, ...]:
     components = (components,) if isinstance(components, str) else tuple(components)
     unknown = [c for c in components if c not in valid]
     if unknown:
-        raise ValueError(f"unknown component(s) {unknown}; valid components: {', '.join(valid)}")
+        raise InputError(f"unknown component(s) {unknown}; valid components: {', '.join(valid)}")
     return tuple(c for c in valid if c in components)
 
 
-class ModelAccessError(RuntimeError):
+class ModelAccessError(Ideo4Error, RuntimeError):
     """The Hub refused the download (gated or private repo, missing token) or could not be
     reached with no complete copy in the cache."""
 
@@ -96,10 +98,13 @@ def download(
     repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None
 ) -> Path:
     """Download the files the pipeline needs (or ``allow_patterns``); a refusal, or no
-    connection and no cached copy, becomes a ``ModelAccessError`` saying what to do."""
+    connection and no cached copy, becomes a ``ModelAccessError`` saying what to do, a name
+    the Hub would refuse an ``InputError``."""
     patterns = ALLOW_PATTERNS if allow_patterns is None else allow_patterns
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except HFValidationError as e:  # huggingface_hub checks the name before any request
+        raise InputError(f"{repo_id}: no such folder, and not a valid repo id ({e})") from None
     except (GatedRepoError, RepositoryNotFoundError) as e:
         raise ModelAccessError(access_message(repo_id)) from e
     except HfHubHTTPError as e:

@@ -39,6 +39,8 @@ import numpy as np
 import regex
 from safetensors import SafetensorError, safe_open
 
+from ideogram4_mlx.errors import InputError
+
 # File prefixes of the DiT in the layouts above (the first that every DiT key has is removed).
 DIT_PREFIXES = (
     "transformer.",
@@ -71,7 +73,7 @@ PEFT_PREFIX = r"(.*\.)?("  # peft's get_pattern_key: a dot-bounded suffix of the
 PEFT_FIX = "fix it or re-save the LoRA with diffusers' save_lora_weights"
 
 
-class LoRAError(ValueError):
+class LoRAError(InputError):
     """A LoRA file that cannot be applied: unsupported keys, unmatched modules, wrong shapes."""
 
 

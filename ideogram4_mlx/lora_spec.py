@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ideogram4_mlx import hub
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.lora import LoRAError, file_sha256
 
 TARGETS = ("cond", "uncond")  # transformer/, unconditional_transformer/
@@ -58,12 +59,12 @@ def replay_loras(stored, given: list[LoRASpec]) -> list[LoRASpec]:
     Each stored LoRA's file is one of ``given`` with the same SHA-256 (its scale, when given,
     overrides the stored one), else a file of the same name in the Hugging Face cache with
     that SHA-256; otherwise ``LoRAError`` says which file to give. Given files matching no
-    stored LoRA are added. Raises ``ValueError`` for a mistyped record.
+    stored LoRA are added. Raises ``InputError`` for a mistyped record.
     """
     if stored is None:
         stored = []
     if not isinstance(stored, list) or not all(_valid_record(r) for r in stored):
-        raise ValueError(
+        raise InputError(
             "metadata field 'loras' is not a list of {name, sha256, target, scale} records"
         )
     hashes = [file_sha256(hub.resolve_file(spec.source)) for spec in given]

@@ -24,6 +24,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ideogram4_mlx.config import CheckpointError, read_json
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, stack_taps
 
 # diffusers, mflux and DiffSynth cap the templated prompt at 2048 tokens (the official code
@@ -66,11 +67,11 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
     """Token ids of one prompt in the Qwen3-VL chat template, no system prompt
     (MODEL_NOTES#prompt-format).
 
-    Raises ValueError when the result is longer than ``MAX_TEXT_TOKENS``, ``CheckpointError``
+    Raises InputError when the result is longer than ``MAX_TEXT_TOKENS``, ``CheckpointError``
     naming the template file when the chat template fails (the Jinja sandbox refused it).
     """
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(
+        raise InputError(
             f"prompt is {len(prompt)} characters long, far over the limit of {MAX_TEXT_TOKENS} "
             f"tokens in the chat template (no prompt over {MAX_PROMPT_CHARS} characters fits). "
             "Shorten the prompt."
@@ -79,7 +80,7 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
     text = render_chat(tokenizer, messages)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > MAX_TEXT_TOKENS:
-        raise ValueError(
+        raise InputError(
             f"prompt is {len(ids)} tokens long in the chat template; the limit is "
             f"{MAX_TEXT_TOKENS} tokens. Shorten the prompt."
         )

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
+from ideogram4_mlx.errors import InputError
+
 RECORD_KEY = "mlx_conversion"
 RECORD_VERSION = 1
 MODE = "affine"
@@ -60,22 +62,22 @@ RECIPES: dict[str, Recipe] = {
 
 def resolve_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
+        raise InputError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
 
 
 def check_settings(bits: int | None, group_size: int, recipe: str | None) -> int | None:
-    """The default bits of these settings (None: no quantization); bad ones are a ValueError."""
+    """The default bits of these settings (None: no quantization); bad ones are an InputError."""
     if recipe is not None:
         if bits is not None:
-            raise ValueError("give either a bit width or a recipe, not both")
+            raise InputError("give either a bit width or a recipe, not both")
         bits = resolve_recipe(recipe).bits
     if bits is None:
         return None
     if bits not in BITS:
-        raise ValueError(f"bits {bits} is not supported; use one of {BITS}")
+        raise InputError(f"bits {bits} is not supported; use one of {BITS}")
     if group_size not in GROUP_SIZES:
-        raise ValueError(f"group size {group_size} is not supported; use one of {GROUP_SIZES}")
+        raise InputError(f"group size {group_size} is not supported; use one of {GROUP_SIZES}")
     return bits
 
 
@@ -127,25 +129,25 @@ def quantization_plan(
 
 def check_record(quantization: object) -> None:
     """A record's ``quantization`` entry as :func:`quantization_plan` writes it (or null);
-    a ``ValueError`` names the first field that is off."""
+    an ``InputError`` names the first field that is off."""
     if quantization is None:
         return
     if not isinstance(quantization, dict):
-        raise ValueError(f"quantization is {quantization!r}, expected an object or null")
+        raise InputError(f"quantization is {quantization!r}, expected an object or null")
     if quantization.get("mode", MODE) != MODE:
-        raise ValueError(f"quantization mode is {quantization['mode']!r}, expected {MODE!r}")
+        raise InputError(f"quantization mode is {quantization['mode']!r}, expected {MODE!r}")
     overrides = quantization.get("overrides", {})
     if not isinstance(overrides, dict):
-        raise ValueError(f"quantization overrides is {overrides!r}, expected an object")
+        raise InputError(f"quantization overrides is {overrides!r}, expected an object")
     for where, entry in [("quantization", quantization), *overrides.items()]:
         if entry is False:
             continue  # a layer kept in float
         if not isinstance(entry, dict):
-            raise ValueError(f"overrides[{where!r}] is {entry!r}, expected false or an object")
+            raise InputError(f"overrides[{where!r}] is {entry!r}, expected false or an object")
         for key, valid in (("bits", BITS), ("group_size", GROUP_SIZES)):
             value = entry.get(key)
             if isinstance(value, bool) or value not in valid:
-                raise ValueError(f"{where} {key} is {value!r}, expected one of {list(valid)}")
+                raise InputError(f"{where} {key} is {value!r}, expected one of {list(valid)}")
 
 
 def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:

@@ -36,6 +36,7 @@ from ideogram4_mlx.edit import (
     load_image,
     prepare_edit,
 )
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.sampler import (
     DEFAULT_PRESET,
     PRESETS,
@@ -63,7 +64,7 @@ MU_RANGE = (-10.0, 10.0)
 MAX_STD = 10.0
 
 
-class CaptionError(ValueError):
+class CaptionError(InputError):
     """The caption verifier reported findings and strict checking was requested."""
 
 
@@ -91,7 +92,7 @@ class GenerationRequest:
     (``edit.fingerprint``).
 
     Each field's type is checked as the request is made (``REQUEST_TYPES``: an integer is no
-    float or bool, a number is finite, the prompt is UTF-8 text), a ``ValueError`` naming it;
+    float or bool, a number is finite, the prompt is UTF-8 text), an ``InputError`` naming it;
     numpy numbers are stored as int and float, lists as tuples. Ranges are :meth:`validate`'s.
     """
 
@@ -124,14 +125,14 @@ class GenerationRequest:
                     self.prompt, ensure_ascii=False, separators=(",", ":"), allow_nan=False
                 )
             except (TypeError, ValueError) as e:
-                raise ValueError(f"the prompt dict cannot be written as JSON ({e})") from None
+                raise InputError(f"the prompt dict cannot be written as JSON ({e})") from None
             object.__setattr__(self, "prompt", text)
         for name, (kind, what) in REQUEST_TYPES.items():
             object.__setattr__(self, name, checked_field(name, getattr(self, name), kind, what))
         try:
             self.prompt.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(
+            raise InputError(
                 f"the prompt is not valid Unicode text (a lone surrogate at position {e.start}: "
                 "bytes that are not UTF-8, or half of a \\ud800-\\udfff pair); give UTF-8 text"
             ) from None
@@ -143,19 +144,19 @@ class GenerationRequest:
     def validate(self) -> ResolvedRequest:
         """Every check that needs no model, with the values the pipeline runs on.
 
-        Raises ``ValueError`` naming the setting (``CaptionError`` for caption findings when
+        Raises ``InputError`` naming the setting (``CaptionError`` for caption findings when
         ``strict_caption``); a plain prompt or caption findings otherwise only warn later.
         """
         if not self.prompt.strip():
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         # Any prompt may be parsed as JSON (canonical form), not only those starting with "{".
         if json_depth(self.prompt) > MAX_JSON_DEPTH:
-            raise ValueError(
+            raise InputError(
                 f"the prompt nests brackets more than {MAX_JSON_DEPTH} levels deep; "
                 "a JSON caption needs about 4"
             )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
+            raise InputError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
         if self.magic_prompt:  # refused when submitted, not when the job runs
             check_idea_length(self.prompt)
         resolved, edit = self.resolve_edit()
@@ -178,12 +179,12 @@ class GenerationRequest:
         """This request with the output size (and, for an edit, the strength and the inputs'
         fingerprints) filled in, and the prepared :class:`~ideogram4_mlx.edit.Edit`."""
         if self.image is None and self.image_sha256 is not None:
-            raise ValueError(
+            raise InputError(
                 f"this image was made from an input image (sha256 {self.image_sha256[:12]}...): "
                 "give that image with --image (image=)"
             )
         if self.mask is None and self.mask_sha256 is not None:
-            raise ValueError(
+            raise InputError(
                 f"the mask differs from the one this image was made from (sha256 "
                 f"{self.mask_sha256}; none was given): give the same file with --mask (mask=)"
             )
@@ -207,7 +208,7 @@ class GenerationRequest:
         ):
             if expected is not None and (given is None or given.sha256 != expected):
                 found = "none was given" if given is None else f"{given.name} has {given.sha256}"
-                raise ValueError(
+                raise InputError(
                     f"the {what} differs from the one this image was made from (sha256 "
                     f"{expected}; {found}): give the same file with --{what} ({what}=)"
                 )
@@ -218,7 +219,7 @@ class GenerationRequest:
             check_size(width, height)
         except ValueError as e:
             grown = f" ({inner_w}x{inner_h} expanded by {self.expand})" if self.expand else ""
-            raise ValueError(f"the output {width}x{height}{grown}: {e}") from None
+            raise InputError(f"the output {width}x{height}{grown}: {e}") from None
         edit = prepare_edit(
             image,
             mask,
@@ -243,7 +244,7 @@ class GenerationRequest:
         """The preset with this request's overrides applied (errors name the setting); the
         size must be resolved (see :meth:`resolve_edit`)."""
         if self.num_steps is not None and not 1 <= self.num_steps <= MAX_STEPS:
-            raise ValueError(f"num_steps {self.num_steps} is out of range: use 1..{MAX_STEPS}")
+            raise InputError(f"num_steps {self.num_steps} is out of range: use 1..{MAX_STEPS}")
         presets = PRESETS.values()
         lo, hi = GUIDANCE_RANGE
         for g in self.guidance_schedule or ():
@@ -296,14 +297,14 @@ class GenerationRequest:
         A stored value that equals what the preset gives is not an override, so
         ``replace(request, preset=...)`` takes the new preset's values for it, and
         ``replace(request, num_steps=...)`` reshapes a preset-shaped guidance schedule.
-        Raises ``ValueError`` naming a missing or mistyped field.
+        Raises ``InputError`` naming a missing or mistyped field.
         """
         m = metadata
         is_edit = "image_sha256" in m  # an edit; its inputs are given again at the replay
         types = {**METADATA_TYPES, **(EDIT_METADATA_TYPES if is_edit else {})}
         missing = [k for k in types if k not in m]
         if missing:
-            raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
+            raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
         for key, kind in types.items():
             check_type(key, m[key], kind)
         edit = {k: m[k] for k in EDIT_METADATA_TYPES} if is_edit else {}
@@ -414,20 +415,20 @@ def check_type(key: str, value, kind) -> None:
     if not is_kind(value, kind):
         names = kind if isinstance(kind, tuple) else (kind,)
         expected = " or ".join(KIND_NAMES.get(k) or k.__name__ for k in names)
-        raise ValueError(f"metadata field {key!r} is {reprlib.repr(value)}: expected {expected}")
+        raise InputError(f"metadata field {key!r} is {reprlib.repr(value)}: expected {expected}")
 
 
-def out_of_range(name: str, value: float, rule: str, used: list[float]) -> ValueError:
-    return ValueError(
+def out_of_range(name: str, value: float, rule: str, used: list[float]) -> InputError:
+    return InputError(
         f"{name} {value!r} is out of range: {rule} (the presets use {min(used):g}..{max(used):g})"
     )
 
 
 def checked_field(name: str, value, kind, what: str):
-    """A request field checked against its kind (else a ``ValueError`` saying ``what`` to
+    """A request field checked against its kind (else an ``InputError`` saying ``what`` to
     give) and stored plainly: integers as int, numbers as finite floats, sequences as tuples."""
     if not is_kind(value, kind):
-        raise ValueError(f"{name} {reprlib.repr(value)} must be {what}")
+        raise InputError(f"{name} {reprlib.repr(value)} must be {what}")
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if value is None or not {int, numbers.Real, "seq", "ints4"} & set(kinds):
         return value
@@ -438,11 +439,11 @@ def checked_field(name: str, value, kind, what: str):
     if "seq" in kinds:
         weights = tuple(finite(v) for v in value)
         if None in weights:
-            raise ValueError(f"{name} must be finite numbers, got {reprlib.repr(value)}")
+            raise InputError(f"{name} must be finite numbers, got {reprlib.repr(value)}")
         return weights
     number = finite(value)
     if number is None:
-        raise ValueError(f"{name} must be a finite number, got {reprlib.repr(value)}")
+        raise InputError(f"{name} must be a finite number, got {reprlib.repr(value)}")
     return number
 
 
@@ -472,7 +473,7 @@ class ResolvedRequest:
         images of an edit are not read twice)."""
         request = replace(self.request, seed=seed)  # its type checked as for any request
         if request.seed is None or not 0 <= request.seed <= MAX_SEED:
-            raise ValueError(f"seed {seed} is out of range: use 0..{MAX_SEED}")
+            raise InputError(f"seed {seed} is out of range: use 0..{MAX_SEED}")
         return replace(self, request=request)
 
     def warn(self) -> None:
@@ -485,7 +486,7 @@ def check_idea_length(idea: str) -> None:
     """A magic-prompt idea of at most ``MAX_IDEA_CHARS`` characters (stripped)."""
     n = len(idea.strip())
     if n > MAX_IDEA_CHARS:
-        raise ValueError(
+        raise InputError(
             f"the idea is {n} characters long; the limit is {MAX_IDEA_CHARS}: describe the "
             "image in a sentence or a paragraph (the magic prompt writes the details)"
         )
@@ -496,12 +497,12 @@ def check_size(width: int, height: int) -> tuple[int, int]:
     (MODEL_NOTES#presets-and-sizes)."""
     for name, side in (("width", width), ("height", height)):
         if side % PIXELS_PER_TOKEN or not MIN_SIDE <= side <= MAX_SIDE:
-            raise ValueError(
+            raise InputError(
                 f"{name} {side} is not supported: use a multiple of {PIXELS_PER_TOKEN} "
                 f"between {MIN_SIDE} and {MAX_SIDE}"
             )
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise ValueError(f"aspect ratio {width}x{height} is wider than {MAX_ASPECT:g}:1")
+        raise InputError(f"aspect ratio {width}x{height} is wider than {MAX_ASPECT:g}:1")
     return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
 
 

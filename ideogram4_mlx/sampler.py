@@ -19,6 +19,8 @@ from statistics import NormalDist
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx.errors import InputError
+
 # logSNR limits of the schedule: t_min = sigmoid(-18/2), t_max = sigmoid(15/2).
 T_MIN = 1.0 / (1.0 + math.exp(0.5 * 18))
 T_MAX = 1.0 / (1.0 + math.exp(0.5 * -15))
@@ -57,7 +59,7 @@ DEFAULT_PRESET = "V4_DEFAULT_20"
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -85,9 +87,9 @@ def time_grid(
     is the text-to-image grid.
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise InputError(f"num_steps must be >= 1, got {num_steps}")
     if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise InputError(f"strength must be in (0, 1], got {strength}")
     mean = schedule_mean(mu, height, width)
     u = np.linspace(0, strength, num_steps + 1, dtype=np.float32).astype(np.float64)
     normal = NormalDist()
@@ -150,14 +152,14 @@ def resolve_schedule(
         if len(guidance) == 1:
             guidance = guidance * steps
         if len(guidance) != steps:
-            raise ValueError(
+            raise InputError(
                 f"guidance_schedule has {len(guidance)} entries but num_steps is {steps}; "
                 "give one weight per step (chronological) or a single weight"
             )
     mu = p.mu if mu is None else float(mu)
     std = p.std if std is None else float(std)
     if std <= 0:
-        raise ValueError(f"std must be > 0, got {std}")
+        raise InputError(f"std must be > 0, got {std}")
     grid = time_grid(steps, height, width, mu, std, strength)
     return Schedule(grid, guidance, mu, std, float(strength))
 

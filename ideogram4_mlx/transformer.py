@@ -24,6 +24,7 @@ from ideogram4_mlx.dit_sequence import (
     mrope_cos_sin,
     timestep_sinusoid,
 )
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.layers import RMSNorm, apply_rope, silu
 from ideogram4_mlx.weights import (
     DtypeRule,
@@ -505,15 +506,15 @@ def resident_block_count(resident_blocks: int | None, low_memory: bool, num_laye
     if resident_blocks is None:
         return 0 if low_memory else num_layers
     if isinstance(resident_blocks, bool) or not isinstance(resident_blocks, int | np.integer):
-        raise ValueError(
+        raise InputError(
             f"resident_blocks must be an integer >= 0 or None, got {resident_blocks!r}"
         )
     if resident_blocks < 0:
-        raise ValueError(
+        raise InputError(
             f"resident_blocks must be >= 0 (0 streams every block), got {resident_blocks}"
         )
     if low_memory and resident_blocks:
-        raise ValueError(
+        raise InputError(
             f"low_memory streams every block (resident_blocks=0) but resident_blocks="
             f"{resident_blocks} was given too; pass one of them"
         )

@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten
 
 from ideogram4_mlx.config import BaseConfig, CheckpointError, HeaderCheck
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PATCH
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.latents import from_uint8, pack, to_uint8, unpack
 from ideogram4_mlx.layers import group_moments, silu, upsample_nearest
 from ideogram4_mlx.vae_strips import decoder_strips, encoder_strips
@@ -515,7 +516,7 @@ def encode(
         image = from_uint8(image)
     step = vae.config.scale_factor * PATCH
     if image.ndim != 4 or image.shape[1] % step or image.shape[2] % step:
-        raise ValueError(f"image shape {image.shape}: expected (B, H, W, 3), H and W % {step} == 0")
+        raise InputError(f"image shape {image.shape}: expected (B, H, W, 3), H and W % {step} == 0")
     return pack(vae.encode_raw(mx.array(image.astype(np.float32)), strip_pixels))
 
 

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.layers import group_moments, silu, upsample_nearest
 
 ATTENTION_CHUNK_SCORES = 2**25  # fp32 attention scores per query chunk
@@ -164,7 +165,7 @@ def encoder_strips(encoder: nn.Module, x: mx.array, strip_rows: int) -> mx.array
     benchmarks/results/vae_encoder_memory_cpu.txt).
     """
     if strip_rows <= 0 or strip_rows % encoder.scale_factor:
-        raise ValueError(
+        raise InputError(
             f"strip_rows {strip_rows}: must be a positive multiple of {encoder.scale_factor} "
             "(the encoder's downsampling) so that every level splits evenly"
         )

@@ -20,7 +20,9 @@ SOURCES = {PACKAGE: ROOT / "ideogram4_mlx", "cli": ROOT / "cli", "convert": ROOT
 # covers a module and, unless a longer name is listed, everything under it ("cli" is cli/*);
 # "ideogram4_mlx" is the package root (its __init__). A new module gets a line here.
 FLOORS = [
-    # Definitions and pure helpers: import nothing of the package.
+    # The error base every module raises from: imports nothing of the package.
+    ("errors", ["errors"]),
+    # Definitions and pure helpers: import nothing of the package but the error base.
     ("leaves", ["version", "constants", "config", "dtypes", "caption", "sampler",
                 "quantization", "files", "template_child"]),
     # Reading checkpoints and the machine; the layers the models share; an edit's inputs.

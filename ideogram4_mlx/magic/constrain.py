@@ -25,6 +25,7 @@ from ideogram4_mlx.caption import (
     STYLE_PALETTE_MAX,
     verify_raw,
 )
+from ideogram4_mlx.errors import InputError
 
 # Bounds a real caption fits in (the official examples run to ~400 chars per description and
 # under 10 elements); they also keep a wandering sampler from writing forever.
@@ -34,7 +35,7 @@ MAX_ELEMENTS = 16
 MAX_WHITESPACE = 24
 
 
-class CaptionIncompleteError(ValueError):
+class CaptionIncompleteError(InputError):
     """Generation stopped (max_tokens) before the caption's JSON was complete."""
 
 

@@ -20,7 +20,12 @@ from typing import ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+)
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.models.qwen3 import Model, ModelArgs, Qwen3Model
@@ -123,6 +128,10 @@ def resolve_head(head: str | Path | None, checkpoint_dir: Path | str) -> Path:
         )
     try:
         return Path(snapshot_download(name, allow_patterns=HEAD_PATTERNS))
+    except HFValidationError as e:  # a name the Hub refuses, checked before any request
+        raise MissingHeadError(
+            f"--magic-head {head}: no such folder, and not a valid repo id ({e})"
+        ) from None
     except (GatedRepoError, RepositoryNotFoundError) as e:
         raise MissingHeadError(missing_head_message(name, "not found or not accessible")) from e
     except HfHubHTTPError as e:

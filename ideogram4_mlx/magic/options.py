@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ideogram4_mlx.caption import read_text_file
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.request import MAX_SEED, MAX_SIDE, check_idea_length
 
 # A full caption (several elements with descriptions) takes 300-900 tokens; the bound keeps a
@@ -23,7 +24,7 @@ MAX_TEMPERATURE = 2.0
 MAX_SYSTEM_PROMPT_CHARS = 16000
 
 
-class MagicPromptError(ValueError):
+class MagicPromptError(InputError):
     """The idea cannot be expanded into a valid caption (a bad input, or out of tokens)."""
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx.errors import InputError
+
 LAYOUTS = ("diffusers", "split", "ai-toolkit", "kohya", "diffsynth")
 # Per-block linears (our names, MODEL_NOTES#dit-keys); adaln_modulation only when asked for.
 DEFAULT_MODULES = (
@@ -88,7 +90,7 @@ def read_config(transformer) -> dict:
         config = json.loads(path.read_text())
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise ValueError(f"DiT config lacks {', '.join(missing)} (from {transformer!r})")
+        raise InputError(f"DiT config lacks {', '.join(missing)} (from {transformer!r})")
     return {k: int(config[k]) for k in CONFIG_KEYS}
 
 
@@ -150,25 +152,25 @@ def write_synthetic_lora(
     Refuses a link at ``path``, and an existing file unless ``force``. Returns ``path``.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        raise InputError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if alpha is not None and alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+        raise InputError(f"alpha must be > 0, got {alpha}")
     if alpha is not None and layout in ("split", "diffsynth"):
-        raise ValueError(f"the {layout} layout stores no alpha; pass alpha=None")
+        raise InputError(f"the {layout} layout stores no alpha; pass alpha=None")
     if alpha_pattern and (layout != "diffusers" or alpha is None):
-        raise ValueError("alpha_pattern needs the diffusers layout and an alpha")
+        raise InputError("alpha_pattern needs the diffusers layout and an alpha")
     if default_infix and layout != "diffsynth":
-        raise ValueError("default_infix (lora_A.default.weight) is a diffsynth-layout option")
+        raise InputError("default_infix (lora_A.default.weight) is a diffsynth-layout option")
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise InputError(f"rank must be >= 1, got {rank}")
     config = read_config(transformer_dir_or_config)
     shapes = block_shapes(config)
     modules = tuple(modules)
     unknown = [m for m in modules if m not in shapes]
     if unknown:
-        raise ValueError(f"unknown module {unknown[0]!r}; choose from {', '.join(ALL_MODULES)}")
+        raise InputError(f"unknown module {unknown[0]!r}; choose from {', '.join(ALL_MODULES)}")
     if layout == "kohya" and alpha is None:
         alpha = float(rank)
     layers = range(config["num_layers"]) if layers is None else layers

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ideogram4_mlx.constants import LATENT_SCALE, LATENT_SHIFT, PACKED_CHANNELS, VAE_CHANNELS
+from ideogram4_mlx.errors import InputError
 
 COMPONENTS = (
     "transformer",
@@ -84,7 +85,7 @@ class SyntheticSpec:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"SyntheticSpec: {message} (got {self})")
+                raise InputError(f"SyntheticSpec: {message} (got {self})")
 
     @property
     def dit_hidden_size(self) -> int:
@@ -148,7 +149,7 @@ def resolve_spec(spec: SyntheticSpec | str) -> SyntheticSpec:
     if isinstance(spec, SyntheticSpec):
         return spec
     if spec not in SYNTHETIC_PRESETS:
-        raise ValueError(f"unknown preset {spec!r}; valid presets: {', '.join(SYNTHETIC_PRESETS)}")
+        raise InputError(f"unknown preset {spec!r}; valid presets: {', '.join(SYNTHETIC_PRESETS)}")
     return SYNTHETIC_PRESETS[spec]
 
 
