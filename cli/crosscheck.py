@@ -2,6 +2,7 @@
 
 import click
 
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import edit_options, pipeline_options
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
 
@@ -11,7 +12,9 @@ MINIMAL_CAPTION = (
 )
 
 
-@click.command("crosscheck", short_help="Compare the MLX pipeline with the PyTorch reference.")
+@click.command(
+    "crosscheck", cls=Command, short_help="Compare the MLX pipeline with the PyTorch reference."
+)
 @pipeline_options("memory", model_argument=True, dtype="float32")
 @click.option(
     "--prompt",
@@ -64,11 +67,8 @@ def crosscheck(options, prompt, width, height, preset, num_steps, seed, device, 
         raise click.ClickException(
             f"crosscheck needs the reference extra ({e}): pip install 'ideogram4-mlx[reference]'"
         ) from e
-    try:
-        result = run(
-            options, prompt, width, height, preset, num_steps, seed=seed, device=device, **edit
-        )
-    except (ValueError, OSError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from e
+    result = run(
+        options, prompt, width, height, preset, num_steps, seed=seed, device=device, **edit
+    )
     for line in result.lines():
         click.echo(line)

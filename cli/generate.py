@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ideogram4_mlx.batch import MAX_IMAGES, ImageBatch
 from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
+from ideogram4_mlx.cli.errors import REPORTED, Command
 from ideogram4_mlx.cli.options import (
     comma_list,
     edit_options,
@@ -20,9 +21,8 @@ from ideogram4_mlx.cli.options import (
     pipeline_options,
     show_warning,
 )
-from ideogram4_mlx.distributed import DataGroup, DistributedError
+from ideogram4_mlx.distributed import DataGroup
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.metadata import (
     check_output,
     compare_replay,
@@ -35,8 +35,6 @@ from ideogram4_mlx.pipeline_options import STORED
 from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
-
-ERRORS = (ValueError, OSError, ModelAccessError, DistributedError)
 
 
 def _read_prompt_file(ctx, param, path: Path | None) -> str | None:
@@ -64,7 +62,7 @@ def _check_prompt(ctx, param, text: str | None) -> str | None:
     return text
 
 
-@click.command(short_help="Generate an image from a prompt, or replay a PNG.")
+@click.command(cls=Command, short_help="Generate an image from a prompt, or replay a PNG.")
 @click.option("--prompt", callback=_check_prompt, help="A JSON caption (recommended) or text.")
 @click.option(
     "--prompt-file",
@@ -217,17 +215,14 @@ def generate(
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="caption:")
         warnings.showwarning = show_warning
-        try:
-            if from_metadata is None:
-                request = GenerationRequest(**settings)
-            else:
-                options, request = replay(read_metadata(from_metadata), explicit, options)
-            if num_images > 1 or seeds is not None:
-                _generate_many(options, request, output, force, verbose, num_images, seeds)
-                return
-            result = _generate_one(options, request, output, force, stepwise_dir, verbose)
-        except ERRORS as e:
-            raise click.ClickException(str(e)) from e
+        if from_metadata is None:
+            request = GenerationRequest(**settings)
+        else:
+            options, request = replay(read_metadata(from_metadata), explicit, options)
+        if num_images > 1 or seeds is not None:
+            _generate_many(options, request, output, force, verbose, num_images, seeds)
+            return
+        result = _generate_one(options, request, output, force, stepwise_dir, verbose)
     if result is None:  # a CFG-parallel rank 1: rank 0 writes the image
         return
     if verbose:
@@ -248,7 +243,7 @@ def _generate_one(options, request, output, force, stepwise_dir, verbose):
         problems.append(str(e))
     try:
         resolved = request.validate()
-    except (ValueError, OSError) as e:  # CaptionError, an unreadable --image or --mask
+    except REPORTED as e:  # CaptionError, an unreadable --image or --mask
         problems.append(str(e))
     if stepwise_dir is not None and resolved is not None:
         try:

@@ -309,9 +309,7 @@ def _options(values: dict, defaults: dict) -> PipelineOptions:
         values["memory_limit"] = 0
     loras = [*values.pop("loras", ()), *values.pop("uncond_loras", ())]
     magic = {k: values.pop(k) for k in MAGIC_FIELDS if k in values}
-    try:
-        return PipelineOptions(
-            **values, **defaults, loras=loras, magic_options=MagicOptions(**magic)
-        ).validate()
-    except ValueError as e:  # LoRAError, MagicPromptError, a bad memory limit
-        raise click.ClickException(str(e)) from None
+    # LoRAError, MagicPromptError, a bad memory limit: the command's handler (cli/errors.py)
+    return PipelineOptions(
+        **values, **defaults, loras=loras, magic_options=MagicOptions(**magic)
+    ).validate()

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import click
 
+from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import pipeline_options, show_warning
-from ideogram4_mlx.hub import ModelAccessError
 from ideogram4_mlx.server.hosts import is_loopback
 
 
-@click.command(short_help="Serve the model over HTTP (OpenAI-compatible API and a web page).")
+@click.command(
+    cls=Command, short_help="Serve the model over HTTP (OpenAI-compatible API and a web page)."
+)
 @pipeline_options("memory", "lora", "magic")
 @click.option(
     "--host",
@@ -100,18 +102,15 @@ def serve(
         ) from e
     if not is_loopback(host) and api_key is None:
         click.echo(f"warning: serving on {host} without an API key (--no-auth)", err=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the CPU-backend note is for the CLI's one image
-            from ideogram4_mlx.pipeline import load
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU-backend note is for the CLI's one image
+        from ideogram4_mlx.pipeline import load
 
-            pipe = load(options)
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show_warning  # temporary files it removed: one line
-            jobs = JobQueue(pipe, output_dir, max_queue, preview_every)
-    except (ValueError, ModelAccessError, OSError) as e:
-        raise click.ClickException(str(e)) from e
+        pipe = load(options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show_warning  # temporary files it removed: one line
+        jobs = JobQueue(pipe, output_dir, max_queue, preview_every)
     app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20, [host, *allowed_hosts])
     click.echo(f"serving {pipe.model_id} on http://{host}:{port}/ (outputs in {output_dir})")
     # Ctrl-C: an open event stream must not hold the shutdown until its job ends; after 1 s

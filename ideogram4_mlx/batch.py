@@ -13,6 +13,7 @@ from dataclasses import replace
 import mlx.core as mx
 
 from ideogram4_mlx.distributed import DataGroup
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.generation import GenerationResult
 from ideogram4_mlx.metadata import png_bytes
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
@@ -32,11 +33,11 @@ def image_seeds(
     problem for more than ``MAX_IMAGES`` images or a seed out of range."""
     count = len(seeds) if seeds else num_images
     if not 1 <= count <= MAX_IMAGES:
-        raise ValueError(f"{count} images: use 1..{MAX_IMAGES} per request")
+        raise InputError(f"{count} images: use 1..{MAX_IMAGES} per request")
     if seeds:
         chosen = [int(s) for s in seeds]
         if len(set(chosen)) != len(chosen):
-            raise ValueError(f"the seeds {list(seeds)} repeat: give different seeds")
+            raise InputError(f"the seeds {list(seeds)} repeat: give different seeds")
     else:
         start = seed
         if start is None:
@@ -46,7 +47,7 @@ def image_seeds(
         chosen = [int(start) + i for i in range(count)]
     bad = [s for s in chosen if not 0 <= s <= MAX_SEED]
     if bad:
-        raise ValueError(f"seed {bad[0]} is out of range: the seeds must be in 0..{MAX_SEED}")
+        raise InputError(f"seed {bad[0]} is out of range: the seeds must be in 0..{MAX_SEED}")
     return chosen
 
 

@@ -304,5 +304,5 @@ def check_noise(noise: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
     expected = (1, grid_h * grid_w, PACKED_CHANNELS)
     noise = np.asarray(noise, dtype=np.float32)
     if noise.shape != expected:
-        raise ValueError(f"noise has shape {noise.shape}; this size needs {expected}")
+        raise InputError(f"noise has shape {noise.shape}; this size needs {expected}")
     return noise

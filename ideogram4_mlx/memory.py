@@ -21,6 +21,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from ideogram4_mlx.environment import physical_memory
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.text_encoder import LM_PREFIXES, UNUSED_PREFIXES
 from ideogram4_mlx.transformer import (
     CHECKPOINT_PREFIXES,
@@ -76,9 +77,9 @@ def check_limit(memory_limit: object, unit: str = "GB") -> int:
     """
     scale = {"GB": GB, "bytes": 1}[unit]
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float):
-        raise ValueError(f"memory limit must be a number of {unit}, got {memory_limit!r}")
+        raise InputError(f"memory limit must be a number of {unit}, got {memory_limit!r}")
     if not (math.isfinite(memory_limit) and 0 < memory_limit <= MAX_LIMIT_BYTES / scale):
-        raise ValueError(
+        raise InputError(
             f"memory limit must be a finite number of {unit} > 0 and at most "
             f"{MAX_LIMIT_BYTES / scale:g}, got {memory_limit!r}"
         )
@@ -270,7 +271,7 @@ def plan_denoise(sizes: tuple[DiTSizes, ...], limit_bytes: float, tokens: int) -
     :func:`cache_limit`). The text encoder and the VAE are not counted: they run before and
     after denoising and are freed (``keep_in_memory=False``)."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-        raise ValueError(f"tokens must be an integer > 0, got {tokens!r}")
+        raise InputError(f"tokens must be an integer > 0, got {tokens!r}")
     cond, uncond = plan_from_sizes(sizes, limit_bytes, tokens)
     return DenoisePlan(cond, uncond, denoise_bytes(sizes, (cond, uncond), tokens))
 
@@ -287,7 +288,7 @@ def set_cache_limit(limit_bytes: int) -> int:
     """``mx.set_cache_limit``: at most ``limit_bytes`` of freed buffers are kept for reuse
     (0: none, freed memory goes back at once). Returns the previous limit."""
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
-        raise ValueError(
+        raise InputError(
             f"cache limit must be an integer number of bytes >= 0, got {limit_bytes!r}"
         )
     return mx.set_cache_limit(limit_bytes)

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.environment import describe, differences
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.pipeline_options import STORED, PipelineOptions
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest
@@ -98,20 +99,20 @@ def read_metadata(path: Path | str) -> dict:
             kind = image.format
             text = dict(getattr(image, "text", {}))
     except UnidentifiedImageError as e:
-        raise ValueError(f"{path} is not an image") from e
+        raise InputError(f"{path} is not an image") from e
     if kind != "PNG":
-        raise ValueError(f"{path} is a {kind} file; metadata is only stored in PNG files")
+        raise InputError(f"{path} is a {kind} file; metadata is only stored in PNG files")
     if PNG_KEY not in text:
-        raise ValueError(
+        raise InputError(
             f"{path} has no {PNG_KEY} metadata: it was not written by `ideo4-mlx generate`, "
             "or the metadata was stripped"
         )
     try:
         metadata = parse_json(text[PNG_KEY])
     except ValueError as e:  # invalid or too deeply nested
-        raise ValueError(f"{path}: the {PNG_KEY} metadata is not valid JSON ({e})") from e
+        raise InputError(f"{path}: the {PNG_KEY} metadata is not valid JSON ({e})") from e
     if not isinstance(metadata, dict):
-        raise ValueError(f"{path}: the {PNG_KEY} metadata is not a JSON object")
+        raise InputError(f"{path}: the {PNG_KEY} metadata is not a JSON object")
     return metadata
 
 
@@ -135,13 +136,13 @@ def replay(
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(STORED + SETTINGS))
     if unknown:
-        raise ValueError(f"cannot override {unknown}; valid: {', '.join(STORED + SETTINGS)}")
+        raise InputError(f"cannot override {unknown}; valid: {', '.join(STORED + SETTINGS)}")
     missing = [k for k in (*STORED, *METADATA_TYPES) if k not in metadata]
     if missing:
-        raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
+        raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
     request = GenerationRequest.from_metadata(metadata)
     if request.seed is None and overrides.get("seed") is None:
-        raise ValueError(
+        raise InputError(
             "the image was made from given noise, not a seed, so it cannot be replayed; "
             "give a seed to reuse its other settings"
         )

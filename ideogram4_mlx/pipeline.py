@@ -19,6 +19,7 @@ import numpy as np
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.environment import describe, is_slow
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
     Generation,
@@ -389,7 +390,7 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     else:
         if keywords.pop("low_memory", False):
             if keywords.get("memory_limit") is not None:
-                raise ValueError(
+                raise InputError(
                     "low_memory streams every DiT block, whatever the memory_limit: give one "
                     "of them"
                 )

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
@@ -66,7 +67,7 @@ class PipelineOptions:
         if isinstance(self.dtype, str):
             set_("dtype", parse_dtype(self.dtype))
         if not isinstance(self.dtype, mx.Dtype) or self.dtype not in DTYPES.values():
-            raise ValueError(
+            raise InputError(
                 f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}"
             )
         if isinstance(self.loras, (str, LoRASpec)):
@@ -80,7 +81,7 @@ class PipelineOptions:
             if not isinstance(getattr(self, name), kind) or (
                 isinstance(getattr(self, name), bool) and bool not in _kinds(kind)
             ):
-                raise ValueError(f"{name} {reprlib.repr(getattr(self, name))} must be {WHAT[name]}")
+                raise InputError(f"{name} {reprlib.repr(getattr(self, name))} must be {WHAT[name]}")
 
     @property
     def low_memory(self) -> bool:
@@ -128,7 +129,7 @@ class PipelineOptions:
         overrides = overrides or {}
         missing = [k for k in STORED if k not in metadata]
         if missing:
-            raise ValueError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
+            raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
         check_type("model", metadata["model"], str)
         check_type("revision", metadata["revision"], (str, type(None)))
         check_type("dtype", metadata["dtype"], str)

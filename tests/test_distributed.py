@@ -339,4 +339,7 @@ def test_num_images_over_two_ranks_equals_single_runs(tiny_checkpoint, tmp_path)
             with Image.open(tmp_path / f"seq-{seed}.png") as c:
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
     result = CliRunner().invoke(main, [*base, "--seeds", "1,x"])
-    assert result.exit_code == 2 and "is not a comma-separated list of seeds" in result.output
+    assert (
+        result.exit_code == 2
+        and "'1,x' is not a comma-separated list (e.g. 1,5,9)" in result.output
+    )

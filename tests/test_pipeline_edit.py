@@ -262,7 +262,10 @@ def no_load(monkeypatch):
         (["--image", "{tmp}/in.png", "--expand", "8"], "multiple of 16"),
         (["--image", "{tmp}/in.png", "--expand", "0,0,1536,0"], "wider than 6:1"),
         (["--image", "{tmp}/in.png", "--expand", "0,0,0,1904"], "between 256 and 2048"),
-        (["--image", "{tmp}/in.png", "--expand", "1,2"], "give 4 numbers"),
+        (
+            ["--image", "{tmp}/in.png", "--expand", "1,2"],
+            "expand (1, 2) must be 4 integers (LEFT, TOP, RIGHT, BOTTOM pixels)",
+        ),
     ],
 )
 def test_bad_edit_input_is_one_line_before_any_load(tmp_path, no_load, args, message):

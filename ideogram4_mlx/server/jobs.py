@@ -30,6 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import temporary_pattern
 from ideogram4_mlx.generation import Generation
 from ideogram4_mlx.metadata import read_metadata, save_png
@@ -97,9 +98,9 @@ class JobQueue:
         keep_ended: int = KEEP_ENDED,
     ):
         if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+            raise InputError(f"max_queue must be >= 1, got {max_queue}")
         if keep_ended < 1:
-            raise ValueError(f"keep_ended must be >= 1, got {keep_ended}")
+            raise InputError(f"keep_ended must be >= 1, got {keep_ended}")
         self.pipe = pipe
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
