@@ -83,7 +83,8 @@ class Ideogram4Pipeline:
         self._vae: Flux2VAE | None = None
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
         self.loras: list[tuple[LoRASpec, LoRAFile]] = []  # see add_lora
-        self.cfg: CFGGroup | None = None  # CFG-parallel ranks (options.distributed)
+        # CFG-parallel ranks: joined here, so a launch error comes before anything loads.
+        self.cfg = CFGGroup.start(self.checkpoint_dir) if options.distributed else None
 
     @property
     def fuse_lora(self) -> bool:
@@ -399,8 +400,6 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     options = options.validate()
     checkpoint_dir, model_id, revision = resolve_model(options.model, options.revision)
     pipe = Ideogram4Pipeline(checkpoint_dir, replace(options, model=model_id, revision=revision))
-    if options.distributed:
-        pipe.cfg = CFGGroup.start(pipe.checkpoint_dir)
     for spec in options.loras:
         pipe.add_lora(spec, options.lora_allow_partial)
     quantized = pipe.quantization() is not None
