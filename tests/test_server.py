@@ -482,6 +482,21 @@ def test_cors_preflight_needs_no_key_and_a_401_carries_the_origin(server, pipe, 
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
 
 
+def served(monkeypatch) -> list[JobQueue]:
+    """For `serve` run in-process: no API key from the environment; the job queues it makes,
+    recorded (shut them down after)."""
+    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
+    queues = []
+
+    class RecordedQueue(JobQueue):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            queues.append(self)
+
+    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
+    return queues
+
+
 def test_serve_refuses_a_public_host_without_a_key_before_loading(monkeypatch):
     monkeypatch.delenv("IDEO4_API_KEY", raising=False)
     loaded = []
@@ -501,15 +516,7 @@ def test_serve_refuses_a_public_host_without_a_key_before_loading(monkeypatch):
 def test_serve_on_a_public_host_with_no_auth_or_a_key(
     monkeypatch, tiny_checkpoint, tmp_path, options, warns
 ):
-    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
-    queues, runs = [], []
-
-    class RecordedQueue(JobQueue):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            queues.append(self)
-
-    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
+    queues, runs = served(monkeypatch), []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: runs.append(kwargs))
     result = cli(
         "serve", "--host", "0.0.0.0", "--port", 8123, "--model", tiny_checkpoint,
@@ -668,15 +675,7 @@ def test_the_servers_magic_prompt_uses_serves_options(monkeypatch, tiny_checkpoi
     """serve's --temperature, --max-tokens, --top-p, --keep-bboxes and --system-prompt reach
     the server's magic prompt; the request gives the size and seed; --memory-limit and
     --magic-model reach the pipeline."""
-    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
-    apps, expanded, queues = [], [], []
-
-    class RecordedQueue(JobQueue):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            queues.append(self)
-
-    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
+    queues, apps, expanded = served(monkeypatch), [], []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
     monkeypatch.setattr(pipeline_module.Ideogram4Pipeline, "magic_model", lambda self: (1, 2))
 
