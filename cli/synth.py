@@ -7,6 +7,9 @@ import click
 
 from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import components_option
+from ideogram4_mlx.errors import InputError
+from ideogram4_mlx.synth.configs import dit_config
+from ideogram4_mlx.synth.lora import LAYOUTS, write_synthetic_lora
 from ideogram4_mlx.synth.plan import ALL_COMPONENTS, COMPONENTS, SYNTHETIC_PRESETS
 
 
@@ -30,20 +33,44 @@ from ideogram4_mlx.synth.plan import ALL_COMPONENTS, COMPONENTS, SYNTHETIC_PRESE
 )
 @click.option("--dit-layers", type=click.IntRange(min=1), help="Override the preset's DiT depth.")
 @click.option(
+    "--lora",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a small random LoRA (rank 4, every block's attention and feed-forward) "
+    "that fits this checkpoint's DiT to this .safetensors file, to try --lora and lora-info.",
+)
+@click.option(
+    "--lora-layout",
+    type=click.Choice(LAYOUTS),
+    default="diffusers",
+    show_default=True,
+    help="The trainer's layout --lora is written in.",
+)
+@click.option(
     "--force",
     is_flag=True,
-    help="Replace DST if it is empty or holds only checkpoint files (an earlier synth).",
+    help="Replace DST if it is empty or holds only checkpoint files (an earlier synth), and "
+    "the --lora file if it exists.",
 )
-def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool) -> None:
+def synth(
+    dst: Path,
+    preset: str,
+    seed: int,
+    components,
+    dit_layers,
+    lora: Path | None,
+    lora_layout: str,
+    force: bool,
+) -> None:
     """Write a seeded synthetic Ideogram 4 checkpoint at DST: the folder layout, configs, dtypes
     and tokenizer of ideogram-ai/ideogram-4-fp8 with small random weights. Every command
     accepts it, so the whole tool can be tried without the real model (images are noise).
 
     \b
     Example:
-      ideo4-mlx synth /tmp/ideo4-tiny
+      ideo4-mlx synth /tmp/ideo4-tiny --lora /tmp/ideo4-tiny-lora.safetensors
       ideo4-mlx generate --model /tmp/ideo4-tiny --dtype float32 --width 256 --height 256 \\
           --prompt "a cat" --output /tmp/cat.png
+      ideo4-mlx lora-info /tmp/ideo4-tiny-lora.safetensors --model /tmp/ideo4-tiny
     """
     # Imported here so other commands never load the writer and `tokenizers` (test tooling).
     from ideogram4_mlx.synth.writer import write_synthetic_checkpoint
@@ -51,7 +78,14 @@ def synth(dst: Path, preset: str, seed: int, components, dit_layers, force: bool
     spec = SYNTHETIC_PRESETS[preset]
     if dit_layers is not None:
         spec = dataclasses.replace(spec, dit_num_layers=dit_layers)
+    if lora is not None:  # checked first: a refused LoRA must not leave a new checkpoint
+        lora = lora.expanduser()
+        if lora.is_symlink() or (lora.exists() and not (force and lora.is_file())):
+            raise InputError(f"{lora} already exists; pass --force to replace the file")
     path = write_synthetic_checkpoint(
         dst, spec, seed=seed, components=components, force=force, progress=True
     )
     click.echo(str(path))
+    if lora is not None:
+        lora = write_synthetic_lora(lora, dit_config(spec), lora_layout, seed=seed, force=force)
+        click.echo(str(lora))

@@ -539,6 +539,15 @@ def describe(lora: LoRAFile, shapes: dict[str, tuple[int, int]], against: str) -
         match(replace(lora, text_encoder_keys=[]), shapes, allow_partial=True)
     except LoRAError as e:
         lines.append(f"shapes    : do not fit ({e})")
+    else:
+        partial = (
+            f" ({len(unmatched)} of {len(lora.deltas)} modules match no layer: "
+            "--lora-allow-partial applies the rest)"
+            if unmatched
+            else ""
+        )
+        fits = f"fits: {len(matched)} layers{partial}" if matched else "no module names a layer"
+        lines.append(f"shapes    : {fits}")
     if lora.text_encoder_keys:
         lines.append(f"text encoder keys: {len(lora.text_encoder_keys)} (not supported)")
     return lines

@@ -15,6 +15,7 @@ from ideogram4_mlx.cli import main
 from ideogram4_mlx.lora import (
     LoRAError,
     apply_loras,
+    describe,
     fuse_loras,
     linear_shapes,
     map_module,
@@ -261,6 +262,8 @@ def test_unmatched_modules_fail_unless_partial(tmp_path, shapes):
     with pytest.raises(LoRAError, match=r"1 of 3 LoRA modules match no layer \(e.g. layers.99"):
         match(lora, shapes)
     assert match(lora, shapes, allow_partial=True) == ["layers.99.attention.o"]
+    report = describe(lora, shapes, "tiny")
+    assert "shapes    : fits: 2 layers (1 of 3 modules match no layer: " in report[-1]
 
 
 def test_a_lora_for_another_size_names_key_and_shapes(tmp_path, shapes):
@@ -448,6 +451,7 @@ def test_cli_generate_with_lora_and_lora_info(tmp_path, tiny_checkpoint, shapes)
     assert result.exit_code == 0, result.output
     assert "layout    : ai-toolkit (kohya names)" in result.output
     assert "alpha / r : 2" in result.output and "names     : 2 of 2 modules" in result.output
+    assert "shapes    : fits: 2 layers\n" in result.output
     result = CliRunner().invoke(main, ["lora-info", str(path)])  # the real shapes: no fit
     assert result.exit_code == 0 and "shapes    : do not fit" in result.output
     bad = write(tmp_path / "bad.safetensors", TO_Q, peft_header(alpha_pattern=["to_q"]))

@@ -536,6 +536,37 @@ def test_cli_writes_a_checkpoint_and_reports_bad_options(tmp_path):
     assert result.exit_code == 2 and "text_encoder" in result.output
 
 
+def test_cli_writes_a_lora_that_fits_and_generate_takes(tmp_path, tiny_checkpoint):
+    runner = CliRunner()
+    lora = tmp_path / "style.safetensors"
+    # The tiny preset and seed 0 are the fixture's: the LoRA fits tiny_checkpoint's DiT.
+    args = ["synth", str(tmp_path / "ckpt"), "--components", "scheduler", "--lora", str(lora)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert str(lora) in result.output.splitlines()
+    layers = json.loads((tiny_checkpoint / "transformer" / "config.json").read_text())
+    result = runner.invoke(main, ["lora-info", str(lora), "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "layout    : diffusers" in result.output
+    assert f"shapes    : fits: {5 * layers['num_layers']} layers" in result.output
+    out = tmp_path / "styled.png"
+    generate = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt", "a"]
+    generate += ["--width", "256", "--height", "256", "--steps", "1", "--seed", "1", "-o", str(out)]
+    result = runner.invoke(main, [*generate, "--lora", f"{lora}:0.8"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+    # An existing file is refused before the checkpoint is written; --force replaces both.
+    again = [*args[:1], str(tmp_path / "again"), *args[2:]]
+    result = runner.invoke(main, again)
+    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    assert not (tmp_path / "again").exists()
+    kohya = [*again, "--lora-layout", "kohya", "--force"]
+    assert runner.invoke(main, kohya).exit_code == 0
+    result = runner.invoke(main, ["lora-info", str(lora), "--model", str(tiny_checkpoint)])
+    assert "(kohya names)" in result.output and "shapes    : fits:" in result.output
+
+
 # --- slow: a real-width file written to disk ---------------------------------------------------
 
 
