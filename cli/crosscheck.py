@@ -48,8 +48,9 @@ MINIMAL_CAPTION = (
 def crosscheck(options, prompt, width, height, preset, num_steps, seed, device, **edit):
     """Run the MLX pipeline and the PyTorch reference on the same prompt and noise, and print
     the difference at each stage (token ids, text features, time grid, first velocity, final
-    latents, image). With --image (and --mask, --expand) the same for an edit, plus the
-    encoded input image.
+    latents, image) beside the parity tests' bound for the --dtype, then PASS, or FAIL naming
+    the stages out of bounds (exit status 1). With --image (and --mask, --expand) the same for
+    an edit, plus the encoded input image. Each stage's start and end go to stderr.
 
     MODEL is the original fp8 snapshot: a folder or a repo id (not a folder written by
     `ideo4-mlx convert`). Needs the `reference` extra (torch + diffusers).
@@ -68,7 +69,10 @@ def crosscheck(options, prompt, width, height, preset, num_steps, seed, device, 
             f"crosscheck needs the reference extra ({e}): pip install 'ideogram4-mlx[reference]'"
         ) from e
     result = run(
-        options, prompt, width, height, preset, num_steps, seed=seed, device=device, **edit
-    )
+        options, prompt, width, height, preset, num_steps, seed=seed, device=device,
+        progress=lambda line: click.echo(line, err=True), **edit,
+    )  # fmt: skip
     for line in result.lines():
         click.echo(line)
+    if not result.passed:
+        click.get_current_context().exit(1)
