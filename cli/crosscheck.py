@@ -59,7 +59,8 @@ def crosscheck(options, prompt, width, height, preset, num_steps, seed, device, 
     Example (on a synthetic checkpoint):
       ideo4-mlx synth /tmp/ideo4-tiny
       ideo4-mlx crosscheck /tmp/ideo4-tiny --preset V4_TURBO_12
-      ideo4-mlx crosscheck /tmp/ideo4-tiny --image photo.png --mask mask.png --steps 4
+      ideo4-mlx crosscheck /tmp/ideo4-tiny --image examples/photo.jpg --mask examples/mask.png \\
+          --steps 4
     """
     try:
         # torch is optional: only this command needs it.

@@ -1,22 +1,28 @@
 """The example captions in examples/ pass the verifier as written and canonicalise cleanly."""
 
+import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from ideogram4_mlx.caption import TOP_KEYS, verify_file, verify_raw
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.cli.caption import examples_hint
+from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.prompt import canonical_prompt
+from ideogram4_mlx.request import GenerationRequest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FILES = sorted(EXAMPLES.glob("*.json"))
 
 
 def test_the_examples_are_there():
-    assert {p.name for p in FILES} >= {"photo.json", "poster.json", "non_latin.json", "art.json"}
+    names = {"photo.json", "poster.json", "non_latin.json", "art.json", "caption.json"}
+    assert {p.name for p in FILES} >= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -81,3 +87,55 @@ def test_examples_are_installed_with_the_package():
     assert setuptools["package-dir"]["ideogram4_mlx.examples"] == "examples"
     assert "ideogram4_mlx.examples" in setuptools["packages"]
     assert setuptools["package-data"]["ideogram4_mlx.examples"] == ["*.json"]
+
+
+# --- the README's edit inputs: caption.json, photo.jpg and mask.png ------------------------------
+
+PHOTO, MASK, CAPTION = EXAMPLES / "photo.jpg", EXAMPLES / "mask.png", EXAMPLES / "caption.json"
+
+
+def edit_inputs_script():
+    spec = importlib.util.spec_from_file_location("edit_inputs", EXAMPLES / "edit_inputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_edit_inputs_are_small_and_match_their_script(tmp_path):
+    script = edit_inputs_script()
+    assert PHOTO.stat().st_size < 16_000 and MASK.stat().st_size < 2_000
+    photo, mask = Image.open(PHOTO), Image.open(MASK)
+    assert (photo.format, photo.mode, photo.size) == ("JPEG", "RGB", (256, 256))
+    assert (mask.format, mask.mode, mask.size) == ("PNG", "L", (256, 256))
+    assert np.array_equal(np.array(mask), script.mask_pixels())
+    drawn = script.photo_pixels().astype(int)
+    assert np.abs(np.array(photo).astype(int) - drawn).mean() < 2  # JPEG at quality 90
+    again_photo, again_mask = script.write(tmp_path)
+    assert np.array_equal(np.array(Image.open(again_mask)), np.array(mask))
+    assert np.abs(np.array(Image.open(again_photo)).astype(int) - drawn).mean() < 2
+
+
+def test_an_edit_request_validates_with_the_examples():
+    caption = CAPTION.read_text(encoding="utf-8")
+    resolved = GenerationRequest(caption, image=PHOTO, mask=MASK, paste_back=True).validate()
+    edit = resolved.edit
+    assert (resolved.request.width, resolved.request.height) == (256, 256)
+    top, bottom, left, right = (v // 16 for v in edit_inputs_script().MASK_BOX)
+    expected = np.zeros((16, 16), np.float32)
+    expected[top:bottom, left:right] = 1  # whole tokens: the mask covers 5x5 of them
+    assert np.array_equal(edit.token_mask, expected) and edit.paste_mask is not None
+    assert GenerationRequest(caption, image=PHOTO, strength=0.6).validate().edit.token_mask is None
+    wider = GenerationRequest(caption, image=PHOTO, expand=(0, 0, 128, 0)).validate()
+    assert (wider.request.width, wider.request.height) == (384, 256)
+
+
+def test_the_readme_inpainting_command_runs_on_the_examples(tmp_path, tiny_checkpoint):
+    out = tmp_path / "inpainted.png"
+    args = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--steps", "1"]
+    args += ["--prompt-file", str(CAPTION), "--image", str(PHOTO), "--mask", str(MASK)]
+    result = CliRunner().invoke(main, [*args, "--mask-grow", "1", "--paste-back", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    pixels = np.array(Image.open(out))
+    assert pixels.shape == (256, 256, 3)
+    assert np.array_equal(pixels[:16], np.array(Image.open(PHOTO))[:16])  # pasted back
+    assert read_metadata(out)["paste_back"] is True
