@@ -14,7 +14,7 @@ Measured pieces, each in its own process (MLX active/peak memory, in GB = 1e9 by
 The table adds them: encode = text-encoder weights + its activations (an analytic bound, the
 text encoder is not run here); denoise = DiT weights (both resident, or in low-memory mode the
 resident parts + one streamed block) + activations; decode = the strip decoder's measured peak
-(``benchmarks/vae_memory.py``, README).
+(``benchmarks/vae_memory.py``, docs/PERFORMANCE.md).
 
     python benchmarks/pipeline_memory.py --workdir /tmp/ideo4-mem --sizes 512 1024 2048
 """

@@ -65,10 +65,19 @@ def check_checkpoint_dir(path: Path) -> Path:
     return path
 
 
+# What to do without the Hub: a copy on disk, or a synthetic checkpoint to try the tool.
+LOCAL_HINT = (
+    "With a copy on disk, pass its folder instead of the repo id "
+    "(ideo4-mlx generate --model LOCAL_FOLDER, ideo4-mlx convert LOCAL_FOLDER DST); to try "
+    "the tool without the weights, ideo4-mlx synth /tmp/ideo4-tiny --preset tiny writes a "
+    "tiny checkpoint to generate from (README: Quick start)"
+)
+
+
 def access_message(repo_id: str) -> str:
     return (
         f"access to {repo_id} was refused: the model is gated. Request access on "
-        f"https://huggingface.co/{repo_id}, then run `hf auth login` or set HF_TOKEN"
+        f"https://huggingface.co/{repo_id}, then run `hf auth login` or set HF_TOKEN. " + LOCAL_HINT
     )
 
 
@@ -83,8 +92,7 @@ def offline_message(repo_id: str, error: BaseException) -> str:
         f"could not reach the Hugging Face Hub to download {repo_id} ({reason}), and the "
         "cache holds no complete copy. Check the connection (and that HF_HUB_OFFLINE is not "
         f"set); {gated}: request access on https://huggingface.co/{repo_id}, then run "
-        "`hf auth login` or set HF_TOKEN. To work offline, pass a local checkpoint folder "
-        "instead of the repo id (generate --model LOCAL_FOLDER)"
+        "`hf auth login` or set HF_TOKEN. " + LOCAL_HINT
     )
 
 

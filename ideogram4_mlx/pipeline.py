@@ -355,7 +355,8 @@ class Ideogram4Pipeline:
                 draw (for parity with other implementations).
             callback: ``callback(step, num_steps, latents)`` after every denoising step
                 (0-based ``step``; ``latents`` (1, N, 128) fp32, evaluated): progress bars,
-                previews, cancelling (raise).
+                previews, cancelling (raise). The model time (``start()``'s ``Step.t``) runs
+                from 0 (noise) to 1 (clean), the opposite of diffusers' sigmas.
             verbose: print each stage's time and peak memory.
 
         Returns a :class:`GenerationResult`; ``result.save(path)`` writes the PNG with its

@@ -6,7 +6,7 @@ import huggingface_hub.constants
 import pytest
 import requests
 from click.testing import CliRunner
-from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from ideogram4_mlx import hub
 from ideogram4_mlx.cli import main
@@ -88,6 +88,43 @@ def test_convert_from_an_unreachable_hub_is_one_line(monkeypatch, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "could not reach the Hugging Face Hub" in result.output
     assert "--model LOCAL_FOLDER" in result.output
+
+
+def refused(repo_id: str) -> GatedRepoError:
+    """What snapshot_download raises for a gated repo without access (or without a token)."""
+    url = f"https://huggingface.co/api/models/{repo_id}/revision/main"
+    response = httpx.Response(403, request=httpx.Request("GET", url))
+    return GatedRepoError(
+        f"403 Client Error. Cannot access gated repo for url {url}.", response=response
+    )
+
+
+def assert_suggests_local_folders_and_synth(message: str):
+    """The three ways on: a folder for generate, a folder for convert, a synthetic checkpoint;
+    the suggested synth command is one the CLI accepts as written."""
+    assert "ideo4-mlx generate --model LOCAL_FOLDER" in message
+    assert "ideo4-mlx convert LOCAL_FOLDER DST" in message
+    synth = "ideo4-mlx synth /tmp/ideo4-tiny --preset tiny"
+    assert synth in message
+    main.commands["synth"].make_context("synth", synth.split()[2:])  # parses as written
+
+
+def test_convert_without_access_suggests_a_local_folder_and_synth(monkeypatch, tmp_path):
+    monkeypatch.setattr(hub, "snapshot_download", fail_with(refused(REPO)))
+    result = CliRunner().invoke(main, ["convert", REPO, str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith(f"Error: access to {REPO} was refused"), line
+    assert f"Request access on https://huggingface.co/{REPO}" in line
+    assert_suggests_local_folders_and_synth(line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_message_suggests_a_local_folder_and_synth(monkeypatch):
+    monkeypatch.setattr(hub, "snapshot_download", fail_with(httpx.ConnectError("refused")))
+    with pytest.raises(hub.ModelAccessError) as info:
+        hub.download(REPO)
+    assert_suggests_local_folders_and_synth(str(info.value))
 
 
 def test_lora_repo_ids_resolve_to_one_file(monkeypatch, tmp_path):

@@ -5,7 +5,9 @@ order (pip, pytest, apt-get, export and other lines are skipped) through the CLI
 point, in a fresh working folder with its own /tmp and ~. A command that uses a folder an
 earlier `ideo4-mlx synth` line of its block wrote is for the synthetic checkpoint and runs
 exactly as written; every other command is for the real model and runs with SUBSTITUTIONS and
-SMALL. Each must exit 0, do what it says (CHECKS) and finish in under 5 minutes.
+SMALL. Each must exit 0, do what it says (CHECKS) and finish in under 5 minutes. The Quick
+start's block is checked once more on its own: two commands, the second generating from the
+first one's checkpoint, and the image where the README says it lands.
 """
 
 import importlib
@@ -31,6 +33,7 @@ from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import conversion_record
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 EXAMPLE_CAPTION = ROOT / "examples" / "poster.json"
 CAPTION = {
     "high_level_description": "a red sign that says OPEN on a white wall",
@@ -74,9 +77,11 @@ SMALL = {
 }
 
 
-def readme_blocks() -> list[list[tuple[str, list[str]]]]:
-    """``[(line as written, arguments after the program)]`` for each bash block with any."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def readme_blocks(text: str | None = None) -> list[list[tuple[str, list[str]]]]:
+    """``[(line as written, arguments after the program)]`` for each bash block with any, in
+    ``text`` (the whole README by default)."""
+    if text is None:
+        text = README.read_text(encoding="utf-8")
     blocks = []
     for body in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
         commands = []
@@ -116,6 +121,39 @@ def test_the_readme_has_commands_to_check():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("commands", BLOCKS, ids=[block_id(b) for b in BLOCKS])
 def test_readme_block_runs(commands, tiny_checkpoint, tmp_path, monkeypatch):
+    run_block(commands, tiny_checkpoint, tmp_path, monkeypatch)
+
+
+def quick_start() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Quick start\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_quick_start_makes_an_image_in_two_commands(tiny_checkpoint, tmp_path, monkeypatch):
+    """The README's first commands: synth a tiny checkpoint, generate from it (as written: no
+    substitution but /tmp), and the image is where the README says it lands."""
+    section = quick_start()
+    first = readme_blocks(section)[0]
+    assert [args[0] for _, args in first] == ["synth", "generate"], first
+    synth, generate = (args for _, args in first)
+    folder = parse(synth)["dst"]
+    assert Path(parse(generate)["model"]) == folder, "generate does not use the synth folder"
+    output = parse(generate)["output"]
+    assert f"The image lands in `{output}`" in section
+    paths = run_block(first, tiny_checkpoint, tmp_path, monkeypatch)
+    landed = Path(substitute(str(output), paths))
+    with Image.open(landed) as image:
+        assert image.format == "PNG" and image.size == (
+            parse(generate)["width"],
+            parse(generate)["height"],
+        )
+
+
+def run_block(commands, tiny_checkpoint, tmp_path, monkeypatch) -> dict:
+    """Runs one README block's commands (see the module docstring); returns the paths that
+    SUBSTITUTIONS fill in."""
     paths = {"tiny": tiny_checkpoint, "tmp": tmp_path / "tmp", "home": tmp_path / "home"}
     paths["root"] = ROOT
     paths["caption"] = EXAMPLE_CAPTION if EXAMPLE_CAPTION.is_file() else write_caption(tmp_path)
@@ -151,6 +189,7 @@ def test_readme_block_runs(commands, tiny_checkpoint, tmp_path, monkeypatch):
             assert check, f"{ran}\nno check for `{args[0]}`: add one to CHECKS in {__file__}"
             check(parse(args), result.output)
         assert seconds < SECONDS, f"{ran}\ntook {seconds:.0f} s"
+    return paths
 
 
 def parse(args: list[str]) -> dict:
