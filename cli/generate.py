@@ -19,6 +19,7 @@ from ideogram4_mlx.cli.options import (
     edit_options,
     given,
     pipeline_options,
+    report_dtype,
     show_warning,
 )
 from ideogram4_mlx.distributed import DataGroup
@@ -254,6 +255,7 @@ def _generate_one(options, request, output, force, stepwise_dir, verbose):
         raise click.ClickException("\n".join(problems))
     # One image per process: free each model after its stage (lowest peak memory).
     pipe = load(options, keep_in_memory=False)
+    report_dtype()
     if pipe.cfg is not None and pipe.cfg.rank != 0:
         _run(pipe, resolved, None, verbose)  # its DiT's passes; rank 0 writes the image
         return None
@@ -265,6 +267,7 @@ def _generate_one(options, request, output, force, stepwise_dir, verbose):
 def _generate_many(options, request, output, force, verbose, num_images, seeds) -> None:
     """Several seeds with one loaded pipeline; spread over the ranks with --distributed."""
     pipe = load(options, keep_in_memory=None, distributed=False)  # lazy: nothing loads yet
+    report_dtype()
     group = DataGroup.start(pipe.checkpoint_dir) if options.distributed else None
     batch = ImageBatch(pipe.check, request, num_images, seeds, group)
     outputs = [output.with_name(f"{output.stem}-{seed}{output.suffix}") for seed in batch.seeds]

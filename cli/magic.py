@@ -8,7 +8,7 @@ import click
 import mlx.core as mx
 
 from ideogram4_mlx.cli.errors import Command
-from ideogram4_mlx.cli.options import pipeline_options
+from ideogram4_mlx.cli.options import pipeline_options, report_dtype
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.magic.options import check_idea, check_target
 from ideogram4_mlx.pipeline import load
@@ -49,6 +49,7 @@ def magic_prompt(idea, options, width, height, seed, output, force, verbose):
     idea = check_idea(idea)  # every input before the model loads
     check_target(width, height, seed)
     pipe = load(options)
+    report_dtype()
     mx.reset_peak_memory()
     caption = pipe.expand(idea, width, height, seed, on_text=stream)
     if verbose:

@@ -6,8 +6,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ideogram4_mlx.dtypes import DTYPES, parse_dtype
+from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
+from ideogram4_mlx.environment import default_dtype
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import parse_lora_option
@@ -24,6 +25,15 @@ from ideogram4_mlx.pipeline_options import PipelineOptions
 def show_warning(message, category, filename, lineno, file=None, line=None):
     """``warnings.showwarning`` for commands: one ``warning: ...`` line, no source location."""
     click.echo(f"warning: {message}", err=True)
+
+
+def report_dtype() -> None:
+    """One stderr line naming the dtype the backend chose, for a command whose ``--dtype``
+    (default: the backend's) was not given, nor a PNG to replay (its dtype is stored)."""
+    ctx = click.get_current_context()
+    if not given(ctx, "dtype") and ctx.params.get("from_metadata") is None:
+        dtype, why = default_dtype()
+        click.echo(f"dtype: {dtype_name(dtype)} ({why}; --dtype to choose)", err=True)
 
 
 def comma_list(kind: type = str, example: str = "a,b", valid=None, one_for: int | None = None):
@@ -134,7 +144,7 @@ def _lora_specs(target: str):
     return parse
 
 
-def _model_group(argument: bool, dtype: str) -> list:
+def _model_group(argument: bool, dtype: str | None) -> list:
     model = (
         click.argument("model")
         if argument
@@ -152,10 +162,15 @@ def _model_group(argument: bool, dtype: str) -> list:
             "--dtype",
             type=click.Choice(list(DTYPES)),
             default=dtype,
-            show_default=True,
-            callback=lambda ctx, param, value: parse_dtype(value),
-            help="Weights and activations (latents are always float32; float32 is the fast "
-            "one on MLX's CPU backend).",
+            show_default=dtype is not None,
+            callback=lambda ctx, param, value: None if value is None else parse_dtype(value),
+            help="Weights and activations (latents are always float32)."
+            + (
+                ""
+                if dtype is not None
+                else " Default: float32 on MLX's CPU backend (bfloat16 and quantized matmuls "
+                "are 10-50x slower there), bfloat16 on Metal and CUDA."
+            ),
         ),
     ]
 
@@ -276,12 +291,13 @@ LOAD_PARAMETERS = {
 
 
 def pipeline_options(
-    *groups: str, model_argument: bool = False, dtype: str = "bfloat16", **defaults
+    *groups: str, model_argument: bool = False, dtype: str | None = None, **defaults
 ):
     """The load options as click options, turned into one :class:`PipelineOptions` passed to
     the command as ``options``. ``groups``: which besides ``--model/--revision/--dtype``
     (``memory``, ``lora``, ``magic``, ``distributed``); ``model_argument``: MODEL is an
-    argument; ``dtype``: its default; ``defaults``: other PipelineOptions fields the command
+    argument; ``dtype``: its default (None: the backend's, see :func:`report_dtype`);
+    ``defaults``: other PipelineOptions fields the command
     sets (e.g. ``keep_in_memory``). Bad values are a usage error naming the option."""
     declared = _model_group(model_argument, dtype)
     for group in groups:

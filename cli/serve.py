@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ideogram4_mlx.cli.errors import Command
-from ideogram4_mlx.cli.options import pipeline_options, show_warning
+from ideogram4_mlx.cli.options import pipeline_options, report_dtype, show_warning
 from ideogram4_mlx.server.hosts import is_loopback
 
 
@@ -102,17 +102,19 @@ def serve(
         ) from e
     if not is_loopback(host) and api_key is None:
         click.echo(f"warning: serving on {host} without an API key (--no-auth)", err=True)
+    # While serving, every warning is one line on stderr, whichever thread raises it (the
+    # filters are process-wide); ours every time, so the log has each job's (the load's, the
+    # temporary files the queue removed, a job's caption findings).
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the CPU-backend note is for the CLI's one image
-        from ideogram4_mlx.pipeline import load
+        warnings.filterwarnings("always", category=UserWarning, module="ideogram4_mlx")
+        warnings.showwarning = show_warning
+        from ideogram4_mlx.pipeline import load  # looked up now: tests replace it
 
         pipe = load(options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show_warning  # temporary files it removed: one line
+        report_dtype()
         jobs = JobQueue(pipe, output_dir, max_queue, preview_every)
-    app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20, [host, *allowed_hosts])
-    click.echo(f"serving {pipe.model_id} on http://{host}:{port}/ (outputs in {output_dir})")
-    # Ctrl-C: an open event stream must not hold the shutdown until its job ends; after 1 s
-    # uvicorn closes the connections and the app cancels the running job after its step.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+        app = create_app(jobs, api_key, cors_origin, max_body_mb * 2**20, [host, *allowed_hosts])
+        click.echo(f"serving {pipe.model_id} on http://{host}:{port}/ (outputs in {output_dir})")
+        # Ctrl-C: an open event stream must not hold the shutdown until its job ends; after 1 s
+        # uvicorn closes the connections and the app cancels the running job after its step.
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)

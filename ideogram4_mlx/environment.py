@@ -111,6 +111,16 @@ def differences(stored: dict | None, current: dict) -> list[str]:
     ]
 
 
+def default_dtype() -> tuple[mx.Dtype, str]:
+    """The compute dtype when none is given, and why: float32 on MLX's CPU backend (bf16 and
+    quantized matmuls run without BLAS there, see :func:`is_slow`), bfloat16 on Metal and CUDA
+    (the model's own precision, half the memory)."""
+    where = backend()
+    if where == "cpu":
+        return mx.float32, "MLX CPU backend"
+    return mx.bfloat16, f"MLX {'Metal' if where == 'metal' else 'CUDA'} backend"
+
+
 def is_slow(dtype: mx.Dtype, quantized: bool) -> bool:
     """MLX's CPU backend runs bf16/fp16 and quantized matmuls without BLAS (10-50x slower
     than fp32 there); Metal and CUDA do not have that cliff."""

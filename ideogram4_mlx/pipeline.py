@@ -19,7 +19,6 @@ import numpy as np
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.environment import describe, is_slow
-from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
     Generation,
@@ -63,7 +62,8 @@ class Ideogram4Pipeline:
     def __init__(self, checkpoint_dir: Path, options: PipelineOptions | None = None):
         """``options``: validated, their model and revision resolved (``load`` does both)."""
         self.checkpoint_dir = Path(checkpoint_dir)
-        options = PipelineOptions(str(self.checkpoint_dir)) if options is None else options
+        if options is None:
+            options = PipelineOptions(str(self.checkpoint_dir)).validate()
         self.options = options
         self.dtype = options.dtype
         self.low_memory = options.low_memory
@@ -372,9 +372,12 @@ class Ideogram4Pipeline:
 
 def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideogram4Pipeline:
     """A pipeline for :class:`PipelineOptions` (or a checkpoint folder or Hugging Face repo id
-    and the options' fields as keywords): load once, then generate many images.
+    and the options' fields as keywords, or the commands' names for them:
+    :meth:`PipelineOptions.from_keywords`): load once, then generate many images.
 
-    The options are validated before anything loads. Components load on first use. A repo id
+    The options are validated before anything loads; ``dtype`` None (the default) becomes
+    float32 on MLX's CPU backend and bfloat16 on Metal and CUDA (``pipe.dtype`` says which;
+    a CPU run that stays slow, bf16 or quantized, warns). Components load on first use. A repo id
     is downloaded with huggingface_hub into its cache (only the files the pipeline reads).
     ``low_memory=True`` is ``memory_limit=0`` (every DiT block streamed). The LoRAs are read and
     checked here, before any weights load (:meth:`Ideogram4Pipeline.add_lora`); they run
@@ -388,16 +391,9 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     launcher, with another rank count, or when the ranks' checkpoints differ.
     """
     if isinstance(model, PipelineOptions):
-        options = replace(model, **keywords) if keywords else model
+        options = PipelineOptions.from_keywords(model, **keywords) if keywords else model
     else:
-        if keywords.pop("low_memory", False):
-            if keywords.get("memory_limit") is not None:
-                raise InputError(
-                    "low_memory streams every DiT block, whatever the memory_limit: give one "
-                    "of them"
-                )
-            keywords["memory_limit"] = 0
-        options = PipelineOptions(model, **keywords)
+        options = PipelineOptions.from_keywords(model=model, **keywords)
     options = options.validate()
     checkpoint_dir, model_id, revision = resolve_model(options.model, options.revision)
     pipe = Ideogram4Pipeline(checkpoint_dir, replace(options, model=model_id, revision=revision))

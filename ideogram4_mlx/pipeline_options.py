@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
+from ideogram4_mlx.environment import default_dtype
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError
@@ -35,13 +36,17 @@ class PipelineOptions:
     """Which checkpoint, and how to run it.
 
     ``model``: a local checkpoint folder or a Hugging Face repo id (``revision``: its branch,
-    tag or commit). ``dtype``: an MLX dtype or its name. ``memory_limit``: GB the denoise stage
-    may use (as many DiT blocks resident as fit, the rest streamed from disk each pass, the same
-    image); 0 streams every block (the least memory, ``--low-memory``); None takes the
-    machine's. ``keep_in_memory``: keep every model loaded between images (None: when their
-    weights fit the budget). ``loras``: :class:`LoRASpec` or ``"FILE[:SCALE]"`` strings, for the
-    conditional DiT unless their target is ``uncond``; ``fuse_lora`` merges them into the float
-    weights at load; ``lora_allow_partial`` applies a LoRA some of whose modules match no layer.
+    tag or commit). ``dtype``: an MLX dtype or its name; None (the default) is the backend's
+    choice, resolved by :meth:`validate` (float32 on MLX's CPU backend, where bf16 and quantized
+    matmuls are 10-50x slower; bfloat16 on Metal and CUDA: ``environment.default_dtype``), so
+    loaded options and an image's metadata hold the dtype used. ``memory_limit``: GB the
+    denoise stage may use (as many DiT blocks resident as fit, the rest streamed from disk each
+    pass, the same image); 0 streams every block (the least memory, ``--low-memory``); None
+    takes the machine's. ``keep_in_memory``: keep every model loaded between images (None: when
+    their weights fit the budget). ``loras``: :class:`LoRASpec` or ``"FILE[:SCALE]"`` strings,
+    for the conditional DiT unless their target is ``uncond``; ``fuse_lora`` merges them into
+    the float weights at load; ``lora_allow_partial`` applies a LoRA some of whose modules match
+    no layer.
     ``magic_head``/``magic_model``: the magic prompt's lm_head, or another mlx-lm chat model;
     ``magic_options``: its expansion settings (:class:`MagicOptions`, or a dict of them).
     ``distributed``: use the ranks ``mlx.launch -n 2`` started (CFG-parallel for one image).
@@ -49,7 +54,7 @@ class PipelineOptions:
 
     model: str | Path = DEFAULT_REPO
     revision: str | None = None
-    dtype: mx.Dtype = mx.bfloat16
+    dtype: mx.Dtype | None = None
     memory_limit: float | None = None
     keep_in_memory: bool | None = None
     loras: tuple[LoRASpec, ...] = ()
@@ -66,7 +71,9 @@ class PipelineOptions:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         if isinstance(self.dtype, str):
             set_("dtype", parse_dtype(self.dtype))
-        if not isinstance(self.dtype, mx.Dtype) or self.dtype not in DTYPES.values():
+        if self.dtype is not None and (
+            not isinstance(self.dtype, mx.Dtype) or self.dtype not in DTYPES.values()
+        ):
             raise InputError(
                 f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}"
             )
@@ -83,6 +90,41 @@ class PipelineOptions:
             ):
                 raise InputError(f"{name} {reprlib.repr(getattr(self, name))} must be {WHAT[name]}")
 
+    @classmethod
+    def from_keywords(cls, base: PipelineOptions | None = None, **keywords) -> PipelineOptions:
+        """``base`` (the defaults when None) with ``keywords`` replacing its fields. The
+        commands' names are taken too (``ALIASES``): ``low_memory=True`` is ``memory_limit=0``;
+        ``lora`` is ``loras`` (one ``FILE[:SCALE]`` or a list); ``lora_uncond`` adds LoRAs for
+        the unconditional DiT; ``max_tokens``, ``temperature``, ``top_p``, ``keep_bboxes``,
+        ``system_prompt`` and ``grammar_limits`` set those of ``magic_options``. A setting given
+        under both its names is an ``InputError``; an unknown name a ``TypeError``."""
+        keywords = dict(keywords)
+        unknown = sorted(set(keywords) - set(OPTIONS) - set(ALIASES))
+        if unknown:
+            valid = ", ".join([*OPTIONS, *ALIASES])
+            raise TypeError(f"unknown load option(s) {unknown}; valid: {valid}")
+        if keywords.pop("low_memory", False):
+            if keywords.get("memory_limit") is not None:
+                raise InputError(
+                    "low_memory streams every DiT block, whatever the memory_limit: give one "
+                    "of them"
+                )
+            keywords["memory_limit"] = 0
+        if "lora" in keywords:
+            _not_both("lora", "loras", keywords)
+            keywords["loras"] = _listed(keywords.pop("lora"))
+        if "lora_uncond" in keywords:
+            uncond = [_uncond(s) for s in _listed(keywords.pop("lora_uncond"))]
+            given = keywords.get("loras", () if base is None else base.loras)
+            keywords["loras"] = [*_listed(given), *uncond]
+        magic = {k: keywords.pop(k) for k in MAGIC_FIELDS if k in keywords}
+        if magic:
+            if "magic_options" in keywords:
+                raise InputError(f"give magic_options or its fields ({', '.join(magic)}), not both")
+            current = (base or cls()).magic_options
+            keywords["magic_options"] = replace(current, **magic)
+        return cls(**keywords) if base is None else replace(base, **keywords)
+
     @property
     def low_memory(self) -> bool:
         """Every DiT block streamed (``memory_limit`` 0)."""
@@ -91,7 +133,8 @@ class PipelineOptions:
     def validate(self) -> PipelineOptions:
         """Ranges and combinations, checked before anything loads (``ValueError`` or
         ``LoRAError`` naming the option and the fix); the options with the magic prompt's
-        system prompt file read. Validated options are returned as they are."""
+        system prompt file read and an automatic ``dtype`` resolved for this backend. Validated
+        options are returned as they are."""
         if self.validated:
             return self
         if self.memory_limit is not None and not self.low_memory:
@@ -102,16 +145,19 @@ class PipelineOptions:
                 "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
                 "--lora`"
             )
-        options = replace(self, magic_options=self.magic_options.validate())
+        options = replace(
+            self, dtype=resolve_dtype(self.dtype), magic_options=self.magic_options.validate()
+        )
         object.__setattr__(options, "validated", True)
         return options
 
     def to_metadata(self) -> dict:
-        """What an image's metadata stores of these options (``STORED``)."""
+        """What an image's metadata stores of these options (``STORED``): the dtype resolved,
+        so a replay uses the same one on any backend."""
         return {
             "model": str(self.model),
             "revision": self.revision,
-            "dtype": dtype_name(self.dtype),
+            "dtype": dtype_name(resolve_dtype(self.dtype)),
         }
 
     @classmethod
@@ -147,6 +193,27 @@ class PipelineOptions:
         )
 
 
+def resolve_dtype(dtype: mx.Dtype | None) -> mx.Dtype:
+    """``dtype``, or the backend's choice when None (``environment.default_dtype``)."""
+    return default_dtype()[0] if dtype is None else dtype
+
+
+def _not_both(alias: str, name: str, keywords: Mapping) -> None:
+    if alias in keywords and name in keywords:
+        raise InputError(f"{alias} is another name for {name}: give one of them")
+
+
+def _uncond(spec: str | LoRASpec) -> LoRASpec:
+    if isinstance(spec, str):
+        return parse_lora_option(spec, "uncond")
+    return replace(spec, target="uncond")
+
+
+def _listed(value) -> list:
+    """One LoRA (a string or spec) as a list of one; a list or tuple as a list."""
+    return [value] if isinstance(value, (str, LoRASpec)) else list(value)
+
+
 def _kinds(kind) -> tuple:
     return kind if isinstance(kind, tuple) else (kind,)
 
@@ -175,3 +242,6 @@ WHAT = {
     "distributed": "True or False",
 }
 OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)
+MAGIC_FIELDS = tuple(f.name for f in fields(MagicOptions))
+# The commands' names for load settings that are no field here (from_keywords takes them).
+ALIASES = ("low_memory", "lora", "lora_uncond", *MAGIC_FIELDS)

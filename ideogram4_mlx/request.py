@@ -323,6 +323,9 @@ class GenerationRequest:
 
 
 SETTINGS = tuple(f.name for f in fields(GenerationRequest))
+# The commands' names for fields (generate --steps); generate(**settings) and the server's JSON
+# take them too.
+ALIASES = {"steps": "num_steps"}
 # The fields stored in a PNG and their JSON types ("seq": a list of numbers). strict_caption
 # and allow_invalid_caption are not stored: they decide whether to run, not the image; nor is
 # magic_prompt: the stored prompt is the caption it wrote (the idea is kept beside it).
@@ -512,12 +515,27 @@ def caption_findings(prompt: str) -> list[str]:
     return verify_raw(prompt) if is_json_prompt(prompt) else [PLAIN_PROMPT_WARNING]
 
 
+def field_names(settings: Mapping) -> dict:
+    """``settings`` with the commands' names (``ALIASES``: ``steps``) as the fields' names;
+    ``InputError`` when a field is given under both."""
+    settings = dict(settings)
+    for alias, name in ALIASES.items():
+        if alias in settings:
+            if name in settings:
+                raise InputError(f"{alias} is another name for {name}: give one of them")
+            settings[name] = settings.pop(alias)
+    return settings
+
+
 def request_from_settings(prompt: str | GenerationRequest, settings: Mapping) -> GenerationRequest:
     """``generate(prompt, **settings)``'s request: a request as given (settings replace its
-    fields) or a new one from a prompt."""
-    unknown = sorted(set(settings) - set(SETTINGS))
+    fields) or a new one from a prompt. The commands' names are taken too (``steps`` for
+    ``num_steps``: :func:`field_names`)."""
+    unknown = sorted(set(settings) - set(SETTINGS) - set(ALIASES))
     if unknown:
-        raise TypeError(f"unknown generation setting(s) {unknown}; valid: {', '.join(SETTINGS)}")
+        valid = ", ".join([*SETTINGS, *ALIASES])
+        raise TypeError(f"unknown generation setting(s) {unknown}; valid: {valid}")
+    settings = field_names(settings)
     if isinstance(prompt, GenerationRequest):
         return replace(prompt, **settings)
     return GenerationRequest(prompt, **settings)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ideogram4_mlx import __version__
+from ideogram4_mlx import __version__, environment
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.environment import describe
 from ideogram4_mlx.hub import DEFAULT_REPO
@@ -209,16 +209,52 @@ def fake(monkeypatch):
     return seen
 
 
-def test_defaults_reach_load_and_the_request(fake, tmp_path):
+def test_defaults_reach_load_and_the_request(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(environment, "backend", lambda: "metal")
     result = invoke("--prompt", CAPTION, "--output", tmp_path / "a.png")
     assert result.exit_code == 0, result.output
     assert fake.load == {"model": DEFAULT_REPO, "dtype": mx.bfloat16, "revision": None}
     assert fake.memory_limit is None  # the machine's (tests/test_memory_limit.py); 0: low memory
-    assert fake.options == PipelineOptions(keep_in_memory=False)  # every other default
+    # every other default (validated: the dtype resolved for the backend)
+    assert fake.options == PipelineOptions(keep_in_memory=False).validate()
     assert fake.keep_in_memory is False  # one image per process: free each model after use
     assert fake.verbose is False
     # the CLI's defaults are the request's (resolved: the default size filled in)
     assert fake.request == GenerationRequest(CAPTION).validate().request
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, line",
+    [
+        ("cpu", mx.float32, "dtype: float32 (MLX CPU backend; --dtype to choose)"),
+        ("metal", mx.bfloat16, "dtype: bfloat16 (MLX Metal backend; --dtype to choose)"),
+        ("cuda", mx.bfloat16, "dtype: bfloat16 (MLX CUDA backend; --dtype to choose)"),
+    ],
+)
+def test_the_default_dtype_is_the_backends_and_said_on_stderr(
+    fake, tmp_path, monkeypatch, backend, dtype, line
+):
+    monkeypatch.setattr(environment, "backend", lambda: backend)
+    result = invoke("--prompt", CAPTION, "--output", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert fake.load["dtype"] == dtype
+    assert line in result.stderr.splitlines() and line not in result.stdout
+    # --dtype wins, and then nothing is said
+    result = invoke("--prompt", CAPTION, "--dtype", "float16", "--output", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    assert fake.load["dtype"] == mx.float16 and "dtype:" not in result.stderr
+
+
+def test_a_replay_keeps_the_stored_dtype_whatever_the_backend(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(environment, "backend", lambda: "cpu")  # its own choice: float32
+    stored = save_png(
+        Image.new("RGB", (8, 8)), tmp_path / "bf16.png", sample_metadata(dtype="bfloat16")
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # made on another setup
+        result = invoke("--from-metadata", stored, "--output", tmp_path / "again.png")
+    assert result.exit_code == 0, result.output
+    assert fake.load["dtype"] == mx.bfloat16 and "dtype:" not in result.stderr
 
 
 def test_num_steps_alias_and_one_guidance_weight(fake, tmp_path):

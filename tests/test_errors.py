@@ -43,6 +43,8 @@ ALLOWED = {
     ("ideogram4_mlx/prompt.py", "PromptEncoder._run"): "used after release_model()",
     ("ideogram4_mlx/request.py", "GenerationRequest.schedule"): "used before validate()",
     ("ideogram4_mlx/request.py", "request_from_settings"): "an unknown keyword (TypeError)",
+    ("ideogram4_mlx/pipeline_options.py", "PipelineOptions.from_keywords"): "an unknown "
+    "keyword (TypeError)",
     ("ideogram4_mlx/magic/constrain.py", "hf_tokenizer"): "a tokenizer of another type",
     ("ideogram4_mlx/magic/constrain.py", "CaptionProcessor.__init__"): "the library's grammar",
     ("ideogram4_mlx/magic/constrain.py", "CaptionProcessor.__call__"): "another logits "

@@ -14,8 +14,9 @@ import pytest
 from huggingface_hub.errors import GatedRepoError
 from PIL import Image
 
-from ideogram4_mlx import hub
+from ideogram4_mlx import environment, hub
 from ideogram4_mlx.config import CheckpointError
+from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import CaptionError, GenerationRequest, check_size
@@ -63,7 +64,7 @@ def test_size_to_grid():
 def test_seeded_generation_is_reproducible_and_seeds_differ(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = pipe.generate(CAPTION, seed=7, **FAST)
+        a = pipe.generate(CAPTION, seed=7, width=256, height=256, steps=3)  # the CLI's name
         b = denoised(pipe, CAPTION, seed=7, **FAST)  # the decode is a pure function of these
         c = denoised(pipe, CAPTION, seed=8, **FAST)
     assert a.image.size == (256, 256) and a.latents.shape == (1, 256, 128)
@@ -97,6 +98,13 @@ def modelless(tiny_checkpoint):
 
     pipe.prompt_encoder = pipe.dits = pipe.vae = no_models
     return pipe
+
+
+def test_a_setting_under_both_its_names_fails_before_loading(modelless):
+    with pytest.raises(ValueError, match="steps is another name for num_steps"):
+        modelless.generate(CAPTION, steps=3, **FAST)
+    with pytest.raises(TypeError, match=r"unknown generation setting\(s\) \['stepz'\]"):
+        modelless.generate(CAPTION, stepz=3)
 
 
 def test_strict_caption_fails_before_loading(modelless):
@@ -261,12 +269,29 @@ def test_dtype_by_name_and_bad_dtypes_fail_at_load(tiny_checkpoint):
         load(tiny_checkpoint, dtype=np.float32)
 
 
-def test_cpu_backend_warns_once_about_slow_bf16(tiny_checkpoint):
+@pytest.mark.parametrize(
+    "backend, dtype", [("cpu", mx.float32), ("metal", mx.bfloat16), ("cuda", mx.bfloat16)]
+)
+def test_the_default_dtype_is_the_backends_and_stored_resolved(
+    tiny_checkpoint, monkeypatch, backend, dtype
+):
+    monkeypatch.setattr(environment, "backend", lambda: backend)
+    pipe = load(tiny_checkpoint)
+    assert pipe.dtype == pipe.options.dtype == dtype
+    assert pipe.settings()["dtype"] == dtype_name(dtype)  # a replay gets it back anywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # float16 on the CPU backend: the slowness note
+        assert load(tiny_checkpoint, dtype="float16").dtype == mx.float16  # a given dtype wins
+
+
+def test_cpu_backend_warns_once_about_slow_bf16(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(environment, "backend", lambda: "cpu")
     with pytest.warns(UserWarning, match="CPU backend here, where bfloat16 matmuls are 10-50x"):
         load(tiny_checkpoint, dtype=mx.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load(tiny_checkpoint, dtype=mx.float32)
+        load(tiny_checkpoint)  # the default there: float32, nothing to warn about
 
 
 def test_dict_caption_and_result_save_keep_the_metadata(pipe, tmp_path):

@@ -7,7 +7,9 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from ideogram4_mlx import environment
 from ideogram4_mlx.batch import MAX_IMAGES, image_requests, image_seeds
+from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import LoRASpec
 from ideogram4_mlx.magic.options import MagicOptions, MagicPromptError
@@ -99,6 +101,68 @@ def test_load_takes_options_or_their_fields_as_keywords(tiny_checkpoint):
         "model", "revision", "dtype", "memory_limit", "keep_in_memory", "loras", "fuse_lora",
         "lora_allow_partial", "magic_head", "magic_model", "magic_options", "distributed",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, dtype", [("cpu", mx.float32), ("metal", mx.bfloat16)])
+def test_no_dtype_is_the_backends_resolved_by_validate(monkeypatch, backend, dtype):
+    monkeypatch.setattr(environment, "backend", lambda: backend)
+    options = PipelineOptions("a/b")
+    assert options.dtype is None  # automatic, until validated
+    assert options.validate().dtype == dtype
+    assert options.to_metadata()["dtype"] == dtype_name(dtype)  # stored resolved
+    assert PipelineOptions("a/b", dtype="fp16").validate().dtype == mx.float16  # given: kept
+    # a replay takes the image's dtype, not this backend's
+    stored = {"model": "a/b", "revision": None, "dtype": "float16"}
+    assert PipelineOptions.from_metadata(stored, options).validate().dtype == mx.float16
+
+
+def test_from_keywords_takes_the_commands_names(tmp_path):
+    lora, uncond = LoRASpec("x.safetensors", 0.5), LoRASpec("u.safetensors", None, "uncond")
+    options = PipelineOptions.from_keywords(
+        model="a/b",
+        low_memory=True,
+        lora="x.safetensors:0.5",
+        lora_uncond="u.safetensors",
+        temperature=0.0,
+        max_tokens=300,
+    )
+    assert options == PipelineOptions(
+        "a/b",
+        memory_limit=0,
+        loras=[lora, uncond],
+        magic_options=MagicOptions(temperature=0.0, max_tokens=300),
+    )
+    # with base options: the keywords replace (magic fields: within its magic_options)
+    base = PipelineOptions("a/b", loras=[lora], magic_options={"top_p": 0.5})
+    again = PipelineOptions.from_keywords(base, lora_uncond=[uncond], keep_bboxes=True)
+    assert again.loras == (lora, uncond)
+    assert again.magic_options == MagicOptions(top_p=0.5, keep_bboxes=True)
+    assert PipelineOptions.from_keywords(base, low_memory=True).low_memory
+
+
+@pytest.mark.parametrize(
+    "keywords, error, message",
+    [
+        ({"lora": "x", "loras": ["x"]}, ValueError, "lora is another name for loras"),
+        ({"low_memory": True, "memory_limit": 2}, ValueError, "give one of them"),
+        (
+            {"temperature": 0.0, "magic_options": {}},
+            ValueError,
+            r"give magic_options or its fields \(temperature\), not both",
+        ),
+        ({"stepz": 1}, TypeError, r"unknown load option\(s\) \['stepz'\]; valid: model,"),
+    ],
+)
+def test_from_keywords_refuses_a_setting_given_twice_or_unknown(keywords, error, message):
+    with pytest.raises(error, match=message):
+        PipelineOptions.from_keywords(**keywords)
+
+
+def test_load_takes_the_commands_names(tiny_checkpoint):
+    pipe = load(tiny_checkpoint, dtype="float32", low_memory=True, temperature=0.5)
+    assert pipe.low_memory and pipe.options.magic_options.temperature == 0.5
+    options = PipelineOptions(tiny_checkpoint, dtype="float32")
+    assert load(options, low_memory=True).low_memory  # was a TypeError from replace()
 
 
 def test_image_seeds_one_range_and_their_bounds(monkeypatch):

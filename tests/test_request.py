@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.request import (
     MAX_IDEA_CHARS,
     MAX_SEED,
@@ -280,8 +281,17 @@ def test_settings_are_the_dataclass_fields_and_unknown_ones_are_refused():
     request = request_from_settings("a cat", {"width": 512, "seed": 3})
     assert request == GenerationRequest("a cat", width=512, seed=3)
     assert request_from_settings(request, {"seed": 4}) == replace(request, seed=4)
-    with pytest.raises(TypeError, match=r"unknown generation setting\(s\) \['steps'\]"):
-        request_from_settings("a cat", {"steps": 4})
+    with pytest.raises(TypeError, match=r"unknown generation setting\(s\) \['stepz'\]"):
+        request_from_settings("a cat", {"stepz": 4})
+
+
+def test_settings_take_the_commands_names_but_not_both_names():
+    # generate --steps: generate(steps=...) too; the request's field is num_steps
+    assert request_from_settings("a cat", {"steps": 4}) == GenerationRequest("a cat", num_steps=4)
+    request = GenerationRequest("a cat", num_steps=2)
+    assert request_from_settings(request, {"steps": 5}).num_steps == 5
+    with pytest.raises(InputError, match="steps is another name for num_steps: give one of them"):
+        request_from_settings("a cat", {"steps": 4, "num_steps": 4})
 
 
 def test_guidance_is_stored_as_a_tuple_of_floats():

@@ -27,6 +27,7 @@ from PIL import Image
 
 import ideogram4_mlx.generation as generation_module
 import ideogram4_mlx.pipeline as pipeline_module
+from ideogram4_mlx.caption import PLAIN_PROMPT_WARNING
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.cli.options import DISTRIBUTED_GROUP, LORA_GROUP, MAGIC_GROUP, MEMORY_GROUP
 from ideogram4_mlx.metadata import read_metadata, save_png
@@ -351,8 +352,11 @@ def test_bad_size_through_the_openai_client_has_the_cli_message(server, tiny_che
 
 def test_bad_requests_without_a_cli_twin_get_422(server, api):
     before = len(server.jobs.jobs)
-    message = error_message(api.post("/v1/jobs", json={**JOB, "steps": 2, "foo": 1}), 422)
-    assert message.startswith("unknown field(s) ['foo', 'steps']; valid: prompt, width")
+    message = error_message(api.post("/v1/jobs", json={**JOB, "stepz": 2, "foo": 1}), 422)
+    assert message.startswith("unknown field(s) ['foo', 'stepz']; valid: prompt, width")
+    # steps is the CLI's name for num_steps (taken); both names at once are not
+    message = error_message(api.post("/v1/jobs", json={**JOB, "steps": 2, "num_steps": 2}), 422)
+    assert message == "steps is another name for num_steps: give one of them"
     assert "image_sha256" not in message  # fingerprints come from the images sent
 
     json_type = {"content-type": "application/json"}
@@ -532,6 +536,32 @@ def test_serve_on_a_public_host_with_no_auth_or_a_key(
 
 
 # -- body limit, output safety, restarts ------------------------------------------------------
+
+
+def test_serve_shows_a_jobs_warnings_as_one_line_each(monkeypatch, tiny_checkpoint, tmp_path):
+    """A plain-text prompt's caption finding, raised on the worker thread while serving, is
+    one ``warning: ...`` line on stderr (as generate shows it), not Python's two-line form."""
+    queues, states = served(monkeypatch), []
+
+    def run(app, **kwargs):  # while serving: one plain-text job, twice
+        client = TestClient(app, base_url="http://127.0.0.1")
+        for _ in range(2):
+            body = {**JOB, "prompt": "a red sign", "steps": 1}  # the CLI's name for num_steps
+            response = client.post("/v1/jobs", json=body)
+            assert response.status_code == 202, response.text
+            states.append(queues[0].wait(queues[0].get(response.json()["id"]), WAIT).state)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    result = cli(
+        "serve", "--model", tiny_checkpoint, "--dtype", "float32", "--output-dir", tmp_path
+    )  # fmt: skip
+    for jobs in queues:
+        jobs.shutdown()
+    assert result.exit_code == 0, result.output
+    assert states == ["done", "done"]
+    said = [line for line in result.stderr.splitlines() if "plain-text prompt" in line]
+    assert said == [f"warning: caption: {PLAIN_PROMPT_WARNING}"] * 2  # each job's
+    assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
 
 
 def test_a_body_over_the_limit_gets_413_with_or_without_a_length(pipe, tmp_path):

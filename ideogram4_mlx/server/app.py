@@ -34,7 +34,14 @@ from starlette.concurrency import run_in_threadpool
 
 from ideogram4_mlx.batch import image_requests
 from ideogram4_mlx.edit import MAX_INPUT_PIXELS
-from ideogram4_mlx.request import SETTINGS, GenerationRequest, caption_findings
+from ideogram4_mlx.errors import InputError
+from ideogram4_mlx.request import (
+    ALIASES,
+    SETTINGS,
+    GenerationRequest,
+    caption_findings,
+    field_names,
+)
 from ideogram4_mlx.server.hosts import LOOPBACK_NAMES, host_name, is_ip_address
 from ideogram4_mlx.server.jobs import TERMINAL, JobQueue, QueueFull
 from ideogram4_mlx.version import __version__
@@ -247,10 +254,13 @@ def request_from_json(body: Any) -> GenerationRequest:
     """A ``GenerationRequest`` from the native job JSON (its field names; images as base64)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - set(CLIENT_SETTINGS))
+    unknown = sorted(set(body) - set(CLIENT_SETTINGS) - set(ALIASES))
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}; valid: {', '.join(CLIENT_SETTINGS)}")
-    fields = dict(body)
+    try:
+        fields = field_names(body)  # "steps" for "num_steps", as the CLI and Python take it
+    except InputError as e:
+        raise BadRequest(str(e)) from None
     for name in ("image", "mask"):
         if fields.get(name) is not None:
             fields[name] = decode_image(fields[name], name)
