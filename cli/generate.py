@@ -76,13 +76,14 @@ def _check_prompt(ctx, param, text: str | None) -> str | None:
     "--from-metadata",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Replay a PNG written by this command: its prompt, model, dtype, size, seed, preset, "
-    "steps, guidance schedule, mu and std. Options given on the command line override the "
+    "steps, guidance schedule, mu and std, and a --transformer it used (a folder checked "
+    "against its stored fingerprint). Options given on the command line override the "
     "stored ones; --model drops the stored revision; --preset brings the new preset's steps, "
     "guidance, mu and std except those the image set explicitly; --steps reshapes a "
     "preset-shaped guidance schedule. An edit replays when given the same --image (and "
     "--mask) again: they are checked against the SHA-256 fingerprints stored in the PNG.",
 )
-@pipeline_options("memory", "lora", "magic", "distributed")
+@pipeline_options("memory", "lora", "magic", "distributed", "transformer")
 @click.option(
     "--preset",
     type=click.Choice(list(PRESETS)),

@@ -278,8 +278,24 @@ DISTRIBUTED_GROUP = [
         "--distributed ... (--hostfile hosts.json for two Macs).",
     ),
 ]
+TRANSFORMER_GROUP = [
+    click.option(
+        "--transformer",
+        metavar="PATH_OR_REPO",
+        help="Another conditional DiT in place of the checkpoint's (e.g. a distilled one): a "
+        "folder with its config.json and weights (as a checkpoint's transformer/, raw or "
+        "converted), a checkpoint folder whose transformer/ is taken, or a repo id "
+        "(owner/name[@REVISION]). Recorded in the metadata and replayed. A single-branch DiT "
+        "wants its own steps and --guidance-schedule 1.",
+    ),
+]
 MAGIC_FIELDS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")
-GROUPS = {"memory": MEMORY_GROUP, "lora": LORA_GROUP, "magic": MAGIC_GROUP}
+GROUPS = {
+    "memory": MEMORY_GROUP,
+    "lora": LORA_GROUP,
+    "magic": MAGIC_GROUP,
+    "transformer": TRANSFORMER_GROUP,
+}
 # Every load option a command can take, by the PipelineOptions field or flag it sets.
 LOAD_PARAMETERS = {
     "model": ("model", "revision", "dtype"),
@@ -287,6 +303,7 @@ LOAD_PARAMETERS = {
     "lora": ("loras", "uncond_loras", "fuse_lora", "lora_allow_partial"),
     "magic": (*MAGIC_FIELDS, "magic_model", "magic_head"),
     "distributed": ("distributed",),
+    "transformer": ("transformer",),
 }
 
 
@@ -295,9 +312,9 @@ def pipeline_options(
 ):
     """The load options as click options, turned into one :class:`PipelineOptions` passed to
     the command as ``options``. ``groups``: which besides ``--model/--revision/--dtype``
-    (``memory``, ``lora``, ``magic``, ``distributed``); ``model_argument``: MODEL is an
-    argument; ``dtype``: its default (None: the backend's, see :func:`report_dtype`);
-    ``defaults``: other PipelineOptions fields the command
+    (``memory``, ``lora``, ``magic``, ``distributed``, ``transformer``); ``model_argument``:
+    MODEL is an argument; ``dtype``: its default (None: the backend's, see
+    :func:`report_dtype`); ``defaults``: other PipelineOptions fields the command
     sets (e.g. ``keep_in_memory``). Bad values are a usage error naming the option."""
     declared = _model_group(model_argument, dtype)
     for group in groups:

@@ -142,6 +142,41 @@ def resolve_model(model: str | Path, revision: str | None = None) -> tuple[Path,
     return folder, name, revision or folder.name
 
 
+def resolve_transformer(source: str | Path) -> tuple[Path, str]:
+    """``(DiT folder, identity)`` for ``--transformer``: a DiT component folder (its
+    ``config.json`` and weights, as a checkpoint's ``transformer/``), a checkpoint folder whose
+    ``transformer/`` is taken, or a repo id of either layout (``owner/name``, or
+    ``owner/name@REVISION``). The identity is what replays it: the absolute folder, or the repo
+    id at the commit downloaded. Only that folder's config and weights are downloaded."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return dit_folder(path, str(source)), str(path.resolve())
+    repo, _, revision = str(source).partition("@")
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"--transformer {source}: no such folder, and not a Hugging Face repo id "
+            "(owner/name or owner/name@REVISION)"
+        )
+    configs = download(repo, revision or None, ["config.json", "transformer/config.json"])
+    inner = "transformer/" if (configs / "transformer" / "config.json").is_file() else ""
+    # The chosen folder only: a repo may hold a whole checkpoint (patterns match across "/",
+    # so a DiT at the root of a repo with other folders brings their files too).
+    folder = download(repo, revision or None, [f"{inner}*.safetensors", f"{inner}*.json"])
+    return dit_folder(folder, str(source)), f"{repo}@{folder.name}"
+
+
+def dit_folder(path: Path, source: str) -> Path:
+    """The DiT component folder at ``path``: ``path/transformer`` when it holds one, else
+    ``path`` itself (a ``config.json`` beside the weights)."""
+    for folder in (path / "transformer", path):
+        if (folder / "config.json").is_file():
+            return folder
+    raise CheckpointError(
+        f"--transformer {source} holds no DiT: expected a config.json with its .safetensors "
+        "(a checkpoint's transformer/ folder) or a checkpoint folder with transformer/"
+    )
+
+
 def resolve_file(source: str | Path, suffix: str = ".safetensors") -> Path:
     """A local file, or one file of a Hugging Face repo: ``owner/name`` (its only ``suffix``
     file) or ``owner/name/path/in/repo.safetensors``. Downloads into the Hub cache."""

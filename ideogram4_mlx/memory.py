@@ -178,10 +178,25 @@ def dit_sizes(component_dir: Path | str, dtype: mx.Dtype, text_input: bool = Tru
     return DiTSizes(resident, tuple(blocks), max(transient, default=0), config)
 
 
-def checkpoint_sizes(checkpoint_dir: Path | str, dtype: mx.Dtype) -> tuple[DiTSizes, ...]:
-    """:func:`dit_sizes` of both DiTs of a checkpoint (reads their configs and file headers)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    return tuple(dit_sizes(checkpoint_dir / name, dtype, text) for name, text in DIT_COMPONENTS)
+def checkpoint_sizes(
+    checkpoint_dir: Path | str, dtype: mx.Dtype, transformer_dir: Path | str | None = None
+) -> tuple[DiTSizes, ...]:
+    """:func:`dit_sizes` of both DiTs of a checkpoint (reads their configs and file headers);
+    ``transformer_dir``: the conditional DiT swapped in (``--transformer``), if any."""
+    folders = dit_folders(checkpoint_dir, transformer_dir)
+    texts = [text for _, text in DIT_COMPONENTS]
+    return tuple(dit_sizes(f, dtype, text) for f, text in zip(folders, texts, strict=True))
+
+
+def dit_folders(
+    checkpoint_dir: Path | str, transformer_dir: Path | str | None = None
+) -> tuple[Path, ...]:
+    """The folders of the (conditional, unconditional) DiTs: the checkpoint's, the conditional
+    one replaced by ``transformer_dir`` when given."""
+    folders = [Path(checkpoint_dir) / name for name, _ in DIT_COMPONENTS]
+    if transformer_dir is not None:
+        folders[0] = Path(transformer_dir)
+    return tuple(folders)
 
 
 def models_bytes(
@@ -299,7 +314,8 @@ def set_cache_limit(limit_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """The memory policy of one pipeline over ``checkpoint_dir`` in ``dtype``: ``limit_bytes``
+    """The memory policy of one pipeline over ``checkpoint_dir`` (with ``transformer_dir`` as
+    its conditional DiT when given) in ``dtype``: ``limit_bytes``
     bounds denoising (checked by :func:`check_limit`; None: :func:`default_memory_limit`),
     ``low_memory`` streams every DiT block whatever the limit. The DiTs' headers are read once,
     on first use, for both :meth:`keep_models` and :meth:`plan`."""
@@ -308,6 +324,7 @@ class MemoryBudget:
     dtype: mx.Dtype
     limit_bytes: int | None = None
     low_memory: bool = False
+    transformer_dir: Path | None = None  # the conditional DiT swapped in, if any
 
     def __post_init__(self):
         limit = default_memory_limit() if self.limit_bytes is None else self.limit_bytes
@@ -316,8 +333,8 @@ class MemoryBudget:
 
     @functools.cached_property
     def sizes(self) -> tuple[DiTSizes, ...]:
-        """Both DiTs' :func:`checkpoint_sizes`."""
-        return checkpoint_sizes(self.checkpoint_dir, self.dtype)
+        """Both DiTs' :func:`checkpoint_sizes` (the swapped conditional DiT's when given)."""
+        return checkpoint_sizes(self.checkpoint_dir, self.dtype, self.transformer_dir)
 
     def models_bytes(self) -> int:
         """:func:`models_bytes` of the checkpoint: every model loaded."""

@@ -22,7 +22,7 @@ from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.pipeline_options import STORED, PipelineOptions
+from ideogram4_mlx.pipeline_options import REQUIRED, STORED, PipelineOptions
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest
 from ideogram4_mlx.version import __version__
 
@@ -121,8 +121,8 @@ def replay(
 ) -> tuple[PipelineOptions, GenerationRequest]:
     """The :class:`PipelineOptions` and the ``GenerationRequest`` that reproduce ``metadata``.
 
-    ``overrides`` holds stored options (``model``, ``revision``, ``dtype``) and request fields;
-    the request's are applied with ``dataclasses.replace`` to
+    ``overrides`` holds stored options (``model``, ``revision``, ``dtype``, ``transformer``) and
+    request fields; the request's are applied with ``dataclasses.replace`` to
     ``GenerationRequest.from_metadata(metadata)``, where values that only came from the
     preset are None: a new ``preset`` brings its own steps, guidance, mu and std unless the
     image set them explicitly, a new ``num_steps`` reshapes a preset-shaped guidance schedule.
@@ -137,7 +137,7 @@ def replay(
     unknown = sorted(set(overrides) - set(STORED + SETTINGS))
     if unknown:
         raise InputError(f"cannot override {unknown}; valid: {', '.join(STORED + SETTINGS)}")
-    missing = [k for k in (*STORED, *METADATA_TYPES) if k not in metadata]
+    missing = [k for k in (*REQUIRED, *METADATA_TYPES) if k not in metadata]
     if missing:
         raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
     request = GenerationRequest.from_metadata(metadata)

@@ -28,7 +28,7 @@ from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: publ
     Stage,
     Step,
 )
-from ideogram4_mlx.hub import DEFAULT_REPO, resolve_file, resolve_model
+from ideogram4_mlx.hub import DEFAULT_REPO, resolve_file, resolve_model, resolve_transformer
 from ideogram4_mlx.lora import (
     LoRAError,
     LoRAFile,
@@ -48,9 +48,9 @@ from ideogram4_mlx.request import (
     ResolvedRequest,
     request_from_settings,
 )
-from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
+from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer, check_swappable
 from ideogram4_mlx.vae import Flux2VAE
-from ideogram4_mlx.weights import conversion_record
+from ideogram4_mlx.weights import conversion_record, fingerprint
 
 # The sequence length dits() plans for when none is given: 1024^2 with the longest caption.
 PLAN_TOKENS = (1024 // 16) ** 2 + MAX_TEXT_TOKENS
@@ -59,17 +59,29 @@ PLAN_TOKENS = (1024 // 16) ** 2 + MAX_TEXT_TOKENS
 class Ideogram4Pipeline:
     """Loads components on demand from one checkpoint folder; see :func:`load`."""
 
-    def __init__(self, checkpoint_dir: Path, options: PipelineOptions | None = None):
-        """``options``: validated, their model and revision resolved (``load`` does both)."""
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        options: PipelineOptions | None = None,
+        transformer_dir: Path | None = None,
+    ):
+        """``options``: validated, their model and revision resolved (``load`` does both);
+        ``transformer_dir``: the folder of ``options.transformer`` (resolved here if None)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         if options is None:
             options = PipelineOptions(str(self.checkpoint_dir)).validate()
         self.options = options
+        if transformer_dir is None and options.transformer is not None:
+            transformer_dir = resolve_transformer(options.transformer)[0]
+        self.transformer_dir = transformer_dir  # the conditional DiT swapped in, if any
+        self._transformer_fingerprint: str | None = None
         self.dtype = options.dtype
         self.low_memory = options.low_memory
         limit = None if options.memory_limit in (None, 0) else check_limit(options.memory_limit)
         # The memory policy (ideogram4_mlx.memory); memory_limit None: the machine's budget.
-        self.budget = MemoryBudget(self.checkpoint_dir, self.dtype, limit, self.low_memory)
+        self.budget = MemoryBudget(
+            self.checkpoint_dir, self.dtype, limit, self.low_memory, self.transformer_dir
+        )
         self.memory_limit = self.budget.limit_bytes  # bytes the denoise stage may use
         self.resident_blocks: tuple[int, int] | None = None  # the loaded DiTs' plan
         self.model_id = str(options.model)
@@ -91,6 +103,13 @@ class Ideogram4Pipeline:
         return self.options.fuse_lora
 
     # -- components -------------------------------------------------------------------------
+
+    def dit_dir(self, name: str) -> Path:
+        """The folder of DiT ``name`` (``DIT_COMPONENTS``): the checkpoint's, or for
+        ``transformer`` the one ``--transformer`` swapped in."""
+        if name == "transformer" and self.transformer_dir is not None:
+            return self.transformer_dir
+        return self.checkpoint_dir / name
 
     def prompt_encoder(self) -> PromptEncoder:
         """The tokenizer and prompt cache; the text encoder itself loads in :meth:`encode`."""
@@ -178,7 +197,7 @@ class Ideogram4Pipeline:
                     )
             self._dits = tuple(
                 Ideogram4Transformer.from_pretrained(
-                    self.checkpoint_dir / name, self.dtype, text_input=text, resident_blocks=k
+                    self.dit_dir(name), self.dtype, text_input=text, resident_blocks=k
                 )
                 if i in held
                 else None
@@ -202,7 +221,7 @@ class Ideogram4Pipeline:
         if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
         component = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
-        shapes = linear_shapes(Ideogram4Transformer.build(self.checkpoint_dir / component))
+        shapes = linear_shapes(Ideogram4Transformer.build(self.dit_dir(component)))
         unmatched = match(lora, shapes, allow_partial)
         if unmatched:
             warnings.warn(
@@ -257,19 +276,27 @@ class Ideogram4Pipeline:
 
     def quantization(self) -> dict | None:
         """What ``ideo4-mlx convert`` recorded for the DiTs (None for a raw fp8 snapshot)."""
-        record = conversion_record(self.checkpoint_dir / "transformer")
+        record = conversion_record(self.dit_dir("transformer"))
         return None if record is None else record.get("quantization")
 
     def settings(self) -> dict:
-        """What this pipeline adds to an image's metadata: model, revision, dtype, quantization."""
+        """What this pipeline adds to an image's metadata: model, revision, dtype, quantization,
+        the conditional DiT swapped in (its source and ``weights.fingerprint``)."""
         settings = {
             **self.options.to_metadata(),
             "quantization": self.quantization(),
             "environment": describe(),
         }
+        if self.transformer_dir is not None:
+            if self._transformer_fingerprint is None:
+                self._transformer_fingerprint = fingerprint(self.transformer_dir)
+            settings["transformer"] = {
+                "source": str(self.options.transformer),
+                "fingerprint": self._transformer_fingerprint,
+            }
         baked = {}
         for name, _ in DIT_COMPONENTS:
-            record = conversion_record(self.checkpoint_dir / name)
+            record = conversion_record(self.dit_dir(name))
             if record and record.get("loras"):
                 baked[name] = record["loras"]
         if baked:  # LoRAs `convert --lora` merged into the weights: part of the model
@@ -384,6 +411,12 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     unfused (exact on any base; ``set_lora_scale`` changes one in place) unless ``fuse_lora``
     (not with a quantized checkpoint or low memory).
 
+    ``transformer``: another conditional DiT (a folder or repo id, see
+    :class:`PipelineOptions`) in place of the checkpoint's, resolved (a repo id downloaded) and
+    checked against the checkpoint's DiT config here (``InputError`` naming the key); its
+    metadata records it with a fingerprint. A single-branch (CFG-distilled) DiT wants guidance
+    1 (``guidance_schedule=(1,)``) and its own step count.
+
     ``distributed``: CFG-parallel on the two ranks ``mlx.launch -n 2`` started
     (``distributed.py``): rank 0 holds the text encoder, the conditional DiT and the VAE, rank 1
     the unconditional DiT; every step one velocity is swapped; rank 0's image equals one
@@ -396,7 +429,13 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
         options = PipelineOptions.from_keywords(model=model, **keywords)
     options = options.validate()
     checkpoint_dir, model_id, revision = resolve_model(options.model, options.revision)
-    pipe = Ideogram4Pipeline(checkpoint_dir, replace(options, model=model_id, revision=revision))
+    options = replace(options, model=model_id, revision=revision)
+    transformer_dir = None
+    if options.transformer is not None:  # checked against the checkpoint before any weights
+        transformer_dir, identity = resolve_transformer(options.transformer)
+        check_swappable(transformer_dir, checkpoint_dir / "transformer")
+        options = replace(options, transformer=identity)
+    pipe = Ideogram4Pipeline(checkpoint_dir, options, transformer_dir)
     for spec in options.loras:
         pipe.add_lora(spec, options.lora_allow_partial)
     quantized = pipe.quantization() is not None

@@ -19,16 +19,19 @@ import mlx.core as mx
 from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.environment import default_dtype
 from ideogram4_mlx.errors import InputError
-from ideogram4_mlx.hub import DEFAULT_REPO
+from ideogram4_mlx.hub import DEFAULT_REPO, dit_folder
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
 from ideogram4_mlx.magic.options import MagicOptions
 from ideogram4_mlx.memory import check_limit
 from ideogram4_mlx.request import check_type, is_kind
+from ideogram4_mlx.weights import fingerprint
 
 # The options an image's metadata stores: what decides its pixels besides the request (the
 # pipeline adds the quantization and the LoRA files' fingerprints, see Ideogram4Pipeline).
-STORED = ("model", "revision", "dtype")
+# Images made before --transformer have no "transformer": only REQUIRED must be there.
+STORED = ("model", "revision", "dtype", "transformer")
+REQUIRED = ("model", "revision", "dtype")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class PipelineOptions:
     ``magic_head``/``magic_model``: the magic prompt's lm_head, or another mlx-lm chat model;
     ``magic_options``: its expansion settings (:class:`MagicOptions`, or a dict of them).
     ``distributed``: use the ranks ``mlx.launch -n 2`` started (CFG-parallel for one image).
+    ``transformer``: another conditional DiT in place of the checkpoint's (a distilled one,
+    say): a folder holding its ``config.json`` and weights (raw or converted, as a checkpoint's
+    ``transformer/``), a checkpoint folder whose ``transformer/`` is taken, or a repo id of
+    either (``owner/name[@REVISION]``); the unconditional DiT, text encoder and VAE stay the
+    checkpoint's (``hub.resolve_transformer``).
     """
 
     model: str | Path = DEFAULT_REPO
@@ -64,6 +72,7 @@ class PipelineOptions:
     magic_model: str | Path | None = None
     magic_options: MagicOptions = field(default_factory=MagicOptions)
     distributed: bool = False
+    transformer: str | Path | None = None
     # Set by validate() on the options it returns; replace() makes unvalidated options.
     validated: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -158,6 +167,8 @@ class PipelineOptions:
             "model": str(self.model),
             "revision": self.revision,
             "dtype": dtype_name(resolve_dtype(self.dtype)),
+            # The pipeline adds the DiT's fingerprint (Ideogram4Pipeline.settings).
+            "transformer": None if self.transformer is None else {"source": str(self.transformer)},
         }
 
     @classmethod
@@ -169,17 +180,22 @@ class PipelineOptions:
     ) -> PipelineOptions:
         """The options an image was made with: ``base`` (the command line's; its ``loras`` are
         files given again) with the stored model, revision and dtype unless ``overrides`` gives
-        them (a new model drops the stored revision), and the stored LoRAs found again by
-        SHA-256 (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they were."""
+        them (a new model drops the stored revision), the conditional DiT swapped in
+        (``transformer``: the stored one, or the override's, checked against the stored
+        fingerprint when it is a folder), and the stored LoRAs found again by SHA-256
+        (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they were."""
         base = cls() if base is None else base
         overrides = overrides or {}
-        missing = [k for k in STORED if k not in metadata]
+        missing = [k for k in REQUIRED if k not in metadata]
         if missing:
             raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
         check_type("model", metadata["model"], str)
         check_type("revision", metadata["revision"], (str, type(None)))
         check_type("dtype", metadata["dtype"], str)
-        stored = {k: metadata[k] for k in STORED}
+        stored = {k: metadata[k] for k in REQUIRED}
+        stored["transformer"] = replay_transformer(
+            metadata.get("transformer"), overrides.get("transformer")
+        )
         if "model" in overrides:
             stored["revision"] = None
         stored.update({k: v for k, v in overrides.items() if k in STORED})
@@ -191,6 +207,36 @@ class PipelineOptions:
             loras=tuple(replay_loras(records, list(base.loras))),
             fuse_lora=base.fuse_lora or fused,
         )
+
+
+def replay_transformer(record, override: str | Path | None) -> str | Path | None:
+    """The conditional DiT to replay an image with: ``override`` (``--transformer``) or the
+    stored ``record``'s source; a folder is checked against the stored fingerprint, so a moved
+    or replaced DiT is found or refused, never silently used."""
+    check_type("transformer", record, (dict, type(None)))
+    if record is not None:
+        check_type("transformer source", record.get("source"), str)
+    source = override if override is not None else None if record is None else record["source"]
+    expected = None if record is None else record.get("fingerprint")
+    if source is None or expected is None or _is_repo_id(source):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"the image was made with the conditional DiT at {source}, which is not there: "
+            "give --transformer with where it is now (transformer= in Python)"
+        )
+    if fingerprint(dit_folder(path, str(source))) != expected:
+        raise InputError(
+            f"--transformer {source} is not the conditional DiT the image was made with (its "
+            f"fingerprint differs from the stored {expected[:12]}...): give that DiT's folder"
+        )
+    return source
+
+
+def _is_repo_id(source: str | Path) -> bool:
+    """A repo id pinned at its commit (``owner/name@REVISION``) or not: no folder of that name."""
+    return not Path(source).expanduser().exists() and str(source).split("@")[0].count("/") == 1
 
 
 def resolve_dtype(dtype: mx.Dtype | None) -> mx.Dtype:
@@ -229,6 +275,7 @@ TYPES = {
     "magic_model": OPTIONAL_PATH,
     "magic_options": MagicOptions,
     "distributed": bool,
+    "transformer": OPTIONAL_PATH,
 }
 WHAT = {
     "model": "a checkpoint folder or a repo id",
@@ -240,6 +287,7 @@ WHAT = {
     "magic_model": "a folder or repo id, or None",
     "magic_options": "MagicOptions or a dict of its fields",
     "distributed": "True or False",
+    "transformer": "a DiT or checkpoint folder or a repo id, or None",
 }
 OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)
 MAGIC_FIELDS = tuple(f.name for f in fields(MagicOptions))

@@ -53,6 +53,9 @@ TEXT_INPUT_MODULES = ("llm_cond_norm.", "llm_cond_proj.")
 # The checkpoint's two DiT folders and whether each reads text features: the conditional one on
 # [text][image], the unconditional one on image tokens only (MODEL_NOTES#unconditional-branch).
 DIT_COMPONENTS = (("transformer", True), ("unconditional_transformer", False))
+# What a DiT shares with the rest of its checkpoint: the packed latent channels (the VAE's) and
+# the text features' width (the text encoder's taps); a DiT swapped in must have the same.
+INTERFACE_KEYS = ("in_channels", "llm_features_dim")
 # Quantization (``quant_predicate``): small but sensitive layers stay in float: the indicator
 # embedding, the timestep/AdaLN path (it scales every block), the 128-channel input projection
 # and the output layer. The text-feature projection (53248 -> 4608) sees features of very
@@ -543,3 +546,18 @@ def segment_mask(segment_ids: np.ndarray | mx.array) -> mx.array | None:
         return None
     seg = mx.array(seg)
     return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
+def check_swappable(component_dir: Path | str, checkpoint_dit_dir: Path | str) -> None:
+    """``InputError`` (config files only, before any weights load) naming the first
+    ``INTERFACE_KEYS`` entry in which the DiT at ``component_dir`` differs from the
+    checkpoint's ``transformer/`` at ``checkpoint_dit_dir``."""
+    swapped = TransformerConfig.from_file(Path(component_dir) / "config.json")
+    base = TransformerConfig.from_file(Path(checkpoint_dit_dir) / "config.json")
+    for key in INTERFACE_KEYS:
+        if getattr(swapped, key) != getattr(base, key):
+            raise InputError(
+                f"--transformer {component_dir}: its config.json has {key} "
+                f"{getattr(swapped, key)}, the checkpoint's DiT {getattr(base, key)}: it was "
+                "made for another text encoder or VAE; use a DiT of this checkpoint's family"
+            )
