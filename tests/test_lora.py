@@ -580,3 +580,38 @@ def test_partial_lora_warns_with_the_count_and_runs(tmp_path, tiny_checkpoint, s
         pipe = load(tiny_checkpoint, dtype="float32", loras=[str(partial)], lora_allow_partial=True)
     result = pipe.generate("a cat", width=256, height=256, num_steps=1, seed=1)
     assert result.metadata["loras"][0]["name"] == "partial.safetensors"
+
+
+# The sites of ostris/ideogram_4_turbotime_lora as described by third-party readers of the
+# file (not by its card): ai-toolkit names, lora_A/lora_B in bf16, no .alpha, all six block
+# linears of every layer. README "Faster and lighter" has the sources.
+TURBOTIME_SITES = (
+    "adaln_modulation",
+    "attention.qkv",
+    "attention.o",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
+
+
+def test_a_turbotime_shaped_lora_reads_onto_every_block_linear(tmp_path, tiny_checkpoint, shapes):
+    rng = np.random.default_rng(5)
+    layers = sorted({int(m.split(".")[1]) for m in shapes if m.startswith("layers.")})
+    tensors, expected = {}, {}
+    for i in layers:
+        for site in TURBOTIME_SITES:
+            down, up = pair(rng, *shapes[f"layers.{i}.{site}"], dtype=mx.bfloat16)
+            tensors[f"diffusion_model.layers.{i}.{site}.lora_A.weight"] = down
+            tensors[f"diffusion_model.layers.{i}.{site}.lora_B.weight"] = up
+            expected[f"layers.{i}.{site}"] = up @ down
+    path = write(tmp_path / "turbotime_shaped.safetensors", tensors, None, mx.bfloat16)
+    lora = read_lora(path)
+    assert lora.layout == "ai-toolkit" and match(lora, shapes) == []
+    assert set(lora.deltas) == set(expected)
+    for module, delta in expected.items():
+        (d,) = lora.deltas[module]
+        assert d.alpha_scale == 1.0  # no .alpha: alpha = rank
+        np.testing.assert_array_equal(np.array(d.up) @ np.array(d.down), delta)
+    pipe = load(tiny_checkpoint, dtype=mx.float32, lora=str(path))  # the conditional DiT's
+    assert [s.target for s, _ in pipe.loras] == ["cond"]
