@@ -162,14 +162,16 @@ class PipelineOptions:
 
     def to_metadata(self) -> dict:
         """What an image's metadata stores of these options (``STORED``): the dtype resolved,
-        so a replay uses the same one on any backend."""
-        return {
+        so a replay uses the same one on any backend; ``transformer`` only when one is
+        swapped in (images without it replay with the checkpoint's DiT)."""
+        stored = {
             "model": str(self.model),
             "revision": self.revision,
             "dtype": dtype_name(resolve_dtype(self.dtype)),
-            # The pipeline adds the DiT's fingerprint (Ideogram4Pipeline.settings).
-            "transformer": None if self.transformer is None else {"source": str(self.transformer)},
         }
+        if self.transformer is not None:  # the pipeline adds its fingerprint (settings())
+            stored["transformer"] = {"source": str(self.transformer)}
+        return stored
 
     @classmethod
     def from_metadata(

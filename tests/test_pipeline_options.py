@@ -100,6 +100,7 @@ def test_load_takes_options_or_their_fields_as_keywords(tiny_checkpoint):
     assert set(OPTIONS) == {
         "model", "revision", "dtype", "memory_limit", "keep_in_memory", "loras", "fuse_lora",
         "lora_allow_partial", "magic_head", "magic_model", "magic_options", "distributed",
+        "transformer",
     }  # fmt: skip
 
 
