@@ -179,7 +179,7 @@ class DeltaDiT:
     ) -> PreparedSequence:
         """As :meth:`Ideogram4Transformer.prepare` for image tokens only (no text features)."""
         if llm_features is not None:
-            raise ValueError(
+            raise InputError(
                 "the unconditional branch takes no text features; pass llm_features=None"
             )
         return self.dit.prepare(None, position_ids, segment_ids, indicator)

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.synth.plan import COMPONENTS, SyntheticSpec
 from ideogram4_mlx.synth.writer import write_synthetic_checkpoint
 from ideogram4_mlx.weights import dequantize_fp8_weights
@@ -53,7 +54,7 @@ def write_synthetic_pair(
     ``rank`` with RMS ``strength`` times the weight's, ``N`` Gaussian with RMS ``noise`` times
     it; other tensors ``W_cond + strength * RMS(W_cond) * N(0, 1) / 10``."""
     if "transformer" not in components or "unconditional_transformer" not in components:
-        raise ValueError("a pair needs both transformer and unconditional_transformer")
+        raise InputError("a pair needs both transformer and unconditional_transformer")
     root = write_synthetic_checkpoint(dst, spec, seed=seed, components=components, force=force)
     cond = dequantize_fp8_weights(mx.load(str(root / "transformer" / DIT_FILE)))
     rng = np.random.default_rng([seed, rank, 0x0DE17A])
