@@ -59,10 +59,30 @@ from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
     "quantizing, recorded in its config. Every LoRA module must match a layer.",
 )
 @click.option(
+    "--uncond-as-lora",
+    metavar="RANK|full",
+    default=None,
+    help="Write the unconditional DiT as a delta on the conditional one instead of a second "
+    "DiT: a rank-RANK truncated SVD per linear of W_uncond - W_cond plus exact diffs of the "
+    "small tensors (full: exact diffs of all), in DST/unconditional_delta.safetensors, with "
+    "each layer's reconstruction error in DST/unconditional_delta.json. "
+    "unconditional_transformer/ is left out unless --components names it.",
+)
+@click.option(
     "--force", is_flag=True, help="Replace DST if it is an earlier conversion or an empty folder."
 )
 def convert(
-    src, dst, dtype, quantize, group_size, recipe, components, revision, force, loras
+    src,
+    dst,
+    dtype,
+    quantize,
+    group_size,
+    recipe,
+    components,
+    revision,
+    force,
+    loras,
+    uncond_as_lora,
 ) -> None:
     """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST: bf16 by
     default, or quantized with --quantize or --recipe. Load DST with generate --model DST.
@@ -72,6 +92,7 @@ def convert(
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-q4 --quantize 4
       ideo4-mlx generate --model ~/models/ideo4-q4 --prompt-file examples/poster.json
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/styled --lora style.safetensors:0.8
+      ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/one-dit --uncond-as-lora 64
     """
     with warnings.catch_warnings():
         warnings.showwarning = show_warning  # stale lock / partial folder reports: one line each
@@ -86,5 +107,6 @@ def convert(
             force=force,
             revision=revision,
             loras=list(loras),
+            uncond_as_lora=uncond_as_lora,
         )
     click.echo(str(path))

@@ -29,6 +29,8 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from ideogram4_mlx.config import CheckpointError, read_json
+from ideogram4_mlx.convert.checks import check_keys
+from ideogram4_mlx.convert.delta import check_rank, delta_bytes, write_uncond_delta
 from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
@@ -47,6 +49,7 @@ from ideogram4_mlx.quantization import (
 )
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
+from ideogram4_mlx.uncond_delta import DELTA_FILE, REPORT_FILE
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.version import __version__
 from ideogram4_mlx.weights import check_raw_dtypes, component_files, load_safetensors
@@ -97,6 +100,7 @@ def convert(
     revision: str | None = None,
     shard_bytes: int = SHARD_BYTES,
     loras: Sequence[LoRASpec | str] = (),
+    uncond_as_lora: int | str | None = None,
 ) -> Path:
     """Convert an Ideogram 4 fp8 snapshot (repo id or folder) into an MLX folder at ``dst``.
 
@@ -111,6 +115,12 @@ def convert(
             merged in fp32, rounded once to ``dtype``, then quantized like every other
             weight; each is recorded (name, SHA-256, scale) in that DiT's ``mlx_conversion``.
             Every LoRA module must match a layer.
+        uncond_as_lora: a rank (1 .. 1024) or ``"full"``: also write the unconditional DiT as
+            a delta on the conditional one (``unconditional_delta.safetensors``, a truncated
+            SVD per linear of ``W_uncond - W_cond`` plus exact differences of the small
+            tensors; ``full``: exact differences of all) and its per-layer reconstruction
+            errors (``unconditional_delta.json``), and leave ``unconditional_transformer/`` out
+            of ``dst`` unless ``components`` names it (``convert.delta``).
 
     Returns:
         ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for a
@@ -119,8 +129,16 @@ def convert(
     """
     parse_dtype(dtype)  # checks the name only
     check_settings(quantize, group_size, recipe)
+    uncond_as_lora = check_rank(uncond_as_lora)
+    if uncond_as_lora == "full" and (quantize is not None or recipe is not None):
+        raise InputError(
+            "--uncond-as-lora full adds exact differences to the conditional DiT's weights, "
+            "which quantizing leaves no float copy of: give a rank, or convert unquantized"
+        )
     default = components is None
     components = check_components(components, COMPONENTS)
+    if default and uncond_as_lora is not None:  # the delta stands in for it
+        components = tuple(n for n in components if n != DIT_COMPONENTS[1][0])
     dst = Path(dst).expanduser()
     check_apart(Path(src).expanduser(), dst)
     check_destination(dst, force, foreign_entry, KIND)  # before a download can start
@@ -129,17 +147,21 @@ def convert(
         components = tuple(
             n for n in components if n not in OPTIONAL_COMPONENTS or (src_dir / n).is_dir()
         )
-    for name in components:
+    delta_sources = [n for n, _ in DIT_COMPONENTS] if uncond_as_lora is not None else []
+    for name in (*components, *delta_sources):
         folder = src_dir / name
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
     if "tokenizer" in components:
         load_tokenizer(src_dir / "tokenizer")  # a damaged tokenizer fails before any writing
-    baked = read_loras(src_dir, components, loras)  # and LoRAs that do not fit, likewise
+    # and LoRAs that do not fit, likewise (a delta reads both DiTs, with their LoRAs)
+    baked = read_loras(src_dir, (*components, *delta_sources), loras)
 
     settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
     settings["loras"] = baked
     needed = output_bytes(src_dir, components, settings)
+    if uncond_as_lora is not None:
+        needed += delta_bytes(src_dir, uncond_as_lora, parse_dtype(dtype))
     with write_folder(dst, force, foreign_entry, KIND, needed) as tmp:
         for name in components:
             if name in MODEL_COMPONENTS:
@@ -149,6 +171,8 @@ def convert(
         for name in COPIED_FILES:
             if (src_dir / name).is_file():
                 shutil.copyfile(src_dir / name, tmp / name)
+        if uncond_as_lora is not None:
+            write_uncond_delta(src_dir, tmp, uncond_as_lora, settings, progress)
     return dst
 
 
@@ -200,7 +224,7 @@ def foreign_entry(dst: Path) -> str | None:
                 return f"{entry.name}/config.json has no {RECORD_KEY} record"
         elif not (
             (entry.name in COPIED_COMPONENTS and entry.is_dir())
-            or (entry.name in COPIED_FILES and entry.is_file())
+            or (entry.name in (*COPIED_FILES, DELTA_FILE, REPORT_FILE) and entry.is_file())
         ):
             return entry.name
     return None
@@ -331,45 +355,6 @@ def read_config(src_dir: Path) -> dict:
     if RECORD_KEY in config:
         raise CheckpointError(f"{path}: already converted ({RECORD_KEY} is set); use it as it is")
     return config
-
-
-def check_keys(
-    weights: dict[str, mx.array], expected: dict, key_files: dict[str, Path], src_dir: Path
-) -> None:
-    """Sanitized tensors against the float skeleton of the config: keys and shapes."""
-    for key in sorted(expected):
-        if key not in weights:
-            raise CheckpointError(
-                f"{src_dir}: {key} is missing (config.json expects shape {tuple(expected[key])})"
-            )
-    for key in sorted(weights):
-        if key not in expected:
-            raise CheckpointError(
-                f"{source_file(key, key_files, src_dir)}: unexpected tensor {key} "
-                f"(config.json has no such parameter)"
-            )
-        if weights[key].shape != expected[key]:
-            raise CheckpointError(
-                f"{source_file(key, key_files, src_dir)}: {key} has shape "
-                f"{tuple(weights[key].shape)}, config.json expects {tuple(expected[key])}"
-            )
-
-
-def source_file(key: str, key_files: dict[str, Path], src_dir: Path) -> Path:
-    """The file holding a sanitized key (repack prefixes and split qkv names allowed)."""
-    files = set(key_files.values())
-    if len(files) == 1:
-        return files.pop()
-    stem = key.rpartition(".")[0]
-    stems = (
-        stem,
-        stem.replace(".qkv", ".to_q"),
-        stem.replace(".attention.o", ".attention.to_out.0"),
-    )
-    for source_key, path in key_files.items():
-        if source_key.rpartition(".")[0].endswith(stems):
-            return path
-    return src_dir
 
 
 class ShardWriter:

@@ -10,6 +10,10 @@ Layouts (detected per file, see :func:`read_lora`):
   kept or not), no alpha (scale 1; an ``.alpha`` is honoured as alpha / rank);
 - split names without a prefix (``layers.N.attention.to_q``, ``to_out.0``).
 
+Full differences (kohya / ai-toolkit / ComfyUI ``.diff`` for a weight, ``.diff_b`` for a bias,
+e.g. on norms) are read into :attr:`LoRAFile.diffs` by parameter path; only an unconditional
+delta (``ideogram4_mlx.uncond_delta``) applies them: :func:`match` refuses them for ``--lora``.
+
 Tensors in bf16, fp16 (what trainers save) or fp32 are read exactly into fp32 (fp64 rounded).
 
 A LoRA delta on a linear with weight ``W`` (out, in) is ``scale * up @ down`` with ``down``
@@ -57,6 +61,9 @@ KEY_PATTERN = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$"
 )
 ALPHA_PATTERN = re.compile(r"^(?P<module>.+?)\.alpha$")
+# Full differences of a module's weight (``.diff``) or bias (``.diff_b``), as kohya writes them.
+DIFF_PATTERN = re.compile(r"^(?P<module>.+?)\.(?P<part>diff|diff_b)$")
+DIFF_PARAMETERS = {"diff": "weight", "diff_b": "bias"}
 # Bounds on what a file can make us allocate: ranks above this are not LoRAs.
 MAX_RANK = 1024
 METADATA_KEY = "lora_adapter_metadata"
@@ -97,6 +104,9 @@ class LoRAFile:
     layout: str
     deltas: dict[str, list[Delta]]
     text_encoder_keys: list[str] = field(default_factory=list)
+    # Full differences by parameter path (``layers.0.attention_norm1.weight``), fp32.
+    diffs: dict[str, mx.array] = field(default_factory=dict)
+    diff_sources: dict[str, str] = field(default_factory=dict)  # parameter path -> file key
 
     @property
     def name(self) -> str:
@@ -273,12 +283,23 @@ def read_lora(path: Path | str) -> LoRAFile:
     by_name = dict(zip(names, dit_keys, strict=True))
     pairs: dict[str, dict[str, str]] = {}
     alphas: dict[str, float] = {}
+    diffs: dict[str, mx.array] = {}
+    diff_sources: dict[str, str] = {}
     for name, key in by_name.items():
         if m := KEY_PATTERN.match(name):
             part = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(m["part"], m["part"])
             pairs.setdefault(m["module"], {})[part] = key
         elif m := ALPHA_PATTERN.match(name):
             alphas[m["module"]] = _alpha(path, key, tensors[key])
+        elif m := DIFF_PATTERN.match(name):
+            value = tensors[key].astype(mx.float32)
+            if not mx.isfinite(value).all().item():
+                raise LoRAError(
+                    f"{path}: {key} holds NaN or inf; the file is damaged: download or export "
+                    "it again"
+                )
+            target = f"{m['module']}.{DIFF_PARAMETERS[m['part']]}"
+            diffs[target], diff_sources[target] = value, key
         else:
             kind = "DoRA" if "dora" in name or "magnitude" in name else "not a LoRA weight"
             raise LoRAError(f"{path}: key {key} is {kind}; only plain LoRA (A/B) is supported")
@@ -312,7 +333,7 @@ def read_lora(path: Path | str) -> LoRAFile:
         target, third = map_module(module)
         deltas.setdefault(target, []).append(Delta(down, up, per_rank, parts["lora_B"], third))
     layout = detect_layout(prefix, list(pairs), any(".lora_down" in k for k in keys), metadata)
-    return LoRAFile(path, file_sha256(path), layout, deltas, text_keys)
+    return LoRAFile(path, file_sha256(path), layout, deltas, text_keys, diffs, diff_sources)
 
 
 def map_module(name: str) -> tuple[str, int | None]:
@@ -349,15 +370,27 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def match(
-    lora: LoRAFile, shapes: dict[str, tuple[int, int]], allow_partial: bool = False
+    lora: LoRAFile,
+    shapes: dict[str, tuple[int, int]],
+    allow_partial: bool = False,
+    diffs: bool = False,
 ) -> list[str]:
     """Check every delta against the model's linears: returns the unmatched module paths
-    (an error unless ``allow_partial``); a shape mismatch is always an error naming both."""
+    (an error unless ``allow_partial``); a shape mismatch is always an error naming both.
+    Full differences (``.diff``/``.diff_b``) are refused unless ``diffs`` (the caller checks
+    them: ``ideogram4_mlx.uncond_delta``)."""
     if lora.text_encoder_keys:
         example = lora.text_encoder_keys[0]
         raise LoRAError(
             f"{lora.name} has {len(lora.text_encoder_keys)} text-encoder keys (e.g. {example}): "
             "LoRAs on the Qwen3-VL text encoder are not supported; use a DiT-only LoRA"
+        )
+    if lora.diffs and not diffs:
+        key = next(iter(lora.diff_sources.values()))
+        raise LoRAError(
+            f"{lora.name}: key {key} is a full difference (.diff/.diff_b), which a LoRA here "
+            "cannot carry; only plain LoRA (A/B) is supported. An unconditional delta "
+            "(`convert --uncond-as-lora`, ostris' unconditional LoRA) is loaded as one"
         )
     unmatched = []
     for target, deltas in lora.deltas.items():
@@ -436,25 +469,34 @@ def apply_loras(model: nn.Module, loras: list[tuple[LoRAFile, float]]) -> None:
     """Add each ``(lora, scale)`` unfused to ``model`` (checked with :func:`match` first), in
     each layer's compute dtype: the term ``(x @ down.T) @ up.T * scale`` is added to the base
     output (as peft does)."""
+    for lora, scale in loras:
+        attach(model, lora, scale, lora.name)
+
+
+def attach(model: nn.Module, lora: LoRAFile, scale: float, name: str) -> list[Adapters]:
+    """:func:`apply_loras` for one LoRA under ``name`` (what :func:`set_scale` finds it by);
+    returns the adapters it was added to."""
     modules = dict(model.named_modules())
     # Low-memory streaming leaves a block's weights empty between passes: sizes come from the
     # deltas (checked by match()) and the dtype from the model, never from those arrays.
     model_dtype = getattr(model, "dtype", None)
-    for lora, scale in loras:
-        for target, deltas in lora.deltas.items():
-            module = modules.get(target)
-            if module is None:
-                continue  # unmatched, allowed by match()
-            if not isinstance(module, _WithLoRA):
-                first = deltas[0]
-                module.lora = Adapters(first.up.shape[0] * (1 if first.third is None else 3))
-                cls = LoRAQuantizedLinear if isinstance(module, nn.QuantizedLinear) else LoRALinear
-                module.__class__ = cls
-            # the base layer's compute dtype (a quantized layer's scales carry it)
-            dtype = model_dtype or getattr(module, "scales", module.weight).dtype
-            for d in deltas:
-                cast = replace(d, down=d.down.astype(dtype), up=d.up.astype(dtype))
-                module.lora.items.append((lora.name, cast, float(scale)))
+    touched = []
+    for target, deltas in lora.deltas.items():
+        module = modules.get(target)
+        if module is None:
+            continue  # unmatched, allowed by match()
+        if not isinstance(module, _WithLoRA):
+            first = deltas[0]
+            module.lora = Adapters(first.up.shape[0] * (1 if first.third is None else 3))
+            cls = LoRAQuantizedLinear if isinstance(module, nn.QuantizedLinear) else LoRALinear
+            module.__class__ = cls
+        # the base layer's compute dtype (a quantized layer's scales carry it)
+        dtype = model_dtype or getattr(module, "scales", module.weight).dtype
+        for d in deltas:
+            cast = replace(d, down=d.down.astype(dtype), up=d.up.astype(dtype))
+            module.lora.items.append((name, cast, float(scale)))
+        touched.append(module.lora)
+    return touched
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> int:
@@ -530,13 +572,17 @@ def describe(lora: LoRAFile, shapes: dict[str, tuple[int, int]], against: str) -
         f"alpha / r : {', '.join(f'{s:g}' for s in scales)}",
         f"modules   : {len(lora.deltas)} ({sum(kinds.values())} updates)",
     ]
+    if lora.diffs:
+        lines.append(
+            f"full diffs: {len(lora.diffs)} tensors (.diff/.diff_b: an unconditional delta)"
+        )
     lines += [f"  {kind}: {count}" for kind, count in sorted(kinds.items())]
     lines.append(
         f"names     : {len(matched)} of {len(lora.deltas)} modules are layers of {against}"
     )
     lines += [f"  unmatched: {t}" for t in unmatched[:10]]
     try:
-        match(replace(lora, text_encoder_keys=[]), shapes, allow_partial=True)
+        match(replace(lora, text_encoder_keys=[]), shapes, allow_partial=True, diffs=True)
     except LoRAError as e:
         lines.append(f"shapes    : do not fit ({e})")
     else:

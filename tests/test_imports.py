@@ -29,7 +29,7 @@ FLOORS = [
     ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog"]),
     # The models, one a file, and LoRA on top of them.
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
-                "lora_spec"]),
+                "lora_spec", "uncond_delta"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt.
     ("stages", ["request", "prompt", "memory", "distributed", "pipeline_options", "metadata",
