@@ -82,7 +82,7 @@ def _check_prompt(ctx, param, text: str | None) -> str | None:
     "preset-shaped guidance schedule. An edit replays when given the same --image (and "
     "--mask) again: they are checked against the SHA-256 fingerprints stored in the PNG.",
 )
-@pipeline_options("memory", "lora", "magic", "distributed")
+@pipeline_options("memory", "lora", "magic", "distributed", "uncond")
 @click.option(
     "--preset",
     type=click.Choice(list(PRESETS)),

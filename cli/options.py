@@ -19,7 +19,7 @@ from ideogram4_mlx.magic.options import (
     MIN_MAX_TOKENS,
     MagicOptions,
 )
-from ideogram4_mlx.pipeline_options import PipelineOptions
+from ideogram4_mlx.pipeline_options import UNCOND_SOURCES, PipelineOptions
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -278,8 +278,20 @@ DISTRIBUTED_GROUP = [
         "--distributed ... (--hostfile hosts.json for two Macs).",
     ),
 ]
+UNCOND_GROUP = [
+    click.option(
+        "--uncond",
+        type=click.Choice(list(UNCOND_SOURCES)),
+        default="checkpoint",
+        show_default=True,
+        help="What runs the unconditional (CFG) pass: the checkpoint's "
+        "unconditional_transformer/, or 'self': the conditional DiT on image tokens only, as "
+        "DiffSynth-Studio runs without that folder (one DiT in memory; an approximation, "
+        "another image). A schedule of guidance 1 (--guidance-schedule 1) loads neither.",
+    ),
+]
 MAGIC_FIELDS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")
-GROUPS = {"memory": MEMORY_GROUP, "lora": LORA_GROUP, "magic": MAGIC_GROUP}
+GROUPS = {"memory": MEMORY_GROUP, "lora": LORA_GROUP, "magic": MAGIC_GROUP, "uncond": UNCOND_GROUP}
 # Every load option a command can take, by the PipelineOptions field or flag it sets.
 LOAD_PARAMETERS = {
     "model": ("model", "revision", "dtype"),
@@ -287,6 +299,7 @@ LOAD_PARAMETERS = {
     "lora": ("loras", "uncond_loras", "fuse_lora", "lora_allow_partial"),
     "magic": (*MAGIC_FIELDS, "magic_model", "magic_head"),
     "distributed": ("distributed",),
+    "uncond": ("uncond",),
 }
 
 
@@ -295,7 +308,7 @@ def pipeline_options(
 ):
     """The load options as click options, turned into one :class:`PipelineOptions` passed to
     the command as ``options``. ``groups``: which besides ``--model/--revision/--dtype``
-    (``memory``, ``lora``, ``magic``, ``distributed``); ``model_argument``: MODEL is an
+    (``memory``, ``lora``, ``magic``, ``distributed``, ``uncond``); ``model_argument``: MODEL is an
     argument; ``dtype``: its default (None: the backend's, see :func:`report_dtype`);
     ``defaults``: other PipelineOptions fields the command
     sets (e.g. ``keep_in_memory``). Bad values are a usage error naming the option."""

@@ -22,7 +22,7 @@ from ideogram4_mlx.caption import parse_json
 from ideogram4_mlx.environment import describe, differences
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.pipeline_options import STORED, PipelineOptions
+from ideogram4_mlx.pipeline_options import STORED, STORED_DEFAULTS, PipelineOptions
 from ideogram4_mlx.request import METADATA_TYPES, SETTINGS, GenerationRequest
 from ideogram4_mlx.version import __version__
 
@@ -137,7 +137,9 @@ def replay(
     unknown = sorted(set(overrides) - set(STORED + SETTINGS))
     if unknown:
         raise InputError(f"cannot override {unknown}; valid: {', '.join(STORED + SETTINGS)}")
-    missing = [k for k in (*STORED, *METADATA_TYPES) if k not in metadata]
+    missing = [
+        k for k in (*STORED, *METADATA_TYPES) if k not in metadata and k not in STORED_DEFAULTS
+    ]
     if missing:
         raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
     request = GenerationRequest.from_metadata(metadata)

@@ -28,7 +28,14 @@ from ideogram4_mlx.request import check_type, is_kind
 
 # The options an image's metadata stores: what decides its pixels besides the request (the
 # pipeline adds the quantization and the LoRA files' fingerprints, see Ideogram4Pipeline).
-STORED = ("model", "revision", "dtype")
+STORED = ("model", "revision", "dtype", "uncond")
+# Stored values an older image may lack, and what it was made with then.
+STORED_DEFAULTS = {"uncond": "checkpoint"}
+# What runs the unconditional pass (``PipelineOptions.uncond``).
+UNCOND_SOURCES = {
+    "checkpoint": "the checkpoint's unconditional_transformer/ (exact)",
+    "self": "the conditional DiT on image tokens only (one DiT in memory; an approximation)",
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ class PipelineOptions:
     ``magic_head``/``magic_model``: the magic prompt's lm_head, or another mlx-lm chat model;
     ``magic_options``: its expansion settings (:class:`MagicOptions`, or a dict of them).
     ``distributed``: use the ranks ``mlx.launch -n 2`` started (CFG-parallel for one image).
+    ``uncond``: what runs the unconditional pass (``UNCOND_SOURCES``): ``"checkpoint"``, its
+    ``unconditional_transformer/``; ``"self"``, the conditional DiT's weights on the
+    unconditional branch's inputs (image tokens only, no text), as DiffSynth-Studio runs
+    without that folder: one DiT in memory, an approximation of the image. Either way a
+    schedule whose every guidance is 1 never loads it.
     """
 
     model: str | Path = DEFAULT_REPO
@@ -64,6 +76,7 @@ class PipelineOptions:
     magic_model: str | Path | None = None
     magic_options: MagicOptions = field(default_factory=MagicOptions)
     distributed: bool = False
+    uncond: str = "checkpoint"
     # Set by validate() on the options it returns; replace() makes unvalidated options.
     validated: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -145,6 +158,15 @@ class PipelineOptions:
                 "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
                 "--lora`"
             )
+        if self.uncond not in UNCOND_SOURCES:
+            valid = "; ".join(f"{k!r}: {v}" for k, v in UNCOND_SOURCES.items())
+            raise InputError(f"uncond {self.uncond!r} is not supported; use {valid}")
+        if self.uncond == "self" and any(s.target == "uncond" for s in self.loras):
+            raise LoRAError(
+                "--lora-uncond with --uncond self: there is no unconditional DiT, the "
+                "conditional one (with its --lora LoRAs) runs both passes; drop --lora-uncond "
+                "or use --uncond checkpoint"
+            )
         options = replace(
             self, dtype=resolve_dtype(self.dtype), magic_options=self.magic_options.validate()
         )
@@ -158,6 +180,7 @@ class PipelineOptions:
             "model": str(self.model),
             "revision": self.revision,
             "dtype": dtype_name(resolve_dtype(self.dtype)),
+            "uncond": self.uncond,
         }
 
     @classmethod
@@ -168,17 +191,20 @@ class PipelineOptions:
         overrides: Mapping | None = None,
     ) -> PipelineOptions:
         """The options an image was made with: ``base`` (the command line's; its ``loras`` are
-        files given again) with the stored model, revision and dtype unless ``overrides`` gives
-        them (a new model drops the stored revision), and the stored LoRAs found again by
-        SHA-256 (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they were."""
+        files given again) with the stored model, revision, dtype and uncond unless
+        ``overrides`` gives them (a new model drops the stored revision), and the stored LoRAs
+        found again by SHA-256 (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they
+        were. An image without ``uncond`` used the checkpoint's (``STORED_DEFAULTS``)."""
         base = cls() if base is None else base
         overrides = overrides or {}
+        metadata = {**STORED_DEFAULTS, **metadata}
         missing = [k for k in STORED if k not in metadata]
         if missing:
             raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
         check_type("model", metadata["model"], str)
         check_type("revision", metadata["revision"], (str, type(None)))
         check_type("dtype", metadata["dtype"], str)
+        check_type("uncond", metadata["uncond"], str)
         stored = {k: metadata[k] for k in STORED}
         if "model" in overrides:
             stored["revision"] = None
@@ -229,6 +255,7 @@ TYPES = {
     "magic_model": OPTIONAL_PATH,
     "magic_options": MagicOptions,
     "distributed": bool,
+    "uncond": str,
 }
 WHAT = {
     "model": "a checkpoint folder or a repo id",
@@ -240,6 +267,7 @@ WHAT = {
     "magic_model": "a folder or repo id, or None",
     "magic_options": "MagicOptions or a dict of its fields",
     "distributed": "True or False",
+    "uncond": f"one of {', '.join(UNCOND_SOURCES)}",
 }
 OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)
 MAGIC_FIELDS = tuple(f.name for f in fields(MagicOptions))
