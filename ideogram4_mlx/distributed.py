@@ -204,7 +204,12 @@ class CFGGroup:
         mine = cond if self.leads else uncond
 
         def guided(z: mx.array, t: float, g: float) -> mx.array:
-            v = mx.zeros_like(z) if not self.leads and skips_uncond(g) else mine(z, t)
+            if not self.leads and skips_uncond(g):
+                # Zeros that wait for z: the ranks must run their collectives in one order,
+                # and a swap that depends on nothing may run before the starting latents'.
+                v = mx.depends(mx.zeros_like(z), z)
+            else:
+                v = mine(z, t)
             v_cond, v_uncond = self.swap(v)
             return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
 
