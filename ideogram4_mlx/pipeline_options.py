@@ -31,7 +31,10 @@ from ideogram4_mlx.request import check_type, is_kind
 STORED = ("model", "revision", "dtype", "uncond")
 # Stored values an older image may lack, and what it was made with then.
 STORED_DEFAULTS = {"uncond": "checkpoint"}
-# What runs the unconditional pass (``PipelineOptions.uncond``).
+# What runs the unconditional pass (``PipelineOptions.uncond``). "self" is DiffSynth-Studio's
+# fallback (diffsynth/pipelines/ideogram4.py, Ideogram4Pipeline.__call__: `self.dit_uncond if
+# self.dit_uncond is not None else self.dit` on the negative inputs, image tokens only with zero
+# text features); it guides with one constant cfg_scale, we with the schedule's weight per step.
 UNCOND_SOURCES = {
     "checkpoint": "the checkpoint's unconditional_transformer/ (exact)",
     "self": "the conditional DiT on image tokens only (one DiT in memory; an approximation)",

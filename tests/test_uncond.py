@@ -58,11 +58,13 @@ def image(checkpoint, **settings) -> np.ndarray:
 def test_guidance_one_loads_no_unconditional_dit_and_runs_without_its_folder(
     tiny_checkpoint, no_uncond, loads
 ):
-    full, _ = image(tiny_checkpoint, guidance_schedule=(1.0,))
+    full, one = image(tiny_checkpoint, guidance_schedule=(1.0,))
     assert loads == ["transformer"]  # never loaded, though the folder is there
     without, result = image(no_uncond, guidance_schedule=(1.0,))
     np.testing.assert_array_equal(full, without)  # bit for bit
     assert result.metadata["uncond"] == "checkpoint"
+    _, both = image(tiny_checkpoint)  # CFG: both DiTs (benchmarks/uncond_memory.py)
+    assert one.stats["denoise"]["peak_gb"] < both.stats["denoise"]["peak_gb"]
 
 
 def test_a_step_that_needs_the_missing_folder_fails_before_any_weights_load(no_uncond, loads):
