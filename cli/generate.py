@@ -83,7 +83,7 @@ def _check_prompt(ctx, param, text: str | None) -> str | None:
     "preset-shaped guidance schedule. An edit replays when given the same --image (and "
     "--mask) again: they are checked against the SHA-256 fingerprints stored in the PNG.",
 )
-@pipeline_options("memory", "lora", "magic", "distributed", "transformer")
+@pipeline_options("memory", "lora", "magic", "distributed", "transformer", "uncond")
 @click.option(
     "--preset",
     type=click.Choice(list(PRESETS)),

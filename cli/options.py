@@ -19,7 +19,7 @@ from ideogram4_mlx.magic.options import (
     MIN_MAX_TOKENS,
     MagicOptions,
 )
-from ideogram4_mlx.pipeline_options import PipelineOptions
+from ideogram4_mlx.pipeline_options import UNCOND_SOURCES, PipelineOptions
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -289,12 +289,25 @@ TRANSFORMER_GROUP = [
         "wants its own steps and --guidance-schedule 1.",
     ),
 ]
+UNCOND_GROUP = [
+    click.option(
+        "--uncond",
+        type=click.Choice(list(UNCOND_SOURCES)),
+        default="checkpoint",
+        show_default=True,
+        help="What runs the unconditional (CFG) pass: the checkpoint's "
+        "unconditional_transformer/, or 'self': the conditional DiT on image tokens only, as "
+        "DiffSynth-Studio runs without that folder (one DiT in memory; an approximation, "
+        "another image). A schedule of guidance 1 (--guidance-schedule 1) loads neither.",
+    ),
+]
 MAGIC_FIELDS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")
 GROUPS = {
     "memory": MEMORY_GROUP,
     "lora": LORA_GROUP,
     "magic": MAGIC_GROUP,
     "transformer": TRANSFORMER_GROUP,
+    "uncond": UNCOND_GROUP,
 }
 # Every load option a command can take, by the PipelineOptions field or flag it sets.
 LOAD_PARAMETERS = {
@@ -304,6 +317,7 @@ LOAD_PARAMETERS = {
     "magic": (*MAGIC_FIELDS, "magic_model", "magic_head"),
     "distributed": ("distributed",),
     "transformer": ("transformer",),
+    "uncond": ("uncond",),
 }
 
 
@@ -312,8 +326,8 @@ def pipeline_options(
 ):
     """The load options as click options, turned into one :class:`PipelineOptions` passed to
     the command as ``options``. ``groups``: which besides ``--model/--revision/--dtype``
-    (``memory``, ``lora``, ``magic``, ``distributed``, ``transformer``); ``model_argument``:
-    MODEL is an argument; ``dtype``: its default (None: the backend's, see
+    (``memory``, ``lora``, ``magic``, ``distributed``, ``transformer``, ``uncond``);
+    ``model_argument``: MODEL is an argument; ``dtype``: its default (None: the backend's, see
     :func:`report_dtype`); ``defaults``: other PipelineOptions fields the command
     sets (e.g. ``keep_in_memory``). Bad values are a usage error naming the option."""
     declared = _model_group(model_argument, dtype)

@@ -13,7 +13,7 @@ from ideogram4_mlx.server.hosts import is_loopback
 @click.command(
     cls=Command, short_help="Serve the model over HTTP (OpenAI-compatible API and a web page)."
 )
-@pipeline_options("memory", "lora", "magic", "transformer")
+@pipeline_options("memory", "lora", "magic", "transformer", "uncond")
 @click.option(
     "--host",
     default="127.0.0.1",

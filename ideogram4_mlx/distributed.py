@@ -52,6 +52,9 @@ def checkpoint_fingerprint(checkpoint_dir: Path) -> bytes:
     digest = hashlib.sha256()
     for folder, _ in DIT_COMPONENTS:
         path = Path(checkpoint_dir) / folder
+        if not (path / "config.json").is_file():  # no unconditional DiT: a schedule of 1
+            digest.update(f"{folder}: absent".encode())
+            continue
         digest.update((path / "config.json").read_bytes())
         for file in sorted(path.glob("*.safetensors")):
             digest.update(f"{file.name}:{file.stat().st_size}:".encode())
@@ -201,7 +204,12 @@ class CFGGroup:
         mine = cond if self.leads else uncond
 
         def guided(z: mx.array, t: float, g: float) -> mx.array:
-            v = mx.zeros_like(z) if not self.leads and skips_uncond(g) else mine(z, t)
+            if not self.leads and skips_uncond(g):
+                # Zeros that wait for z: the ranks must run their collectives in one order,
+                # and a swap that depends on nothing may run before the starting latents'.
+                v = mx.depends(mx.zeros_like(z), z)
+            else:
+                v = mine(z, t)
             v_cond, v_uncond = self.swap(v)
             return v_cond if skips_uncond(g) else combine(v_cond, v_uncond, g)
 

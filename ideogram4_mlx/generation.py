@@ -27,7 +27,7 @@ from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
-from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised
+from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised, uses_uncond
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.version import __version__
@@ -56,7 +56,9 @@ class Components:
     ``start``). Each model loads on first call; ``release`` frees one after its stage."""
 
     encode: Callable[[str], mx.array]  # prompt -> text features (1, T, 13*D) fp32, evaluated
-    dits: Callable[[int], DiTs]  # (cond, uncond) planned for that many tokens; None: not held
+    # (cond, uncond) planned for that many tokens, the second only if a step calls it (bool);
+    # None: not held
+    dits: Callable[[int, bool], DiTs]
     vae: Callable[[], Flux2VAE]
     release: Callable[[str], None]  # "text_encoder", "transformers" or "vae", after its stage
     expand: Callable[[str, int, int, int | None], str]  # magic prompt: idea, w, h, seed -> caption
@@ -214,7 +216,7 @@ class Generation:
         c, r = self.components, self.resolved
         with Stage(self.stats, "denoise", self.report, self.verbose):
             n_text = MAX_TEXT_TOKENS if features is None else features.shape[1]
-            dits = c.dits(r.grid_h * r.grid_w + n_text)
+            dits = c.dits(r.grid_h * r.grid_w + n_text, uses_uncond(r.schedule.guidance))
             cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w)
             guided = None if c.cfg is None else c.cfg.guided(cond, uncond)
             for index, t, z in euler_steps(start, r.schedule, cond, uncond, known, guided):

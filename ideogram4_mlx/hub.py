@@ -17,10 +17,10 @@ from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.errors import Ideo4Error, InputError
 
 DEFAULT_REPO = "ideogram-ai/ideogram-4-fp8"
-# What the pipeline reads: the text-encoder, DiT and VAE folders plus the tokenizer.
+# What the pipeline reads: the text-encoder, DiT and VAE folders plus the tokenizer. The
+# unconditional DiT is read only by a step whose guidance is not 1 (Ideogram4Pipeline.check).
 REQUIRED_FILES = (
     "transformer/config.json",
-    "unconditional_transformer/config.json",
     "text_encoder/config.json",
     "tokenizer/tokenizer_config.json",
     "vae/config.json",

@@ -204,7 +204,8 @@ def models_bytes(
 ) -> int:
     """What every model of a checkpoint holds once loaded in ``dtype`` (``keep_in_memory``):
     both DiTs as the denoise plan counts them (``sizes``: their :func:`checkpoint_sizes`, read
-    here when not given), the text encoder and the VAE by the same rule."""
+    here when not given; None for a DiT not held), the text encoder and the VAE by the same
+    rule."""
     checkpoint_dir = Path(checkpoint_dir)
     if sizes is None:
         sizes = checkpoint_sizes(checkpoint_dir, dtype)
@@ -212,7 +213,7 @@ def models_bytes(
         component_bytes(checkpoint_dir / name, dtype, strip, dropped)
         for name, (strip, dropped) in OTHER_MODELS.items()
     )
-    return sum(s.total for s in sizes) + others
+    return sum(s.total for s in sizes if s is not None) + others
 
 
 # -- the denoise plan --------------------------------------------------------------------------
@@ -285,10 +286,15 @@ def plan_denoise(sizes: tuple[DiTSizes, ...], limit_bytes: float, tokens: int) -
     ``tokens``-long sequence (caption + image tokens), with its estimate (for
     :func:`cache_limit`). The text encoder and the VAE are not counted: they run before and
     after denoising and are freed (``keep_in_memory=False``)."""
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-        raise InputError(f"tokens must be an integer > 0, got {tokens!r}")
+    check_tokens(tokens)
     cond, uncond = plan_from_sizes(sizes, limit_bytes, tokens)
     return DenoisePlan(cond, uncond, denoise_bytes(sizes, (cond, uncond), tokens))
+
+
+def check_tokens(tokens: object) -> int:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise InputError(f"tokens must be an integer > 0, got {tokens!r}")
+    return tokens
 
 
 def cache_limit(limit_bytes: float, planned_bytes: int) -> int:
@@ -314,17 +320,20 @@ def set_cache_limit(limit_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """The memory policy of one pipeline over ``checkpoint_dir`` (with ``transformer_dir`` as
-    its conditional DiT when given) in ``dtype``: ``limit_bytes``
+    """The memory policy of one pipeline over ``checkpoint_dir`` in ``dtype``: ``limit_bytes``
     bounds denoising (checked by :func:`check_limit`; None: :func:`default_memory_limit`),
-    ``low_memory`` streams every DiT block whatever the limit. The DiTs' headers are read once,
-    on first use, for both :meth:`keep_models` and :meth:`plan`."""
+    ``low_memory`` streams every DiT block whatever the limit. ``dits``: the (folder, under
+    ``checkpoint_dir`` or absolute for a swapped-in DiT, text_input) of the (cond, uncond) DiTs
+    as they would load, None for one never loaded on its
+    own (the conditional DiT running both passes); a folder the checkpoint lacks counts as
+    None too. The DiTs' headers are read once, on first use, for both :meth:`keep_models` and
+    :meth:`plan`."""
 
     checkpoint_dir: Path
     dtype: mx.Dtype
     limit_bytes: int | None = None
     low_memory: bool = False
-    transformer_dir: Path | None = None  # the conditional DiT swapped in, if any
+    dits: tuple[tuple[str | Path, bool] | None, ...] = DIT_COMPONENTS  # (folder, text)
 
     def __post_init__(self):
         limit = default_memory_limit() if self.limit_bytes is None else self.limit_bytes
@@ -332,9 +341,14 @@ class MemoryBudget:
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir))
 
     @functools.cached_property
-    def sizes(self) -> tuple[DiTSizes, ...]:
-        """Both DiTs' :func:`checkpoint_sizes` (the swapped conditional DiT's when given)."""
-        return checkpoint_sizes(self.checkpoint_dir, self.dtype, self.transformer_dir)
+    def sizes(self) -> tuple[DiTSizes | None, ...]:
+        """:func:`dit_sizes` of each of ``dits`` (None where it is None or absent)."""
+        sizes = []
+        for dit in self.dits:
+            path = None if dit is None else self.checkpoint_dir / dit[0]
+            present = path is not None and (path / "config.json").is_file()
+            sizes.append(dit_sizes(path, self.dtype, dit[1]) if present else None)
+        return tuple(sizes)
 
     def models_bytes(self) -> int:
         """:func:`models_bytes` of the checkpoint: every model loaded."""
@@ -346,15 +360,19 @@ class MemoryBudget:
         with the DiTs, which the plan does not count)."""
         return self.models_bytes() <= min(KEEP_FRACTION * physical_memory(), self.limit_bytes)
 
-    def plan(self, tokens: int) -> tuple[int, int]:
-        """Resident blocks of (cond, uncond) for a ``tokens``-long sequence: all when the
-        budget holds them, none with ``low_memory``; sets MLX's cache limit to what the plan
-        leaves of the budget (left alone with ``low_memory``)."""
+    def plan(self, tokens: int, held: tuple[int, ...] = (0, 1)) -> tuple[int, int]:
+        """Resident blocks of (cond, uncond) for a ``tokens``-long sequence, planning only the
+        DiTs numbered ``held`` (0: cond, 1: uncond; another gets 0): all when the budget holds
+        them, none with ``low_memory``; sets MLX's cache limit to what the plan leaves of the
+        budget (left alone with ``low_memory``)."""
         if self.low_memory:
             return 0, 0
-        plan = plan_denoise(self.sizes, self.limit_bytes, tokens)
-        set_cache_limit(cache_limit(self.limit_bytes, plan.estimate))
-        return plan.cond, plan.uncond
+        check_tokens(tokens)
+        sizes = tuple(self.sizes[i] for i in held)
+        kept = plan_from_sizes(sizes, self.limit_bytes, tokens)
+        set_cache_limit(cache_limit(self.limit_bytes, denoise_bytes(sizes, kept, tokens)))
+        resident = dict(zip(held, kept, strict=True))
+        return resident.get(0, 0), resident.get(1, 0)
 
     def streamed(self, plan: tuple[int, ...], dits: tuple[int, ...] = (0, 1)) -> int:
         """How many blocks of the DiTs numbered ``dits`` (0: cond, 1: uncond) ``plan`` streams."""

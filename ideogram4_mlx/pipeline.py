@@ -19,8 +19,10 @@ import numpy as np
 from ideogram4_mlx.distributed import CFGGroup
 from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.environment import describe, is_slow
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
+    DiTs,
     Generation,
     GenerationResult,
     NonFiniteError,
@@ -48,6 +50,7 @@ from ideogram4_mlx.request import (
     ResolvedRequest,
     request_from_settings,
 )
+from ideogram4_mlx.sampler import skips_uncond, uses_uncond
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer, check_swappable
 from ideogram4_mlx.vae import Flux2VAE
 from ideogram4_mlx.weights import conversion_record, fingerprint
@@ -80,7 +83,7 @@ class Ideogram4Pipeline:
         limit = None if options.memory_limit in (None, 0) else check_limit(options.memory_limit)
         # The memory policy (ideogram4_mlx.memory); memory_limit None: the machine's budget.
         self.budget = MemoryBudget(
-            self.checkpoint_dir, self.dtype, limit, self.low_memory, self.transformer_dir
+            self.checkpoint_dir, self.dtype, limit, self.low_memory, self.budget_dits()
         )
         self.memory_limit = self.budget.limit_bytes  # bytes the denoise stage may use
         self.resident_blocks: tuple[int, int] | None = None  # the loaded DiTs' plan
@@ -91,7 +94,7 @@ class Ideogram4Pipeline:
             keep_in_memory = self.budget.keep_models()
         self.keep_in_memory = keep_in_memory
         self._prompt_encoder: PromptEncoder | None = None
-        self._dits: tuple[Ideogram4Transformer, Ideogram4Transformer] | None = None
+        self._dits: DiTs | None = None
         self._vae: Flux2VAE | None = None
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
         self.loras: list[tuple[LoRASpec, LoRAFile]] = []  # see add_lora
@@ -101,6 +104,40 @@ class Ideogram4Pipeline:
     @property
     def fuse_lora(self) -> bool:
         return self.options.fuse_lora
+
+    def dit_components(self) -> tuple[tuple[str, bool] | None, ...]:
+        """(folder, text_input) of the (cond, uncond) DiTs as they load. With ``uncond``
+        "self" the unconditional pass runs the conditional DiT: one process holds it once
+        (None), a CFG-parallel rank 1 its own copy (with the text projection, so the
+        conditional LoRAs apply unchanged)."""
+        if self.options.uncond == "self":
+            return DIT_COMPONENTS[0], DIT_COMPONENTS[0] if self.options.distributed else None
+        return DIT_COMPONENTS
+
+    def budget_dits(self) -> tuple[tuple[Path, bool] | None, ...]:
+        """:meth:`dit_components` as the memory budget reads them: each DiT's folder (the
+        swapped-in conditional DiT's, see :meth:`dit_dir`) and whether it reads text."""
+        return tuple(
+            None if dit is None else (self.dit_dir(dit[0]), dit[1]) for dit in self.dit_components()
+        )
+
+    def check_uncond(self, guidance: tuple[float, ...] | None = None) -> None:
+        """``InputError`` before any weights load when a step of ``guidance`` (None: any
+        step) calls the unconditional DiT and the checkpoint has none."""
+        name = DIT_COMPONENTS[1][0]
+        needed = guidance is None or uses_uncond(guidance)
+        if not needed or self.options.uncond != "checkpoint":
+            return
+        if not (self.checkpoint_dir / name / "config.json").is_file():
+            who = "the unconditional pass"
+            if guidance is not None:
+                step = next(i for i, g in enumerate(guidance) if not skips_uncond(g))
+                who = f"step {step + 1}'s guidance {guidance[step]:g}"
+            raise InputError(
+                f"{self.checkpoint_dir} has no {name}/, which {who} needs: use a guidance "
+                "schedule of 1 (--guidance-schedule 1), --uncond self (the conditional DiT for "
+                "both passes, an approximation) or a full checkpoint"
+            )
 
     # -- components -------------------------------------------------------------------------
 
@@ -169,46 +206,72 @@ class Ideogram4Pipeline:
         settings = {**self.options.magic_options.as_kwargs(), **options}
         return expand(model, tokenizer, idea, width, height, seed, **settings)
 
-    def plan(self, tokens: int) -> tuple[int, int]:
-        """Resident blocks of (cond, uncond) for a ``tokens``-long sequence: all when the
-        budget holds them, none with ``low_memory``; sets MLX's cache limit to what the plan
-        leaves of the budget (``memory.MemoryBudget.plan``)."""
-        return self.budget.plan(tokens)
+    def plan(self, tokens: int, held: tuple[int, ...] = (0, 1)) -> tuple[int, int]:
+        """Resident blocks of (cond, uncond) for a ``tokens``-long sequence, counting only the
+        DiTs numbered ``held``: all when the budget holds them, none with ``low_memory``; sets
+        MLX's cache limit to what the plan leaves of the budget (``MemoryBudget.plan``)."""
+        return self.budget.plan(tokens, held)
 
-    def dits(self, tokens: int = PLAN_TOKENS) -> tuple[Ideogram4Transformer, Ideogram4Transformer]:
-        """Both DiTs, as many blocks resident as the memory budget allows for ``tokens``
-        (caption + image tokens); reloaded when another sequence length changes the plan."""
-        plan = self.plan(tokens)
-        if self._dits is not None and plan != self.resident_blocks:
+    def held(self, uncond: bool = True) -> tuple[int, ...]:
+        """The DiTs (0: cond, 1: uncond) this process loads, ``uncond``: whether a step calls
+        the unconditional DiT. A CFG-parallel rank loads its own only (rank 0: cond, rank 1:
+        uncond, nothing when no step needs it); with ``uncond`` "self" one process loads the
+        conditional DiT alone."""
+        if self.cfg is not None:
+            return (self.cfg.rank,) if self.cfg.leads or uncond else ()
+        return (0, 1) if uncond and self.dit_components()[1] is not None else (0,)
+
+    def dits(self, tokens: int = PLAN_TOKENS, uncond: bool = True) -> DiTs:
+        """(cond, uncond) DiTs, as many blocks resident as the memory budget allows for
+        ``tokens`` (caption + image tokens); one reloads when another sequence length changes
+        its plan. ``uncond`` False (every step's guidance is 1): the unconditional DiT is not
+        loaded nor counted by the plan, and comes back None. With ``uncond`` "self" the
+        conditional DiT comes back for both. None for a DiT a CFG-parallel rank does not hold.
+        ``InputError`` before any weights load when ``uncond`` needs a folder the checkpoint
+        lacks."""
+        if uncond:
+            self.check_uncond()
+        held = self.held(uncond)
+        plan = self.plan(tokens, held)
+        loaded = self._dits or (None, None)
+        kept = tuple(
+            m if i in held and m is not None and self.resident_blocks[i] == plan[i] else None
+            for i, m in enumerate(loaded)
+        )
+        if any(k is not m for k, m in zip(kept, loaded, strict=True)):
             self._dits = None
-            mx.clear_cache()
-        if self._dits is None:
-            # The unconditional branch sees image tokens only: its text projection is not read.
-            # A CFG-parallel rank loads its own DiT only (rank 0: cond, rank 1: uncond).
-            held = (0, 1) if self.cfg is None else (self.cfg.rank,)
-            if self.fuse_lora:  # before any weights load
-                streamed = self.budget.streamed(plan, held)
-                if streamed:
-                    raise LoRAError(
-                        f"--fuse-lora needs every DiT block resident, but the memory budget "
-                        f"({self.memory_limit / 1e9:.1f} GB) streams {streamed} of them: "
-                        "raise --memory-limit, use the LoRA unfused (the default) or bake it "
-                        "in with `ideo4-mlx convert --lora`"
-                    )
-            self._dits = tuple(
-                Ideogram4Transformer.from_pretrained(
-                    self.dit_dir(name), self.dtype, text_input=text, resident_blocks=k
+            mx.clear_cache()  # the dropped DiT's buffers, before another loads
+        if self.fuse_lora:  # before any weights load
+            streamed = self.budget.streamed(plan, held)
+            if streamed:
+                raise LoRAError(
+                    f"--fuse-lora needs every DiT block resident, but the memory budget "
+                    f"({self.memory_limit / 1e9:.1f} GB) streams {streamed} of them: "
+                    "raise --memory-limit, use the LoRA unfused (the default) or bake it "
+                    "in with `ideo4-mlx convert --lora`"
                 )
-                if i in held
-                else None
-                for i, ((name, text), k) in enumerate(zip(DIT_COMPONENTS, plan, strict=True))
-            )
-            self.resident_blocks = plan
-            for model, target in zip(self._dits, TARGETS, strict=True):
-                chosen = [(f, s.scale) for s, f in self.loras if s.target == target]
-                if chosen and model is not None:
-                    (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
+        self._dits = tuple(
+            self._load_dit(i, plan[i]) if i in held and m is None else m for i, m in enumerate(kept)
+        )
+        self.resident_blocks = plan
+        cond, uncond_dit = self._dits
+        if uncond and self.cfg is None and self.dit_components()[1] is None:
+            return cond, cond  # uncond "self": the conditional DiT runs both passes
         return self._dits
+
+    def _load_dit(self, index: int, resident_blocks: int) -> Ideogram4Transformer:
+        """DiT ``index`` (0: cond, 1: uncond) with its LoRAs. The unconditional branch sees
+        image tokens only: its text projection is not read."""
+        name, text = self.dit_components()[index]
+        model = Ideogram4Transformer.from_pretrained(
+            self.dit_dir(name), self.dtype, text_input=text, resident_blocks=resident_blocks
+        )
+        # With uncond "self" a rank 1's copy of the conditional DiT takes the conditional LoRAs.
+        target = TARGETS[0] if name == DIT_COMPONENTS[0][0] else TARGETS[index]
+        chosen = [(f, s.scale) for s, f in self.loras if s.target == target]
+        if chosen:
+            (fuse_loras if self.fuse_lora else apply_loras)(model, chosen)
+        return model
 
     def add_lora(self, spec: LoRASpec | str, allow_partial: bool = False) -> LoRAFile:
         """Read a LoRA (a file or ``owner/name[/file]`` on the Hub) and check it against its DiT
@@ -221,6 +284,11 @@ class Ideogram4Pipeline:
         if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
         component = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
+        if not (self.checkpoint_dir / component / "config.json").is_file():
+            raise LoRAError(
+                f"{spec.source}: a LoRA for the unconditional DiT, but {self.checkpoint_dir} "
+                f"has no {component}/; drop --lora-uncond or use a full checkpoint"
+            )
         shapes = linear_shapes(Ideogram4Transformer.build(self.dit_dir(component)))
         unmatched = match(lora, shapes, allow_partial)
         if unmatched:
@@ -245,7 +313,9 @@ class Ideogram4Pipeline:
             if lora.name == name:
                 self.loras[i] = (LoRASpec(spec.source, scale, spec.target).resolved(), lora)
                 if self._dits is not None and not self.fuse_lora:
-                    set_scale(self._dits[TARGETS.index(spec.target)], name, scale)
+                    for model in self._dits:  # names are unique: only its DiT has it
+                        if model is not None:
+                            set_scale(model, name, scale)
                 elif self.fuse_lora:
                     self._dits = None
                 return
@@ -296,6 +366,8 @@ class Ideogram4Pipeline:
             }
         baked = {}
         for name, _ in DIT_COMPONENTS:
+            if not (self.dit_dir(name) / "config.json").is_file():
+                continue  # no unconditional DiT
             record = conversion_record(self.dit_dir(name))
             if record and record.get("loras"):
                 baked[name] = record["loras"]
@@ -336,6 +408,7 @@ class Ideogram4Pipeline:
         ``ResolvedRequest`` (``request.validate()``'s) is not validated again; only its
         prompt's length is checked."""
         resolved = request if isinstance(request, ResolvedRequest) else request.validate()
+        self.check_uncond(resolved.schedule.guidance)
         if not resolved.request.magic_prompt:  # too long: fails before any model loads
             self.prompt_encoder().token_ids(resolved.request.prompt)
         return resolved

@@ -29,9 +29,20 @@ from ideogram4_mlx.weights import fingerprint
 
 # The options an image's metadata stores: what decides its pixels besides the request (the
 # pipeline adds the quantization and the LoRA files' fingerprints, see Ideogram4Pipeline).
-# Images made before --transformer have no "transformer": only REQUIRED must be there.
-STORED = ("model", "revision", "dtype", "transformer")
+# Images made before --transformer have no "transformer", before --uncond no "uncond": only
+# REQUIRED must be there.
+STORED = ("model", "revision", "dtype", "transformer", "uncond")
 REQUIRED = ("model", "revision", "dtype")
+# Stored values an older image may lack, and what it was made with then.
+STORED_DEFAULTS = {"uncond": "checkpoint"}
+# What runs the unconditional pass (``PipelineOptions.uncond``). "self" is DiffSynth-Studio's
+# fallback (diffsynth/pipelines/ideogram4.py, Ideogram4Pipeline.__call__: `self.dit_uncond if
+# self.dit_uncond is not None else self.dit` on the negative inputs, image tokens only with zero
+# text features); it guides with one constant cfg_scale, we with the schedule's weight per step.
+UNCOND_SOURCES = {
+    "checkpoint": "the checkpoint's unconditional_transformer/ (exact)",
+    "self": "the conditional DiT on image tokens only (one DiT in memory; an approximation)",
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,11 @@ class PipelineOptions:
     ``transformer/``), a checkpoint folder whose ``transformer/`` is taken, or a repo id of
     either (``owner/name[@REVISION]``); the unconditional DiT, text encoder and VAE stay the
     checkpoint's (``hub.resolve_transformer``).
+    ``uncond``: what runs the unconditional pass (``UNCOND_SOURCES``): ``"checkpoint"``, its
+    ``unconditional_transformer/``; ``"self"``, the conditional DiT's weights on the
+    unconditional branch's inputs (image tokens only, no text), as DiffSynth-Studio runs
+    without that folder: one DiT in memory, an approximation of the image. Either way a
+    schedule whose every guidance is 1 never loads it.
     """
 
     model: str | Path = DEFAULT_REPO
@@ -73,6 +89,7 @@ class PipelineOptions:
     magic_options: MagicOptions = field(default_factory=MagicOptions)
     distributed: bool = False
     transformer: str | Path | None = None
+    uncond: str = "checkpoint"
     # Set by validate() on the options it returns; replace() makes unvalidated options.
     validated: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -154,6 +171,15 @@ class PipelineOptions:
                 "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
                 "--lora`"
             )
+        if self.uncond not in UNCOND_SOURCES:
+            valid = "; ".join(f"{k!r}: {v}" for k, v in UNCOND_SOURCES.items())
+            raise InputError(f"uncond {self.uncond!r} is not supported; use {valid}")
+        if self.uncond == "self" and any(s.target == "uncond" for s in self.loras):
+            raise LoRAError(
+                "--lora-uncond with --uncond self: there is no unconditional DiT, the "
+                "conditional one (with its --lora LoRAs) runs both passes; drop --lora-uncond "
+                "or use --uncond checkpoint"
+            )
         options = replace(
             self, dtype=resolve_dtype(self.dtype), magic_options=self.magic_options.validate()
         )
@@ -168,6 +194,7 @@ class PipelineOptions:
             "model": str(self.model),
             "revision": self.revision,
             "dtype": dtype_name(resolve_dtype(self.dtype)),
+            "uncond": self.uncond,
         }
         if self.transformer is not None:  # the pipeline adds its fingerprint (settings())
             stored["transformer"] = {"source": str(self.transformer)}
@@ -181,20 +208,23 @@ class PipelineOptions:
         overrides: Mapping | None = None,
     ) -> PipelineOptions:
         """The options an image was made with: ``base`` (the command line's; its ``loras`` are
-        files given again) with the stored model, revision and dtype unless ``overrides`` gives
-        them (a new model drops the stored revision), the conditional DiT swapped in
-        (``transformer``: the stored one, or the override's, checked against the stored
-        fingerprint when it is a folder), and the stored LoRAs found again by SHA-256
-        (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they were."""
+        files given again) with the stored model, revision, dtype and uncond unless
+        ``overrides`` gives them (a new model drops the stored revision), the conditional DiT
+        swapped in (``transformer``: the stored one, or the override's, checked against the
+        stored fingerprint when it is a folder), and the stored LoRAs found again by SHA-256
+        (:func:`~ideogram4_mlx.lora_spec.replay_loras`), fused if they were. An image without
+        ``uncond`` used the checkpoint's (``STORED_DEFAULTS``)."""
         base = cls() if base is None else base
         overrides = overrides or {}
+        metadata = {**STORED_DEFAULTS, **metadata}
         missing = [k for k in REQUIRED if k not in metadata]
         if missing:
             raise InputError(f"the metadata has no {', '.join(missing)}: it cannot be replayed")
         check_type("model", metadata["model"], str)
         check_type("revision", metadata["revision"], (str, type(None)))
         check_type("dtype", metadata["dtype"], str)
-        stored = {k: metadata[k] for k in REQUIRED}
+        check_type("uncond", metadata["uncond"], str)
+        stored = {k: metadata[k] for k in (*REQUIRED, "uncond")}
         stored["transformer"] = replay_transformer(
             metadata.get("transformer"), overrides.get("transformer")
         )
@@ -278,6 +308,7 @@ TYPES = {
     "magic_options": MagicOptions,
     "distributed": bool,
     "transformer": OPTIONAL_PATH,
+    "uncond": str,
 }
 WHAT = {
     "model": "a checkpoint folder or a repo id",
@@ -290,6 +321,7 @@ WHAT = {
     "magic_options": "MagicOptions or a dict of its fields",
     "distributed": "True or False",
     "transformer": "a DiT or checkpoint folder or a repo id, or None",
+    "uncond": f"one of {', '.join(UNCOND_SOURCES)}",
 }
 OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)
 MAGIC_FIELDS = tuple(f.name for f in fields(MagicOptions))

@@ -173,6 +173,11 @@ def skips_uncond(g: float) -> bool:
     return abs(g - 1) <= GUIDANCE_ONE_TOLERANCE
 
 
+def uses_uncond(guidance: Sequence[float]) -> bool:
+    """Whether any step of a guidance schedule calls the unconditional DiT."""
+    return not all(skips_uncond(g) for g in guidance)
+
+
 def combine(v_cond: mx.array, v_uncond: mx.array, g: float) -> mx.array:
     """``g * v_cond + (1 - g) * v_uncond`` in fp32 (MODEL_NOTES#asymmetric-cfg)."""
     g32 = mx.array(g, dtype=mx.float32)

@@ -63,6 +63,7 @@ def sample_metadata(**changes):
         "model": "owner/repo",
         "revision": "abc123",
         "dtype": "float32",
+        "uncond": "checkpoint",
         "quantization": None,
         "caption_findings": [],
         "version": __version__,

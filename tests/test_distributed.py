@@ -343,3 +343,51 @@ def test_num_images_over_two_ranks_equals_single_runs(tiny_checkpoint, tmp_path)
         result.exit_code == 2
         and "'1,x' is not a comma-separated list (e.g. 1,5,9)" in result.output
     )
+
+
+# Runs ideo4-mlx with the DiT folders each rank loads written, one a line, in $LOADS<rank>.
+COUNT_LOADS = """\
+import os, runpy, sys
+from ideogram4_mlx.transformer import Ideogram4Transformer
+real = Ideogram4Transformer.from_pretrained.__func__
+def counted(cls, path, *args, **kwargs):
+    with open(os.environ["LOADS"] + os.environ["MLX_RANK"], "a") as f:
+        f.write(path.name + "\\n")
+    return real(cls, path, *args, **kwargs)
+Ideogram4Transformer.from_pretrained = classmethod(counted)
+sys.argv = ["ideo4-mlx"] + sys.argv[1:]
+runpy.run_module("ideogram4_mlx", run_name="__main__")
+"""
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    "schedule, uncond, rank_1_loads",
+    [
+        ("1", "checkpoint", []),  # no step calls it: rank 1 loads nothing and idles
+        ("5,1,3", "self", ["transformer"]),  # rank 1: its own copy of the conditional DiT
+    ],
+)
+def test_cfg_parallel_without_the_unconditional_folder(
+    tmp_path, tiny_checkpoint, schedule, uncond, rank_1_loads
+):
+    """A checkpoint without unconditional_transformer/: rank 0's image is one process's."""
+    checkpoint = tmp_path / "tiny"
+    shutil.copytree(tiny_checkpoint, checkpoint, ignore=shutil.ignore_patterns("unconditional_*"))
+
+    def args(output):
+        given = generate_args(checkpoint, output, "float32", "--uncond", uncond)
+        return [schedule if a == "5,1,3" else a for a in given]
+
+    single, parallel = tmp_path / "single.png", tmp_path / "parallel.png"
+    result = CliRunner().invoke(main, args(single))
+    assert result.exit_code == 0, result.output
+    script, loads = tmp_path / "count_loads.py", tmp_path / "loads-rank"
+    script.write_text(COUNT_LOADS)
+    run = launch(2, [*args(parallel), "--distributed"], {"LOADS": str(loads)}, script)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with Image.open(single) as a, Image.open(parallel) as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert Path(f"{loads}0").read_text().split() == ["transformer"]
+    rank_1 = Path(f"{loads}1")
+    assert (rank_1.read_text().split() if rank_1.exists() else []) == rank_1_loads

@@ -76,7 +76,9 @@ def test_validate_once_reads_the_system_prompt_and_marks_the_options(tmp_path):
 def test_metadata_round_trip_and_what_a_replay_keeps():
     options = PipelineOptions("owner/repo", "abc", "float32", memory_limit=2.0)
     stored = options.to_metadata()
-    assert stored == {"model": "owner/repo", "revision": "abc", "dtype": "float32"}
+    assert stored == {
+        "model": "owner/repo", "revision": "abc", "dtype": "float32", "uncond": "checkpoint"
+    }  # fmt: skip
     base = PipelineOptions(memory_limit=2.0)
     assert PipelineOptions.from_metadata(stored, base) == options
     new_model = PipelineOptions.from_metadata(stored, base, {"model": "other/repo"})
@@ -101,6 +103,7 @@ def test_load_takes_options_or_their_fields_as_keywords(tiny_checkpoint):
         "model", "revision", "dtype", "memory_limit", "keep_in_memory", "loras", "fuse_lora",
         "lora_allow_partial", "magic_head", "magic_model", "magic_options", "distributed",
         "transformer",
+        "uncond",
     }  # fmt: skip
 
 
