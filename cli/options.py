@@ -19,7 +19,7 @@ from ideogram4_mlx.magic.options import (
     MIN_MAX_TOKENS,
     MagicOptions,
 )
-from ideogram4_mlx.pipeline_options import UNCOND_SOURCES, PipelineOptions
+from ideogram4_mlx.pipeline_options import PipelineOptions
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -292,13 +292,16 @@ TRANSFORMER_GROUP = [
 UNCOND_GROUP = [
     click.option(
         "--uncond",
-        type=click.Choice(list(UNCOND_SOURCES)),
         default="checkpoint",
         show_default=True,
+        metavar="checkpoint|self|DELTA",
         help="What runs the unconditional (CFG) pass: the checkpoint's "
-        "unconditional_transformer/, or 'self': the conditional DiT on image tokens only, as "
-        "DiffSynth-Studio runs without that folder (one DiT in memory; an approximation, "
-        "another image). A schedule of guidance 1 (--guidance-schedule 1) loads neither.",
+        "unconditional_transformer/ (or the delta `convert --uncond-as-lora` left in its "
+        "place); 'self': the conditional DiT on image tokens only, as DiffSynth-Studio runs "
+        "without that folder (one DiT in memory; an approximation, another image); or a DELTA "
+        "(a file, a folder from `convert --uncond-as-lora`, or a Hub repo such as "
+        "ostris/ideogram_4_unconditional_lora) on the conditional DiT's weights for that pass "
+        "only (one DiT in memory). A schedule of guidance 1 (--guidance-schedule 1) loads none.",
     ),
 ]
 MAGIC_FIELDS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")

@@ -52,6 +52,7 @@ from ideogram4_mlx.request import (
 )
 from ideogram4_mlx.sampler import skips_uncond, uses_uncond
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer, check_swappable
+from ideogram4_mlx.uncond_delta import DELTA_FILE, DeltaDiT, read_uncond_delta
 from ideogram4_mlx.vae import Flux2VAE
 from ideogram4_mlx.weights import conversion_record, fingerprint
 
@@ -78,6 +79,15 @@ class Ideogram4Pipeline:
             transformer_dir = resolve_transformer(options.transformer)[0]
         self.transformer_dir = transformer_dir  # the conditional DiT swapped in, if any
         self._transformer_fingerprint: str | None = None
+        # The unconditional DiT as a delta on the conditional one (uncond_delta.py): the one
+        # options.uncond names, or the file `convert --uncond-as-lora` left in the checkpoint.
+        self.delta_source = options.uncond_delta
+        uncond_dir = self.checkpoint_dir / DIT_COMPONENTS[1][0]
+        in_place = self.checkpoint_dir / DELTA_FILE
+        if options.uncond == "checkpoint" and not uncond_dir.is_dir() and in_place.is_file():
+            self.delta_source = str(self.checkpoint_dir)
+        self.uncond_delta: LoRAFile | None = None  # read by load(), before any weights load
+        self._delta_dit: DeltaDiT | None = None
         self.dtype = options.dtype
         self.low_memory = options.low_memory
         limit = None if options.memory_limit in (None, 0) else check_limit(options.memory_limit)
@@ -110,7 +120,7 @@ class Ideogram4Pipeline:
         "self" the unconditional pass runs the conditional DiT: one process holds it once
         (None), a CFG-parallel rank 1 its own copy (with the text projection, so the
         conditional LoRAs apply unchanged)."""
-        if self.options.uncond == "self":
+        if self.options.uncond == "self" or self.delta_source is not None:
             return DIT_COMPONENTS[0], DIT_COMPONENTS[0] if self.options.distributed else None
         return DIT_COMPONENTS
 
@@ -126,7 +136,7 @@ class Ideogram4Pipeline:
         step) calls the unconditional DiT and the checkpoint has none."""
         name = DIT_COMPONENTS[1][0]
         needed = guidance is None or uses_uncond(guidance)
-        if not needed or self.options.uncond != "checkpoint":
+        if not needed or self.options.uncond != "checkpoint" or self.delta_source is not None:
             return
         if not (self.checkpoint_dir / name / "config.json").is_file():
             who = "the unconditional pass"
@@ -256,8 +266,18 @@ class Ideogram4Pipeline:
         self.resident_blocks = plan
         cond, uncond_dit = self._dits
         if uncond and self.cfg is None and self.dit_components()[1] is None:
-            return cond, cond  # uncond "self": the conditional DiT runs both passes
+            if self.delta_source is None:
+                return cond, cond  # uncond "self": the conditional DiT runs both passes
+            return cond, self.delta_dit(cond)
         return self._dits
+
+    def delta_dit(self, cond: Ideogram4Transformer) -> DeltaDiT:
+        """The unconditional DiT as ``cond`` plus the delta (made once per loaded ``cond``;
+        the ``--lora-uncond`` LoRAs on its pass only)."""
+        if self._delta_dit is None or self._delta_dit.dit is not cond:
+            uncond_loras = [(f, s.scale) for s, f in self.loras if s.target == TARGETS[1]]
+            self._delta_dit = DeltaDiT(cond, self.uncond_delta, uncond_loras=uncond_loras)
+        return self._delta_dit
 
     def _load_dit(self, index: int, resident_blocks: int) -> Ideogram4Transformer:
         """DiT ``index`` (0: cond, 1: uncond) with its LoRAs. The unconditional branch sees
@@ -312,7 +332,9 @@ class Ideogram4Pipeline:
         for i, (spec, lora) in enumerate(self.loras):
             if lora.name == name:
                 self.loras[i] = (LoRASpec(spec.source, scale, spec.target).resolved(), lora)
-                if self._dits is not None and not self.fuse_lora:
+                if self._delta_dit is not None and spec.target == TARGETS[1]:
+                    self._delta_dit.set_scale(name, scale)  # on the delta's pass only
+                elif self._dits is not None and not self.fuse_lora:
                     for model in self._dits:  # names are unique: only its DiT has it
                         if model is not None:
                             set_scale(model, name, scale)
@@ -384,6 +406,9 @@ class Ideogram4Pipeline:
                 }
                 for spec, lora in self.loras
             ]
+        if self.uncond_delta is not None:  # what ran the unconditional pass (replay: uncond)
+            delta = self.uncond_delta
+            settings["uncond_delta"] = {"name": delta.name, "sha256": delta.sha256}
         return settings
 
     # -- generation ---------------------------------------------------------------------------
@@ -511,6 +536,9 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     pipe = Ideogram4Pipeline(checkpoint_dir, options, transformer_dir)
     for spec in options.loras:
         pipe.add_lora(spec, options.lora_allow_partial)
+    if pipe.delta_source is not None:  # checked against the DiT's skeleton: no weights load
+        skeleton = Ideogram4Transformer.build(pipe.dit_dir(DIT_COMPONENTS[0][0]))
+        pipe.uncond_delta = read_uncond_delta(pipe.delta_source, skeleton)
     quantized = pipe.quantization() is not None
     if is_slow(options.dtype, quantized):
         slow = [dtype_name(options.dtype)] if options.dtype != mx.float32 else []

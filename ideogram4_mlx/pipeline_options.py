@@ -40,9 +40,12 @@ STORED_DEFAULTS = {"uncond": "checkpoint"}
 # self.dit_uncond is not None else self.dit` on the negative inputs, image tokens only with zero
 # text features); it guides with one constant cfg_scale, we with the schedule's weight per step.
 UNCOND_SOURCES = {
-    "checkpoint": "the checkpoint's unconditional_transformer/ (exact)",
+    "checkpoint": "the checkpoint's unconditional_transformer/ (exact), or the "
+    "unconditional_delta.safetensors `convert --uncond-as-lora` left in its place",
     "self": "the conditional DiT on image tokens only (one DiT in memory; an approximation)",
 }
+# Any other ``uncond`` is a delta (uncond_delta.py): a file, a converted folder or a Hub repo.
+DELTA_WHAT = "a delta: a file, a folder from `convert --uncond-as-lora`, or a Hub repo"
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,10 @@ class PipelineOptions:
     ``uncond``: what runs the unconditional pass (``UNCOND_SOURCES``): ``"checkpoint"``, its
     ``unconditional_transformer/``; ``"self"``, the conditional DiT's weights on the
     unconditional branch's inputs (image tokens only, no text), as DiffSynth-Studio runs
-    without that folder: one DiT in memory, an approximation of the image. Either way a
+    without that folder: one DiT in memory, an approximation of the image; anything else, a
+    delta (``uncond_delta.py``: a file, a folder from ``convert --uncond-as-lora`` or a Hub repo
+    such as ``ostris/ideogram_4_unconditional_lora``) that the conditional DiT's weights run the
+    unconditional pass with: one DiT in memory, exact for a ``full`` delta. Either way a
     schedule whose every guidance is 1 never loads it.
     """
 
@@ -152,6 +158,11 @@ class PipelineOptions:
         return cls(**keywords) if base is None else replace(base, **keywords)
 
     @property
+    def uncond_delta(self) -> str | None:
+        """The delta source ``uncond`` names, or None for ``checkpoint`` and ``self``."""
+        return None if self.uncond in UNCOND_SOURCES else self.uncond
+
+    @property
     def low_memory(self) -> bool:
         """Every DiT block streamed (``memory_limit`` 0)."""
         return is_kind(self.memory_limit, numbers.Real) and self.memory_limit == 0
@@ -171,9 +182,24 @@ class PipelineOptions:
                 "pass; use the LoRA unfused (the default) or bake it in with `ideo4-mlx convert "
                 "--lora`"
             )
-        if self.uncond not in UNCOND_SOURCES:
+        if not self.uncond.strip():
             valid = "; ".join(f"{k!r}: {v}" for k, v in UNCOND_SOURCES.items())
-            raise InputError(f"uncond {self.uncond!r} is not supported; use {valid}")
+            raise InputError(f"uncond is empty; use {valid}; or {DELTA_WHAT}")
+        if self.uncond_delta is not None:
+            clash = [
+                flag
+                for flag, on in (
+                    ("--fuse-lora", self.fuse_lora),  # fused LoRAs would reach the delta's pass
+                    ("--low-memory", self.low_memory),  # the delta needs the DiT resident
+                    ("--distributed", self.distributed),  # one DiT runs both passes
+                )
+                if on
+            ]
+            if clash:
+                raise InputError(
+                    f"--uncond {self.uncond} (a delta on the conditional DiT) cannot be combined "
+                    f"with {', '.join(clash)}: drop it, or use --uncond checkpoint"
+                )
         if self.uncond == "self" and any(s.target == "uncond" for s in self.loras):
             raise LoRAError(
                 "--lora-uncond with --uncond self: there is no unconditional DiT, the "
@@ -321,7 +347,7 @@ WHAT = {
     "magic_options": "MagicOptions or a dict of its fields",
     "distributed": "True or False",
     "transformer": "a DiT or checkpoint folder or a repo id, or None",
-    "uncond": f"one of {', '.join(UNCOND_SOURCES)}",
+    "uncond": f"one of {', '.join(UNCOND_SOURCES)}, or {DELTA_WHAT}",
 }
 OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)
 MAGIC_FIELDS = tuple(f.name for f in fields(MagicOptions))

@@ -125,17 +125,36 @@ def test_conditional_loras_stay_off_the_unconditional_pass(pair, full, tmp_path)
     assert relative(velocities(on_uncond.dit, on_uncond)[1], plain_uncond) > 1e-3
 
 
-def test_a_full_delta_reproduces_the_two_dit_image(pair, full):
+def test_a_full_delta_reproduces_the_two_dit_image(pair, full, tmp_path):
+    """--uncond DELTA through the pipeline: one DiT loaded, the two-DiT image; a converted
+    checkpoint holding the delta in place of unconditional_transformer/ uses it by itself."""
     noise = np.random.default_rng(3).standard_normal((1, 256, 128)).astype(np.float32)
     settings = dict(width=256, height=256, num_steps=2, seed=None, noise=noise)
     two = load(pair.path, dtype="float32", keep_in_memory=True).generate("a cat", **settings)
-    pipe = load(pair.path, dtype="float32", keep_in_memory=True)
-    cond, _ = pipe.dits()
-    pipe._dits = (cond, load_uncond_delta(full, cond))  # what the coordinator's wiring does
+    pipe = load(pair.path, dtype="float32", keep_in_memory=True, uncond=str(full))
     one = pipe.generate("a cat", **settings)
     assert relative(one.latents, two.latents) <= VELOCITY_TOLERANCE
     a, b = np.asarray(one.image, np.int16), np.asarray(two.image, np.int16)
     assert np.abs(a - b).max() <= 1
+    cond, uncond = pipe.dits()
+    assert isinstance(uncond, DeltaDiT) and uncond.dit is cond and pipe.held() == (0,)
+    assert one.metadata["uncond"] == str(full)
+    assert one.metadata["uncond_delta"]["sha256"] == read_lora(full / DELTA_FILE).sha256
+    # the whole checkpoint converted: the delta in place of unconditional_transformer/
+    dst = convert(pair.path, tmp_path / "one-dit", dtype="float32", uncond_as_lora="full",
+                  progress=False)  # fmt: skip
+    assert not (dst / "unconditional_transformer").exists()
+    in_place = load(dst, dtype="float32", keep_in_memory=True)
+    assert in_place.delta_source == str(dst) and in_place.options.uncond == "checkpoint"
+    np.testing.assert_array_equal(in_place.generate("a cat", **settings).latents, one.latents)
+
+
+@pytest.mark.parametrize("flag", ["fuse_lora", "low_memory", "distributed"])
+def test_a_delta_refuses_what_it_cannot_run_with(pair, full, flag):
+    with pytest.raises(
+        InputError, match=f"a delta on the conditional DiT.*--{flag.replace('_', '-')}"
+    ):
+        load(pair.path, uncond=str(full), **{flag: True})
 
 
 def test_error_falls_with_rank_and_reaches_the_noise_at_the_true_rank(pair, full, tmp_path):
