@@ -110,9 +110,10 @@ def test_uncond_self_runs_one_dit_for_both_passes(tiny_checkpoint, no_uncond, lo
 
 
 def test_uncond_options_validate_and_round_trip():
-    with pytest.raises(InputError, match="uncond 'delta' is not supported; use 'checkpoint'"):
-        PipelineOptions("a/b", uncond="delta").validate()
-    with pytest.raises(InputError, match="uncond 3 must be one of checkpoint, self"):
+    assert PipelineOptions("a/b", uncond="owner/delta").validate().uncond_delta == "owner/delta"
+    with pytest.raises(InputError, match="uncond is empty; use 'checkpoint'"):
+        PipelineOptions("a/b", uncond=" ").validate()
+    with pytest.raises(InputError, match="uncond 3 must be one of checkpoint, self, or a delta"):
         PipelineOptions("a/b", uncond=3)
     with pytest.raises(LoRAError, match="--lora-uncond with --uncond self"):
         PipelineOptions.from_keywords(
