@@ -277,6 +277,51 @@ class PreparedSequence:
         return [a for a in vars(self).values() if a is not None]
 
 
+class BlockCache:
+    """First Block Cache for one branch over one generation (``run(..., cache=)``).
+
+    After block 0, its residual ``r = out0 - in0`` is compared with the one of the last full
+    pass: when ``mean|r - r_full| / mean|r_full| < threshold`` the other blocks are skipped and
+    the output is ``out0`` plus what they added at that full pass (``h_N - out0``). The rule
+    and measure are diffusers' ``hooks/first_block_cache.py`` (from ParaAttention); a skipped
+    pass stores nothing, so each comparison is with the last full pass. Threshold 0 never
+    skips and stores nothing: bit for bit the uncached run. Counts the two kinds of pass.
+    """
+
+    def __init__(self, threshold: float = 0.0):
+        self.threshold = float(threshold)
+        self.first_residual: mx.array | None = None  # block 0's r at the last full pass
+        self.rest_residual: mx.array | None = None  # what blocks 1..N-1 added then
+        self.full_passes = 0
+        self.cached_passes = 0
+
+    def reusable(self, residual: mx.array) -> bool:
+        """Whether block 0's ``residual`` (B, L, D) is within the threshold of the stored one
+        (evaluates it: the decision is made on the host)."""
+        ref = self.first_residual
+        if self.threshold <= 0 or ref is None or ref.shape != residual.shape:
+            return False
+        ref32 = ref.astype(mx.float32)
+        change = mx.abs(residual.astype(mx.float32) - ref32).mean() / mx.abs(ref32).mean()
+        return change.item() < self.threshold
+
+    def reuse(self, first: mx.array) -> mx.array:
+        """Block N-1's output estimated from block 0's ``first`` (a cached pass)."""
+        self.cached_passes += 1
+        return first + self.rest_residual
+
+    def store(self, residual: mx.array, rest: mx.array) -> None:
+        """A full pass: block 0's ``residual`` and what blocks 1..N-1 added (``rest``)."""
+        self.full_passes += 1
+        if self.threshold <= 0:
+            return
+        self.first_residual, self.rest_residual = residual, rest
+        mx.eval(residual, rest)  # two (B, L, D) arrays held, not the pass's graph
+
+    def counts(self) -> dict:
+        return {"full_passes": self.full_passes, "cached_passes": self.cached_passes}
+
+
 class Ideogram4Transformer(nn.Module):
     """The DiT. Inputs follow MODEL_NOTES#dit-forward-pass; the output is the velocity
     (B, L, 128) in fp32."""
@@ -372,10 +417,17 @@ class Ideogram4Transformer(nn.Module):
         mx.eval(prepared.arrays())
         return prepared
 
-    def run(self, x: mx.array, t: np.ndarray | mx.array, seq: PreparedSequence) -> mx.array:
+    def run(
+        self,
+        x: mx.array,
+        t: np.ndarray | mx.array,
+        seq: PreparedSequence,
+        cache: BlockCache | None = None,
+    ) -> mx.array:
         """Velocity (B, L, 128) float32 for latents ``x`` (B, L, 128) at model time ``t`` (B,)
         in [0, 1] (rounded to bf16 before the embedding, as the reference does); only image
-        positions are meaningful."""
+        positions are meaningful. ``cache`` (one per branch and generation) may skip blocks
+        1..N-1 (see :class:`BlockCache`); threshold 0 runs every block, bit for bit."""
         m_img = seq.image_mask
         # Biases are masked after the projection, or they leak into other roles
         # (MODEL_NOTES#dit-forward-pass).
@@ -388,16 +440,28 @@ class Ideogram4Transformer(nn.Module):
         c = self.conditioning(t)
         if self.stream is not None:
             self.stream.open()
-        for i, layer in enumerate(self.layers):
-            if self.stream is None or i < self.resident_blocks:
-                h = layer(h, c, seq.cos, seq.sin, seq.mask)
-                continue
-            # A streamed block: its weights are read now and dropped once it has run.
-            layer.update(self.stream.take(f"layers.{i}."))
-            h = layer(h, c, seq.cos, seq.sin, seq.mask)
-            mx.eval(h)
-            drop_parameters(layer)
+        first = self.block(0, h, c, seq)
+        residual = first - h  # lazy: evaluated only where a cache compares it
+        if cache is not None and cache.reusable(residual):
+            h = cache.reuse(first)
+        else:
+            h = first
+            for i in range(1, len(self.layers)):
+                h = self.block(i, h, c, seq)
+            if cache is not None:
+                cache.store(residual, h - first)
         return self.final_layer(h, c).astype(mx.float32)
+
+    def block(self, i: int, h: mx.array, c: mx.array, seq: PreparedSequence) -> mx.array:
+        """Block ``i`` on ``h``; a streamed block's weights are read now and dropped after."""
+        layer = self.layers[i]
+        if self.stream is None or i < self.resident_blocks:
+            return layer(h, c, seq.cos, seq.sin, seq.mask)
+        layer.update(self.stream.take(f"layers.{i}."))
+        h = layer(h, c, seq.cos, seq.sin, seq.mask)
+        mx.eval(h)
+        drop_parameters(layer)
+        return h
 
     def __call__(
         self,
