@@ -1,4 +1,4 @@
-"""Step caching (``--cache-threshold``, ``transformer.BlockCache``): seconds and passes.
+"""Step caching (``--cache-threshold``, ``step_cache.BlockCache``): seconds and passes.
 
 For each threshold T, the same image (seed, size, steps) through ``generate``: denoise and
 total seconds (the fastest of ``--repeats``: the machine may be shared), full and cached passes

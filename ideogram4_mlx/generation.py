@@ -28,7 +28,8 @@ from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
 from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised
-from ideogram4_mlx.transformer import BlockCache, Ideogram4Transformer
+from ideogram4_mlx.step_cache import BlockCache
+from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.version import __version__
 
@@ -276,7 +277,7 @@ def velocity_fns(
     the conditional DiT, image tokens only through the unconditional one (None for a DiT this
     process does not hold: a CFG-parallel rank). Layout constants (RoPE tables, masks,
     projected text) are prepared here once, not per step. ``caches`` (cond, uncond): each
-    branch's step cache for this image (``transformer.BlockCache``), None for none."""
+    branch's step cache for this image (``step_cache.BlockCache``), None for none."""
     cond = uncond = None
     if cond_dit is not None:
         n_text = features.shape[1]

@@ -62,7 +62,7 @@ GUIDANCE_RANGE = (0.0, 30.0)
 # 1.5..1.75. std must stay > 0 (the grid is its mean alone at 0).
 MU_RANGE = (-10.0, 10.0)
 MAX_STD = 10.0
-# First Block Cache (``transformer.BlockCache``): a relative change of block 0's residual; 0 is
+# First Block Cache (``step_cache.BlockCache``): a relative change of block 0's residual; 0 is
 # off. Peers use 0.05 (diffusers) to 0.12 (ParaAttention with fp8); at 1 nearly every pass after
 # the first would be skipped.
 CACHE_THRESHOLD_RANGE = (0.0, 1.0)
@@ -96,7 +96,7 @@ class GenerationRequest:
     (``edit.fingerprint``).
 
     ``cache_threshold`` T in [0, 1] turns on step caching (First Block Cache, per branch:
-    ``transformer.BlockCache``): a pass whose first block moved less than T (relative) since
+    ``step_cache.BlockCache``): a pass whose first block moved less than T (relative) since
     the last full pass reuses what the other blocks added then. 0 (the default) is off, bit for
     bit; its effect on quality is unmeasured here.
 

@@ -23,10 +23,10 @@ from ideogram4_mlx.convert import convert
 from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.step_cache import BlockCache
 from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 from ideogram4_mlx.transformer import (
     LOW_MEMORY_FFN_TOKENS,
-    BlockCache,
     FeedForward,
     Ideogram4Transformer,
     attention,

@@ -18,12 +18,8 @@ from ideogram4_mlx.dit_sequence import (
     timestep_sinusoid,
 )
 from ideogram4_mlx.layers import RMSNorm
-from ideogram4_mlx.transformer import (
-    BlockCache,
-    Ideogram4Transformer,
-    TransformerConfig,
-    segment_mask,
-)
+from ideogram4_mlx.step_cache import BlockCache
+from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, segment_mask
 from ideogram4_mlx.weights import dequantize_fp8, load_strict
 
 TINY = TransformerConfig(
