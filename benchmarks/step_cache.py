@@ -60,10 +60,11 @@ def main() -> None:
         model = args.model or write_synthetic_checkpoint(Path(tmp) / "tiny", spec, seed=0)
         pipe = load(model, dtype=getattr(mx, args.dtype), keep_in_memory=True)
         run(pipe, 0.0, args)  # warm-up
-        # Thresholds interleaved within each repeat, so that load from elsewhere hits all alike.
+        # Interleaved, every other repeat in reverse: the times drift up over a session here
+        # (2.5 -> 3.8 s for the same run), which would otherwise favour the first thresholds.
         runs = {t: [] for t in args.thresholds}
-        for _ in range(args.repeats):
-            for t in args.thresholds:
+        for i in range(args.repeats):
+            for t in args.thresholds[:: -1 if i % 2 else 1]:
                 runs[t].append(run(pipe, t, args))
     rows = {}
     for t, done in runs.items():
