@@ -43,8 +43,9 @@ class BlockCache:
         self.cached_passes += 1
         return first + self.rest_residual
 
-    def store(self, residual: mx.array, rest: mx.array) -> None:
-        """A full pass: block 0's ``residual`` and what blocks 1..N-1 added (``rest``)."""
+    def store(self, residual: mx.array | None, rest: mx.array) -> None:
+        """A full pass: block 0's ``residual`` and what blocks 1..N-1 added (``rest``); at
+        threshold 0 only counted."""
         self.full_passes += 1
         if self.threshold <= 0:
             return

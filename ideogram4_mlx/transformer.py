@@ -397,8 +397,9 @@ class Ideogram4Transformer(nn.Module):
         if self.stream is not None:
             self.stream.open()
         first = self.block(0, h, c, seq)
-        residual = first - h  # lazy: evaluated only where a cache compares it
-        if cache is not None and cache.reusable(residual):
+        # Block 0's residual, only where a cache compares it (it holds h through the pass).
+        residual = first - h if cache is not None and cache.threshold > 0 else None
+        if residual is not None and cache.reusable(residual):
             h = cache.reuse(first)
         else:
             h = first
