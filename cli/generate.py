@@ -121,6 +121,16 @@ def _check_prompt(ctx, param, text: str | None) -> str | None:
 @click.option("--mu", type=float, help="Mean of the logit-normal time grid (default: preset's).")
 @click.option("--std", type=float, help="Its standard deviation, > 0 (default: preset's).")
 @click.option(
+    "--cache-threshold",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Step caching (First Block Cache, per CFG branch): a pass whose first DiT block moved "
+    "less than T (relative) since the last full pass reuses what the other blocks added then. "
+    "0 is off (bit for bit); peers use 0.05-0.12. Faster, but its effect on quality is "
+    "unmeasured here; the PNG records T and the passes that ran.",
+)
+@click.option(
     "--magic-prompt",
     is_flag=True,
     help="Treat the prompt as an idea: expand it into a JSON caption first (see "

@@ -28,6 +28,7 @@ from ideogram4_mlx.metadata import save_png
 from ideogram4_mlx.prompt import MAX_TEXT_TOKENS
 from ideogram4_mlx.request import MAX_SEED, GenerationRequest, ResolvedRequest
 from ideogram4_mlx.sampler import KnownLatents, VelocityFn, euler_steps, noised, uses_uncond
+from ideogram4_mlx.step_cache import BlockCache
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.vae import Flux2VAE, decode, encode
 from ideogram4_mlx.version import __version__
@@ -133,6 +134,7 @@ class Generation:
         self.given_noise = noise is not None
         self.idea: str | None = None  # the magic prompt's idea, once expanded
         self.stats: dict = {}
+        self.metadata_extra: dict = {}  # what the run adds to the metadata (step caching)
         self.latents: mx.array | None = None
         self.done = False
 
@@ -217,7 +219,8 @@ class Generation:
         with Stage(self.stats, "denoise", self.report, self.verbose):
             n_text = MAX_TEXT_TOKENS if features is None else features.shape[1]
             dits = c.dits(r.grid_h * r.grid_w + n_text, uses_uncond(r.schedule.guidance))
-            cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w)
+            caches = tuple(BlockCache(self.request.cache_threshold) for _ in dits)
+            cond, uncond = velocity_fns(*dits, features, r.grid_h, r.grid_w, caches)
             guided = None if c.cfg is None else c.cfg.guided(cond, uncond)
             for index, t, z in euler_steps(start, r.schedule, cond, uncond, known, guided):
                 self.latents = z
@@ -225,6 +228,12 @@ class Generation:
                 check_finite(z, index)  # after the caller's evaluation: no extra work
             mx.eval(self.latents)
             c.release("transformers")
+        # Passes per branch: full (every block) and cached (block 0 only).
+        branches = zip(("cond", "uncond"), dits, caches, strict=True)
+        passes = {name: cache.counts() for name, dit, cache in branches if dit is not None}
+        self.stats["denoise"].update(passes)
+        if self.request.cache_threshold:
+            self.metadata_extra["cache_passes"] = passes
 
     def preview(self, latents: mx.array) -> Image.Image:
         """``latents`` (1, N, 128), a step's, decoded with this generation's VAE: one full
@@ -251,6 +260,7 @@ class Generation:
             **c.settings(),
             "caption_findings": r.caption_findings,
             **({"idea": self.idea} if self.idea is not None else {}),
+            **self.metadata_extra,
             "version": __version__,
         }
         image = Image.fromarray(pixels[0])
@@ -263,11 +273,13 @@ def velocity_fns(
     features: mx.array | None,
     grid_h: int,
     grid_w: int,
+    caches: tuple[BlockCache | None, BlockCache | None] = (None, None),
 ) -> tuple[VelocityFn | None, VelocityFn | None]:
     """The sampler's ``cond(z, t)`` and ``uncond(z, t)`` for one image: ``[text][image]`` through
     the conditional DiT, image tokens only through the unconditional one (None for a DiT this
     process does not hold: a CFG-parallel rank). Layout constants (RoPE tables, masks,
-    projected text) are prepared here once, not per step."""
+    projected text) are prepared here once, not per step. ``caches`` (cond, uncond): each
+    branch's step cache for this image (``step_cache.BlockCache``), None for none."""
     cond = uncond = None
     if cond_dit is not None:
         n_text = features.shape[1]
@@ -278,13 +290,13 @@ def velocity_fns(
             # (B = 1) broadcasts over it.
             text_slots = mx.zeros((z.shape[0], n_text, PACKED_CHANNELS), mx.float32)
             x = mx.concatenate([text_slots, z], axis=1)
-            return cond_dit.run(x, np.array([t], np.float32), cond_seq)[:, n_text:]
+            return cond_dit.run(x, np.array([t], np.float32), cond_seq, caches[0])[:, n_text:]
 
     if uncond_dit is not None:
         uncond_seq = uncond_dit.prepare(None, *sequence_ids([0], grid_h, grid_w))
 
         def uncond(z: mx.array, t: float) -> mx.array:
-            return uncond_dit.run(z, np.array([t], np.float32), uncond_seq)
+            return uncond_dit.run(z, np.array([t], np.float32), uncond_seq, caches[1])
 
     return cond, uncond
 

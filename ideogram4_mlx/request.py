@@ -62,6 +62,10 @@ GUIDANCE_RANGE = (0.0, 30.0)
 # 1.5..1.75. std must stay > 0 (the grid is its mean alone at 0).
 MU_RANGE = (-10.0, 10.0)
 MAX_STD = 10.0
+# First Block Cache (``step_cache.BlockCache``): a relative change of block 0's residual; 0 is
+# off. Peers use 0.05 (diffusers) to 0.12 (ParaAttention with fp8); at 1 nearly every pass after
+# the first would be skipped.
+CACHE_THRESHOLD_RANGE = (0.0, 1.0)
 
 
 class CaptionError(InputError):
@@ -91,6 +95,11 @@ class GenerationRequest:
     ``image_sha256``/``mask_sha256``, when set (a replay), must match the inputs' fingerprints
     (``edit.fingerprint``).
 
+    ``cache_threshold`` T in [0, 1] turns on step caching (First Block Cache, per branch:
+    ``step_cache.BlockCache``): a pass whose first block moved less than T (relative) since
+    the last full pass reuses what the other blocks added then. 0 (the default) is off, bit for
+    bit; its effect on quality is unmeasured here.
+
     Each field's type is checked as the request is made (``REQUEST_TYPES``: an integer is no
     float or bool, a number is finite, the prompt is UTF-8 text), an ``InputError`` naming it;
     numpy numbers are stored as int and float, lists as tuples. Ranges are :meth:`validate`'s.
@@ -117,6 +126,7 @@ class GenerationRequest:
     expand: tuple[int, int, int, int] | None = None
     image_sha256: str | None = None
     mask_sha256: str | None = None
+    cache_threshold: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.prompt, dict):
@@ -159,6 +169,12 @@ class GenerationRequest:
             raise InputError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
         if self.magic_prompt:  # refused when submitted, not when the job runs
             check_idea_length(self.prompt)
+        lo, hi = CACHE_THRESHOLD_RANGE
+        if not lo <= self.cache_threshold <= hi:
+            raise InputError(
+                f"cache_threshold {self.cache_threshold!r} is out of range: use {lo:g}..{hi:g} "
+                "(0 is off; peers use 0.05..0.12)"
+            )
         resolved, edit = self.resolve_edit()
         grid_h, grid_w = check_size(resolved.width, resolved.height)
         schedule = resolved.schedule()
@@ -288,6 +304,9 @@ class GenerationRequest:
         if resolved.image_sha256 is not None:
             stored.update({name: getattr(resolved, name) for name in EDIT_METADATA_TYPES})
             stored["expand"] = None if resolved.expand is None else list(resolved.expand)
+        for name, (_, default) in OPTIONAL_METADATA.items():
+            if getattr(resolved, name) != default:
+                stored[name] = getattr(resolved, name)
         return stored
 
     @classmethod
@@ -308,7 +327,12 @@ class GenerationRequest:
         for key, kind in types.items():
             check_type(key, m[key], kind)
         edit = {k: m[k] for k in EDIT_METADATA_TYPES} if is_edit else {}
-        base = cls(**{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS}, **edit)
+        optional = {k: m[k] for k in OPTIONAL_METADATA if k in m}
+        for key, value in optional.items():
+            check_type(key, value, OPTIONAL_METADATA[key][0])
+        base = cls(
+            **{k: m[k] for k in METADATA_TYPES if k not in SCHEDULE_KEYS}, **edit, **optional
+        )
         preset = get_preset(base.preset)
         steps = None if m["num_steps"] == preset.num_steps else m["num_steps"]
         shaped = replace(base, num_steps=steps).schedule().guidance
@@ -350,6 +374,9 @@ EDIT_METADATA_TYPES = {
     "paste_back": bool,
     "expand": ("ints4", type(None)),
 }
+# Stored only when not their default, so older PNGs (without them) replay: field -> (type,
+# default).
+OPTIONAL_METADATA = {"cache_threshold": (numbers.Real, 0.0)}
 # Stored resolved (the preset's values filled in): from_metadata turns them back into overrides.
 SCHEDULE_KEYS = ("num_steps", "guidance_schedule", "mu", "std")
 
@@ -381,6 +408,7 @@ REQUEST_TYPES = {
     "expand": (("ints4", type(None)), "4 integers (LEFT, TOP, RIGHT, BOTTOM pixels) or None"),
     "image_sha256": ((str, type(None)), "a SHA-256 hex string or None"),
     "mask_sha256": ((str, type(None)), "a SHA-256 hex string or None"),
+    "cache_threshold": (numbers.Real, "a number in [0, 1] (0: no step caching)"),
 }
 KIND_NAMES = {
     type(None): "null",

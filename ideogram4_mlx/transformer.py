@@ -26,6 +26,7 @@ from ideogram4_mlx.dit_sequence import (
 )
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.layers import RMSNorm, apply_rope, silu
+from ideogram4_mlx.step_cache import BlockCache
 from ideogram4_mlx.weights import (
     DtypeRule,
     WeightStream,
@@ -375,10 +376,17 @@ class Ideogram4Transformer(nn.Module):
         mx.eval(prepared.arrays())
         return prepared
 
-    def run(self, x: mx.array, t: np.ndarray | mx.array, seq: PreparedSequence) -> mx.array:
+    def run(
+        self,
+        x: mx.array,
+        t: np.ndarray | mx.array,
+        seq: PreparedSequence,
+        cache: BlockCache | None = None,
+    ) -> mx.array:
         """Velocity (B, L, 128) float32 for latents ``x`` (B, L, 128) at model time ``t`` (B,)
         in [0, 1] (rounded to bf16 before the embedding, as the reference does); only image
-        positions are meaningful."""
+        positions are meaningful. ``cache`` (one per branch and generation) may skip blocks
+        1..N-1 (see :class:`BlockCache`); threshold 0 runs every block, bit for bit."""
         m_img = seq.image_mask
         # Biases are masked after the projection, or they leak into other roles
         # (MODEL_NOTES#dit-forward-pass).
@@ -391,16 +399,29 @@ class Ideogram4Transformer(nn.Module):
         c = self.conditioning(t)
         if self.stream is not None:
             self.stream.open()
-        for i, layer in enumerate(self.layers):
-            if self.stream is None or i < self.resident_blocks:
-                h = layer(h, c, seq.cos, seq.sin, seq.mask)
-                continue
-            # A streamed block: its weights are read now and dropped once it has run.
-            layer.update(self.stream.take(f"layers.{i}."))
-            h = layer(h, c, seq.cos, seq.sin, seq.mask)
-            mx.eval(h)
-            drop_parameters(layer)
+        first = self.block(0, h, c, seq)
+        # Block 0's residual, only where a cache compares it (it holds h through the pass).
+        residual = first - h if cache is not None and cache.threshold > 0 else None
+        if residual is not None and cache.reusable(residual):
+            h = cache.reuse(first)
+        else:
+            h = first
+            for i in range(1, len(self.layers)):
+                h = self.block(i, h, c, seq)
+            if cache is not None:
+                cache.store(residual, h - first)
         return self.final_layer(h, c).astype(mx.float32)
+
+    def block(self, i: int, h: mx.array, c: mx.array, seq: PreparedSequence) -> mx.array:
+        """Block ``i`` on ``h``; a streamed block's weights are read now and dropped after."""
+        layer = self.layers[i]
+        if self.stream is None or i < self.resident_blocks:
+            return layer(h, c, seq.cos, seq.sin, seq.mask)
+        layer.update(self.stream.take(f"layers.{i}."))
+        h = layer(h, c, seq.cos, seq.sin, seq.mask)
+        mx.eval(h)
+        drop_parameters(layer)
+        return h
 
     def __call__(
         self,

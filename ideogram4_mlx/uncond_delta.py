@@ -38,6 +38,7 @@ from ideogram4_mlx.lora import (
     match,
     read_lora,
 )
+from ideogram4_mlx.step_cache import BlockCache
 from ideogram4_mlx.transformer import (
     TEXT_INPUT_MODULES,
     Ideogram4Transformer,
@@ -184,8 +185,15 @@ class DeltaDiT:
             )
         return self.dit.prepare(None, position_ids, segment_ids, indicator)
 
-    def run(self, x: mx.array, t: np.ndarray | mx.array, seq: PreparedSequence) -> mx.array:
-        """The unconditional velocity (B, L, 128) float32: ``dit.run`` with the delta on."""
+    def run(
+        self,
+        x: mx.array,
+        t: np.ndarray | mx.array,
+        seq: PreparedSequence,
+        cache: BlockCache | None = None,
+    ) -> mx.array:
+        """The unconditional velocity (B, L, 128) float32: ``dit.run`` with the delta on
+        (``cache``: this branch's step cache, see ``step_cache.py``)."""
         # Every adapter on dit, the conditional LoRAs' too: each gets its scale for this pass.
         adapters = [
             m.lora
@@ -200,7 +208,7 @@ class DeltaDiT:
         try:
             # The graph is built here, so restoring afterwards leaves this pass's arrays as
             # they were when it ran (MLX arrays are immutable; update swaps references).
-            return self.dit.run(x, t, seq)
+            return self.dit.run(x, t, seq, cache)
         finally:
             self.dit.update(tree_unflatten(list(originals.items())))
             for a, items in zip(adapters, saved, strict=True):

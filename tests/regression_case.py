@@ -49,14 +49,15 @@ def pinned_file(env: str) -> Path:
     return DATA / f"regression_tiny_{env}.npz"
 
 
-def run(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(latents (1, N, 128) float32, image (H, W, 3) uint8) of the pinned case, fp32 weights."""
+def run(checkpoint: Path, **settings) -> tuple[np.ndarray, np.ndarray]:
+    """(latents (1, N, 128) float32, image (H, W, 3) uint8) of the pinned case, fp32 weights;
+    ``settings`` are added to it (ones that must change no bit)."""
     from ideogram4_mlx import load
 
     pipe = load(checkpoint, dtype=mx.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = pipe.generate(CAPTION, **CASE)
+        result = pipe.generate(CAPTION, **CASE, **settings)
     return result.latents, np.array(result.image)
 
 

@@ -275,6 +275,7 @@ def test_num_steps_alias_and_one_guidance_weight(fake, tmp_path):
         # the stored schedule is explicit (not the preset's shape): it must be given anew
         (["--steps", 3, "--guidance-schedule", 4], {}, {"num_steps": 3, "guidance_schedule": (4,)}),
         (["--strict-caption"], {}, {"strict_caption": True}),
+        (["--cache-threshold", 0.08], {}, {"cache_threshold": 0.08}),
         # explicit settings of the image stay under the new preset
         (["--preset", "V4_TURBO_12", "--std", 2.0], {}, {"preset": "V4_TURBO_12", "std": 2.0}),
     ],
@@ -330,6 +331,7 @@ def test_from_metadata_options_override_the_stored_ones(
         (["--prompt", "x", "--steps", 10**9], "num_steps 1000000000 is out of range: use 1..1000"),
         (["--prompt", "x", "--mu", "nan"], "mu must be a finite number, got nan"),
         (["--prompt", "x", "--std", "inf"], "std must be a finite number, got inf"),
+        (["--prompt", "x", "--cache-threshold", 2], "cache_threshold 2.0 is out of range"),
         (["--prompt", "x", "--guidance-schedule", "7,inf"], "must be finite"),
         (["--prompt", "[" * 5000 + "]" * 5000], "nests brackets more than 64 levels"),
         (["--prompt-file", "{tmp}/deep.json"], "deep.json: the JSON nests"),

@@ -27,9 +27,9 @@ FLOORS = [
                 "quantization", "files", "template_child"]),
     # Reading checkpoints and the machine; the layers the models share; an edit's inputs.
     ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog"]),
-    # The models, one a file, and LoRA on top of them.
+    # The models, one a file, LoRA on top of them and the DiT's step cache.
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
-                "lora_spec", "uncond_delta"]),
+                "lora_spec", "uncond_delta", "step_cache"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt.
     ("stages", ["request", "prompt", "memory", "distributed", "pipeline_options", "metadata",

@@ -23,6 +23,7 @@ from ideogram4_mlx.convert import convert
 from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.request import GenerationRequest
+from ideogram4_mlx.step_cache import BlockCache
 from ideogram4_mlx.synth import SYNTHETIC_PRESETS, write_synthetic_checkpoint
 from ideogram4_mlx.transformer import (
     LOW_MEMORY_FFN_TOKENS,
@@ -193,3 +194,20 @@ def test_chunked_feed_forward_equals_one_call(length, chunk, sizes, monkeypatch)
 def test_low_memory_dit_chunks_the_feed_forward(tiny_checkpoint):
     model = Ideogram4Transformer.from_pretrained(tiny_checkpoint / "transformer", low_memory=True)
     assert {layer.feed_forward.chunk_tokens for layer in model.layers} == {LOW_MEMORY_FFN_TOKENS}
+
+
+def test_a_cached_pass_reads_only_block_0_and_streaming_changes_no_bit(tiny_checkpoint):
+    folder = tiny_checkpoint / "transformer"
+    resident = Ideogram4Transformer.from_pretrained(folder, mx.float32)
+    streamed = Ideogram4Transformer.from_pretrained(folder, mx.float32, True)
+    x, feats, ids = dit_inputs(resident)
+    seq_r, seq_s = resident.prepare(feats, *ids), streamed.prepare(feats, *ids)
+    caches = BlockCache(0.05), BlockCache(0.05)
+    for t in (0.3, 0.3):  # the same input twice: the second pass is a hit
+        want = resident.run(x, np.array([t], np.float32), seq_r, caches[0])
+        got = streamed.run(x, np.array([t], np.float32), seq_s, caches[1])
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert caches[1].counts() == {"full_passes": 1, "cached_passes": 1}
+    # Blocks 1.. were left in the stream, unread (lazy arrays, dropped at the next pass).
+    assert any(k.startswith("layers.1.") for k in streamed.stream.pending)
+    assert not any(k.startswith("layers.0.") for k in streamed.stream.pending)

@@ -11,6 +11,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import rel_l2
 from huggingface_hub.errors import GatedRepoError
 from PIL import Image
 
@@ -305,3 +306,26 @@ def test_dict_caption_and_result_save_keep_the_metadata(pipe, tmp_path):
     assert read_metadata(path)["environment"]["mlx"] == mx.__version__
     with pytest.raises(FileExistsError):
         result.save(path)
+
+
+def test_step_caching_counts_its_passes_and_moves_the_latents_a_little(tiny_checkpoint):
+    """Random weights move block 0 by 80-160% a step, so here only a threshold of about 1
+    skips a pass: this checks the counts, the records and a bound, not the quality."""
+    pipe = load(tiny_checkpoint, dtype=mx.float32)
+    kwargs = {"width": 256, "height": 256, "num_steps": 12, "seed": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = pipe.generate(CAPTION, **kwargs)
+        cached = pipe.generate(CAPTION, **kwargs, cache_threshold=1.0)
+        again = pipe.generate(CAPTION, **kwargs, cache_threshold=1.0)
+    every = {"full_passes": 12, "cached_passes": 0}
+    assert plain.stats["denoise"]["cond"] == plain.stats["denoise"]["uncond"] == every
+    assert "cache_threshold" not in plain.metadata and "cache_passes" not in plain.metadata
+    passes = {k: cached.stats["denoise"][k] for k in ("cond", "uncond")}
+    assert all(p["full_passes"] + p["cached_passes"] == 12 for p in passes.values())
+    assert sum(p["cached_passes"] for p in passes.values()) > 0
+    assert cached.metadata["cache_threshold"] == 1.0 and cached.metadata["cache_passes"] == passes
+    assert 0 < rel_l2(cached.latents, plain.latents) <= 1e-2
+    np.testing.assert_array_equal(again.latents, cached.latents)  # deterministic
+    replayed = GenerationRequest.from_metadata(cached.metadata)
+    assert replayed.cache_threshold == 1.0

@@ -29,8 +29,13 @@ OFF_KEY_BOUNDS = {"cpu": (2e-6, 1)}  # backend -> (latents relative L2, image le
 UNMEASURED_BOUNDS = (1e-4, 2)
 
 
-def test_tiny_end_to_end_is_pinned(tiny_checkpoint):
-    latents, image = regression_case.run(tiny_checkpoint)
+# Settings that must change no bit: step caching at threshold 0 is off.
+NEUTRAL_SETTINGS = [{}, {"cache_threshold": 0.0}]
+
+
+@pytest.mark.parametrize("settings", NEUTRAL_SETTINGS, ids=["default", "cache_threshold=0"])
+def test_tiny_end_to_end_is_pinned(tiny_checkpoint, settings):
+    latents, image = regression_case.run(tiny_checkpoint, **settings)
     env, why = regression_case.environment()
     if env is not None and regression_case.pinned_file(env).exists():
         data = np.load(regression_case.pinned_file(env))

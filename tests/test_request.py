@@ -70,6 +70,8 @@ def test_with_seed_reseeds_a_resolved_request_and_bounds_the_seed():
         ({"width": 250}, "width 250 is not supported"),
         ({"prompt": "  "}, "the prompt is empty"),
         ({"preset": "V4_NOPE"}, "unknown preset 'V4_NOPE'; valid presets"),
+        ({"cache_threshold": -0.1}, r"cache_threshold -0.1 is out of range: use 0..1 \(0 is off"),
+        ({"cache_threshold": 1.5}, "cache_threshold 1.5 is out of range: use 0..1"),
     ],
 )
 def test_validate_names_the_bad_setting(changes, message):
@@ -121,6 +123,10 @@ def test_validate_names_the_bad_setting(changes, message):
         ("expand", [16, 0, 0], r"expand [16, 0, 0] must be 4 integers"),
         ("image_sha256", 5, "image_sha256 5 must be a SHA-256 hex string or None"),
         ("mask_sha256", b"ab", "mask_sha256 b'ab' must be a SHA-256 hex string"),
+        ("cache_threshold", "0.1", "cache_threshold '0.1' must be a number in [0, 1]"),
+        ("cache_threshold", None, "cache_threshold None must be a number in [0, 1]"),
+        ("cache_threshold", True, "cache_threshold True must be a number"),
+        ("cache_threshold", math.nan, "cache_threshold must be a finite number, got nan"),
     ],
 )
 def test_wrong_types_are_one_line_naming_the_field_as_the_request_is_made(field, value, message):
@@ -377,3 +383,15 @@ def test_edit_metadata_types_are_checked(key, value):
     del stored["mask_grow"]
     with pytest.raises(ValueError, match="has no mask_grow"):
         GenerationRequest.from_metadata(stored)
+
+
+def test_cache_threshold_is_stored_when_on_and_an_old_png_replays_with_it_off():
+    on = GenerationRequest(CAPTION, seed=1, cache_threshold=0.08)
+    stored = on.to_metadata()
+    assert stored["cache_threshold"] == 0.08
+    assert GenerationRequest.from_metadata(stored) == replace(on, width=1024, height=1024)
+    off = GenerationRequest(CAPTION, seed=1).to_metadata()
+    assert "cache_threshold" not in off  # 0: the metadata of before step caching, unchanged
+    assert GenerationRequest.from_metadata(off).cache_threshold == 0.0
+    with pytest.raises(ValueError, match="metadata field 'cache_threshold' is 'x': expected Real"):
+        GenerationRequest.from_metadata({**stored, "cache_threshold": "x"})

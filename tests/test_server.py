@@ -321,8 +321,9 @@ def test_shutdown_cancels_the_running_job_after_its_step_and_writes_no_png(pipe,
         ({"num_steps": 2000}, ["--steps", 2000]),
         ({"num_steps": 0}, ["--steps", 0]),
         ({"mu": float("nan")}, ["--mu", "nan"]),
+        ({"cache_threshold": 1.5}, ["--cache-threshold", 1.5]),
     ],
-    ids=["width-250", "steps-2000", "steps-0", "mu-nan"],
+    ids=["width-250", "steps-2000", "steps-0", "mu-nan", "cache-threshold-1.5"],
 )
 def test_bad_settings_get_422_with_the_cli_message(
     server, api, tiny_checkpoint, tmp_path, settings, options

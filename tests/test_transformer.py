@@ -18,6 +18,7 @@ from ideogram4_mlx.dit_sequence import (
     timestep_sinusoid,
 )
 from ideogram4_mlx.layers import RMSNorm
+from ideogram4_mlx.step_cache import BlockCache
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig, segment_mask
 from ideogram4_mlx.weights import dequantize_fp8, load_strict
 
@@ -304,3 +305,42 @@ def test_one_prepared_sequence_serves_every_step(tiny_model):
         step = tiny_model.run(mx.array(x), np.array(t, np.float32), seq)
         fresh = run(tiny_model, x, t, feats, pos, seg, ind)
         np.testing.assert_array_equal(np.array(step), fresh)
+
+
+def test_block_cache_at_threshold_0_is_bit_identical_and_only_counts(tiny_model):
+    x, feats, pos, seg, ind = random_inputs([4, 2], 3, 2)
+    seq = tiny_model.prepare(mx.array(feats), pos, seg, ind)
+    cache = BlockCache(0.0)
+    for t in (0.3, 0.3, 0.8):  # a repeated input would be a hit at any threshold above 0
+        want = tiny_model.run(mx.array(x), np.array([t, t], np.float32), seq)
+        got = tiny_model.run(mx.array(x), np.array([t, t], np.float32), seq, cache)
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert cache.counts() == {"full_passes": 3, "cached_passes": 0}
+    assert cache.first_residual is None and cache.rest_residual is None  # nothing held
+
+
+def test_block_cache_skips_the_other_blocks_while_block_0_moves_less_than_the_threshold(
+    tiny_model,
+):
+    x, feats, pos, seg, ind = random_inputs([4, 2], 3, 2)
+    seq = tiny_model.prepare(mx.array(feats), pos, seg, ind)
+    t = np.array([0.5, 0.5], np.float32)
+    cache = BlockCache(0.05)
+    full = np.array(tiny_model.run(mx.array(x), t, seq, cache))
+    # The same input again: block 0's residual has not moved, the rest is reused: the same
+    # output up to the rounding of (out0 + (h_N - out0)).
+    again = np.array(tiny_model.run(mx.array(x), t, seq, cache))
+    assert cache.counts() == {"full_passes": 1, "cached_passes": 1}
+    assert rel_l2(again, full) <= 1e-6
+    # A small move is within 5%: cached, and close to (not equal to) the full pass's output.
+    nudged = x * 1.001
+    cached = np.array(tiny_model.run(mx.array(nudged), t, seq, cache))
+    assert cache.counts() == {"full_passes": 1, "cached_passes": 2}
+    exact = np.array(tiny_model.run(mx.array(nudged), t, seq))
+    assert 0 < rel_l2(cached, exact) <= 1e-2
+    # Another latent entirely: block 0 moves by far more than 5%, so every block runs again.
+    np.testing.assert_array_equal(
+        np.array(tiny_model.run(mx.array(-x), t, seq, cache)),
+        np.array(tiny_model.run(mx.array(-x), t, seq)),
+    )
+    assert cache.counts() == {"full_passes": 2, "cached_passes": 2}

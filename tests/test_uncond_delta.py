@@ -138,6 +138,12 @@ def test_a_full_delta_reproduces_the_two_dit_image(pair, full, tmp_path):
     assert np.abs(a - b).max() <= 1
     cond, uncond = pipe.dits()
     assert isinstance(uncond, DeltaDiT) and uncond.dit is cond and pipe.held() == (0,)
+    # step caching runs through the delta's pass too (one cache per branch)
+    np.testing.assert_array_equal(
+        pipe.generate("a cat", **settings, cache_threshold=0.0).latents, one.latents
+    )
+    cached = pipe.generate("a cat", **{**settings, "num_steps": 6}, cache_threshold=1.0)
+    assert set(cached.stats["denoise"]) >= {"cond", "uncond"}
     assert one.metadata["uncond"] == str(full)
     assert one.metadata["uncond_delta"]["sha256"] == read_lora(full / DELTA_FILE).sha256
     # the whole checkpoint converted: the delta in place of unconditional_transformer/
