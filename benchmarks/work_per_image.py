@@ -7,8 +7,8 @@ times and memory are real, image quality is not measured). Columns:
 
 - ``passes``: DiT forward passes over the denoise (CFG steps count 2, guidance-1 steps 1, a
   cached pass counts as a pass of block 0 only and is listed apart);
-- ``held GB``: the DiTs' parameters in memory (one DiT counted once; a delta's adapters
-  included);
+- ``held GB``: the DiTs' parameters in memory (one DiT counted once), plus a delta's low-rank
+  factors;
 - ``peak GB``: MLX's peak over the denoise stage (loading included);
 - ``s/image``: denoise + decode seconds; ``x``: that time over the default's;
 - ``PFLOP @1024``: the same mode at the real model's size (1024^2, a 1000-token caption) from
@@ -54,9 +54,15 @@ import json, sys, time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from ideogram4_mlx import load
+BRANCHES = ("cond", "uncond")
+def delta_bytes(lora):
+    if lora is None:
+        return 0
+    factors = [a for ds in lora.deltas.values() for d in ds for a in (d.down, d.up)]
+    return sum(a.nbytes for a in [*factors, *lora.diffs.values()])
 model, size, options, settings = json.loads(sys.argv[1])
 pipe = load(model, dtype="float32", keep_in_memory=True, **options)
-pipe.generate(sys.argv[2], width=256, height=256, num_steps=1, seed=0, **settings)  # warm up
+pipe.generate(sys.argv[2], width=256, height=256, seed=0, **{**settings, "num_steps": 1})  # warm-up
 start = time.perf_counter()
 result = pipe.generate(sys.argv[2], width=size, height=size, seed=1, **settings)
 seconds = time.perf_counter() - start
@@ -66,8 +72,9 @@ stats = result.stats["denoise"]
 print(json.dumps({"seconds": seconds, "peak_gb": stats["peak_gb"], "held_gb": nbytes / 1e9,
                   "steps": len(result.metadata["guidance_schedule"]),
                   "guidance": result.metadata["guidance_schedule"],
-                  "full_passes": stats.get("full_passes"),
-                  "cached_passes": stats.get("cached_passes")}))
+                  "full_passes": {b: stats[b]["full_passes"] for b in BRANCHES if b in stats},
+                  "cached_passes": {b: stats[b]["cached_passes"] for b in BRANCHES if b in stats},
+                  "delta_gb": delta_bytes(pipe.uncond_delta) / 1e9}))
 """
 
 
@@ -94,9 +101,17 @@ def checkpoints(workdir: Path) -> dict[str, Path]:
     return {"pair": pair, "delta": delta}
 
 
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def passes(guidance: list[float], full: dict | None, cached: dict | None) -> tuple[int, int]:
     """(full passes, cached passes) over the denoise."""
-    if full is not None:
+    if full:
         return sum(full.values()), sum((cached or {}).values())
     return sum(1 if g == 1.0 else 2 for g in guidance), 0
 
@@ -121,11 +136,12 @@ def main() -> None:
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         row = json.loads(out.strip().splitlines()[-1])
+        row["held_gb"] += row.pop("delta_gb")
         full, cached = passes(row["guidance"], row["full_passes"], row["cached_passes"])
         flops = full * per_pass + cached * per_block
         rows.append({"mode": name, "passes": full, "cached": cached, **row, "pflop": flops / 1e15})
     base = rows[0]["seconds"]
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, MLX CPU, fp32, "
+    print(f"machine: {cpu_name()} ({platform.machine()}), MLX CPU, fp32, "
           f"{args.size}^2, synthetic DiT (2 layers, hidden 1024)")  # fmt: skip
     header = (
         "| mode | passes (cached) | held GB | peak GB | s/image | x | PFLOP @1024 | s @20 TFLOP/s |"
