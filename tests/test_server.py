@@ -746,3 +746,32 @@ def test_the_servers_magic_prompt_uses_serves_options(monkeypatch, tiny_checkpoi
     ]
     assert pipe.options.memory_limit == 3 and pipe.memory_limit == 3e9
     assert pipe.options.magic_model == "owner/chat-model"
+
+
+def test_serve_runs_the_fast_and_light_modes(monkeypatch, tiny_checkpoint, tmp_path):
+    """serve's --uncond self and --transformer reach the pipeline, and a job with a step cache
+    runs through the server's queue with them and records all three (#28)."""
+    from ideogram4_mlx.synth import write_synthetic_checkpoint
+
+    other = write_synthetic_checkpoint(
+        tmp_path / "other", "tiny", seed=1, components=("transformer",)
+    )
+    queues = served(monkeypatch)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    result = cli(
+        "serve", "--model", tiny_checkpoint, "--dtype", "float32", "--output-dir",
+        tmp_path / "out", "--uncond", "self", "--transformer", other,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (jobs,) = queues
+    try:
+        assert jobs.pipe.options.uncond == "self" and jobs.pipe.dit_components()[1] is None
+        assert jobs.pipe.transformer_dir == other / "transformer"
+        request = GenerationRequest(**{**JOB, "num_steps": 2, "cache_threshold": 0.5})
+        job = jobs.wait(jobs.submit(request), timeout=WAIT)
+        assert job.state == "done", job.summary()
+        metadata = read_metadata(job.path)
+        assert metadata["uncond"] == "self" and metadata["cache_threshold"] == 0.5
+        assert metadata["transformer"]["source"] == str(other)
+    finally:
+        jobs.shutdown()
