@@ -54,20 +54,21 @@ def sizes(q4: Path):
     return tuple(dit_sizes(q4 / "transformer", mx.bfloat16, text) for text in (True, False))
 
 
-def measure_child(q4: Path, budget_gb: float) -> dict:
+def measure_child(q4: Path, budget_gb: float, dits: int = 2) -> dict:
     import mlx.core as mx
 
     from ideogram4_mlx.memory import cache_limit, denoise_bytes, plan_from_sizes, set_cache_limit
     from ideogram4_mlx.transformer import Ideogram4Transformer, drop_parameters
 
     budget = budget_gb * 1e9
-    dit_sizes = sizes(q4)
+    # dits=1: the conditional DiT alone (guidance 1, --uncond self, or an unconditional delta)
+    dit_sizes = sizes(q4)[:dits]
     plan = plan_from_sizes(dit_sizes, budget, TOKENS)
     estimate = denoise_bytes(dit_sizes, plan, TOKENS)
     set_cache_limit(cache_limit(budget, estimate))
     models = [
         Ideogram4Transformer.from_pretrained(q4 / "transformer", text_input=text, resident_blocks=k)
-        for text, k in zip((True, False), plan, strict=True)
+        for text, k in zip((True, False)[:dits], plan, strict=True)
     ]
     mx.clear_cache()
     resident = mx.get_active_memory()
@@ -117,10 +118,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ideo4-memlimit"))
     parser.add_argument("--budgets", nargs="+", type=float, default=[6, 8, 12, 16])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--one-dit", action="store_true", help="also the conditional DiT alone (#28), all resident"
+    )
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_child(Path(args.child[0]), float(args.child[1]))))
+        dits = int(args.child[2]) if len(args.child) > 2 else 2
+        print(json.dumps(measure_child(Path(args.child[0]), float(args.child[1]), dits)))
         return
 
     q4 = prepare(args.workdir)
@@ -158,6 +163,18 @@ def main() -> None:
             f"{'':14}{streamed:>3}  {r['resident_gb']:11.2f}  {r['weights_peak_gb']:15.2f}  "
             f"{act:14.2f}  {peak:7.2f}  {peak - budget:+14.2f}  {r['estimate_gb']:19.2f}  "
             f"{r['stream_s'][0]:.1f},{r['stream_s'][1]:.1f}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    if args.one_dit:  # guidance 1, --uncond self or a delta: one DiT, all blocks resident
+        budget = max(args.budgets)
+        r = spawn(str(q4), str(budget), "1")
+        peak = r["weights_peak_gb"] + acts["normal"]
+        line = (
+            f"one DiT ({budget:.0f} GB budget): resident {r['resident_blocks'][0]} of 34, "
+            f"resident_gb {r['resident_gb']:.2f}, weights_peak_gb {r['weights_peak_gb']:.2f}, "
+            f"activations_gb {acts['normal']:.2f}, peak_gb {peak:.2f}, "
+            f"planner_estimate_gb {r['estimate_gb']:.2f}"
         )
         lines.append(line)
         print(line, flush=True)
