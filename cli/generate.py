@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -12,13 +11,14 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ideogram4_mlx.batch import MAX_IMAGES, ImageBatch
-from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
 from ideogram4_mlx.cli.errors import REPORTED, Command
 from ideogram4_mlx.cli.options import (
+    check_prompt,
     comma_list,
     edit_options,
     given,
     pipeline_options,
+    read_prompt_file,
     report_dtype,
     show_warning,
 )
@@ -38,37 +38,12 @@ from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
 
 
-def _read_prompt_file(ctx, param, path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        raw = read_text_file(path, encoding="utf-8-sig")
-    except ValueError as e:  # too long (/dev/zero), not UTF-8, unreadable
-        raise click.BadParameter(str(e)) from e
-    if path.suffix.lower() == ".json" or is_json_prompt(raw):
-        try:
-            parse_json(raw)  # unstripped, so the error position is the file's
-        except json.JSONDecodeError as e:
-            raise click.BadParameter(
-                f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-            ) from e
-        except ValueError as e:  # too deep
-            raise click.BadParameter(f"{path}: {e}") from e
-    return _check_prompt(ctx, param, raw.strip())
-
-
-def _check_prompt(ctx, param, text: str | None) -> str | None:
-    if text is not None and not text.strip():
-        raise click.BadParameter("the prompt is empty")
-    return text
-
-
 @click.command(cls=Command, short_help="Generate an image from a prompt, or replay a PNG.")
-@click.option("--prompt", callback=_check_prompt, help="A JSON caption (recommended) or text.")
+@click.option("--prompt", callback=check_prompt, help="A JSON caption (recommended) or text.")
 @click.option(
     "--prompt-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    callback=_read_prompt_file,
+    callback=read_prompt_file,
     help="Read the prompt from a UTF-8 file instead (surrounding whitespace is stripped). "
     "A .json file, or one starting with '{', must be valid JSON; other files are plain text.",
 )
@@ -231,6 +206,7 @@ def generate(
             request = GenerationRequest(**settings)
         else:
             options, request = replay(read_metadata(from_metadata), explicit, options)
+        request = options.shape_request(request)  # a single-branch DiT: guidance 1
         if num_images > 1 or seeds is not None:
             _generate_many(options, request, output, force, verbose, num_images, seeds)
             return

@@ -1,11 +1,13 @@
 """Option parsers shared by several commands, and the load options as one decorator."""
 
 import functools
+import json
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
+from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
 from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.environment import default_dtype
@@ -34,6 +36,33 @@ def report_dtype() -> None:
     if not given(ctx, "dtype") and ctx.params.get("from_metadata") is None:
         dtype, why = default_dtype()
         click.echo(f"dtype: {dtype_name(dtype)} ({why}; --dtype to choose)", err=True)
+
+
+def read_prompt_file(ctx, param, path: Path | None) -> str | None:
+    """``--prompt-file``: the file's text (bounded, UTF-8), valid JSON when it looks like it."""
+    if path is None:
+        return None
+    try:
+        raw = read_text_file(path, encoding="utf-8-sig")
+    except ValueError as e:  # too long (/dev/zero), not UTF-8, unreadable
+        raise click.BadParameter(str(e)) from e
+    if path.suffix.lower() == ".json" or is_json_prompt(raw):
+        try:
+            parse_json(raw)  # unstripped, so the error position is the file's
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(
+                f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from e
+        except ValueError as e:  # too deep
+            raise click.BadParameter(f"{path}: {e}") from e
+    return check_prompt(ctx, param, raw.strip())
+
+
+def check_prompt(ctx, param, text: str | None) -> str | None:
+    """``--prompt``: not empty."""
+    if text is not None and not text.strip():
+        raise click.BadParameter("the prompt is empty")
+    return text
 
 
 def comma_list(kind: type = str, example: str = "a,b", valid=None, one_for: int | None = None):
@@ -286,7 +315,15 @@ TRANSFORMER_GROUP = [
         "folder with its config.json and weights (as a checkpoint's transformer/, raw or "
         "converted), a checkpoint folder whose transformer/ is taken, or a repo id "
         "(owner/name[@REVISION]). Recorded in the metadata and replayed. A single-branch DiT "
-        "wants its own steps and --guidance-schedule 1.",
+        "wants its own steps (e.g. --steps 8) and guidance 1 (see --single-branch).",
+    ),
+    click.option(
+        "--single-branch/--no-single-branch",
+        default=None,
+        help="The conditional DiT was distilled to run without CFG: guidance 1 on every step "
+        "unless --guidance-schedule is given (then the unconditional DiT never loads). "
+        "Default: on for --transformer fal/ideogram-v4-instant or fal/ideogram-v4-fast (their "
+        "cards say no CFG), else off.",
     ),
 ]
 UNCOND_GROUP = [
@@ -319,7 +356,7 @@ LOAD_PARAMETERS = {
     "lora": ("loras", "uncond_loras", "fuse_lora", "lora_allow_partial"),
     "magic": (*MAGIC_FIELDS, "magic_model", "magic_head"),
     "distributed": ("distributed",),
-    "transformer": ("transformer",),
+    "transformer": ("transformer", "single_branch"),
     "uncond": ("uncond",),
 }
 

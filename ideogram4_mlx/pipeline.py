@@ -432,6 +432,8 @@ class Ideogram4Pipeline:
         (the tokenizer only): ``ValueError`` (``CaptionError``) or ``OSError`` naming it. A
         ``ResolvedRequest`` (``request.validate()``'s) is not validated again; only its
         prompt's length is checked."""
+        if not isinstance(request, ResolvedRequest):
+            request = self.options.shape_request(request)  # a single-branch DiT: guidance 1
         resolved = request if isinstance(request, ResolvedRequest) else request.validate()
         self.check_uncond(resolved.schedule.guidance)
         if not resolved.request.magic_prompt:  # too long: fails before any model loads

@@ -44,6 +44,11 @@ UNCOND_SOURCES = {
     "unconditional_delta.safetensors `convert --uncond-as-lora` left in its place",
     "self": "the conditional DiT on image tokens only (one DiT in memory; an approximation)",
 }
+# Distilled conditional DiTs whose publishers say they run without CFG (one branch): with
+# --transformer they get guidance 1 on every step unless a schedule is given. Sources: the model
+# cards, https://huggingface.co/fal/ideogram-v4-instant ("8 steps. One transformer. No runtime
+# CFG.") and https://huggingface.co/fal/ideogram-v4-fast (tags "20-step", "no-cfg").
+SINGLE_BRANCH_REPOS = ("fal/ideogram-v4-instant", "fal/ideogram-v4-fast")
 # Any other ``uncond`` is a delta (uncond_delta.py): a file, a converted folder or a Hub repo.
 DELTA_WHAT = "a delta: a file, a folder from `convert --uncond-as-lora`, or a Hub repo"
 
@@ -80,6 +85,9 @@ class PipelineOptions:
     such as ``ostris/ideogram_4_unconditional_lora``) that the conditional DiT's weights run the
     unconditional pass with: one DiT in memory, exact for a ``full`` delta. Either way a
     schedule whose every guidance is 1 never loads it.
+    ``single_branch``: the conditional DiT was distilled to run without CFG, so a request that
+    gives no guidance schedule runs guidance 1 on every step (:meth:`shape_request`); None: True
+    for a ``transformer`` from ``SINGLE_BRANCH_REPOS``, else False.
     """
 
     model: str | Path = DEFAULT_REPO
@@ -96,6 +104,7 @@ class PipelineOptions:
     distributed: bool = False
     transformer: str | Path | None = None
     uncond: str = "checkpoint"
+    single_branch: bool | None = None
     # Set by validate() on the options it returns; replace() makes unvalidated options.
     validated: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -156,6 +165,21 @@ class PipelineOptions:
             current = (base or cls()).magic_options
             keywords["magic_options"] = replace(current, **magic)
         return cls(**keywords) if base is None else replace(base, **keywords)
+
+    @property
+    def is_single_branch(self) -> bool:
+        """``single_branch``, or whether ``transformer`` is a known single-branch repo."""
+        if self.single_branch is not None:
+            return self.single_branch
+        source = None if self.transformer is None else str(self.transformer).partition("@")[0]
+        return source in SINGLE_BRANCH_REPOS
+
+    def shape_request(self, request):
+        """``request`` as these options run it: a single-branch DiT gets guidance 1 on every
+        step when the request gives no schedule (stored as such in the image's metadata)."""
+        if self.is_single_branch and request.guidance_schedule is None:
+            return replace(request, guidance_schedule=(1.0,))
+        return request
 
     @property
     def uncond_delta(self) -> str | None:
@@ -334,6 +358,7 @@ TYPES = {
     "magic_options": MagicOptions,
     "distributed": bool,
     "transformer": OPTIONAL_PATH,
+    "single_branch": (bool, type(None)),
     "uncond": str,
 }
 WHAT = {
@@ -347,6 +372,7 @@ WHAT = {
     "magic_options": "MagicOptions or a dict of its fields",
     "distributed": "True or False",
     "transformer": "a DiT or checkpoint folder or a repo id, or None",
+    "single_branch": "True, False or None (known from the transformer)",
     "uncond": f"one of {', '.join(UNCOND_SOURCES)}, or {DELTA_WHAT}",
 }
 OPTIONS = tuple(f.name for f in fields(PipelineOptions) if f.init)

@@ -104,6 +104,7 @@ def test_load_takes_options_or_their_fields_as_keywords(tiny_checkpoint):
         "lora_allow_partial", "magic_head", "magic_model", "magic_options", "distributed",
         "transformer",
         "uncond",
+        "single_branch",
     }  # fmt: skip
 
 

@@ -15,8 +15,10 @@ from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.memory import dit_sizes
 from ideogram4_mlx.metadata import read_metadata, replay
 from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.pipeline_options import PipelineOptions
 from ideogram4_mlx.synth import COMPONENTS, write_synthetic_checkpoint
 from ideogram4_mlx.synth.plan import resolve_spec
+from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import fingerprint
 
 CAPTION = (
@@ -127,3 +129,35 @@ def test_cli_generate_and_replay_with_transformer(tiny_checkpoint, other, tmp_pa
     assert read_metadata(again)["transformer"] == read_metadata(out)["transformer"]
     with open(out, "rb") as a, open(again, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_a_single_branch_dit_runs_guidance_1_unless_a_schedule_is_given(
+    tiny_checkpoint, other, tmp_path, monkeypatch
+):
+    """A DiT distilled without CFG (--single-branch, or a known repo such as fal's Instant)
+    gets guidance 1 on every step when the request gives no schedule: the unconditional DiT
+    never loads, and the metadata stores the schedule as run."""
+    assert PipelineOptions(transformer="fal/ideogram-v4-instant@abc").is_single_branch
+    assert PipelineOptions(transformer="fal/ideogram-v4-fast").is_single_branch
+    assert not PipelineOptions(transformer="someone/other-dit").is_single_branch
+    assert not PipelineOptions(
+        transformer="fal/ideogram-v4-instant", single_branch=False
+    ).is_single_branch
+    pipe = load(tiny_checkpoint, dtype=mx.float32, transformer=other, single_branch=True)
+    loaded = []
+    real = Ideogram4Transformer.from_pretrained
+    monkeypatch.setattr(
+        Ideogram4Transformer, "from_pretrained",
+        lambda folder, *a, **k: loaded.append(folder.name) or real(folder, *a, **k),
+    )  # fmt: skip
+    result = pipe.generate(CAPTION, **FAST)
+    assert set(result.metadata["guidance_schedule"]) == {1.0}
+    assert loaded == ["transformer"]  # the unconditional DiT was not needed
+    given = pipe.generate(CAPTION, **FAST, guidance_schedule=(4.0,))  # a schedule wins
+    assert set(given.metadata["guidance_schedule"]) == {4.0}
+    out = tmp_path / "single.png"
+    args = ["generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt", CAPTION,
+            "--transformer", str(other), "--single-branch", "--steps", "2", "--width", "256",
+            "--height", "256", "--output", str(out)]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert set(read_metadata(out)["guidance_schedule"]) == {1.0}
