@@ -24,7 +24,9 @@ from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.generation import velocity_fns
 from ideogram4_mlx.lora import LoRAError, apply_loras, match, read_lora
+from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.synth.uncond_pair import write_synthetic_pair
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import (
@@ -260,3 +262,35 @@ def test_convert_options(pair, tmp_path):
         main, ["convert", str(pair.path), str(tmp_path / "y"), "--uncond-as-lora", "0"]
     )
     assert result.exit_code != 0 and "give a rank from 1 to 1024" in result.output
+
+
+def test_serve_runs_the_unconditional_pass_through_a_delta(pair, full, tmp_path, monkeypatch):
+    """serve --uncond DELTA: one DiT held, a job's image recorded with the delta's SHA-256."""
+    import uvicorn
+
+    from ideogram4_mlx.server.jobs import JobQueue
+
+    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
+    queues = []
+
+    class RecordedQueue(JobQueue):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            queues.append(self)
+
+    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    args = ["serve", "--model", str(pair.path), "--dtype", "float32", "--uncond", str(full),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (jobs,) = queues
+    try:
+        request = GenerationRequest("a cat", width=256, height=256, num_steps=2, seed=1)
+        job = jobs.wait(jobs.submit(request), timeout=120)
+        assert job.state == "done", job.summary()
+        stored = read_metadata(job.path)
+        assert stored["uncond_delta"]["sha256"] == read_lora(full / DELTA_FILE).sha256
+        assert jobs.pipe.held() == (0,)
+    finally:
+        jobs.shutdown()
