@@ -84,3 +84,23 @@ def assert_passes_equal(want_model, got_model, after_pass=lambda: None):
         got = got_model.run(x, np.array([t], np.float32), seq_got)
         np.testing.assert_array_equal(np.array(got), np.array(want))
         after_pass()
+
+
+def served(monkeypatch) -> list:
+    """For `serve` run in-process: no API key from the environment, uvicorn not started; the
+    job queues it makes, recorded (shut them down after)."""
+    import uvicorn
+
+    from ideogram4_mlx.server.jobs import JobQueue
+
+    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    queues = []
+
+    class RecordedQueue(JobQueue):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            queues.append(self)
+
+    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
+    return queues

@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from helpers import serving
+from helpers import served, serving
 from PIL import Image
 
 import ideogram4_mlx.generation as generation_module
@@ -487,21 +487,6 @@ def test_cors_preflight_needs_no_key_and_a_401_carries_the_origin(server, pipe, 
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
 
 
-def served(monkeypatch) -> list[JobQueue]:
-    """For `serve` run in-process: no API key from the environment; the job queues it makes,
-    recorded (shut them down after)."""
-    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
-    queues = []
-
-    class RecordedQueue(JobQueue):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            queues.append(self)
-
-    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
-    return queues
-
-
 def test_serve_refuses_a_public_host_without_a_key_before_loading(monkeypatch):
     monkeypatch.delenv("IDEO4_API_KEY", raising=False)
     loaded = []
@@ -757,7 +742,6 @@ def test_serve_runs_the_fast_and_light_modes(monkeypatch, tiny_checkpoint, tmp_p
         tmp_path / "other", "tiny", seed=1, components=("transformer",)
     )
     queues = served(monkeypatch)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     result = cli(
         "serve", "--model", tiny_checkpoint, "--dtype", "float32", "--output-dir",
         tmp_path / "out", "--uncond", "self", "--transformer", other,

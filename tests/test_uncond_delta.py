@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import served
 from safetensors.numpy import save_file
 
 from ideogram4_mlx.cli import main
@@ -266,20 +267,7 @@ def test_convert_options(pair, tmp_path):
 
 def test_serve_runs_the_unconditional_pass_through_a_delta(pair, full, tmp_path, monkeypatch):
     """serve --uncond DELTA: one DiT held, a job's image recorded with the delta's SHA-256."""
-    import uvicorn
-
-    from ideogram4_mlx.server.jobs import JobQueue
-
-    monkeypatch.delenv("IDEO4_API_KEY", raising=False)
-    queues = []
-
-    class RecordedQueue(JobQueue):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            queues.append(self)
-
-    monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    queues = served(monkeypatch)
     args = ["serve", "--model", str(pair.path), "--dtype", "float32", "--uncond", str(full),
             "--output-dir", str(tmp_path / "out")]  # fmt: skip
     result = CliRunner().invoke(main, args)
