@@ -41,6 +41,8 @@ class GenerationResult:
     metadata: dict  # everything needed to reproduce the image
     stats: dict = field(default_factory=dict)  # per stage: seconds, peak memory (GB)
     request: GenerationRequest | None = None  # the request as run (its seed drawn)
+    # text_check.TextReport when the lettering was checked (text_retry.generate_checked)
+    text_scores: object | None = None
 
     def save(self, path: Path | str, force: bool = False) -> Path:
         """Write the PNG with its metadata (replayable), atomically; see ``save_png``."""

@@ -51,6 +51,7 @@ from ideogram4_mlx.request import (
     request_from_settings,
 )
 from ideogram4_mlx.sampler import skips_uncond, uses_uncond
+from ideogram4_mlx.text_retry import generate_checked, text_check_from
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer, check_swappable
 from ideogram4_mlx.uncond_delta import DELTA_FILE, DeltaDiT, read_uncond_delta
 from ideogram4_mlx.vae import Flux2VAE
@@ -463,6 +464,10 @@ class Ideogram4Pipeline:
         noise: np.ndarray | None = None,
         callback: Callable[[int, int, mx.array], None] | None = None,
         verbose: bool = False,
+        check_text: bool = False,
+        retry_text: int = 0,
+        ocr: str | None = None,
+        text_threshold: float | None = None,
         **settings,
     ) -> GenerationResult:
         """One image for one prompt.
@@ -485,11 +490,30 @@ class Ideogram4Pipeline:
                 previews, cancelling (raise). The model time (``start()``'s ``Step.t``) runs
                 from 0 (noise) to 1 (clean), the opposite of diffusers' sigmas.
             verbose: print each stage's time and peak memory.
+            check_text: read the image's text back with an OCR engine and score every text
+                element of the caption (``result.text_scores``, the metadata's
+                ``text_check``; docs/TEXT_CHECK.md).
+            retry_text: N > 0: check, and while an element scores under ``text_threshold``
+                (default 0.9) try the next seed, up to N images; the best is returned, every
+                try in its metadata.
+            ocr: the OCR engine (``ocr.ENGINES``; None: this platform's default).
 
         Returns a :class:`GenerationResult`; ``result.save(path)`` writes the PNG with its
         metadata (``result.image.save`` would drop it).
         """
-        generation = self.start(request_from_settings(prompt, settings), noise, verbose)
+        checking = text_check_from(check_text, retry_text, ocr, text_threshold)
+        request = request_from_settings(prompt, settings)
+        if checking is None:
+            return self._generate(request, noise, callback, verbose)
+        if checking.tries > 1 and (noise is not None or self.cfg is not None):
+            why = "given noise has no next seed" if noise is not None else "CFG-parallel ranks"
+            raise InputError(f"retry_text needs seeds of one process ({why}): use check_text")
+        resolved = self.check(request)
+        run = lambda r: self._generate(r, noise, callback, verbose)  # noqa: E731
+        return generate_checked(run, resolved, checking, print if verbose else None)
+
+    def _generate(self, request, noise, callback, verbose) -> GenerationResult:
+        generation = self.start(request, noise, verbose)
         for step in generation:
             mx.eval(step.latents)
             if callback is not None:
