@@ -26,16 +26,20 @@ FLOORS = [
     ("leaves", ["version", "constants", "config", "dtypes", "caption", "sampler",
                 "quantization", "files", "template_child"]),
     # Reading checkpoints and the machine; the layers the models share; an edit's inputs.
-    ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog"]),
+    # OCR engines (reading an image's text).
+    ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog",
+                 "ocr"]),
     # The models, one a file, LoRA on top of them and the DiT's step cache.
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
                 "lora_spec", "uncond_delta", "step_cache"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
-    # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt.
+    # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt, the scores of
+    # an image's text.
     ("stages", ["request", "prompt", "memory", "distributed", "pipeline_options", "metadata",
-                "magic"]),
-    # One generation in flight, handed its components; many images of one request.
-    ("generation", ["generation", "batch"]),
+                "magic", "text_check"]),
+    # One generation in flight, handed its components; many images of one request; the
+    # retries of its text check.
+    ("generation", ["generation", "batch", "text_retry"]),
     # Loads the components and starts generations; the package root re-exports it.
     ("pipeline", ["pipeline", PACKAGE]),
     # Consumers of the pipeline and tools beside it.
