@@ -41,10 +41,17 @@ class ElementScore:
     def line(self, threshold: float = TEXT_THRESHOLD) -> str:
         """``"OPEN": found, 1.00`` / ``"GRAND SALE": best match "GRAND SAIE", 0.90`` /
         ``"OPEN": not found, 0.00``."""
-        raise NotImplementedError
+        if self.found(threshold):
+            verdict = "found"
+        elif self.best is None:
+            verdict = "not found"
+        else:
+            verdict = f"best match {_quoted(self.best)}"
+        return f"{_quoted(self.text)}: {verdict}, {self.score:.2f}"
 
     def to_metadata(self) -> dict:
-        raise NotImplementedError
+        return {"text": self.text, "bbox": self.bbox, "score": round(self.score, 4),
+                "best": self.best}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,18 @@ class TextReport:
         return [e.line(self.threshold) for e in self.elements]
 
     def to_metadata(self) -> dict:
-        raise NotImplementedError
+        return {
+            "engine": self.engine,
+            "threshold": self.threshold,
+            "passed": self.passed,
+            "elements": [e.to_metadata() for e in self.elements],
+        }
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """``text`` in double quotes, shortened past ``limit`` characters, on one line."""
+    text = " ".join(text.split())
+    return '"' + (text if len(text) <= limit else text[: limit - 3] + "...") + '"'
 
 
 def text_elements(prompt: str) -> list[TextElement]:
