@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import warnings
 from pathlib import Path
@@ -21,8 +22,10 @@ from ideogram4_mlx.cli.options import (
     read_prompt_file,
     report_dtype,
     show_warning,
+    text_check_options,
 )
 from ideogram4_mlx.distributed import DataGroup
+from ideogram4_mlx.errors import Ideo4Error
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.metadata import (
     check_output,
@@ -36,6 +39,7 @@ from ideogram4_mlx.pipeline_options import STORED
 from ideogram4_mlx.previews import StepPreviews
 from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
+from ideogram4_mlx.text_retry import METADATA_KEY, generate_checked, score_table, with_scores
 
 
 @click.command(cls=Command, short_help="Generate an image from a prompt, or replay a PNG.")
@@ -162,6 +166,7 @@ from ideogram4_mlx.sampler import DEFAULT_PRESET, PRESETS
     callback=comma_list(int, "1,5,9"),
     help="Comma-separated seeds, one image each (instead of --seed/--num-images).",
 )
+@text_check_options
 @click.option("--verbose", is_flag=True, help="Print each stage's time and peak memory.")
 @click.pass_context
 def generate(
@@ -174,6 +179,7 @@ def generate(
     stepwise_dir: Path | None,
     num_images: int,
     seeds: tuple[int, ...] | None,
+    text_check,
     verbose: bool,
     **settings,
 ) -> None:
@@ -186,6 +192,7 @@ def generate(
       ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --strength 0.5
       ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --mask m.png
       ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --expand 0,0,256,0
+      ideo4-mlx generate --prompt-file examples/poster.json --check-text --retry-text 4
     """
     if settings["prompt"] is not None and prompt_file is not None:
         raise click.UsageError("give either --prompt or --prompt-file, not both")
@@ -208,9 +215,9 @@ def generate(
             options, request = replay(read_metadata(from_metadata), explicit, options)
         request = options.shape_request(request)  # a single-branch DiT: guidance 1
         if num_images > 1 or seeds is not None:
-            _generate_many(options, request, output, force, verbose, num_images, seeds)
+            _generate_many(options, request, output, force, verbose, num_images, seeds, text_check)
             return
-        result = _generate_one(options, request, output, force, stepwise_dir, verbose)
+        result = _generate_one(options, request, output, force, stepwise_dir, verbose, text_check)
     if result is None:  # a CFG-parallel rank 1: rank 0 writes the image
         return
     if verbose:
@@ -221,7 +228,7 @@ def generate(
     click.echo(f"{output} (seed {result.metadata['seed']})")
 
 
-def _generate_one(options, request, output, force, stepwise_dir, verbose):
+def _generate_one(options, request, output, force, stepwise_dir, verbose, text_check):
     """Every check that needs no model, all reported at once before anything loads; then the
     image, written to ``output`` (None on a CFG-parallel rank 1)."""
     problems, resolved, previews = [], None, None
@@ -238,21 +245,28 @@ def _generate_one(options, request, output, force, stepwise_dir, verbose):
             previews = StepPreviews(stepwise_dir, force)
         except OSError as e:
             problems.append(str(e))
+    problems += _engine_problem(text_check)
     if problems:
         raise click.ClickException("\n".join(problems))
     # One image per process: free each model after its stage (lowest peak memory).
     pipe = load(options, keep_in_memory=False)
     report_dtype()
-    if pipe.cfg is not None and pipe.cfg.rank != 0:
-        _run(pipe, resolved, None, verbose)  # its DiT's passes; rank 0 writes the image
+    run = lambda request: _run(pipe, request, previews, verbose)  # noqa: E731
+    if text_check is not None:
+        result = generate_checked(run, resolved, text_check, _stderr)
+    else:
+        result = run(resolved)
+    if result is None:  # a CFG-parallel rank 1: its DiT's passes; rank 0 writes the image
         return None
-    result = _run(pipe, resolved, previews, verbose)
     save_png(result.image, output, result.metadata, force)
     return result
 
 
-def _generate_many(options, request, output, force, verbose, num_images, seeds) -> None:
+def _generate_many(options, request, output, force, verbose, num_images, seeds, text_check):
     """Several seeds with one loaded pipeline; spread over the ranks with --distributed."""
+    problems = _engine_problem(text_check)
+    if problems:
+        raise click.ClickException(problems[0])
     pipe = load(options, keep_in_memory=None, distributed=False)  # lazy: nothing loads yet
     report_dtype()
     group = DataGroup.start(pipe.checkpoint_dir) if options.distributed else None
@@ -267,10 +281,33 @@ def _generate_many(options, request, output, force, verbose, num_images, seeds) 
                 problems.append(str(e))
         if problems:
             raise click.ClickException("\n".join(problems))
-    blobs = batch.run(lambda request: _run(pipe, request, None, verbose))
+
+    def make(request):
+        result = _run(pipe, request, None, verbose)
+        return result if text_check is None else with_scores(result, text_check.check(result))
+
+    blobs = batch.run(make)
     for path, blob, seed in zip(outputs, blobs or [], batch.seeds, strict=False):
         write_file(path, lambda f, blob=blob: f.write(blob), force)
         click.echo(f"{path} (seed {seed})")
+    if text_check is not None and blobs:
+        records = [read_metadata(io.BytesIO(blob))[METADATA_KEY] for blob in blobs]
+        for line in score_table(records):
+            click.echo(line)
+
+
+def _engine_problem(text_check) -> list[str]:
+    """The OCR engine's absence, as a problem reported before anything loads."""
+    try:
+        if text_check is not None:
+            text_check.engine()
+    except Ideo4Error as e:
+        return [str(e)]
+    return []
+
+
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def _run(pipe, request, previews: StepPreviews | None, verbose: bool):

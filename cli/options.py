@@ -11,6 +11,7 @@ from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
 from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.environment import default_dtype
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import parse_lora_option
@@ -21,7 +22,10 @@ from ideogram4_mlx.magic.options import (
     MIN_MAX_TOKENS,
     MagicOptions,
 )
+from ideogram4_mlx.ocr import ENGINES
 from ideogram4_mlx.pipeline_options import PipelineOptions
+from ideogram4_mlx.text_check import TEXT_THRESHOLD
+from ideogram4_mlx.text_retry import MAX_TRIES, text_check_from
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -400,3 +404,59 @@ def _options(values: dict, defaults: dict) -> PipelineOptions:
     return PipelineOptions(
         **values, **defaults, loras=loras, magic_options=MagicOptions(**magic)
     ).validate()
+
+
+def text_check_options(function):
+    """``--check-text``, ``--retry-text``, ``--ocr``, ``--text-threshold`` as one
+    ``text_check`` (a ``text_retry.TextCheck``, None without a check) passed to the command;
+    below ``pipeline_options``. A retry makes one image in one process: not with
+    ``--num-images``, ``--seeds``, ``--distributed`` or ``--stepwise-dir``."""
+    options = [
+        click.option(
+            "--check-text",
+            is_flag=True,
+            help="Read the image's text back with an OCR engine and score every text element "
+            "of the caption (a plain prompt: its quoted strings), in its bbox when it has one; "
+            "one line per element, the scores stored in the PNG (docs/TEXT_CHECK.md).",
+        ),
+        click.option(
+            "--retry-text",
+            type=click.IntRange(1, MAX_TRIES),
+            help="Check the text, and while an element scores under --text-threshold try the "
+            "next seed, up to N images; keep the best (every try's scores in its PNG, the "
+            "kept seed replays it).",
+        ),
+        click.option(
+            "--ocr",
+            type=click.Choice(["auto", *ENGINES]),
+            help="OCR engine for --check-text/--retry-text. Default auto: Apple's Vision on "
+            "macOS, else RapidOCR, else Tesseract (pip install 'ideogram4-mlx[ocr]').",
+        ),
+        click.option(
+            "--text-threshold",
+            type=float,
+            help=f"Score (0..1, 1 = the same text) an element needs to count as found "
+            f"[default: {TEXT_THRESHOLD}].",
+        ),
+    ]
+
+    @functools.wraps(function)
+    def command(*args, check_text, retry_text, ocr, text_threshold, **kwargs):
+        try:
+            kwargs["text_check"] = text_check_from(check_text, retry_text or 0, ocr, text_threshold)
+        except InputError as e:
+            raise click.UsageError(f"{e} (--check-text, --retry-text)") from e
+        if kwargs["text_check"] is not None and kwargs["text_check"].tries > 1:
+            many = kwargs.get("num_images", 1) > 1 or kwargs.get("seeds")
+            other = many and "--num-images/--seeds (--check-text scores each)"
+            other = other or kwargs["options"].distributed and "--distributed"
+            other = other or kwargs.get("stepwise_dir") and "--stepwise-dir"
+            if other:
+                raise click.UsageError(
+                    f"--retry-text keeps one image of one process: not with {other}"
+                )
+        return function(*args, **kwargs)
+
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -135,3 +135,33 @@ def generate_checked(
         verdict = "passed" if scores.passed else "best of the tries, below the threshold"
         report(f"kept seed {result.metadata.get('seed')} ({verdict}), {len(tried)} tried")
     return with_scores(result, scores, tried)
+
+
+def score_table(records: list[dict], width: int = 22) -> list[str]:
+    """The ``text_check`` metadata of several images as a table: a row per image (its seed,
+    each element's score, whether all were found), a column per element (its text, cut to
+    ``width`` characters). Images whose elements differ (a magic prompt per seed) get a
+    line per element instead."""
+    if not records:
+        return []
+    texts = [e["text"] for e in records[0]["elements"]]
+    if any([e["text"] for e in r["elements"]] != texts for r in records):
+        lines = []
+        for record in records:
+            verdict = "all found" if record["passed"] else "not all found"
+            lines.append(f"seed {record.get('seed')}: {verdict}")
+            lines += [f'  "{_cut(e["text"], 60)}": {e["score"]:.2f}' for e in record["elements"]]
+        return lines
+    heads = ["seed", *(_cut(f'"{" ".join(t.split())}"', width) for t in texts), "all found"]
+    rows = [
+        [str(r.get("seed")), *(f"{e['score']:.2f}" for e in r["elements"]),
+         "yes" if r["passed"] else "no"]
+        for r in records
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in [heads, *rows]) for i in range(len(heads))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in [heads, *rows]]  # fmt: skip
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
