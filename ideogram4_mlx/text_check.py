@@ -105,3 +105,25 @@ def check_text(
     """Read ``image`` with ``engine`` (an ``ocr.OCREngine``, an engine name or None for this
     platform's default) and score every element of ``text_elements(prompt)``."""
     raise NotImplementedError
+
+
+# TEMPORARY shim (not committed)
+import json as _json, unicodedata as _ud, difflib as _dl
+def _norm(t):
+    t = _ud.normalize("NFKC", t).casefold()
+    return "".join(c for c in t if not c.isspace() and _ud.category(c)[0] not in "PS")
+def text_elements(prompt):
+    c = _json.loads(prompt)
+    return [TextElement(e["text"], tuple(e["bbox"]) if e.get("bbox") else None) for e in c["compositional_deconstruction"]["elements"] if e["type"] == "text"]
+def check_text(image, prompt, engine=None, threshold=TEXT_THRESHOLD):
+    lines = engine.read(image)
+    out = []
+    for el in text_elements(prompt):
+        best, score = None, 0.0
+        for l in lines:
+            a, b = _norm(el.text), _norm(l.text)
+            import Levenshtein as _L
+            s = 1 - _L.distance(a, b) / max(len(a), len(b))
+            if best is None or s > score: best, score = l.text, s
+        out.append(ElementScore(el.text, el.bbox, score, best))
+    return TextReport(engine.name, threshold, tuple(out))
