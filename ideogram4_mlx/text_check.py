@@ -38,7 +38,7 @@ RTL_SCRIPTS = frozenset({"arabic", "hebrew"})
 # A straight or curly single quote counts only outside a word (not an apostrophe).
 QUOTED = re.compile(
     r'"([^"\n]+)"|“([^”\n]+)”|«([^»\n]+)»|「([^」\n]+)」|『([^』\n]+)』'
-    r"|(?<!\w)'([^'\n]+?)'(?!\w)|(?<!\w)‘([^’\n]+?)’(?!\w)"
+    r"|(?<!\w)'([^'\n]+?)'(?!\w)|(?<!\w)‘([^\n]+?)’(?!\w)"
 )
 
 
@@ -252,9 +252,9 @@ def _read(image, region, scripts, engine) -> list[ocr.OCRLine]:
     x0, y0, x1, y1 = region
     lines = engine.read(image.crop(region), scripts)
     moved = [
-        ocr.OCRLine(ln.text, (ln.box[0] + x0, ln.box[1] + y0, ln.box[2] + x0, ln.box[3] + y0),
-                    ln.confidence)  # fmt: skip
+        ocr.OCRLine(ln.text, (b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0), ln.confidence)
         for ln in lines
+        for b in (ln.box,)
     ]
     return [ln for ln in moved if x0 <= _cx(ln) <= x1 and y0 <= _cy(ln) <= y1]
 

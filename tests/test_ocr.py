@@ -72,7 +72,9 @@ def test_blank_image_reads_nothing(rapid, tess):
 
 def test_light_on_dark_and_a_large_image_map_back_to_its_pixels(rapid, tess):
     # 3000 px wide: read downscaled to 2048, the boxes scaled back to the original.
-    image = render("NIGHT MARKET", DEJAVU_BOLD, 96, (2000, 300), (3000, 600), ("#102040", "#f4ebd9"))
+    image = render(
+        "NIGHT MARKET", DEJAVU_BOLD, 96, (2000, 300), (3000, 600), ("#102040", "#f4ebd9")
+    )
     for engine in (rapid, tess):
         lines = engine.read(image)
         assert [similarity(ln.text, "NIGHT MARKET") for ln in lines] == [1.0], engine.name
