@@ -22,10 +22,14 @@ import unicodedata
 from dataclasses import dataclass
 
 from PIL import Image
-from rapidfuzz.distance import Levenshtein
 
 from ideogram4_mlx import ocr
 from ideogram4_mlx.caption import parse_json
+
+try:
+    from rapidfuzz.distance import Levenshtein
+except ImportError:  # the ocr extra: the package imports without it, a check needs it
+    Levenshtein = None
 
 TEXT_THRESHOLD = 0.9  # an element scoring at least this is "found"
 GRID = 1000  # caption bboxes are on a 0..1000 grid
@@ -182,7 +186,14 @@ def normalise(text: str) -> str:
 def similarity(a: str, b: str) -> float:
     """``1 - Levenshtein(a, b) / max(len(a), len(b))`` on the normalised strings (1.0: both
     empty)."""
-    return Levenshtein.normalized_similarity(normalise(a), normalise(b))
+    return _levenshtein().normalized_similarity(normalise(a), normalise(b))
+
+
+def _levenshtein():
+    """rapidfuzz's Levenshtein, or an ``OCRUnavailableError`` naming the install."""
+    if Levenshtein is None:
+        raise ocr.OCRUnavailableError(f"the text check needs rapidfuzz: {ocr.PIP_INSTALL}")
+    return Levenshtein
 
 
 def check_text(
@@ -195,6 +206,7 @@ def check_text(
     platform's default) and score every element of ``text_elements(prompt)``. An element with
     a bbox is read from its padded region, one without from the whole image (read once per
     script set)."""
+    _levenshtein()
     if engine is None or isinstance(engine, str):
         engine = ocr.get_engine(engine)
     reads: dict[tuple, list[ocr.OCRLine]] = {}
@@ -283,6 +295,7 @@ def best_match(target: str, texts: list[str]) -> tuple[float, str | None]:
     """The best score of normalised ``target`` against runs of consecutive ``texts`` (joined),
     or a window of a run about ``target``'s length (text merged with its neighbours); and the
     read text of that run (None when ``texts`` is empty)."""
+    distance = _levenshtein()
     norms = [normalise(t) for t in texts]
     slack = max(1, len(target) // 5)  # window lengths tried: len(target) +- slack
     best, best_text = 0.0, (" ".join(texts) if texts else None)
@@ -292,7 +305,7 @@ def best_match(target: str, texts: list[str]) -> tuple[float, str | None]:
         while j < len(texts) and len(run) < len(norms[i]) + len(target) + slack:
             run += norms[j]
             score = max(
-                Levenshtein.normalized_similarity(target, run),
+                distance.normalized_similarity(target, run),
                 _best_window(target, run, starts=len(norms[i]), slack=slack),
             )
             if score > best:
@@ -313,5 +326,5 @@ def _best_window(target: str, run: str, starts: int, slack: int) -> float:
             if start + length > len(run):
                 break
             window = run[start : start + length]
-            best = max(best, Levenshtein.normalized_similarity(target, window))
+            best = max(best, _levenshtein().normalized_similarity(target, window))
     return best

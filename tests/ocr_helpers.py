@@ -1,6 +1,7 @@
 """What the OCR tests share: an engine or a skip (a failure under ``IDEO4_REQUIRE_OCR=1``, which
 CI sets), and text rendered with PIL in a given font, size, colour and angle."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def unavailable(reason: str):
     if required():
         pytest.fail(f"IDEO4_REQUIRE_OCR=1, but {reason}")
     pytest.skip(reason)
+
+
+def require_module(name: str):
+    """At a test file's top: skip it when ``name`` (of the ocr extra) is missing; a failure
+    under ``IDEO4_REQUIRE_OCR=1``."""
+    if importlib.util.find_spec(name) is None:
+        reason = f'{name} missing: pip install "ideogram4-mlx[ocr]"'
+        if required():
+            pytest.fail(f"IDEO4_REQUIRE_OCR=1, but {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
 
 
 def require_engine(name: str):

@@ -17,6 +17,7 @@ from ocr_helpers import (
     NOTO_SANS,
     render,
     require_engine,
+    require_module,
 )
 from PIL import Image
 
@@ -33,6 +34,7 @@ from ideogram4_mlx.text_check import (
     text_elements,
 )
 
+require_module("rapidfuzz")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
