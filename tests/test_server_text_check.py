@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from helpers import serving
+from helpers import fake_ocr, serving
+from helpers import text_report as report
 from PIL import Image
 
 from ideogram4_mlx.errors import Ideo4Error, InputError
@@ -26,7 +27,6 @@ from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.server.app import create_app
 from ideogram4_mlx.server.jobs import JobQueue
-from ideogram4_mlx.text_check import ElementScore, TextReport
 from ideogram4_mlx.text_retry import MAX_TRIES, TextCheck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the CPU-backend note
@@ -39,27 +39,6 @@ CAPTION = (
 JOB = {"prompt": CAPTION, "width": 256, "height": 256, "preset": "V4_TURBO_12", "num_steps": 2}
 WAIT = 120
 PAGE = Path(__file__).resolve().parent.parent / "ideogram4_mlx" / "server" / "static"
-
-
-def report(worst: float, threshold: float = 0.9) -> TextReport:
-    """A fake OCR's scores: "OPEN" found, "GRAND SALE" scoring ``worst``."""
-    sale = ElementScore("GRAND SALE", (600, 100, 800, 900), worst, "GRAND SAIE" if worst else None)
-    return TextReport("fake", threshold, (ElementScore("OPEN", None, 1.0, "OPEN"), sale))
-
-
-def fake_ocr(monkeypatch, worst_by_seed: dict[int, float]) -> list[int]:
-    """Fake the OCR: an image of seed s scores ``worst_by_seed[s]`` (else 1.0); returns the
-    seeds checked, in order."""
-    checked = []
-
-    def check(self, result):
-        seed = result.metadata["seed"]
-        checked.append(seed)
-        return report(worst_by_seed.get(seed, 1.0), self.threshold)
-
-    monkeypatch.setattr(TextCheck, "engine", lambda self: SimpleNamespace(name="fake"))
-    monkeypatch.setattr(TextCheck, "check", check)
-    return checked
 
 
 @pytest.fixture(scope="module")
