@@ -5,10 +5,9 @@ same checks and messages as the CLI). The worker iterates the job's ``Generation
 event per step (and a preview every ``preview_every`` steps), honours a cancel between steps,
 and writes the PNG atomically into the output folder under a server-chosen name. A job that
 checks its lettering (a ``text_retry.TextCheck``) runs through ``generate_checked``: each try is
-such a run, its seed's scores become ``text`` events and the kept image's its summary's
-``text_scores``. Everything
-that touches MLX runs on the worker thread (``run`` hands it other work, such as a magic
-prompt), so requests never race on the model.
+one such run, every try's score lines become ``text`` events, and the kept image's scores its
+summary's ``text_scores``. Everything that touches MLX runs on the worker thread (``run`` hands
+it other work, such as a magic prompt), so requests never race on the model.
 
 Each queue holds a shared ``flock`` on its output folder while it lives (the kernel drops it
 however the process ends); one that finds no other holder at start removes the temporary PNGs
