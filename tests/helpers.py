@@ -104,3 +104,32 @@ def served(monkeypatch) -> list:
 
     monkeypatch.setattr("ideogram4_mlx.server.jobs.JobQueue", RecordedQueue)
     return queues
+
+
+def text_report(worst: float, threshold: float = 0.9):
+    """A fake OCR's ``TextReport``: "OPEN" found, "GRAND SALE" scoring ``worst``."""
+    from ideogram4_mlx.text_check import ElementScore, TextReport
+
+    best = "GRAND SAIE" if worst else None
+    sale = ElementScore("GRAND SALE", (600, 100, 800, 900), worst, best)
+    return TextReport("fake", threshold, (ElementScore("OPEN", None, 1.0, "OPEN"), sale))
+
+
+def fake_ocr(monkeypatch, worst_by_seed: dict) -> list:
+    """Fake the lettering check (``TextCheck.engine`` and ``TextCheck.check``; in-process
+    servers only): an image of seed s scores ``worst_by_seed[s]`` (else 1.0). Returns the seeds
+    checked, in order."""
+    from types import SimpleNamespace
+
+    from ideogram4_mlx.text_retry import TextCheck
+
+    checked = []
+
+    def check(self, result):
+        seed = result.metadata["seed"]
+        checked.append(seed)
+        return text_report(worst_by_seed.get(seed, 1.0), self.threshold)
+
+    monkeypatch.setattr(TextCheck, "engine", lambda self: SimpleNamespace(name="fake"))
+    monkeypatch.setattr(TextCheck, "check", check)
+    return checked

@@ -1,10 +1,12 @@
 """The web page of ``ideo4-mlx serve`` in headless Chromium, against a real server on the tiny
 synthetic checkpoint: magic prompt, live caption findings, a job followed to the end
-(progress, previews, the result in the gallery), the API key prompt and server errors.
+(progress, previews, the result in the gallery), the API key prompt and server errors, and
+the lettering check (its OCR faked in this process: the server runs on a thread here).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (and the serve and test extras). Without
 them the tests skip, except under ``CI=true`` or ``IDEO4_REQUIRE_BROWSER=1``, where they fail.
-``IDEO4_UPDATE_SCREENSHOT=1`` also writes the screenshot to ``docs/serve-page.png``.
+``IDEO4_UPDATE_SCREENSHOT=1`` also writes the screenshots to ``docs/serve-page.png`` and
+``docs/serve-text-check.png``.
 """
 
 import functools
@@ -17,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import serving
+from helpers import fake_ocr, serving
 from PIL import Image
 
 from ideogram4_mlx import load
@@ -38,7 +40,8 @@ else:
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serve-page.png"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SCREENSHOT = DOCS / "serve-page.png"
 VIEWPORT = {"width": 1280, "height": 900}  # the screenshot's size
 # The random magic-prompt head writes nonsense; the grammar's bounds keep it short.
 SMALL = {"max_string_chars": 12, "max_elements": 3}
@@ -275,3 +278,81 @@ def test_api_key_prompt_events_over_fetch_and_server_errors(browser, keyed_serve
     driver.find_element(By.ID, "cancel").click()
     wait(driver, lambda d: progress.text == "Cancelled", "the job to be cancelled")
     assert not error.is_displayed() and len(gallery_images(driver)) == 1
+
+
+# Two text elements: the fake OCR scores them (helpers.fake_ocr).
+SIGN = json.dumps(
+    {
+        "high_level_description": "a shop window sign",
+        "compositional_deconstruction": {
+            "background": "a white shop window",
+            "elements": [
+                {"type": "text", "text": "OPEN", "desc": "bold black letters"},
+                {"type": "text", "text": "GRAND SALE", "desc": "red letters below"},
+            ],
+        },
+    },
+    indent=2,
+)
+
+
+def test_check_the_lettering(browser, server, tmp_path, monkeypatch):
+    checked = fake_ocr(monkeypatch, {7: 0.62})  # seed 7 misreads "GRAND SALE"; 8 passes
+    driver = browser
+    driver.get(server)
+    tries = driver.find_element(By.ID, "tries")
+    assert tries.get_property("disabled") and tries.get_property("value") == "4"
+    driver.find_element(By.ID, "check-text").click()
+    assert not tries.get_property("disabled")
+
+    fill(driver, "caption", SIGN)
+    for name, value in {"width": "256", "height": "256", "seed": "7", "steps": "3"}.items():
+        fill(driver, name, value)
+    Select(driver.find_element(By.ID, "preset")).select_by_value("V4_TURBO_12")
+    driver.execute_script(RECORD)
+    driver.find_element(By.ID, "generate").click()
+    progress = driver.find_element(By.ID, "progress-text")
+    wait(driver, lambda d: progress.text == "Done", "the job to finish")
+    scores = driver.find_element(By.ID, "text-scores")
+    verdict = driver.find_element(By.ID, "text-verdict")
+    wait(driver, lambda d: "found" in verdict.text, "the lettering scores")
+    assert checked == [7, 8]
+
+    assert scores.is_displayed()
+    assert verdict.text == "✓ Lettering: all 2 text elements found"
+    kept = driver.find_element(By.ID, "text-kept").text
+    assert kept.startswith("Kept seed 8 · 2 images tried · fake, threshold 0.9"), kept
+    lines = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#text-lines li")]
+    assert lines == ['"OPEN": found, 1.00', '"GRAND SALE": found, 1.00']
+    classes = driver.find_elements(By.CSS_SELECTOR, "#text-lines li.found")
+    assert len(classes) == 2
+    seen = [t for t, *_ in driver.execute_script("return window.seen")["progress"]]
+    assert any(t.startswith("Try 2/4 · Step ") for t in seen), seen
+    log = driver.find_element(By.ID, "text-log").get_property("textContent")
+    assert '"GRAND SALE": best match "GRAND SAIE", 0.62' in log
+    assert "kept seed 8 (passed), 2 tried" in log
+
+    wait(driver, lambda d: gallery_images(d), "the result in the gallery")
+    card = driver.find_element(By.CSS_SELECTOR, "#gallery figure")
+    assert "256×256 · seed 8 · V4_TURBO_12 · 3 steps · lettering 2/2" in card.text
+    images = gallery_images(driver)
+    wait(driver, lambda d: image_width(d, images[0]) == 256, "the gallery image to load")
+
+    driver.find_element(By.CSS_SELECTOR, "#text-log-box summary").click()  # every try, shown
+    shot = tmp_path / "serve-text-check.png"
+    driver.save_screenshot(str(shot))
+    if os.environ.get("IDEO4_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, DOCS / "serve-text-check.png")
+
+    driver.find_element(By.ID, "use-seed").click()
+    assert driver.find_element(By.ID, "seed").get_property("value") == "8"
+
+    # tries out of range: the page says so before sending anything
+    fill(driver, "tries", "17")
+    driver.find_element(By.ID, "generate").click()
+    error = driver.find_element(By.ID, "error")
+    wait(driver, lambda d: error.is_displayed(), "the page's message")
+    assert error.text == "tries 17: use 1 to 16 images"
+    assert checked == [7, 8]
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors

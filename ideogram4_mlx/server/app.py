@@ -2,7 +2,9 @@
 
 Routes: ``/`` (the web page), ``/healthz``, ``/v1/models``, ``/v1/images/generations`` (the
 OpenAI Images API shape), ``/v1/jobs`` (native jobs, server-sent events, cancel),
-``/v1/images`` (results), ``/v1/captions/verify``, ``/v1/magic-prompt``. Bad input is a 422
+``/v1/images`` (results), ``/v1/captions/verify``, ``/v1/magic-prompt``. A job (and an OpenAI
+request) may ask to check its lettering: ``check_text``, ``retry_text``, ``ocr``,
+``text_threshold`` (``text_retry.text_check_from``; docs/TEXT_CHECK.md). Bad input is a 422
 with the message the CLI prints; a full queue a 429 with ``Retry-After``. Clients never name
 files: images come and go as base64 or as server-named PNGs in the output folder.
 
@@ -34,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ideogram4_mlx.batch import image_requests
 from ideogram4_mlx.edit import MAX_INPUT_PIXELS
-from ideogram4_mlx.errors import InputError
+from ideogram4_mlx.errors import Ideo4Error, InputError
 from ideogram4_mlx.request import (
     ALIASES,
     SETTINGS,
@@ -44,6 +46,7 @@ from ideogram4_mlx.request import (
 )
 from ideogram4_mlx.server.hosts import LOOPBACK_NAMES, host_name, is_ip_address
 from ideogram4_mlx.server.jobs import TERMINAL, JobQueue, QueueFull
+from ideogram4_mlx.text_retry import TextCheck, text_check_from
 from ideogram4_mlx.version import __version__
 
 MAX_BODY_BYTES = 32 * 2**20  # room for a base64 input image and mask
@@ -54,6 +57,8 @@ EVENT_POLL_SECONDS = 1.0
 IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style", "background", "moderation")
 # Request fields a client never sets: fingerprints come from the images it sends.
 CLIENT_SETTINGS = tuple(k for k in SETTINGS if k not in ("image_sha256", "mask_sha256"))
+# The lettering check's fields (not request fields: they ride on the job).
+TEXT_FIELDS = ("check_text", "retry_text", "ocr", "text_threshold")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # change nothing: any page may send them
 # Exceptions that bad settings raise in the request's checks (besides our BadRequest).
 BAD_SETTINGS = (ValueError, TypeError, ArithmeticError, OSError)
@@ -256,7 +261,8 @@ def request_from_json(body: Any) -> GenerationRequest:
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - set(CLIENT_SETTINGS) - set(ALIASES))
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; valid: {', '.join(CLIENT_SETTINGS)}")
+        valid = ", ".join((*CLIENT_SETTINGS, *TEXT_FIELDS))
+        raise BadRequest(f"unknown field(s) {unknown}; valid: {valid}")
     try:
         fields = field_names(body)  # "steps" for "num_steps", as the CLI and Python take it
     except InputError as e:
@@ -272,14 +278,46 @@ def request_from_json(body: Any) -> GenerationRequest:
         raise BadRequest(str(e)) from None
 
 
-def openai_requests(body: Any) -> tuple[list[GenerationRequest], str]:
-    """``POST /v1/images/generations`` -> one request per image, and the response format."""
+def text_check_json(body: dict) -> TextCheck | None:
+    """The lettering check ``body`` asks for (None: none), its fields taken out of it; null
+    is a field left out. ``text_check_from`` checks them."""
+    given = {k: body.pop(k) for k in TEXT_FIELDS if k in body}
+    given = {k: v for k, v in given.items() if v is not None}
+    check_text = given.get("check_text", False)
+    if not isinstance(check_text, bool):
+        raise BadRequest(f"check_text must be true or false, got {check_text!r}")
+    try:
+        return text_check_from(
+            check_text, given.get("retry_text", 0), given.get("ocr"), given.get("text_threshold")
+        )
+    except InputError as e:
+        raise BadRequest(str(e)) from None
+
+
+def job_from_json(body: Any) -> tuple[GenerationRequest, TextCheck | None]:
+    """``POST /v1/jobs`` -> the request and the lettering check it asks for (or None)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    body = dict(body)
+    check = text_check_json(body)
+    return request_from_json(body), check
+
+
+def openai_requests(body: Any) -> tuple[list[GenerationRequest], str, TextCheck | None]:
+    """``POST /v1/images/generations`` -> one request per image, the response format and the
+    lettering check (each image checked; retries only for one image: image i has seed + i)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     body = {k: v for k, v in body.items() if k not in IGNORED_OPENAI_FIELDS}
+    check = text_check_json(body)
     n = body.pop("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
         raise BadRequest(f"n {n!r} is out of range: use 1..{MAX_IMAGES}")
+    if check is not None and check.tries > 1 and n > 1:
+        raise BadRequest(
+            f"retry_text {check.tries} with n {n}: image i has seed + i, so the retries of one "
+            "would be the seeds of the next; ask for one image, or check_text without retries"
+        )
     response_format = body.pop("response_format", "b64_json")
     if response_format not in ("b64_json", "url"):
         raise BadRequest(f"response_format {response_format!r}: use b64_json or url")
@@ -294,7 +332,7 @@ def openai_requests(body: Any) -> tuple[list[GenerationRequest], str]:
             raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
         body.update(width=width, height=height)
     # image i gets seed + i (a random start when None), as generate --num-images
-    return image_requests(request_from_json(body), n), response_format
+    return image_requests(request_from_json(body), n), response_format, check
 
 
 def create_app(
@@ -356,12 +394,12 @@ def create_app(
         raw = await request.body()
         return await run_in_threadpool(lambda: build(parse_json(raw)))
 
-    async def submit(*requests: GenerationRequest) -> list:
+    async def submit(requests: list[GenerationRequest], check: TextCheck | None = None) -> list:
         try:
-            return await run_in_threadpool(jobs.submit_all, list(requests))
+            return await run_in_threadpool(jobs.submit_all, requests, check)
         except QueueFull as e:
             raise HTTPException(429, str(e), {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-        except BAD_SETTINGS as e:  # the CLI's checks and messages
+        except (*BAD_SETTINGS, Ideo4Error) as e:  # the CLI's checks and messages; no OCR
             raise BadRequest(str(e)) from None
 
     @app.exception_handler(HTTPException)
@@ -388,8 +426,8 @@ def create_app(
 
     @app.post("/v1/images/generations")
     async def openai_generate(request: Request) -> dict:
-        requests, response_format = await read_json(request, openai_requests)
-        accepted = await submit(*requests)  # all n, or a 429 for all
+        requests, response_format, check = await read_json(request, openai_requests)
+        accepted = await submit(requests, check)  # all n, or a 429 for all
         data = []
         for job in accepted:
             await run_in_threadpool(jobs.wait, job)
@@ -400,11 +438,14 @@ def create_app(
             else:
                 encoded = base64.b64encode(job.path.read_bytes()).decode()
                 data.append({"b64_json": encoded, "revised_prompt": job.metadata["prompt"]})
+            if check is not None:  # an extension, like the fields that asked for it
+                data[-1].update(seed=job.metadata["seed"], text_scores=job.text_scores)
         return {"created": int(time.time()), "data": data}
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request) -> dict:
-        (job,) = await submit(await read_json(request, request_from_json))
+        generation, check = await read_json(request, job_from_json)
+        (job,) = await submit([generation], check)
         return job.summary()
 
     @app.get("/v1/jobs")

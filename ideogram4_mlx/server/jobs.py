@@ -3,9 +3,11 @@
 A job is a ``GenerationRequest`` checked before it is queued (``Ideogram4Pipeline.check``: the
 same checks and messages as the CLI). The worker iterates the job's ``Generation``, records an
 event per step (and a preview every ``preview_every`` steps), honours a cancel between steps,
-and writes the PNG atomically into the output folder under a server-chosen name. Everything
-that touches MLX runs on the worker thread (``run`` hands it other work, such as a magic
-prompt), so requests never race on the model.
+and writes the PNG atomically into the output folder under a server-chosen name. A job that
+checks its lettering (a ``text_retry.TextCheck``) runs through ``generate_checked``: each try is
+one such run, every try's score lines become ``text`` events, and the kept image's scores its
+summary's ``text_scores``. Everything that touches MLX runs on the worker thread (``run`` hands
+it other work, such as a magic prompt), so requests never race on the model.
 
 Each queue holds a shared ``flock`` on its output folder while it lives (the kernel drops it
 however the process ends); one that finds no other holder at start removes the temporary PNGs
@@ -25,17 +27,19 @@ import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
 
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import temporary_pattern
-from ideogram4_mlx.generation import Generation
+from ideogram4_mlx.generation import Generation, GenerationResult
 from ideogram4_mlx.metadata import read_metadata, save_png
 from ideogram4_mlx.pipeline import Ideogram4Pipeline
 from ideogram4_mlx.request import GenerationRequest, ResolvedRequest
+from ideogram4_mlx.text_check import TextReport
+from ideogram4_mlx.text_retry import TextCheck, generate_checked
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_SIDE = 256  # previews are small PNGs: the longer side in pixels
@@ -67,13 +71,18 @@ class Job:
     cancel_requested: bool = False
     # check()'s result, so the run does not read an edit's images again; dropped at the end
     resolved: ResolvedRequest | None = None
+    text_check: TextCheck | None = None  # the lettering check asked for (None: none)
+    text_scores: dict | None = None  # the kept image's, once done (see scores_summary)
 
     def summary(self) -> dict:
-        """The job as the API shows it (no pixels); ``progress`` is its last step event."""
+        """The job as the API shows it (no pixels); ``progress`` is its last step event (with
+        ``try``/``tries`` for a checked job), ``seed`` the image's once done (a checked job's
+        kept seed)."""
         steps = [e for e in self.events if e["type"] == "step"]
         progress = None
         if steps:
-            progress = {k: steps[-1][k] for k in ("step", "num_steps", "t", "eta_seconds")}
+            keys = ("step", "num_steps", "t", "eta_seconds", "try", "tries")
+            progress = {k: steps[-1][k] for k in keys if k in steps[-1]}
         return {
             "progress": progress,
             "id": self.id,
@@ -82,8 +91,17 @@ class Job:
             "error": self.error,
             "image": f"/v1/images/{self.id}.png" if self.path is not None else None,
             "metadata": self.metadata,
+            "seed": self.metadata.get("seed") if self.metadata else None,
+            "text_scores": self.text_scores,
             "events": len(self.events),
         }
+
+
+def scores_summary(scores: TextReport, metadata: dict) -> dict:
+    """A kept image's scores as the API shows them: ``TextReport.to_metadata()`` with each
+    element's ``lines`` (``"OPEN": found, 1.00``) and ``tried``, the images made."""
+    tried = len(metadata.get("text_check", {}).get("tries", ())) or 1
+    return {**scores.to_metadata(), "lines": scores.lines(), "tried": tried}
 
 
 class JobQueue:
@@ -115,20 +133,27 @@ class JobQueue:
         self._work: queue.Queue = queue.Queue()
         self._unfinished = 0
         self._stopping = False
+        self._checks: dict[str | None, TextCheck] = {}  # per OCR engine name: its engine, made once
+        self._checks_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="ideo4-worker", daemon=True)
         self._thread.start()
 
     # -- submitting -----------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: GenerationRequest, text_check: TextCheck | None = None) -> Job:
         """Check ``request`` (``ValueError``/``OSError`` with the CLI's message) and queue it;
-        ``QueueFull`` when ``max_queue`` jobs are unfinished."""
-        return self.submit_all([request])[0]
+        ``QueueFull`` when ``max_queue`` jobs are unfinished. ``text_check``: check its
+        lettering (see :meth:`with_engine`)."""
+        return self.submit_all([request], text_check)[0]
 
-    def submit_all(self, requests: list[GenerationRequest]) -> list[Job]:
+    def submit_all(
+        self, requests: list[GenerationRequest], text_check: TextCheck | None = None
+    ) -> list[Job]:
         """Queue all of ``requests`` or none (each checked first; ``QueueFull`` when they do
-        not all fit)."""
+        not all fit), each with ``text_check``."""
         resolved = [self.pipe.check(request) for request in requests]
+        if text_check is not None:
+            text_check = self.with_engine(text_check)
         with self.changed:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -139,7 +164,7 @@ class JobQueue:
                 )
             created = []
             for request, checked in zip(requests, resolved, strict=True):
-                job = Job(uuid.uuid4().hex, request, resolved=checked)
+                job = Job(uuid.uuid4().hex, request, resolved=checked, text_check=text_check)
                 self.jobs[job.id] = job
                 self._unfinished += 1
                 self._event(job, {"type": "queued", "position": self._unfinished})
@@ -147,6 +172,19 @@ class JobQueue:
         for job in created:
             self._work.put(job)
         return created
+
+    def with_engine(self, check: TextCheck) -> TextCheck:
+        """``check`` with the OCR engine this queue holds for its ``ocr``, made at the first
+        job that names it (``Ideo4Error`` in one line naming the install when it is not
+        installed: at submit, before any image). ``dataclasses.replace`` keeps the held check's
+        engine, so jobs do not load it again."""
+        with self._checks_lock:
+            held = self._checks.get(check.ocr)
+            if held is None:
+                check.engine()
+                self._checks[check.ocr] = check
+                return check
+        return replace(held, tries=check.tries, threshold=check.threshold)
 
     def snapshot(self) -> list[Job]:
         """The jobs held now, oldest first (a copy: safe while the worker changes them)."""
@@ -324,27 +362,23 @@ class JobQueue:
                 return  # cancelled while queued
             job.state = "running"
             self._event(job, {"type": "started"})
+        scores = None
         try:
-            generation = self.pipe.start(job.resolved or job.request)
-            start = time.monotonic()
-            for step in generation:
-                mx.eval(step.latents)
-                done = step.index + 1
-                eta = (time.monotonic() - start) / done * (step.num_steps - done)
-                event = {
-                    "type": "step",
-                    "step": done,
-                    "num_steps": step.num_steps,
-                    "t": round(step.t, 6),
-                    "eta_seconds": round(eta, 2),
-                }
-                if self.preview_every and done % self.preview_every == 0:
-                    event["preview"] = self._preview(generation, step.latents)
-                with self.changed:
-                    self._event(job, event)
-                    if job.cancel_requested:
-                        raise Cancelled
-            result = generation.result()
+            check = job.text_check
+            if check is None:
+                result = self._generate(job, job.resolved or job.request)
+            else:
+                tries = iter(range(1, check.tries + 1))
+
+                def attempt(request: ResolvedRequest) -> GenerationResult:
+                    return self._generate(job, request, (next(tries), check.tries))
+
+                def report(line: str) -> None:
+                    with self.changed:
+                        self._event(job, {"type": "text", "line": line})
+
+                result = generate_checked(attempt, job.resolved, check, report)
+                scores = scores_summary(result.text_scores, result.metadata)
             path = save_png(result.image, self.output_dir / f"{job.id}.png", result.metadata)
         except Cancelled:
             with self.changed:
@@ -356,8 +390,42 @@ class JobQueue:
                 self._finish(job, "failed", {"type": "failed", "error": job.error})
             return
         with self.changed:
-            job.path, job.metadata = path, result.metadata
-            self._finish(job, "done", {"type": "done", "image": f"/v1/images/{path.name}"})
+            job.path, job.metadata, job.text_scores = path, result.metadata, scores
+            done = {"type": "done", "image": f"/v1/images/{path.name}"}
+            if scores is not None:
+                done.update(seed=result.metadata.get("seed"), text_scores=scores)
+            self._finish(job, "done", done)
+
+    def _generate(
+        self,
+        job: Job,
+        request: GenerationRequest | ResolvedRequest,
+        attempt: tuple[int, int] | None = None,
+    ) -> GenerationResult:
+        """One image of ``job``: a ``step`` event per step (``try``/``tries`` from ``attempt``
+        for a checked job's), a preview every ``preview_every``, ``Cancelled`` between steps."""
+        generation = self.pipe.start(request)
+        start = time.monotonic()
+        for step in generation:
+            mx.eval(step.latents)
+            done = step.index + 1
+            eta = (time.monotonic() - start) / done * (step.num_steps - done)
+            event = {
+                "type": "step",
+                "step": done,
+                "num_steps": step.num_steps,
+                "t": round(step.t, 6),
+                "eta_seconds": round(eta, 2),
+            }
+            if attempt is not None:
+                event["try"], event["tries"] = attempt
+            if self.preview_every and done % self.preview_every == 0:
+                event["preview"] = self._preview(generation, step.latents)
+            with self.changed:
+                self._event(job, event)
+                if job.cancel_requested:
+                    raise Cancelled
+        return generation.result()
 
     def _preview(self, generation: Generation, latents: mx.array) -> str:
         """A small PNG of the current latents, as a data URL (a full VAE decode)."""
