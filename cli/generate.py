@@ -248,8 +248,10 @@ def _generate_one(options, request, output, force, stepwise_dir, verbose, text_c
     problems += _engine_problem(text_check)
     if problems:
         raise click.ClickException("\n".join(problems))
-    # One image per process: free each model after its stage (lowest peak memory).
-    pipe = load(options, keep_in_memory=False)
+    # One image per process: free each model after its stage (lowest peak memory); with
+    # retries the machine's keep-in-memory default (the models stay for the next seed).
+    keep = False if text_check is None or text_check.tries == 1 else None
+    pipe = load(options, keep_in_memory=keep)
     report_dtype()
     run = lambda request: _run(pipe, request, previews, verbose)  # noqa: E731
     if text_check is not None:

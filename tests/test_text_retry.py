@@ -8,6 +8,7 @@ text in tests/test_ocr.py and tests/test_text_check.py, and end to end below whe
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +24,7 @@ from ideogram4_mlx.ocr import OCRLine
 from ideogram4_mlx.pipeline import GenerationResult
 from ideogram4_mlx.text_retry import MAX_TRIES, TextCheck, score_table, text_check_from
 
+ROOT = Path(__file__).resolve().parents[1]
 GENERATE_MODULE = "ideogram4_mlx.cli.generate"
 CAPTION = json.dumps(
     {
@@ -43,6 +45,7 @@ class ReadsWhatWasDrawn:
     as one line over the whole image."""
 
     name = "fake"
+    scripts = frozenset(ocr.SCRIPT_NAMES)
 
     def read(self, image, *args, **kwargs):
         lines = image.info.get("drawn", [])
@@ -64,8 +67,9 @@ def engine(monkeypatch):
 
 @pytest.fixture
 def fake(monkeypatch):
-    """Replaces ``load``: seed ``s`` draws ``drawn[s]`` (default: nothing); records the seeds."""
-    seen = SimpleNamespace(seeds=[], drawn={}, loads=0)
+    """Replaces ``load``: seed ``s`` draws ``drawn[s]`` (default: nothing), or is the image
+    ``render[s]`` when ``render`` is set; records the seeds."""
+    seen = SimpleNamespace(seeds=[], drawn={}, loads=0, render=None)
 
     class FakeGeneration:
         num_steps = 0
@@ -79,8 +83,11 @@ def fake(monkeypatch):
         def result(self):
             seed = self.request.seed
             seen.seeds.append(seed)
-            image = Image.new("RGB", (64, 64), "white")
-            image.info["drawn"] = seen.drawn.get(seed, [])
+            if seen.render is not None:  # a PIL rendering of real text
+                image = seen.render[seed]
+            else:
+                image = Image.new("RGB", (64, 64), "white")
+                image.info["drawn"] = seen.drawn.get(seed, [])
             metadata = {"seed": seed, "prompt": self.request.prompt}
             return GenerationResult(image, np.zeros(1), metadata, {}, self.request)
 
@@ -243,3 +250,55 @@ def test_python_api_checks_and_retries_on_the_tiny_checkpoint(tiny_checkpoint, e
     assert res.metadata["seed"] == 4  # none passes: the first of equals is kept
     with pytest.raises(InputError, match="retry_text needs seeds of one process"):
         pipe.generate(CAPTION, retry_text=2, noise=np.zeros((1, 256, 128), np.float32), **fast)
+
+
+# -- with a real OCR engine (tests/ocr_helpers.py: a failure, not a skip, in CI) -----------------
+
+
+def test_retry_with_a_real_engine_stops_where_the_rendered_text_is_right(fake, tmp_path):
+    """The fake pipeline renders with PIL: a misspelling, nothing, then the caption's text;
+    the cross-platform engine reads them and the loop stops at the third seed."""
+    from ocr_helpers import DEJAVU_BOLD, render, require_engine
+
+    require_engine("rapidocr")
+    drawn = {20: "0PFN  Since 1902", 21: "", 22: "OPEN  Since 1920", 23: "OPEN  Since 1920"}
+    fake.render = {s: render(t, DEJAVU_BOLD, 44, canvas=(640, 160)) for s, t in drawn.items()}
+    out = tmp_path / "sign.png"
+    result = invoke("--prompt", CAPTION, "--seed", 20, "--retry-text", 4, "--ocr", "rapidocr",
+                    "--output", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert fake.seeds == [20, 21, 22]
+    record = read_metadata(out)["text_check"]
+    assert [t["passed"] for t in record["tries"]] == [False, False, True]
+    assert record["tries"][0]["worst"] < 0.9 and record["tries"][1]["worst"] == 0.0
+    assert record["engine"] == "rapidocr" and read_metadata(out)["seed"] == 22
+
+
+def test_the_synthetic_checkpoint_end_to_end_reports_not_found(tmp_path):
+    """#29's done-when command on the tiny synthetic checkpoint: random weights draw no text,
+    so every element of examples/poster.json is "not found", 4 seeds are tried, one is kept."""
+    from ocr_helpers import require_engine
+
+    from ideogram4_mlx.synth import write_synthetic_checkpoint
+
+    require_engine("rapidocr")
+    model = write_synthetic_checkpoint(tmp_path / "tiny", "tiny", seed=0)
+    poster = ROOT / "examples" / "poster.json"
+    out = tmp_path / "poster.png"
+    result = invoke(
+        "--model", model, "--prompt-file", poster, "--check-text", "--retry-text", 4,
+        "--width", 256, "--height", 256, "--steps", 2, "--seed", 42, "--output", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    for seed, i in ((42, 1), (45, 4)):
+        assert f"text check, seed {seed} ({i}/4)" in err
+    texts = [e["text"] for e in json.loads(poster.read_text())["compositional_deconstruction"]
+             ["elements"] if e["type"] == "text"]  # fmt: skip
+    assert err.count(f'"{texts[0]}": not found, 0.00') == 4
+    assert "kept seed 42 (best of the tries, below the threshold), 4 tried" in err
+    assert result.stdout == f"{out} (seed 42)\n"
+    record = read_metadata(out)["text_check"]
+    assert [e["text"] for e in record["elements"]] == texts
+    assert [t["seed"] for t in record["tries"]] == [42, 43, 44, 45]
+    assert all(e["best"] is None and e["score"] == 0.0 for e in record["elements"])
