@@ -9,9 +9,10 @@ anywhere in the image when it has none, as a normalised edit distance.
 Normalising (both sides): Unicode NFKC, casefold, then whitespace, punctuation and symbols
 (categories Z*, P*, S*, C*) dropped; combining marks (M*) kept, as Devanagari and Arabic need
 them; no look-alike mapping (O and 0 stay different). Score: ``1 - Levenshtein(a, b) /
-max(len(a), len(b))`` on the normalised strings, the best over the candidate lines (runs of
-neighbouring lines in reading order, joined, and windows of them, so a word split over lines
-or merged with its neighbours still matches).
+max(len(a), len(b))`` on the normalised strings, the best over runs of whole words read in the
+region (in reading order, across lines: text split over lines still matches, and text beside
+other words is found without them; an extra letter is a mistake, not a match). Chinese,
+Japanese and Thai have no spaces: there windows of the read text count too.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ MAX_ELEMENTS = 32  # text elements checked per prompt (the rest are ignored)
 MAX_TEXT_CHARS = 200  # a longer element is not checked: lettering, not a paragraph
 MAX_CANDIDATES = 64  # OCR lines compared per element, in reading order
 RTL_SCRIPTS = frozenset({"arabic", "hebrew"})
+# Written without spaces between words: an element may sit inside a longer run of letters.
+UNSPACED_SCRIPTS = frozenset({"han", "hiragana", "katakana", "thai"})
 # Quoted strings of a plain-text prompt: straight, curly, guillemets, CJK corner brackets.
 # A straight or curly single quote counts only outside a word (not an apostrophe).
 QUOTED = re.compile(
@@ -225,7 +228,8 @@ def _score(element: TextElement, image: Image.Image, engine, reads: dict) -> Ele
     if key not in reads:
         reads[key] = _read(image, region, scripts, engine)
     lines = _reading_order(reads[key], rtl=bool(scripts & RTL_SCRIPTS))[:MAX_CANDIDATES]
-    score, best = best_match(target, [line.text for line in lines])
+    unspaced = bool(scripts & UNSPACED_SCRIPTS)
+    score, best = best_match(target, [line.text for line in lines], unspaced)
     return ElementScore(element.text, element.bbox, score, best)
 
 
@@ -291,26 +295,28 @@ def _reading_order(lines: list[ocr.OCRLine], rtl: bool = False) -> list[ocr.OCRL
     return [ln for row in rows for ln in sorted(row, key=_cx, reverse=rtl)]
 
 
-def best_match(target: str, texts: list[str]) -> tuple[float, str | None]:
-    """The best score of normalised ``target`` against runs of consecutive ``texts`` (joined),
-    or a window of a run about ``target``'s length (text merged with its neighbours); and the
-    read text of that run (None when ``texts`` is empty)."""
+def best_match(target: str, texts: list[str], unspaced: bool = False) -> tuple[float, str | None]:
+    """The best score of normalised ``target`` against runs of consecutive words of ``texts``
+    (the lines in reading order, joined across lines), and those words as read (None when
+    ``texts`` is empty). Whole words only, so an extra or missing letter counts ("OPENN" is
+    not "OPEN"); ``unspaced`` (Chinese, Japanese, Thai: no spaces between words): also any
+    window of a run about ``target``'s length."""
     distance = _levenshtein()
-    norms = [normalise(t) for t in texts]
-    slack = max(1, len(target) // 5)  # window lengths tried: len(target) +- slack
+    words = [w for text in texts for w in text.split()]
+    norms = [normalise(w) for w in words]
+    slack = max(1, len(target) // 5)  # runs are tried up to len(target) + slack characters
     best, best_text = 0.0, (" ".join(texts) if texts else None)
-    for i in range(len(texts)):
-        run, j = "", i
-        # Extend while a window starting in line i can still reach line j.
-        while j < len(texts) and len(run) < len(norms[i]) + len(target) + slack:
+    for i in range(len(words)):
+        run = ""
+        for j in range(i, len(words)):
             run += norms[j]
-            score = max(
-                distance.normalized_similarity(target, run),
-                _best_window(target, run, starts=len(norms[i]), slack=slack),
-            )
+            score = distance.normalized_similarity(target, run)
+            if unspaced:
+                score = max(score, _best_window(target, run, len(norms[i]), slack))
             if score > best:
-                best, best_text = score, " ".join(texts[i : j + 1])
-            j += 1
+                best, best_text = score, " ".join(words[i : j + 1])
+            if len(run) >= len(norms[i]) + len(target) + slack:
+                break
     return best, best_text
 
 
