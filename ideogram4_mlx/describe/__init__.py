@@ -1,0 +1,1 @@
+"""Describe: image -> text with the checkpoint's Qwen3-VL (``model.py``; needs the ``describe`` extra)."""
