@@ -36,6 +36,7 @@ from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.describe.vision import (
     MAX_PIXELS,
     VISION_PREFIX,
+    VISION_DTYPE_RULE,
     VISION_PREFIXES,
     VisionConfig,
     prepare_image,
@@ -76,9 +77,6 @@ from ideogram4_mlx.weights import (
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-# A raw snapshot's vision tower: fp8 linears + F32 scales like the LM, float elsewhere; its
-# dtypes are [?] (MODEL_NOTES#vision-tower), so F32 is accepted next to BF16.
-VISION_DTYPE_RULE = DtypeRule(floats=("BF16", "F32"), skip=(*LM_PREFIXES, "lm_head."))
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,16 @@ from PIL import Image
 
 from ideogram4_mlx.config import BaseConfig, CheckpointError, HeaderCheck
 from ideogram4_mlx.errors import InputError
-from ideogram4_mlx.weights import dequantize_fp8_weights, strip_prefixes
+from ideogram4_mlx.weights import DtypeRule, dequantize_fp8_weights, strip_prefixes
 
 VISION_PREFIXES = ("model.visual.", "visual.")
 VISION_PREFIX = "visual."
 PATCH_EMBED = "patch_embed.proj.weight"
+# A raw snapshot's vision tower: fp8 linears + F32 scales like the LM, float elsewhere; its
+# dtypes are [?] (MODEL_NOTES#vision-tower), so F32 is accepted next to BF16.
+VISION_DTYPE_RULE = DtypeRule(
+    floats=("BF16", "F32"), skip=("language_model.", "model.language_model.", "lm_head.")
+)
 
 # Qwen3-VL's image processor (transformers Qwen2VLImageProcessor with Qwen3-VL's
 # preprocessor_config): mean = std = 0.5 per channel, bicubic resize, sides a multiple of
@@ -125,6 +130,16 @@ def sanitize_visual(weights: dict[str, mx.array], in_channels: int = 3) -> dict[
     if key in kept and kept[key].ndim == 5 and kept[key].shape[-1] != in_channels:
         kept[key] = kept[key].transpose(0, 2, 3, 4, 1)
     return kept
+
+
+def vision_parameters(headers: dict) -> int:
+    """Parameter count of the ``visual.*`` tensors among ``{key: (dtype, shape, ...)}``
+    headers (fp8 scales fold into their weights)."""
+    return sum(
+        math.prod(shape)
+        for key, (_, shape, *_) in headers.items()
+        if key.startswith(VISION_PREFIXES) and not key.endswith(".weight_scale")
+    )
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
