@@ -73,7 +73,6 @@ def test_vision_tower_and_deepstack_match(pair):
 def test_image_conditioned_hidden_states_match(pair):
     from ideogram4_mlx.reference.describe import (
         reference_hidden,
-        reference_image_features,
         reference_pixels,
     )
 

@@ -35,8 +35,8 @@ from PIL import Image
 from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.describe.vision import (
     MAX_PIXELS,
-    VISION_PREFIX,
     VISION_DTYPE_RULE,
+    VISION_PREFIX,
     VISION_PREFIXES,
     VisionConfig,
     prepare_image,
@@ -159,7 +159,10 @@ def mrope_positions(ids: list[int], image_id: int, grid: tuple[int, int, int], m
         raise InputError(f"the prompt has {n} image tokens, the image needs {t * h * w} in a row")
     before = np.broadcast_to(np.arange(start), (3, start))
     grid_ids = np.stack(
-        [a.reshape(-1) for a in np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")]
+        [
+            a.reshape(-1)
+            for a in np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+        ]
     )
     image = grid_ids + start
     rest = len(ids) - start - n
@@ -321,12 +324,15 @@ class DescribeModel:
             if token in self.tokenizer.eos_token_ids:
                 break
             detokenizer.add_token(token)
-            if on_text is not None and detokenizer.last_segment:
-                on_text(detokenizer.last_segment)
+            emit(on_text, detokenizer.last_segment)  # reading last_segment consumes it
         detokenizer.finalize()
-        if on_text is not None and detokenizer.last_segment:
-            on_text(detokenizer.last_segment)
+        emit(on_text, detokenizer.last_segment)
         return detokenizer.text
+
+
+def emit(on_text: Callable[[str], None] | None, segment: str) -> None:
+    if on_text is not None and segment:
+        on_text(segment)
 
 
 def check_vision_keys(text_dir: Path) -> None:
@@ -395,4 +401,12 @@ def load_describe_model(
     body = load_component(LanguageBody(vlm_text_config(text, section)), text_dir, dtype)
     vision = load_vision(text_dir, vision_config, dtype)
     tokenizer = magic_tokenizer(checkpoint_dir / "tokenizer")
+    vocab = hf_tokenizer(tokenizer).get_vocab()
+    for name, token in ((IMAGE_PAD, ids.image), (VISION_START, ids.vision_start)):
+        if vocab.get(name) != token:
+            raise CheckpointError(
+                f"{text_dir / 'config.json'}: {name} is token {token} there but "
+                f"{vocab.get(name)} in {checkpoint_dir / 'tokenizer'}; use the tokenizer the "
+                "text encoder came with"
+            )
     return DescribeModel(vision, body, lm_head, tokenizer, ids, vision_config)

@@ -81,7 +81,9 @@ class VisionConfig(BaseConfig):
         return [
             HeaderCheck("depth", self.depth, "blocks."),
             HeaderCheck("hidden_size", self.hidden_size, "patch_embed.proj.bias"),
-            HeaderCheck("num_position_embeddings", self.num_position_embeddings, "pos_embed.weight"),
+            HeaderCheck(
+                "num_position_embeddings", self.num_position_embeddings, "pos_embed.weight"
+            ),
             HeaderCheck(
                 "intermediate_size", self.intermediate_size, "blocks.0.mlp.linear_fc1.weight"
             ),
