@@ -1,11 +1,13 @@
 """fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit or mixed), streaming, bounded memory.
 
 Each model component is read lazily (``mx.load``), sanitized by its model's own ``sanitize``
-(fp8 dequantized exactly, qkv fused, vision tower dropped, conv kernels transposed), quantized
+(fp8 dequantized exactly, qkv fused, conv kernels transposed), quantized
 per layer as the model's ``quant_predicate`` and ``ideogram4_mlx.quantization`` decide, evaluated
 one layer at a time and written to safetensors shards with an index. The output is MLX-native:
 the loaders' ``sanitize`` leaves it as it is and the quantized skeleton is rebuilt from the
-``mlx_conversion`` record in each ``config.json``.
+``mlx_conversion`` record in each ``config.json``. The text encoder's vision tower (``visual.*``,
+which only describe uses) is carried in the float dtype, never quantized
+(MODEL_NOTES#vision-tower).
 
 Everything is written to a partial sibling folder that is renamed into place at the end
 (``ideogram4_mlx.files``), so an interrupted run leaves no ``dst``, or the old one. ``force``
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.convert.checks import check_keys
 from ideogram4_mlx.convert.delta import check_rank, delta_bytes, write_uncond_delta
+from ideogram4_mlx.describe.vision import VISION_DTYPE_RULE, sanitize_visual, vision_parameters
 from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
@@ -52,7 +55,12 @@ from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import DELTA_FILE, REPORT_FILE
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.version import __version__
-from ideogram4_mlx.weights import check_raw_dtypes, component_files, load_safetensors
+from ideogram4_mlx.weights import (
+    check_raw_dtypes,
+    component_files,
+    load_safetensors,
+    tensor_headers,
+)
 
 # Shards are saved with mx.save_safetensors, which holds a whole shard in memory: 1 GiB keeps
 # the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.
@@ -67,6 +75,7 @@ class ModelComponent:
 
     model: type[nn.Module]
     extras: tuple[str, ...] = ()  # source keys kept as they are (not parameters)
+    carry_vision: bool = False  # the visual.* tensors too, sanitized, in float
 
 
 FINAL_NORM_KEYS = tuple(f"{prefix}norm." for prefix in LM_PREFIXES)
@@ -74,7 +83,9 @@ MODEL_COMPONENTS = {
     "transformer": ModelComponent(Ideogram4Transformer),
     "unconditional_transformer": ModelComponent(Ideogram4Transformer),
     # The final norm is not a feature-tap parameter, but the magic prompt's LM applies it.
-    "text_encoder": ModelComponent(Qwen3VLTextEncoder, extras=FINAL_NORM_KEYS),
+    # The vision tower is not either, but describe runs it: carried in float (0.58 B params; a
+    # quantized patch embedding and position grid would shift every image token).
+    "text_encoder": ModelComponent(Qwen3VLTextEncoder, extras=FINAL_NORM_KEYS, carry_vision=True),
     # The bn buffers travel along: the VAE loader checks them against the latent constants.
     "vae": ModelComponent(Flux2VAE, extras=(BN_PREFIX,)),
     # The magic prompt's lm_head, when the source bundles one: quantized like the text encoder.
@@ -251,6 +262,9 @@ def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> 
                 v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
                 for _, v in tree_flatten(model.parameters())
             )
+            if MODEL_COMPONENTS[name].carry_vision:
+                headers = tensor_headers(component_files(src_dir / name))
+                total += vision_parameters(headers) * dtype.size
         else:
             total += sum(p.stat().st_size for p in (src_dir / name).rglob("*") if p.is_file())
     return total
@@ -299,6 +313,10 @@ def convert_component(
     key_files = check_raw_dtypes(files, spec.model.dtype_rule)
     weights = load_safetensors(files)
     extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
+    carried = {}
+    if spec.carry_vision:
+        check_raw_dtypes(files, VISION_DTYPE_RULE)
+        carried = sanitize_visual(weights)
     try:
         weights = model.sanitize(weights)
     except CheckpointError as e:
@@ -313,7 +331,7 @@ def convert_component(
     total = sum(
         v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
         for v in targets.values()
-    )
+    ) + sum(v.size * dtype.size for v in carried.values())
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
         for key in sorted(weights):
@@ -328,6 +346,10 @@ def convert_component(
             bar.update(sum(t.nbytes for t in tensors.values()))
         for key in sorted(extras):
             writer.add({key: extras.pop(key)})
+        for key in sorted(carried):
+            value = carried.pop(key).astype(dtype)
+            writer.add({key: value})
+            bar.update(value.nbytes)
     weight_map, total_size = writer.close()
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

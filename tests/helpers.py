@@ -31,6 +31,17 @@ def require_reference():
         pytest.skip(f"reference extra not installed ({e})")
 
 
+def require_describe():
+    """Import mlx-vlm (the ``describe`` extra) for the describe tests; skips when absent,
+    unless ``IDEO4_REQUIRE_REFERENCE=1`` (CI installs the extra), where that is a failure."""
+    try:
+        return importlib.import_module("mlx_vlm")
+    except ImportError as e:
+        if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":
+            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but the describe extra is missing: {e}")
+        pytest.skip(f"describe extra not installed ({e})")
+
+
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 

@@ -51,7 +51,7 @@ class SyntheticSpec:
     vae_block_out_channels: tuple[int, int, int, int]
     vae_layers_per_block: int
     vae_norm_num_groups: int
-    # Qwen3-VL vision tower: stored in the real file, never run; tiny defaults keep files small.
+    # Qwen3-VL vision tower (run only by describe); tiny defaults keep files small.
     vision_depth: int = 1
     vision_hidden_size: int = 32
     vision_num_heads: int = 2
@@ -253,7 +253,8 @@ def prompt_enhancer_head_tensors(spec: SyntheticSpec, vocab_size: int) -> list[T
 
 
 def _vision_tensors(spec: SyntheticSpec) -> list[TensorPlan]:
-    # Visual dtypes are [?] (MODEL_NOTES#text-encoder-keys): nn.Linear weights FP8 + scale like
+    # transformers' Qwen3VLVisionModel keys and shapes (MODEL_NOTES#vision-tower; the reference
+    # loads them strictly). Visual dtypes are [?]: nn.Linear weights FP8 + scale like
     # the LM (the official swap converts every nn.Linear); patch embed, norms, pos_embed BF16.
     c, ff, out_h = spec.vision_hidden_size, spec.vision_intermediate_size, spec.text_hidden_size
     merged = c * 4  # spatial_merge_size 2 -> 2x2 patches per merged token
