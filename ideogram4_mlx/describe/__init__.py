@@ -1,0 +1,1 @@
+"""Describe: an image -> an Ideogram 4 JSON caption, with the checkpoint's own Qwen3-VL."""
