@@ -8,10 +8,12 @@ The fake writes a fixed caption token by token through the real caption grammar 
 on the checkpoint's tokenizer), so a grammar that refused the schema would fail here.
 """
 
+import base64
 import json
 import re
 import sys
 import time
+import types
 from dataclasses import replace
 
 import mlx.core as mx
@@ -296,3 +298,93 @@ def test_generate_remix_command_refuses_bad_combinations(tmp_path, photo):
         result = CliRunner().invoke(main, [*base, *args])
         assert result.exit_code != 0, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
+
+
+def b64_png(path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture
+def client(pipe, loads, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from ideogram4_mlx.server.app import create_app
+    from ideogram4_mlx.server.jobs import JobQueue
+
+    jobs = JobQueue(pipe, tmp_path / "outputs", max_queue=4)
+    try:
+        yield TestClient(create_app(jobs), base_url="http://127.0.0.1")
+    finally:
+        jobs.shutdown()
+
+
+def test_the_server_describes_an_image(client, loads, photo):
+    response = client.post("/v1/describe", json={"image": b64_png(photo)})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["findings"] == [] and verify_raw(answer["caption"]) == []
+    data_url = "data:image/png;base64," + b64_png(photo)
+    body = {"image": data_url, "idea": "in snow", "keep_bboxes": True, "seed": None}
+    answer = client.post("/v1/describe", json=body).json()
+    assert json.loads(answer["caption"])["compositional_deconstruction"]["elements"][0]["bbox"]
+    assert "changed as follows: in snow" in loads[0][3].calls[-1]["user"]
+
+
+BAD_DESCRIBE_BODIES = [
+    ({}, 'send {"image": BASE64}'),
+    ({"image": "/etc/passwd"}, "image is not base64 image data"),
+    ({"image": "aGVsbG8="}, "image cannot be read as an image"),
+    ({"image": "PHOTO", "prompt": "x"}, "unknown field(s) ['prompt']"),
+    ({"image": "PHOTO", "seed": "1"}, "seed must be an integer, got '1'"),
+    ({"image": "PHOTO", "idea": "x" * 3000}, "the idea is 3000 characters long"),
+    ({"image": "PHOTO", "keep_bboxes": 1}, "keep_bboxes must be True or False, got 1"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_DESCRIBE_BODIES)
+def test_bad_describe_requests_are_422s(client, loads, photo, body, message):
+    body = {k: b64_png(photo) if v == "PHOTO" else v for k, v in body.items()}
+    response = client.post("/v1/describe", json=body)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]["message"] and loads == []
+
+
+def test_a_remix_job_on_the_server(client, loads, photo):
+    body = {"prompt": "", "image": b64_png(photo), "remix": True, "idea": "at night", **FAST}
+    job = client.post("/v1/jobs", json={**body, "seed": 2})
+    assert job.status_code == 202, job.text
+    deadline = time.monotonic() + 120
+    while (summary := client.get(f"/v1/jobs/{job.json()['id']}").json())["state"] in (
+        "queued",
+        "running",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert summary["state"] == "done", summary["error"]
+    m = summary["metadata"]
+    assert m["remix"]["idea"] == "at night" and m["strength"] == REMIX_STRENGTH
+    bad = client.post("/v1/jobs", json={**body, "prompt": "a fox"})
+    assert bad.status_code == 422 and "give --idea to steer it" in bad.json()["error"]["message"]
+
+
+def test_a_checkpoint_without_vision_weights_is_one_line(pipe, client, photo, monkeypatch):
+    """What the describe model's loader raises (CheckpointError, MissingHeadError) reaches
+    the command in one line and the server as a 422."""
+    from ideogram4_mlx.config import CheckpointError
+
+    message = "tiny: the checkpoint has no vision weights (visual.*); describe needs them"
+
+    def no_vision(checkpoint_dir, dtype, head_dir):
+        raise CheckpointError(message)
+
+    name = "ideogram4_mlx.describe.model"
+    module = sys.modules.get(name) or types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(module, "load_describe_model", no_vision, raising=False)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        pipe.describe(photo)
+    args = ["describe", str(photo), "--model", str(pipe.checkpoint_dir), "--dtype", "float32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output == f"Error: {message}\n"
+    response = client.post("/v1/describe", json={"image": b64_png(photo)})
+    assert response.status_code == 422 and response.json()["error"]["message"] == message
