@@ -481,7 +481,7 @@ class Ideogram4Pipeline:
 
     def generate(
         self,
-        prompt: str | GenerationRequest,
+        prompt: str | GenerationRequest = "",
         noise: np.ndarray | None = None,
         callback: Callable[[int, int, mx.array], None] | None = None,
         verbose: bool = False,
@@ -502,8 +502,8 @@ class Ideogram4Pipeline:
                 (override the preset), ``seed`` (None: random, recorded in the metadata),
                 ``strict_caption`` (caption findings raise ``CaptionError`` before any model
                 loads); edits: ``image`` (image-to-image, ``strength``), ``mask`` (inpainting,
-                ``mask_grow``, ``mask_feather``, ``paste_back``), ``expand`` (outpainting);
-                see :class:`GenerationRequest`.
+                ``mask_grow``, ``mask_feather``, ``paste_back``), ``expand`` (outpainting),
+                ``remix`` (no prompt: ``image`` described first, steered by ``idea``).
             noise: (1, H/16 * W/16, 128) float32 in the packed layout; replaces the seeded
                 draw (for parity with other implementations).
             callback: ``callback(step, num_steps, latents)`` after every denoising step

@@ -110,7 +110,7 @@ class GenerationRequest:
     numpy numbers are stored as int and float, lists as tuples. Ranges are :meth:`validate`'s.
     """
 
-    prompt: str
+    prompt: str = ""  # a remix writes it
     width: int | None = None
     height: int | None = None
     preset: str = DEFAULT_PRESET

@@ -350,7 +350,7 @@ def test_bad_describe_requests_are_422s(client, loads, photo, body, message):
 
 
 def test_a_remix_job_on_the_server(client, loads, photo):
-    body = {"prompt": "", "image": b64_png(photo), "remix": True, "idea": "at night", **FAST}
+    body = {"image": b64_png(photo), "remix": True, "idea": "at night", **FAST}  # no prompt
     job = client.post("/v1/jobs", json={**body, "seed": 2})
     assert job.status_code == 202, job.text
     deadline = time.monotonic() + 120
@@ -388,3 +388,9 @@ def test_a_checkpoint_without_vision_weights_is_one_line(pipe, client, photo, mo
     assert result.exit_code == 1 and result.output == f"Error: {message}\n"
     response = client.post("/v1/describe", json={"image": b64_png(photo)})
     assert response.status_code == 422 and response.json()["error"]["message"] == message
+
+
+def test_python_remix_needs_no_prompt(pipe, loads, photo):
+    result = pipe.generate(image=photo, remix=True, idea="in winter", seed=1, **FAST)
+    assert result.metadata["remix"]["idea"] == "in winter"
+    assert GenerationRequest(image=photo, remix=True).validate().request.strength == 0.7

@@ -273,7 +273,7 @@ def request_from_json(body: Any) -> GenerationRequest:
     for name in ("image", "mask"):
         if fields.get(name) is not None:
             fields[name] = decode_image(fields[name], name)
-    if "prompt" not in fields:
+    if "prompt" not in fields and fields.get("remix") is not True:
         raise BadRequest("the request needs a prompt")
     try:
         return GenerationRequest(**fields)
