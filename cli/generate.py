@@ -120,6 +120,7 @@ from ideogram4_mlx.text_retry import METADATA_KEY, generate_checked, score_table
 @click.option(
     "--remix",
     type=click.Path(path_type=Path),
+    metavar="IMAGE",
     help="Describe this image with the checkpoint's Qwen3-VL (see `ideo4-mlx describe`), then "
     f"run image-to-image from that caption at --strength (default {REMIX_STRENGTH:g}: the "
     "layout and colours stay, the content is redrawn from the description). --keep-bboxes "
