@@ -8,6 +8,7 @@ import click
 from ideogram4_mlx.cli.caption import verify_caption
 from ideogram4_mlx.cli.convert import convert
 from ideogram4_mlx.cli.crosscheck import crosscheck
+from ideogram4_mlx.cli.describe import describe
 from ideogram4_mlx.cli.generate import generate
 from ideogram4_mlx.cli.lora import lora_info
 from ideogram4_mlx.cli.magic import magic_prompt
@@ -53,5 +54,6 @@ main.add_command(crosscheck)
 main.add_command(convert)
 main.add_command(models)
 main.add_command(magic_prompt)
+main.add_command(describe)
 main.add_command(lora_info)
 main.add_command(serve)

@@ -25,6 +25,7 @@ from ideogram4_mlx.cli.options import (
     text_check_options,
 )
 from ideogram4_mlx.distributed import DataGroup
+from ideogram4_mlx.edit import REMIX_STRENGTH
 from ideogram4_mlx.errors import Ideo4Error
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.metadata import (
@@ -116,6 +117,17 @@ from ideogram4_mlx.text_retry import METADATA_KEY, generate_checked, score_table
     "`ideo4-mlx magic-prompt`); the PNG stores the idea and the caption, and a replay uses "
     "the caption.",
 )
+@click.option(
+    "--remix",
+    type=click.Path(path_type=Path),
+    metavar="IMAGE",
+    help="Describe this image with the checkpoint's Qwen3-VL (see `ideo4-mlx describe`), then "
+    f"run image-to-image from that caption at --strength (default {REMIX_STRENGTH:g}: the "
+    "layout and colours stay, the content is redrawn from the description). --keep-bboxes "
+    "and --max-tokens apply to the description. The PNG stores it as the prompt: --from-metadata "
+    "with --image IMAGE replays without describing again.",
+)
+@click.option("--idea", help="With --remix: what the new picture changes (e.g. 'in winter').")
 @edit_options
 @click.option(
     "--allow-invalid-caption",
@@ -192,14 +204,16 @@ def generate(
       ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --strength 0.5
       ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --mask m.png
       ideo4-mlx generate --prompt-file examples/poster.json --image photo.jpg --expand 0,0,256,0
+      ideo4-mlx generate --remix photo.jpg --idea "the same street in winter" -o winter.png
       ideo4-mlx generate --prompt-file examples/poster.json --check-text --retry-text 4
     """
     if settings["prompt"] is not None and prompt_file is not None:
         raise click.UsageError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         settings["prompt"] = prompt_file
+    _remix(settings, from_metadata)
     if settings["prompt"] is None and from_metadata is None:
-        raise click.UsageError("give --prompt or --prompt-file (or --from-metadata)")
+        raise click.UsageError("give --prompt or --prompt-file (or --from-metadata, --remix)")
     if output.suffix.lower() != ".png":
         raise click.BadParameter(
             "the image is written as PNG: use a .png name", param_hint="--output"
@@ -226,6 +240,22 @@ def generate(
     if from_metadata is not None and not (set(explicit) - {"model", "revision", "image", "mask"}):
         click.echo(compare_replay(from_metadata, output), err=True)
     click.echo(f"{output} (seed {result.metadata['seed']})")
+
+
+def _remix(settings: dict, from_metadata: Path | None) -> None:
+    """``--remix IMAGE``: the request's input image, described into its (empty) prompt."""
+    image = settings.pop("remix")
+    settings["remix"] = image is not None
+    if image is None:
+        return
+    if settings["image"] is not None:
+        raise click.UsageError("--remix IMAGE is the input image: not with --image")
+    if from_metadata is not None:
+        raise click.UsageError(
+            "a replay reuses the stored description: give --from-metadata with --image"
+        )
+    settings["image"] = image
+    settings["prompt"] = settings["prompt"] or ""
 
 
 def _generate_one(options, request, output, force, stepwise_dir, verbose, text_check):

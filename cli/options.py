@@ -114,8 +114,8 @@ def edit_options(function):
             "--strength",
             type=float,
             help="How much of --image to redraw, in (0, 1]: the steps run from the time "
-            "S(strength) of the preset's grid; 1 starts from noise. Default: 0.6, or 1 with "
-            "--mask or --expand.",
+            "S(strength) of the preset's grid; 1 starts from noise. Default: 0.6 (0.7 with "
+            "--remix), or 1 with --mask or --expand.",
         ),
         click.option(
             "--mask",

@@ -38,6 +38,10 @@ MAX_MASK_TOKENS = 64
 # (S(0.6)), which keeps the composition and redraws the details. Masks and outpainting
 # regenerate their region from noise (1.0) unless told otherwise.
 DEFAULT_STRENGTH = 0.6
+# A remix (describe, then image-to-image from the description): 0.7 starts that run at
+# t = 0.17, late enough that the layout, the large shapes and the colours come from the input, early
+# enough that the description (and the idea steering it) redraws what is in them.
+REMIX_STRENGTH = 0.7
 DEFAULT_SIZE = 1024
 
 

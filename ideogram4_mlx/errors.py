@@ -14,6 +14,7 @@ The hierarchy (classes that belong to one module live there, on these bases)::
         LoRAError (lora)                   a LoRA file or option that cannot be applied
         CaptionError (request)             caption findings under strict checking
         MagicPromptError (magic.options)   an idea that cannot be expanded
+          DescribeError (describe.options) an image that cannot be described
         CaptionIncompleteError (magic.constrain)   generated JSON cut off by max_tokens
         NonFiniteError (generation)        the latents turned NaN or infinite
       ModelAccessError (hub, RuntimeError)     the Hub refused or could not be reached

@@ -63,10 +63,12 @@ class Components:
     # None: not held
     dits: Callable[[int, bool], DiTs]
     vae: Callable[[], Flux2VAE]
-    release: Callable[[str], None]  # "text_encoder", "transformers" or "vae", after its stage
+    release: Callable[[str], None]  # "describe", "text_encoder", "transformers" or "vae"
     expand: Callable[[str, int, int, int | None], str]  # magic prompt: idea, w, h, seed -> caption
     settings: Callable[[], dict]  # what the models add to the metadata (model, dtype, LoRAs)
     cfg: CFGGroup | None = None  # CFG-parallel ranks (None: one process)
+    # remix: image, idea, seed -> the caption describing the image (steered by the idea)
+    describe: Callable[[Image.Image, str | None, int | None], str] | None = None
 
 
 class Stage:
@@ -135,6 +137,7 @@ class Generation:
         self.verbose, self.report = verbose, report
         self.given_noise = noise is not None
         self.idea: str | None = None  # the magic prompt's idea, once expanded
+        self.remix: dict | None = None  # a remix's description, idea and input, once described
         self.stats: dict = {}
         self.metadata_extra: dict = {}  # what the run adds to the metadata (step caching)
         self.latents: mx.array | None = None
@@ -170,13 +173,27 @@ class Generation:
         self.done = True
 
     def _expand(self) -> None:
-        """The magic prompt: the request's idea becomes a caption, kept as ``idea``."""
+        """The magic prompt: the request's idea becomes a caption, kept as ``idea``. A remix:
+        the input (as fitted to the output) is described, steered by the request's idea."""
+        if self.request.remix and self.leads:
+            self._describe()
         if not (self.request.magic_prompt and self.leads):
             return
         with Stage(self.stats, "expand", self.report, self.verbose):
             idea, r = self.request.prompt, self.request
             caption = self.components.expand(idea, r.width, r.height, r.seed)
             self.idea, self.request = idea, replace(r, prompt=caption, magic_prompt=False)
+
+    def _describe(self) -> None:
+        """A remix's caption: what the output starts from, described; the describe model is
+        released before the text encoder loads (``release`` may keep it)."""
+        c, r = self.components, self.request
+        with Stage(self.stats, "describe", self.report, self.verbose):
+            canvas = Image.fromarray(self.resolved.edit.canvas)
+            caption = c.describe(canvas, r.idea, r.seed)
+            c.release("describe")
+        self.remix = {"description": caption, "idea": r.idea, "image_sha256": r.image_sha256}
+        self.request = replace(r, prompt=caption, remix=False, idea=None)
 
     def _encode(self) -> mx.array | None:
         """The prompt's text features (1, T, 13*D); None where no text encoder is held."""
@@ -262,6 +279,7 @@ class Generation:
             **c.settings(),
             "caption_findings": r.caption_findings,
             **({"idea": self.idea} if self.idea is not None else {}),
+            **({"remix": self.remix} if self.remix is not None else {}),
             **self.metadata_extra,
             "version": __version__,
         }

@@ -108,6 +108,7 @@ class Ideogram4Pipeline:
         self._dits: DiTs | None = None
         self._vae: Flux2VAE | None = None
         self._magic: tuple | None = None  # (mlx-lm model on the text encoder, tokenizer)
+        self._describer = None  # describe.model.DescribeModel, once loaded
         self.loras: list[tuple[LoRASpec, LoRAFile]] = []  # see add_lora
         # CFG-parallel ranks: joined here, so a launch error comes before anything loads.
         self.cfg = CFGGroup.start(self.checkpoint_dir) if options.distributed else None
@@ -216,6 +217,22 @@ class Ideogram4Pipeline:
         model, tokenizer = self.magic_model()
         settings = {**self.options.magic_options.as_kwargs(), **options}
         return expand(model, tokenizer, idea, width, height, seed, **settings)
+
+    def describe(self, image, idea: str | None = None, seed: int | None = None, **options) -> str:
+        """A verifier-clean JSON caption of ``image``, steered by ``idea``: ``options`` as
+        ``describe.describe.describe``'s, by default the magic options' bboxes and tokens."""
+        from ideogram4_mlx.describe.describe import run  # mlx-lm: see magic_model
+        from ideogram4_mlx.describe.model import load_describe_model
+        from ideogram4_mlx.describe.options import prepare
+        from ideogram4_mlx.magic.model import resolve_head
+
+        on_text, m = options.pop("on_text", None), self.options.magic_options
+        options = {"keep_bboxes": m.keep_bboxes, "max_tokens": m.max_tokens, **options}
+        task = prepare(image, idea, seed, **options)
+        if self._describer is None:  # after the checks: bad input loads nothing
+            head_dir = resolve_head(self.options.magic_head, self.checkpoint_dir)
+            self._describer = load_describe_model(self.checkpoint_dir, self.dtype, head_dir)
+        return run(self._describer, task, on_text)
 
     def plan(self, tokens: int, held: tuple[int, ...] = (0, 1)) -> tuple[int, int]:
         """Resident blocks of (cond, uncond) for a ``tokens``-long sequence, counting only the
@@ -361,6 +378,8 @@ class Ideogram4Pipeline:
         if "text_encoder" in names and self._prompt_encoder is not None:
             self._prompt_encoder.release_model()  # the tokenizer and the feature cache stay
             self._magic = None  # it holds the text encoder's arrays (or is another model)
+        if "text_encoder" in names or "describe" in names:
+            self._describer = None
         if "transformers" in names:
             self._dits = None
         if "vae" in names:
@@ -425,6 +444,7 @@ class Ideogram4Pipeline:
             release=self.release,
             expand=self.expand,
             settings=self.settings,
+            describe=self.describe,
             cfg=self.cfg,
         )
 
@@ -437,7 +457,8 @@ class Ideogram4Pipeline:
             request = self.options.shape_request(request)  # a single-branch DiT: guidance 1
         resolved = request if isinstance(request, ResolvedRequest) else request.validate()
         self.check_uncond(resolved.schedule.guidance)
-        if not resolved.request.magic_prompt:  # too long: fails before any model loads
+        r = resolved.request  # too long: fails before any model loads
+        if not (r.magic_prompt or r.remix):
             self.prompt_encoder().token_ids(resolved.request.prompt)
         return resolved
 
@@ -460,7 +481,7 @@ class Ideogram4Pipeline:
 
     def generate(
         self,
-        prompt: str | GenerationRequest,
+        prompt: str | GenerationRequest = "",
         noise: np.ndarray | None = None,
         callback: Callable[[int, int, mx.array], None] | None = None,
         verbose: bool = False,
@@ -481,8 +502,8 @@ class Ideogram4Pipeline:
                 (override the preset), ``seed`` (None: random, recorded in the metadata),
                 ``strict_caption`` (caption findings raise ``CaptionError`` before any model
                 loads); edits: ``image`` (image-to-image, ``strength``), ``mask`` (inpainting,
-                ``mask_grow``, ``mask_feather``, ``paste_back``), ``expand`` (outpainting);
-                see :class:`GenerationRequest`.
+                ``mask_grow``, ``mask_feather``, ``paste_back``), ``expand`` (outpainting),
+                ``remix`` (no prompt: ``image`` described first, steered by ``idea``).
             noise: (1, H/16 * W/16, 128) float32 in the packed layout; replaces the seeded
                 draw (for parity with other implementations).
             callback: ``callback(step, num_steps, latents)`` after every denoising step

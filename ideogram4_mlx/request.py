@@ -29,6 +29,7 @@ from ideogram4_mlx.constants import PIXELS_PER_TOKEN
 from ideogram4_mlx.edit import (
     DEFAULT_SIZE,
     MAX_MASK_TOKENS,
+    REMIX_STRENGTH,
     Edit,
     ImageInput,
     check_edit_settings,
@@ -100,12 +101,16 @@ class GenerationRequest:
     the last full pass reuses what the other blocks added then. 0 (the default) is off, bit for
     bit; its effect on quality is unmeasured here.
 
+    ``remix`` (with ``image``, an empty ``prompt``): the pipeline first describes the image
+    (``describe/``), steered by ``idea``, and runs image-to-image from that caption (default
+    strength 0.7); the PNG stores the caption as its prompt, so a replay describes nothing.
+
     Each field's type is checked as the request is made (``REQUEST_TYPES``: an integer is no
     float or bool, a number is finite, the prompt is UTF-8 text), an ``InputError`` naming it;
     numpy numbers are stored as int and float, lists as tuples. Ranges are :meth:`validate`'s.
     """
 
-    prompt: str
+    prompt: str = ""  # a remix writes it
     width: int | None = None
     height: int | None = None
     preset: str = DEFAULT_PRESET
@@ -127,6 +132,8 @@ class GenerationRequest:
     image_sha256: str | None = None
     mask_sha256: str | None = None
     cache_threshold: float = 0.0
+    remix: bool = False
+    idea: str | None = None
 
     def __post_init__(self):
         if isinstance(self.prompt, dict):
@@ -157,7 +164,9 @@ class GenerationRequest:
         Raises ``InputError`` naming the setting (``CaptionError`` for caption findings when
         ``strict_caption``); a plain prompt or caption findings otherwise only warn later.
         """
-        if not self.prompt.strip():
+        if self.remix or self.idea is not None:
+            check_remix(self)
+        elif not self.prompt.strip():
             raise InputError("the prompt is empty")
         # Any prompt may be parsed as JSON (canonical form), not only those starting with "{".
         if json_depth(self.prompt) > MAX_JSON_DEPTH:
@@ -179,7 +188,7 @@ class GenerationRequest:
         grid_h, grid_w = check_size(resolved.width, resolved.height)
         schedule = resolved.schedule()
         # An idea for the magic prompt is plain text by design; its caption is checked instead.
-        findings = [] if self.magic_prompt else caption_findings(self.prompt)
+        findings = [] if self.magic_prompt or self.remix else caption_findings(self.prompt)
         invalid = [f for f in findings if f.startswith("invalid JSON")]
         if invalid and not self.allow_invalid_caption:
             raise CaptionError(
@@ -240,7 +249,7 @@ class GenerationRequest:
             image,
             mask,
             (inner_w, inner_h),
-            self.strength,
+            REMIX_STRENGTH if self.remix and self.strength is None else self.strength,
             self.mask_grow,
             self.mask_feather,
             self.paste_back,
@@ -352,7 +361,7 @@ SETTINGS = tuple(f.name for f in fields(GenerationRequest))
 ALIASES = {"steps": "num_steps"}
 # The fields stored in a PNG and their JSON types ("seq": a list of numbers). strict_caption
 # and allow_invalid_caption are not stored: they decide whether to run, not the image; nor is
-# magic_prompt: the stored prompt is the caption it wrote (the idea is kept beside it).
+# magic_prompt and remix: the stored prompt is the caption written (the idea is kept beside it).
 METADATA_TYPES = {
     "prompt": str,
     "width": int,
@@ -409,6 +418,8 @@ REQUEST_TYPES = {
     "image_sha256": ((str, type(None)), "a SHA-256 hex string or None"),
     "mask_sha256": ((str, type(None)), "a SHA-256 hex string or None"),
     "cache_threshold": (numbers.Real, "a number in [0, 1] (0: no step caching)"),
+    "remix": (bool, "True or False"),
+    "idea": ((str, type(None)), "text (how a remix changes the image) or None"),
 }
 KIND_NAMES = {
     type(None): "null",
@@ -521,6 +532,24 @@ def check_idea_length(idea: str) -> None:
             f"the idea is {n} characters long; the limit is {MAX_IDEA_CHARS}: describe the "
             "image in a sentence or a paragraph (the magic prompt writes the details)"
         )
+
+
+def check_remix(request: GenerationRequest) -> None:
+    """A remix: an input image to describe, no prompt of its own, no mask or border."""
+    r = request
+    if not r.remix:
+        raise InputError("idea steers a remix: give --remix IMAGE (remix=True, image=...)")
+    clash = r.prompt.strip() and "a prompt" or r.magic_prompt and "magic_prompt"
+    if clash:
+        raise InputError(
+            f"a remix writes its prompt from the image: give --idea to steer it, not {clash}"
+        )
+    if r.image is None:
+        raise InputError("remix describes an input image: give one with --remix IMAGE (image=)")
+    if r.mask is not None or r.expand is not None:
+        raise InputError("a remix is image-to-image: not with mask or expand")
+    if r.idea is not None:
+        check_idea_length(r.idea)
 
 
 def check_size(width: int, height: int) -> tuple[int, int]:

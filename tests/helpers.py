@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import os
 import socket
 import threading
@@ -144,3 +145,86 @@ def fake_ocr(monkeypatch, worst_by_seed: dict) -> list:
     monkeypatch.setattr(TextCheck, "engine", lambda self: SimpleNamespace(name="fake"))
     monkeypatch.setattr(TextCheck, "check", check)
     return checked
+
+
+# A caption the describe tests' fake model writes (verifier-clean, two elements, lettering).
+DESCRIPTION = {
+    "high_level_description": "A red fox sits in front of a neon sign.",
+    "style_description": {
+        "aesthetics": "moody, centred",
+        "lighting": "neon glow at night",
+        "photo": "35mm lens, eye level",
+        "medium": "photograph",
+    },
+    "compositional_deconstruction": {
+        "background": "A dark brick wall.",
+        "elements": [
+            {"type": "obj", "bbox": [400, 300, 900, 700], "desc": "A red fox, sitting."},
+            {"type": "text", "bbox": [100, 200, 300, 800], "text": "OPEN", "desc": "Pink neon."},
+        ],
+    },
+}
+
+
+def without_bboxes(caption: dict) -> dict:
+    comp = caption["compositional_deconstruction"]
+    elements = [{k: v for k, v in e.items() if k != "bbox"} for e in comp["elements"]]
+    return {**caption, "compositional_deconstruction": {**comp, "elements": elements}}
+
+
+class FakeDescribeModel:
+    """``describe.model.DescribeModel`` without a model: ``generate`` writes ``text`` (default:
+    :data:`DESCRIPTION`, its bboxes only when the system prompt asks for them) token by token
+    through the logits processors it is given (a token they forbid fails the test), and stops
+    at ``max_tokens`` or EOS. ``calls`` records each call's arguments."""
+
+    def __init__(self, tokenizer, text: str | None = None):
+        self.tokenizer = tokenizer  # an mlx-lm TokenizerWrapper (magic.model.magic_tokenizer)
+        self.text = text
+        self.calls: list[dict] = []
+
+    def generate(self, image, system, user, *, max_tokens, temperature=0.0, top_p=1.0,
+                 seed=None, logits_processors=None, on_text=None) -> str:  # fmt: skip
+        self.calls.append(dict(image=image, system=system, user=user, max_tokens=max_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed))  # fmt: skip
+        hf = self.tokenizer._tokenizer
+        text = self.text
+        if text is None:
+            text = json.dumps(DESCRIPTION if '"bbox"' in system else without_bboxes(DESCRIPTION))
+        script = [*hf.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
+        tokens, written = [0], []  # a one-token "prompt": the processors' first call sees it
+        for token in script[:max_tokens]:
+            logits = mx.zeros((1, len(hf)))
+            for processor in logits_processors or ():
+                logits = processor(mx.array(tokens), logits)
+            assert logits[0, token].item() > -math.inf, f"the grammar forbids {hf.decode(token)!r}"
+            tokens.append(token)
+            if token in self.tokenizer.eos_token_ids:
+                break
+            written.append(token)
+            if on_text is not None:
+                on_text(hf.decode([token]))
+        return hf.decode(written)
+
+
+def fake_describe_model(monkeypatch, tokenizer_dir, text: str | None = None) -> list:
+    """``describe.model.load_describe_model`` replaced (its module too, before it exists): it
+    returns a :class:`FakeDescribeModel` on the tokenizer in ``tokenizer_dir``. Returns the
+    loads, each ``(checkpoint_dir, dtype, head_dir, model)``."""
+    import sys
+    import types
+
+    from ideogram4_mlx.magic.model import magic_tokenizer
+
+    loads = []
+
+    def load_describe_model(checkpoint_dir, dtype, head_dir):
+        model = FakeDescribeModel(magic_tokenizer(tokenizer_dir), text)
+        loads.append((checkpoint_dir, dtype, head_dir, model))
+        return model
+
+    name = "ideogram4_mlx.describe.model"
+    module = sys.modules.get(name) or types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(module, "load_describe_model", load_describe_model, raising=False)
+    return loads

@@ -12,6 +12,7 @@ import pytest
 
 from ideogram4_mlx import errors
 from ideogram4_mlx.config import CheckpointError
+from ideogram4_mlx.describe.options import DescribeError
 from ideogram4_mlx.distributed import DistributedError
 from ideogram4_mlx.generation import NonFiniteError
 from ideogram4_mlx.hub import ModelAccessError
@@ -127,6 +128,7 @@ def test_the_scan_finds_each_form(tmp_path):
         (LoRAError, ValueError),
         (CaptionError, ValueError),
         (MagicPromptError, ValueError),
+        (DescribeError, ValueError),
         (CaptionIncompleteError, ValueError),
         (NonFiniteError, ValueError),
         (ModelAccessError, RuntimeError),

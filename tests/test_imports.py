@@ -34,7 +34,7 @@ FLOORS = [
                 "lora_spec", "uncond_delta", "step_cache"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt, the scores of
-    # an image's text, describe (image -> text on the magic prompt's head).
+    # an image's text, an image described as a caption (Qwen3-VL on the magic prompt's head).
     ("stages", ["request", "prompt", "memory", "distributed", "pipeline_options", "metadata",
                 "magic", "text_check", "describe"]),
     # One generation in flight, handed its components; many images of one request; the

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import fake_ocr, serving
+from helpers import fake_describe_model, fake_ocr, serving
 from PIL import Image
 
 from ideogram4_mlx import load
@@ -354,5 +354,32 @@ def test_check_the_lettering(browser, server, tmp_path, monkeypatch):
     wait(driver, lambda d: error.is_displayed(), "the page's message")
     assert error.text == "tries 17: use 1 to 16 images"
     assert checked == [7, 8]
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def test_describe_an_image(browser, server, tmp_path, monkeypatch, tiny_checkpoint):
+    loads = fake_describe_model(monkeypatch, tiny_checkpoint / "tokenizer")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "orange").save(photo)
+    driver = browser
+    driver.get(server)
+    error = driver.find_element(By.ID, "error")
+    driver.find_element(By.ID, "describe").click()  # no image chosen: the page says so
+    wait(driver, lambda d: error.is_displayed(), "the page's message")
+    assert error.text == "Choose an image to describe first (PNG, JPEG or WebP)."
+
+    driver.find_element(By.ID, "describe-image").send_keys(str(photo))
+    fill(driver, "idea", "at night")
+    driver.find_element(By.ID, "describe").click()
+    caption = driver.find_element(By.ID, "caption")
+    wait(driver, lambda d: caption.get_property("value").startswith("{"), "the description")
+    assert '"text": "OPEN"' in caption.get_property("value")  # pretty-printed
+    findings = driver.find_element(By.ID, "findings")
+    wait(driver, lambda d: "no findings" in findings.text, "the description's findings")
+    assert not error.is_displayed()
+    assert driver.find_element(By.ID, "describe").text == "Describe"
+    (call,) = loads[0][3].calls
+    assert "changed as follows: at night" in call["user"] and call["image"].size == (64, 48)
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors

@@ -2,7 +2,8 @@
 
 Routes: ``/`` (the web page), ``/healthz``, ``/v1/models``, ``/v1/images/generations`` (the
 OpenAI Images API shape), ``/v1/jobs`` (native jobs, server-sent events, cancel),
-``/v1/images`` (results), ``/v1/captions/verify``, ``/v1/magic-prompt``. A job (and an OpenAI
+``/v1/images`` (results), ``/v1/captions/verify``, ``/v1/magic-prompt``, ``/v1/describe`` (an
+image as a caption; a job with ``remix`` describes its ``image`` first). A job (and an OpenAI
 request) may ask to check its lettering: ``check_text``, ``retry_text``, ``ocr``,
 ``text_threshold`` (``text_retry.text_check_from``; docs/TEXT_CHECK.md). Bad input is a 422
 with the message the CLI prints; a full queue a 429 with ``Retry-After``. Clients never name
@@ -57,6 +58,8 @@ EVENT_POLL_SECONDS = 1.0
 IGNORED_OPENAI_FIELDS = ("model", "user", "quality", "style", "background", "moderation")
 # Request fields a client never sets: fingerprints come from the images it sends.
 CLIENT_SETTINGS = tuple(k for k in SETTINGS if k not in ("image_sha256", "mask_sha256"))
+# POST /v1/describe's fields: the image (base64), and pipe.describe's own.
+DESCRIBE_FIELDS = ("image", "idea", "seed", "keep_bboxes")
 # The lettering check's fields (not request fields: they ride on the job).
 TEXT_FIELDS = ("check_text", "retry_text", "ocr", "text_threshold")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # change nothing: any page may send them
@@ -270,12 +273,23 @@ def request_from_json(body: Any) -> GenerationRequest:
     for name in ("image", "mask"):
         if fields.get(name) is not None:
             fields[name] = decode_image(fields[name], name)
-    if "prompt" not in fields:
+    if "prompt" not in fields and fields.get("remix") is not True:
         raise BadRequest("the request needs a prompt")
     try:
         return GenerationRequest(**fields)
     except BAD_SETTINGS as e:
         raise BadRequest(str(e)) from None
+
+
+def describe_json(body: Any) -> dict:
+    """``POST /v1/describe`` -> ``pipe.describe``'s keywords, the image decoded."""
+    if not isinstance(body, dict) or body.get("image") is None:
+        raise BadRequest('send {"image": BASE64} (and optionally idea, seed, keep_bboxes)')
+    unknown = sorted(set(body) - set(DESCRIBE_FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {unknown}; valid: {', '.join(DESCRIBE_FIELDS)}")
+    fields = {k: v for k, v in body.items() if v is not None}
+    return {**fields, "image": decode_image(body["image"], "image")}
 
 
 def text_check_json(body: dict) -> TextCheck | None:
@@ -518,6 +532,15 @@ def create_app(
             caption = await run_in_threadpool(
                 jobs.run, lambda: jobs.pipe.expand(body["idea"], **options)
             )
+        except BAD_SETTINGS as e:
+            raise BadRequest(str(e)) from None
+        return {"caption": caption, "findings": caption_findings(caption)}
+
+    @app.post("/v1/describe")
+    async def describe(request: Request) -> dict:
+        fields = await read_json(request, describe_json)
+        try:  # on the worker thread, between jobs, as the magic prompt
+            caption = await run_in_threadpool(jobs.run, lambda: jobs.pipe.describe(**fields))
         except BAD_SETTINGS as e:
             raise BadRequest(str(e)) from None
         return {"caption": caption, "findings": caption_findings(caption)}
