@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.cli import main
-from ideogram4_mlx.edit import DEFAULT_STRENGTH
+from ideogram4_mlx.edit import DEFAULT_STRENGTH, REMIX_STRENGTH
 from ideogram4_mlx.lora import linear_shapes
 from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.transformer import Ideogram4Transformer
@@ -275,14 +275,19 @@ def check_generate(params: dict, output: str):
     if params["from_metadata"] is not None:
         source = read_metadata(params["from_metadata"])
         assert size == (source["width"], source["height"]) and metadata["seed"] == source["seed"]
-    elif params["image"] is not None:  # an edit: the input's size (plus --expand), recorded
+    elif params["image"] is not None or params["remix"] is not None:  # an edit (a remix is one):
+        # the input's size (plus --expand), recorded
         left, top, right, bottom = params["expand"] or (0, 0, 0, 0)
-        with Image.open(params["image"]) as image:
+        with Image.open(params["image"] or params["remix"]) as image:
             natural = (image.width + left + right, image.height + top + bottom)
         assert size == (params["width"] or natural[0], params["height"] or natural[1])
         masked = params["mask"] is not None or params["expand"] is not None
-        strength = params["strength"] or (1.0 if masked else DEFAULT_STRENGTH)
+        default = REMIX_STRENGTH if params["remix"] else DEFAULT_STRENGTH
+        strength = params["strength"] or (1.0 if masked else default)
         assert metadata["image_sha256"] and metadata["strength"] == strength
+        if params["remix"] is not None:  # the description is the prompt, and recorded
+            assert metadata["remix"]["description"] == metadata["prompt"], metadata
+            assert verify_raw(metadata["prompt"]) == [], metadata["prompt"]
     else:
         assert size == (params["width"], params["height"])
     given = [
@@ -339,7 +344,12 @@ def check_models(params: dict, output: str):
         assert f"{path}:" in output and "unreadable" not in output, output
 
 
+def check_describe(params: dict, output: str):
+    check_magic_prompt(params, output)  # the same grammar: a caption the verifier accepts
+
+
 CHECKS = {
+    "describe": check_describe,
     "generate": check_generate,
     "synth": check_synth,
     "convert": check_convert,
