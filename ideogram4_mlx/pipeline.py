@@ -219,16 +219,16 @@ class Ideogram4Pipeline:
         return expand(model, tokenizer, idea, width, height, seed, **settings)
 
     def describe(self, image, idea: str | None = None, seed: int | None = None, **options) -> str:
-        """A verifier-clean JSON caption of ``image``, steered by ``idea``: ``options`` as
-        ``describe.describe.describe``'s, by default the magic options' bboxes and tokens."""
+        """A verifier-clean JSON caption of ``image``, steered by ``idea``; ``options`` as
+        ``describe.describe.describe``'s (default: the magic options' bboxes, tokens, limits)."""
         from ideogram4_mlx.describe.describe import run  # mlx-lm: see magic_model
         from ideogram4_mlx.describe.model import load_describe_model
         from ideogram4_mlx.describe.options import prepare
         from ideogram4_mlx.magic.model import resolve_head
 
         on_text, m = options.pop("on_text", None), self.options.magic_options
-        options = {"keep_bboxes": m.keep_bboxes, "max_tokens": m.max_tokens, **options}
-        task = prepare(image, idea, seed, **options)
+        defaults = {k: getattr(m, k) for k in ("keep_bboxes", "max_tokens", "grammar_limits")}
+        task = prepare(image, idea, seed, **{**defaults, **options})  # greedy: not m's sampling
         if self._describer is None:  # after the checks: bad input loads nothing
             head_dir = resolve_head(self.options.magic_head, self.checkpoint_dir)
             self._describer = load_describe_model(self.checkpoint_dir, self.dtype, head_dir)

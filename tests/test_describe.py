@@ -394,3 +394,38 @@ def test_python_remix_needs_no_prompt(pipe, loads, photo):
     result = pipe.generate(image=photo, remix=True, idea="in winter", seed=1, **FAST)
     assert result.metadata["remix"]["idea"] == "in winter"
     assert GenerationRequest(image=photo, remix=True).validate().request.strength == 0.7
+
+
+# -- the real describe model (no fake): the synthetic checkpoint's vision tower and head ----------
+
+
+def test_the_real_model_describes_and_remixes_through_python_and_the_server(
+    magic_checkpoint, photo, tmp_path
+):
+    """#30's done-when without a fake: ``pipe.describe`` and a remix on the synthetic
+    checkpoint's own Qwen3-VL (random weights: well-formed nonsense, greedy, so the same
+    caption twice), then ``POST /v1/describe`` on the server's worker thread."""
+    from fastapi.testclient import TestClient
+    from helpers import require_describe
+
+    from ideogram4_mlx.magic.options import MagicOptions
+    from ideogram4_mlx.server.app import create_app
+    from ideogram4_mlx.server.jobs import JobQueue
+
+    require_describe()
+    # Random weights ramble: short strings and two elements make the caption end in bounds.
+    short = MagicOptions(grammar_limits={"max_string_chars": 24, "max_elements": 2})
+    pipe = load(magic_checkpoint, dtype=mx.float32, keep_in_memory=True, magic_options=short)
+    caption = pipe.describe(photo)
+    assert verify_raw(caption) == [], caption  # strict: the grammar's promise
+    res = pipe.generate(image=photo, remix=True, seed=3, **FAST)
+    assert res.metadata["remix"]["description"] == res.metadata["prompt"] == caption
+    assert res.metadata["strength"] == REMIX_STRENGTH
+    jobs = JobQueue(pipe, tmp_path / "outputs", max_queue=2)
+    try:
+        client = TestClient(create_app(jobs), base_url="http://127.0.0.1")
+        answer = client.post("/v1/describe", json={"image": b64_png(photo)})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"caption": caption, "findings": []}
+    finally:
+        jobs.shutdown()
