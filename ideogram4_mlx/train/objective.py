@@ -104,4 +104,3 @@ def check_weighting(weighting: str) -> str:
     if weighting not in WEIGHTINGS:
         raise InputError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     return weighting
-

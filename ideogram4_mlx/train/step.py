@@ -129,7 +129,9 @@ def add_lora(
         )
     shapes = linear_shapes(model)
     modules = dict(model.named_modules())
-    paths = [p for p in shapes if p.startswith("layers.") and p.split(".", 2)[2] in settings.targets]
+    paths = [
+        p for p in shapes if p.startswith("layers.") and p.split(".", 2)[2] in settings.targets
+    ]
     model.freeze()
     keys = mx.random.split(mx.random.key(settings.seed), len(paths))
     adapters = {}
