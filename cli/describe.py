@@ -8,9 +8,8 @@ import click
 import mlx.core as mx
 
 from ideogram4_mlx.cli.errors import Command
-from ideogram4_mlx.cli.options import pipeline_options, report_dtype
+from ideogram4_mlx.cli.options import caption_output_options, pipeline_options, report_dtype
 from ideogram4_mlx.describe.options import DEFAULT_TEMPERATURE, prepare
-from ideogram4_mlx.files import write_file
 from ideogram4_mlx.magic.options import DEFAULT_MAX_TOKENS, MAX_TEMPERATURE
 from ideogram4_mlx.pipeline import load
 
@@ -50,15 +49,8 @@ from ideogram4_mlx.pipeline import load
     help="The lm_head: a folder or repo id (default: the checkpoint's prompt_enhancer_head/, "
     "else diffusers/qwen3-vl-8b-instruct-lm-head).",
 )
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the caption here (atomically) instead of printing it.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing --output file.")
-@click.option("--verbose", is_flag=True, help="Stream the caption as it is written.")
-def describe(image, options, idea, seed, magic_head, output, force, verbose, **settings):
+@caption_output_options
+def describe(image, options, idea, seed, magic_head, caption_output, **settings):
     """Describe IMAGE as a JSON caption in Ideogram 4's schema with the checkpoint's own
     Qwen3-VL (its vision tower, its text encoder and the prompt-enhancer lm_head), under the
     magic prompt's grammar: the caption always passes `verify-caption`. EXIF
@@ -70,18 +62,9 @@ def describe(image, options, idea, seed, magic_head, output, force, verbose, **s
       ideo4-mlx describe photo.jpg -o photo.json
       ideo4-mlx describe photo.jpg --idea "the same street in winter" -o winter.json
     """
-    if output is not None and output.exists() and not force:
-        raise click.ClickException(f"{output} already exists; pass --force to replace it")
     prepare(image, idea, seed, **settings)  # every input before the model loads
-    stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
     pipe = load(options, magic_head=magic_head)
     report_dtype()
     mx.reset_peak_memory()
-    caption = pipe.describe(image, idea, seed, on_text=stream, **settings)
-    if verbose:
-        click.echo(f"\n[describe] peak {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
-    if output is None:
-        click.echo(caption)
-        return
-    write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
-    click.echo(str(output))
+    caption = pipe.describe(image, idea, seed, on_text=caption_output.stream, **settings)
+    caption_output.finish(caption, "describe")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 import mlx.core as mx
 
 from ideogram4_mlx.cli.errors import Command
-from ideogram4_mlx.cli.options import pipeline_options, report_dtype
-from ideogram4_mlx.files import write_file
+from ideogram4_mlx.cli.options import caption_output_options, pipeline_options, report_dtype
 from ideogram4_mlx.magic.options import check_idea, check_target
 from ideogram4_mlx.pipeline import load
 
@@ -26,15 +23,8 @@ from ideogram4_mlx.pipeline import load
 )
 @click.option("--height", type=int, default=1024, show_default=True, help="Target height, 1..2048.")
 @click.option("--seed", type=int, help="Sampling seed, 0..2**63-1 (default: random).")
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the caption here (atomically) instead of printing it.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing --output file.")
-@click.option("--verbose", is_flag=True, help="Stream the caption as it is written.")
-def magic_prompt(idea, options, width, height, seed, output, force, verbose):
+@caption_output_options
+def magic_prompt(idea, options, width, height, seed, caption_output):
     """Expand IDEA into a JSON caption in Ideogram 4's schema with the checkpoint's own text
     encoder and the prompt-enhancer lm_head, under a grammar: the caption always passes
     `verify-caption`. Prints it, or writes it to --output.
@@ -43,19 +33,10 @@ def magic_prompt(idea, options, width, height, seed, output, force, verbose):
     Example:
       ideo4-mlx magic-prompt "a fox reading a sign that says OPEN" --width 1536 -o fox.json
     """
-    if output is not None and output.exists() and not force:
-        raise click.ClickException(f"{output} already exists; pass --force to replace it")
-    stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
     idea = check_idea(idea)  # every input before the model loads
     check_target(width, height, seed)
     pipe = load(options)
     report_dtype()
     mx.reset_peak_memory()
-    caption = pipe.expand(idea, width, height, seed, on_text=stream)
-    if verbose:
-        click.echo(f"\n[expand] peak {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
-    if output is None:
-        click.echo(caption)
-        return
-    write_file(output, lambda f: f.write((caption + "\n").encode("utf-8")), force)
-    click.echo(str(output))
+    caption = pipe.expand(idea, width, height, seed, on_text=caption_output.stream)
+    caption_output.finish(caption, "expand")

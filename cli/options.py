@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import click
+import mlx.core as mx
 from click.core import ParameterSource
 
 from ideogram4_mlx.caption import is_json_prompt, parse_json, read_text_file
@@ -12,6 +13,7 @@ from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.edit import MAX_MASK_TOKENS
 from ideogram4_mlx.environment import default_dtype
 from ideogram4_mlx.errors import InputError
+from ideogram4_mlx.files import write_file
 from ideogram4_mlx.hub import DEFAULT_REPO
 from ideogram4_mlx.lora import LoRAError
 from ideogram4_mlx.lora_spec import parse_lora_option
@@ -460,3 +462,48 @@ def text_check_options(function):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def caption_output_options(function):
+    """``--output``/``-o``, ``--force``, ``--verbose`` of a command that writes one caption
+    (magic-prompt, describe); the command gets a :class:`CaptionOutput` as ``caption_output``.
+    An existing ``--output`` is refused here, before any model loads."""
+    options = [
+        click.option(
+            "--output",
+            "-o",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write the caption here (atomically) instead of printing it.",
+        ),
+        click.option("--force", is_flag=True, help="Replace an existing --output file."),
+        click.option("--verbose", is_flag=True, help="Stream the caption as it is written."),
+    ]
+
+    @functools.wraps(function)
+    def command(*args, output, force, verbose, **kwargs):
+        if output is not None and output.exists() and not force:
+            raise click.ClickException(f"{output} already exists; pass --force to replace it")
+        return function(*args, caption_output=CaptionOutput(output, force, verbose), **kwargs)
+
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+class CaptionOutput:
+    """Where a caption command's result goes: streamed to stderr with ``--verbose``, then
+    printed, or written to ``--output`` atomically."""
+
+    def __init__(self, output: Path | None, force: bool, verbose: bool):
+        self.output, self.force, self.verbose = output, force, verbose
+        self.stream = (lambda text: click.echo(text, nl=False, err=True)) if verbose else None
+
+    def finish(self, caption: str, stage: str) -> None:
+        if self.verbose:
+            click.echo(f"\n[{stage}] peak {mx.get_peak_memory() / 1e9:.2f} GB", err=True)
+        if self.output is None:
+            click.echo(caption)
+            return
+        data = (caption + "\n").encode("utf-8")
+        write_file(self.output, lambda f: f.write(data), self.force)
+        click.echo(str(self.output))

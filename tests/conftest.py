@@ -52,3 +52,19 @@ def tokenizer(tiny_checkpoint):
 def model32(tiny_checkpoint):
     """The tiny text encoder in fp32."""
     return Qwen3VLTextEncoder.from_pretrained(tiny_checkpoint / "text_encoder", dtype=mx.float32)
+
+
+@pytest.fixture(scope="module")
+def rapid():
+    """RapidOCR, or a skip (a failure under IDEO4_REQUIRE_OCR=1: tests/ocr_helpers.py)."""
+    from ocr_helpers import require_engine
+
+    return require_engine("rapidocr")
+
+
+@pytest.fixture(scope="module")
+def tess():
+    """Tesseract, as ``rapid``."""
+    from ocr_helpers import require_engine
+
+    return require_engine("tesseract")

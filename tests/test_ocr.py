@@ -14,23 +14,12 @@ from ocr_helpers import (
     NOTO_CJK,
     NOTO_DEVANAGARI,
     render,
-    require_engine,
 )
 from PIL import Image
 
 from ideogram4_mlx import ocr
 from ideogram4_mlx.errors import Ideo4Error, InputError
 from ideogram4_mlx.text_check import similarity
-
-
-@pytest.fixture(scope="module")
-def rapid():
-    return require_engine("rapidocr")
-
-
-@pytest.fixture(scope="module")
-def tess():
-    return require_engine("tesseract")
 
 
 def read_text(engine, image, scripts=None) -> str:

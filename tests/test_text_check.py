@@ -16,7 +16,6 @@ from ocr_helpers import (
     NOTO_DEVANAGARI,
     NOTO_SANS,
     render,
-    require_engine,
     require_module,
 )
 from PIL import Image
@@ -36,16 +35,6 @@ from ideogram4_mlx.text_check import (
 
 require_module("rapidfuzz")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture(scope="module")
-def rapid():
-    return require_engine("rapidocr")
-
-
-@pytest.fixture(scope="module")
-def tess():
-    return require_engine("tesseract")
 
 
 def caption(*elements) -> str:
