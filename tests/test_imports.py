@@ -42,8 +42,8 @@ FLOORS = [
     ("generation", ["generation", "batch", "text_retry"]),
     # Loads the components and starts generations; the package root re-exports it.
     ("pipeline", ["pipeline", PACKAGE]),
-    # Consumers of the pipeline and tools beside it.
-    ("consumers", ["previews", "server", "reference", "convert", "synth"]),
+    # Consumers of the pipeline and tools beside it; LoRA training.
+    ("consumers", ["previews", "server", "reference", "convert", "synth", "train"]),
     # The commands.
     ("commands", ["cli", "__main__"]),
 ]  # fmt: skip

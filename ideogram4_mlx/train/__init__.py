@@ -1,0 +1,1 @@
+"""LoRA training on the Mac (ideo4-mlx train-lora)."""
