@@ -131,9 +131,7 @@ def read_latents(path: Path, bucket: tuple[int, int], strict: bool = False) -> m
     """Cached latents (H/16 * W/16, 128) fp32 of a (W, H) bucket, or None (:func:`read_entry`)."""
     tokens = (bucket[0] // PIXELS_PER_TOKEN) * (bucket[1] // PIXELS_PER_TOKEN)
     shape = (tokens, PACKED_CHANNELS)
-    return read_entry(
-        path, "latents", lambda a: a.shape == shape and a.dtype == mx.float32, strict
-    )
+    return read_entry(path, "latents", lambda a: a.shape == shape and a.dtype == mx.float32, strict)
 
 
 def default_cache_dir(out: Path | str) -> Path:
@@ -189,7 +187,9 @@ def _captions(pipe, samples, bucket_of, cache_dir, text_id, seed, verbose) -> li
     magic = {**pipe.options.magic_options.as_kwargs(), "head": pipe.options.magic_head}
     for i in tqdm(todo, desc="magic prompt", unit="caption", disable=not verbose or not todo):
         (w, h), idea = bucket_of[i], samples[i].idea
-        path = cache_dir / "captions" / f"{digest('caption', idea, w, h, seed, text_id, magic)}.json"
+        path = (
+            cache_dir / "captions" / f"{digest('caption', idea, w, h, seed, text_id, magic)}.json"
+        )
         out[i] = _read_caption(path)
         if out[i] is None:
             out[i] = pipe.expand(idea, w, h, seed)
@@ -219,7 +219,9 @@ def _encode_captions(pipe, captions, cache_dir, text_id, verbose) -> dict[str, P
         for c in captions
     }
     todo = [c for c, p in paths.items() if read_features(p, pipe.dtype) is None]
-    for caption in tqdm(todo, desc="text features", unit="caption", disable=not verbose or not todo):
+    for caption in tqdm(
+        todo, desc="text features", unit="caption", disable=not verbose or not todo
+    ):
         features = pipe.encode(caption)[0].astype(pipe.dtype)
         write_entry(paths[caption], {"features": features})
     if todo:

@@ -27,6 +27,7 @@ from ideogram4_mlx.caption import parse_json, read_text_file, verify
 from ideogram4_mlx.constants import PIXELS_PER_TOKEN
 from ideogram4_mlx.edit import fit, load_image, to_rgb
 from ideogram4_mlx.errors import InputError
+from ideogram4_mlx.files import FORCE_HINT
 from ideogram4_mlx.request import MAX_ASPECT, MAX_SIDE, MIN_SIDE, check_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -176,6 +177,53 @@ def _json_caption(path: Path, text: str) -> str:
         more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
         warnings.warn(f"{path}: {findings[0]}{more}", stacklevel=3)
     return text.strip()
+
+
+def check_output(out: Path | str, force: bool = False, resume: bool = False) -> Path:
+    """The LoRA file to write: ``.safetensors``, not a link or a folder, and new unless
+    ``force`` (or ``resume``, which continues the run that writes it). Raises ``InputError``
+    or ``FileExistsError``."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".safetensors":
+        raise InputError(f"output {out} must end in .safetensors (the LoRA file)")
+    if out.is_symlink():
+        raise FileExistsError(
+            f"{out} is a symbolic link; outputs are never written through a link: choose "
+            "another name"
+        )
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a folder; give a file name ending in .safetensors")
+    if out.exists() and not (force or resume):
+        raise FileExistsError(f"{out} already exists; {FORCE_HINT}")
+    return out
+
+
+def preflight(
+    folder: Path | str,
+    out: Path | str,
+    resolution: int = DEFAULT_RESOLUTION,
+    allow_txt: bool = False,
+    force: bool = False,
+    resume: bool = False,
+) -> list[Sample]:
+    """Every check training can make without a model, all reported at once (``DatasetError``,
+    one line each): the output (:func:`check_output`), the resolution and the training folder
+    (:func:`scan_dataset`). Returns the samples."""
+    problems, samples = [], []
+    for check in (lambda: check_output(out, force, resume), lambda: bucket_sizes(resolution)):
+        try:
+            check()
+        except (InputError, OSError) as e:
+            problems.append(str(e))
+    try:
+        samples = scan_dataset(folder, allow_txt)
+    except DatasetError as e:
+        problems += e.problems
+    except (InputError, OSError) as e:
+        problems.append(str(e))
+    if problems:
+        raise DatasetError(problems)
+    return samples
 
 
 # -- buckets ----------------------------------------------------------------------------------
