@@ -279,6 +279,17 @@ def test_a_damaged_entry_is_encoded_again(pipe, tmp_path, monkeypatch):
     assert again == first and bool(mx.all(mx.isfinite(again.load_batch([0])[1])))
 
 
+def test_too_long_captions_stop_before_any_encoding(pipe, tmp_path, monkeypatch):
+    long = caption("word " * 3000)
+    data = write_dataset(tmp_path / "data", [(64, 64)] * 3, [long, caption("fine"), long])
+    texts, images = spy(monkeypatch, pipe, "encode"), spy(monkeypatch, cache_module, "encode")
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset(pipe, scan_dataset(data), 256, tmp_path / "cache", verbose=False)
+    assert len(e.value.problems) == 1  # one caption, two images: named once
+    assert "img0.json: prompt is" in str(e.value) and "the limit is 2048 tokens" in str(e.value)
+    assert texts == [] and images == [] and not (tmp_path / "cache").exists()
+
+
 def test_load_batch_pads_features_on_the_left(pipe, tmp_path):
     data = write_dataset(
         tmp_path / "data", [(64, 64), (64, 64)], [caption("x"), caption("a b c d e f g")]

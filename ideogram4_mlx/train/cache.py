@@ -37,7 +37,13 @@ from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.prompt import canonical_prompt
-from ideogram4_mlx.train.data import Sample, assign_buckets, bucket_pixels, epoch_batches
+from ideogram4_mlx.train.data import (
+    DatasetError,
+    Sample,
+    assign_buckets,
+    bucket_pixels,
+    epoch_batches,
+)
 from ideogram4_mlx.vae import encode
 from ideogram4_mlx.weights import fingerprint
 
@@ -160,7 +166,10 @@ def prepare_dataset(
     bucket_of = {i: b for b, indices in by_bucket.items() for i in indices}
     text_id = component_id(pipe.checkpoint_dir / "text_encoder", pipe.dtype)
     captions = _captions(pipe, samples, bucket_of, cache_dir, text_id, seed, verbose)
-    features = _encode_captions(pipe, captions, cache_dir, text_id, verbose)
+    files = {}  # caption -> the first file that holds it (for messages)
+    for c, s in zip(captions, samples, strict=True):
+        files.setdefault(c, s.caption_file)
+    features = _encode_captions(pipe, captions, files, cache_dir, text_id, verbose)
     latents = _encode_images(pipe, samples, bucket_of, cache_dir, flip, verbose)
     items, buckets = [], {}
     for i, sample in enumerate(samples):
@@ -212,13 +221,22 @@ def _read_caption(path: Path) -> str | None:
     return None
 
 
-def _encode_captions(pipe, captions, cache_dir, text_id, verbose) -> dict[str, Path]:
-    """caption -> its features' entry; encodes the captions not cached (each once)."""
+def _encode_captions(pipe, captions, files, cache_dir, text_id, verbose) -> dict[str, Path]:
+    """caption -> its features' entry; encodes the captions not cached (each once), after
+    checking that all of them fit the text encoder (``DatasetError`` naming each file)."""
     paths = {
         c: cache_dir / "text" / f"{digest('text', canonical_prompt(c), text_id)}.safetensors"
         for c in captions
     }
     todo = [c for c, p in paths.items() if read_features(p, pipe.dtype) is None]
+    problems = []
+    for caption in todo:  # the tokenizer only: too long a caption stops before the encoder loads
+        try:
+            pipe.prompt_encoder().token_ids(caption)
+        except InputError as e:
+            problems.append(f"{files[caption]}: {e}")
+    if problems:
+        raise DatasetError(problems)
     for caption in tqdm(
         todo, desc="text features", unit="caption", disable=not verbose or not todo
     ):
