@@ -230,6 +230,10 @@ def test_cache_encodes_once_and_a_second_run_encodes_nothing(pipe, tmp_path, mon
     again = prepare_dataset(pipe, samples, 256, cache, flip=False, verbose=False)
     assert len(texts) == 3 and len(images) == 4  # all cached
     assert again == first
+    fresh = load(pipe.checkpoint_dir, dtype=mx.float32)  # a new process, in effect
+    vaes = spy(monkeypatch, fresh, "vae")
+    assert prepare_dataset(fresh, samples, 256, cache, verbose=False) == first
+    assert fresh.prompt_encoder().loads == 0 and vaes == []  # no model loaded at all
     # What is cached is what the pipeline computes.
     item = first.items[1]
     want = encode(pipe.vae(), bucket_pixels(samples[1], item.bucket)[None])[0]

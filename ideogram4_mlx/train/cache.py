@@ -160,7 +160,7 @@ def prepare_dataset(
     with ``flip``) to latents (``pipe.vae()``). The text encoder is released before the VAE
     loads, the VAE after; a fully cached run loads neither. ``pipe`` is an
     ``Ideogram4Pipeline`` (only ``checkpoint_dir``, ``dtype``, ``options``, ``expand``,
-    ``encode``, ``vae`` and ``release`` are used)."""
+    ``prompt_encoder`` (its tokenizer), ``encode``, ``vae`` and ``release`` are used)."""
     cache_dir = Path(cache_dir).expanduser()
     by_bucket = assign_buckets([s.size for s in samples], resolution)
     bucket_of = {i: b for b, indices in by_bucket.items() for i in indices}
@@ -193,7 +193,8 @@ def _captions(pipe, samples, bucket_of, cache_dir, text_id, seed, verbose) -> li
     """Each sample's JSON caption: its own, or its idea expanded (cached in captions/)."""
     out = [s.caption for s in samples]
     todo = [i for i, s in enumerate(samples) if s.caption is None]
-    magic = {**pipe.options.magic_options.as_kwargs(), "head": pipe.options.magic_head}
+    o = pipe.options
+    magic = {**o.magic_options.as_kwargs(), "head": o.magic_head, "model": o.magic_model}
     for i in tqdm(todo, desc="magic prompt", unit="caption", disable=not verbose or not todo):
         (w, h), idea = bucket_of[i], samples[i].idea
         path = (
