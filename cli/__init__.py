@@ -15,6 +15,7 @@ from ideogram4_mlx.cli.magic import magic_prompt
 from ideogram4_mlx.cli.models import models
 from ideogram4_mlx.cli.serve import serve
 from ideogram4_mlx.cli.synth import synth
+from ideogram4_mlx.cli.train import train_lora
 from ideogram4_mlx.version import __version__
 
 
@@ -57,3 +58,4 @@ main.add_command(magic_prompt)
 main.add_command(describe)
 main.add_command(lora_info)
 main.add_command(serve)
+main.add_command(train_lora)

@@ -40,7 +40,8 @@ FLOORS = [
     # One generation in flight, handed its components; many images of one request; the
     # retries of its text check.
     ("generation", ["generation", "batch", "text_retry"]),
-    # LoRA training: the objective, one step on the DiT and its LoRA, the saved file.
+    # LoRA training: the dataset and its caches, the objective, one step on the DiT and its
+    # LoRA, the loop, the saved file (handed a pipeline, never importing it).
     ("training", ["train"]),
     # Loads the components and starts generations; the package root re-exports it.
     ("pipeline", ["pipeline", PACKAGE]),
