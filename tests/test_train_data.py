@@ -1,7 +1,6 @@
 """train-lora's data: the folder scan (every problem at once, before any model), the size
 buckets and batches, and the cache of text features and latents on the tiny checkpoint."""
 
-import importlib.util
 import json
 import math
 import warnings
@@ -17,6 +16,7 @@ import ideogram4_mlx.train.cache as cache_module
 from ideogram4_mlx import load
 from ideogram4_mlx.caption import verify
 from ideogram4_mlx.cli import main
+from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.request import MAX_ASPECT, check_size
 from ideogram4_mlx.train.cache import default_cache_dir, prepare_dataset
 from ideogram4_mlx.train.data import (
@@ -351,17 +351,32 @@ def test_cli_reports_every_problem_before_loading(tmp_path, monkeypatch):
     )
 
 
-def test_cli_caches_the_data_then_stops_without_a_training_loop(tiny_checkpoint, tmp_path):
-    if importlib.util.find_spec("ideogram4_mlx.train.loop") is not None:
-        pytest.skip("the training loop is built: its own tests run the whole command")
+def test_the_command_caches_the_data_trains_and_writes_a_lora_generate_applies(
+    tiny_checkpoint, tmp_path
+):
+    """train-lora end to end on the tiny synthetic checkpoint: the dataset cached (4 examples
+    with --flip), 2 steps, a LoRA file our loader reads and `generate --lora` applies."""
     data = write_dataset(tmp_path / "data", SIZES[:2])
     out = tmp_path / "style.safetensors"
     args = ["train-lora", str(data), str(out), "--model", str(tiny_checkpoint)]
-    args += ["--dtype", "float32", "--resolution", "256", "--flip"]
+    args += ["--dtype", "float32", "--resolution", "256", "--flip", "--steps", "2", "--rank", "4"]
+    args += ["--learning-rate", "0.01"]  # big enough to move 8-bit pixels in 2 steps
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean caption and dataset warn nothing
         result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and "no training loop yet" in result.output
+    assert result.exit_code == 0, result.output
     assert "4 examples in" in result.output and "256x256 (2), 512x256 (2)" in result.output
     assert len(list(default_cache_dir(out).rglob("*.safetensors"))) == 6
-    assert not out.exists()
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    images = []
+    for lora in ([], ["--lora", str(out)]):
+        images.append(tmp_path / f"image{len(images)}.png")
+        generated = CliRunner().invoke(main, [
+            "generate", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompt",
+            "a cat", "--width", "256", "--height", "256", "--steps", "1", "--seed", "1", *lora,
+            "--output", str(images[-1]),
+        ])  # fmt: skip
+        assert generated.exit_code == 0, generated.output
+    assert read_metadata(images[1])["loras"][0]["name"] == out.name
+    pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in images]
+    assert np.abs(pixels[1] - pixels[0]).max() > 0  # the trained LoRA changes the image

@@ -94,6 +94,9 @@ class TrainSettings:
         return total
 
 
+TRAIN_FIELDS = tuple(TrainSettings.__dataclass_fields__)
+
+
 def learning_rates(settings: TrainSettings, total: int):
     """The learning rate by step: a linear warmup from 0, then constant, linear to 0 or
     cosine to 0 over the remaining steps (mlx.optimizers schedules)."""
