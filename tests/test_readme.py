@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from ideogram4_mlx.caption import verify_raw
 from ideogram4_mlx.cli import main
 from ideogram4_mlx.edit import DEFAULT_STRENGTH, REMIX_STRENGTH
-from ideogram4_mlx.lora import linear_shapes
+from ideogram4_mlx.lora import linear_shapes, read_lora
 from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import conversion_record
@@ -348,7 +348,13 @@ def check_describe(params: dict, output: str):
     check_magic_prompt(params, output)  # the same grammar: a caption the verifier accepts
 
 
+def check_train_lora(params: dict, output: str):
+    lora = read_lora(params["out"])  # the diffusers/PEFT file our --lora reads
+    assert lora.layout == "diffusers/PEFT" and lora.ranks == [params["rank"]], lora
+
+
 CHECKS = {
+    "train-lora": check_train_lora,
     "describe": check_describe,
     "generate": check_generate,
     "synth": check_synth,
