@@ -67,6 +67,8 @@ DIFF_PARAMETERS = {"diff": "weight", "diff_b": "bias"}
 # Bounds on what a file can make us allocate: ranks above this are not LoRAs.
 MAX_RANK = 1024
 METADATA_KEY = "lora_adapter_metadata"
+# The training settings ``train-lora`` records in the header (JSON); ``lora-info`` shows them.
+TRAINING_KEY = "ideogram4_mlx_training"
 # What trainers save (ai-toolkit and diffusers bf16, kohya fp16): all read exactly into fp32;
 # F64 (numpy-made files) is rounded to fp32.
 WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -107,6 +109,7 @@ class LoRAFile:
     # Full differences by parameter path (``layers.0.attention_norm1.weight``), fp32.
     diffs: dict[str, mx.array] = field(default_factory=dict)
     diff_sources: dict[str, str] = field(default_factory=dict)  # parameter path -> file key
+    training: str | None = None  # the header's TRAINING_KEY entry (train-lora's settings)
 
     @property
     def name(self) -> str:
@@ -333,7 +336,10 @@ def read_lora(path: Path | str) -> LoRAFile:
         target, third = map_module(module)
         deltas.setdefault(target, []).append(Delta(down, up, per_rank, parts["lora_B"], third))
     layout = detect_layout(prefix, list(pairs), any(".lora_down" in k for k in keys), metadata)
-    return LoRAFile(path, file_sha256(path), layout, deltas, text_keys, diffs, diff_sources)
+    training = (metadata or {}).get(TRAINING_KEY)
+    return LoRAFile(
+        path, file_sha256(path), layout, deltas, text_keys, diffs, diff_sources, training
+    )
 
 
 def map_module(name: str) -> tuple[str, int | None]:
@@ -596,4 +602,6 @@ def describe(lora: LoRAFile, shapes: dict[str, tuple[int, int]], against: str) -
         lines.append(f"shapes    : {fits}")
     if lora.text_encoder_keys:
         lines.append(f"text encoder keys: {len(lora.text_encoder_keys)} (not supported)")
+    if lora.training is not None:
+        lines.append(f"training  : {lora.training}")
     return lines

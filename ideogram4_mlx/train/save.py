@@ -1,8 +1,8 @@
 """Saving a trained LoRA in the diffusers/PEFT layout (what ``lora.read_lora`` reads and
 diffusers' ``load_lora_weights`` loads): ``transformer.layers.N.attention.to_q.lora_A.weight``
 (r, in) and ``...lora_B.weight`` (out, r), split ``to_q``/``to_k``/``to_v`` and ``to_out.0``
-names, the peft ``LoraConfig`` (rank, alpha, targets) in the ``lora_adapter_metadata`` header
-entry and the training settings in ``ideogram4_mlx_training``."""
+names, the peft ``LoraConfig`` (rank, alpha, targets; keys prefixed ``transformer.``) in the
+``lora_adapter_metadata`` header entry and the training settings in ``ideogram4_mlx_training``."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ideogram4_mlx.files import write_file
-from ideogram4_mlx.lora import METADATA_KEY
+from ideogram4_mlx.lora import METADATA_KEY, TRAINING_KEY
 from ideogram4_mlx.train.step import FUSED_QKV, LoRASettings, _Trainable
 
 PREFIX = "transformer."
-TRAINING_KEY = "ideogram4_mlx_training"
 # Our module names -> diffusers' (the fused qkv's thirds are to_q, to_k, to_v).
 DIFFUSERS_NAMES = {FUSED_QKV: ("attention.to_q", "attention.to_k", "attention.to_v")}
 DIFFUSERS_NAMES["attention.o"] = ("attention.to_out.0",)
@@ -74,7 +73,11 @@ def save_lora(
     state = lora_state(model, dtype)
     metadata = {
         "format": "pt",
-        METADATA_KEY: json.dumps(peft_config(settings), sort_keys=True),
+        # keys prefixed ``transformer.``, as diffusers' save_lora_weights writes them: its
+        # load_lora_weights keeps only the prefixed entries (unprefixed ones: a default config)
+        METADATA_KEY: json.dumps(
+            {f"{PREFIX}{k}": v for k, v in peft_config(settings).items()}, sort_keys=True
+        ),
         TRAINING_KEY: json.dumps({"seed": settings.seed, **(training or {})}, sort_keys=True),
     }
     mx.eval(state)
