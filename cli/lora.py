@@ -6,7 +6,8 @@ import click
 
 from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.hub import resolve_file
-from ideogram4_mlx.lora import describe, linear_shapes, read_lora
+from ideogram4_mlx.lora import linear_shapes, read_lora
+from ideogram4_mlx.lora_info import describe
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 
 

@@ -12,6 +12,7 @@ from ideogram4_mlx.request import MAX_SEED, MAX_SIDE, MIN_SIDE
 from ideogram4_mlx.train.cache import default_cache_dir, prepare_dataset
 from ideogram4_mlx.train.data import DEFAULT_RESOLUTION, preflight
 from ideogram4_mlx.train.loop import SCHEDULES, TRAIN_FIELDS, train
+from ideogram4_mlx.train.samples import MAX_SAMPLE_PROMPTS, TrainingSamples
 from ideogram4_mlx.train.step import BLOCK_TARGETS, DEFAULT_TARGETS
 
 
@@ -107,6 +108,26 @@ from ideogram4_mlx.train.step import BLOCK_TARGETS, DEFAULT_TARGETS
     help="Seeds the shuffling, the noise and the timesteps.",
 )
 @click.option(
+    "--sample-prompt",
+    "sample_prompts",
+    multiple=True,
+    help=f"A prompt to render with the LoRA being trained every --sample-every steps, into "
+    f"OUT's name with .samples beside it (repeatable, up to {MAX_SAMPLE_PROMPTS}; seed --seed, "
+    "size --resolution squared; the unconditional pass runs the trained DiT without text).",
+)
+@click.option(
+    "--sample-every",
+    type=click.IntRange(min=1),
+    help="Render the --sample-prompt images every this many steps.",
+)
+@click.option(
+    "--sample-steps",
+    type=click.IntRange(1, 100),
+    default=20,
+    show_default=True,
+    help="Denoising steps of each sample image.",
+)
+@click.option(
     "--checkpoint-every",
     type=click.IntRange(min=1),
     help="Every this many steps, save the adapters and the optimizer state to OUT's name "
@@ -148,15 +169,26 @@ def train_lora(data, out, options, cache_dir, allow_txt, force, **settings) -> N
       ideo4-mlx train-lora my-photos/ my-style.safetensors --steps 1000 --resolution 1024
     """
     warnings.showwarning = show_warning
-    samples = preflight(data, out, settings["resolution"], allow_txt, force, settings["resume"])
-    pipe = load(options)
+    prompts, every = settings.pop("sample_prompts"), settings.pop("sample_every")
+    sample_steps = settings.pop("sample_steps")
+    if bool(prompts) != (every is not None):
+        raise click.UsageError("give --sample-prompt and --sample-every together")
+    examples = preflight(data, out, settings["resolution"], allow_txt, force, settings["resume"])
+    pipe = load(options, keep_in_memory=False)  # the encoders go before training
     report_dtype()
+    samples = None
+    if prompts:  # encoded first: the text encoder loads once for them and the captions
+        side = settings["resolution"]
+        folder = out.with_name(f"{out.stem}.samples")
+        samples = TrainingSamples(pipe, list(prompts), folder, (side, side), settings["seed"],
+                                  sample_steps)  # fmt: skip
     cache_dir = default_cache_dir(out) if cache_dir is None else cache_dir
     prepared = prepare_dataset(
-        pipe, samples, settings["resolution"], cache_dir, settings["flip"], settings["seed"]
+        pipe, examples, settings["resolution"], cache_dir, settings["flip"], settings["seed"]
     )
     sizes = ", ".join(f"{w}x{h} ({len(i)})" for (w, h), i in prepared.buckets.items())
     click.echo(f"{len(prepared.items)} examples in {cache_dir}: {sizes}", err=True)
+    pipe.release("text_encoder", "vae")
     trained = train(
         pipe,
         prepared,
@@ -165,6 +197,8 @@ def train_lora(data, out, options, cache_dir, allow_txt, force, **settings) -> N
         resume=settings.pop("resume"),
         state_dir=out.with_name(f"{out.stem}.state"),
         report=lambda line: click.echo(line, err=True),
+        samples=samples,
+        sample_every=every,
         **{k: v for k, v in settings.items() if k in TRAIN_FIELDS},
     )
     click.echo(str(trained))

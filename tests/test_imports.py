@@ -31,7 +31,7 @@ FLOORS = [
                  "ocr"]),
     # The models, one a file, LoRA on top of them and the DiT's step cache.
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
-                "lora_spec", "uncond_delta", "step_cache"]),
+                "lora_spec", "lora_info", "uncond_delta", "step_cache"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt, the scores of
     # an image's text, an image described as a caption (Qwen3-VL on the magic prompt's head).

@@ -15,7 +15,6 @@ from ideogram4_mlx.cli import main
 from ideogram4_mlx.lora import (
     LoRAError,
     apply_loras,
-    describe,
     fuse_loras,
     linear_shapes,
     map_module,
@@ -23,6 +22,7 @@ from ideogram4_mlx.lora import (
     read_lora,
     set_scale,
 )
+from ideogram4_mlx.lora_info import describe
 from ideogram4_mlx.lora_spec import LoRASpec, parse_lora_option, replay_loras
 from ideogram4_mlx.metadata import read_metadata, replay
 from ideogram4_mlx.pipeline import load

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.lora import read_lora
@@ -154,3 +155,26 @@ def test_epochs_count_accumulated_steps():
     settings = TrainSettings(epochs=3, gradient_accumulation=2)
     assert settings.total_steps(5) == 9  # ceil(5 / 2) steps per epoch
     assert TrainSettings(steps=7).total_steps(5) == 7
+
+
+@pytest.mark.filterwarnings("ignore:caption. plain-text prompt")
+def test_sample_images_are_rendered_with_the_dit_being_trained(tiny_checkpoint, setup, tmp_path):
+    from ideogram4_mlx import load
+    from ideogram4_mlx.metadata import read_metadata
+    from ideogram4_mlx.train.samples import TrainingSamples
+
+    _, data = setup
+    pipe = load(tiny_checkpoint, dtype=mx.float32, keep_in_memory=False)
+    folder = tmp_path / "samples"
+    samples = TrainingSamples(pipe, ["a sun"], folder, (256, 256), seed=5, num_steps=2)
+    lines = []
+    settings = {**FAST, "learning_rate": 1e-2}  # big steps: the samples must change
+    train(pipe, data, tmp_path / "s.safetensors", steps=4, samples=samples, sample_every=2,
+          report=lines.append, **settings)  # fmt: skip
+    paths = [folder / "step-000002-1.png", folder / "step-000004-1.png"]
+    assert lines == [f"sample: {p}" for p in paths]
+    assert read_metadata(paths[0])["prompt"] == "a sun" and read_metadata(paths[0])["seed"] == 5
+    first, last = (np.asarray(Image.open(p), dtype=np.int16) for p in paths)
+    assert np.abs(last - first).max() > 0  # two more steps of training moved the image
+    with pytest.raises(InputError, match="sample prompts and sample_every go together"):
+        train(pipe, data, tmp_path / "t.safetensors", steps=1, samples=samples, **FAST)

@@ -135,13 +135,19 @@ def train(
     resume: bool = False,
     state_dir: Path | str | None = None,
     report=None,
+    samples=None,
+    sample_every: int | None = None,
     **settings,
 ) -> Path:
     """Train a LoRA on ``data`` (``cache.TrainingData``) for ``pipe``'s conditional DiT and
     write it to ``out`` (diffusers/PEFT layout, bf16). ``settings``: :class:`TrainSettings`'
     fields. Checkpoints (every ``checkpoint_every`` steps) go to ``state_dir`` (default
     ``OUT.state/`` beside ``out``); ``resume`` continues from the last one, which must have
-    been made with the same settings and data. ``report`` gets a line per checkpoint."""
+    been made with the same settings and data. ``samples`` (``samples.TrainingSamples``)
+    renders its prompts with the DiT being trained every ``sample_every`` steps. ``report``
+    gets a line per checkpoint and per sample image."""
+    if (samples is None) != (sample_every is None):
+        raise InputError("sample prompts and sample_every go together: give both or neither")
     settings = TrainSettings(**settings)
     out = Path(out)
     state_dir = Path(state_dir) if state_dir else out.with_name(f"{out.stem}.state")
@@ -166,6 +172,10 @@ def train(
         seconds = time.perf_counter() - began
         peak = mx.get_peak_memory() / 1e9
         bar.set_postfix_str(f"loss {loss:.4f}, {seconds:.2f} s/step, {peak:.2f} GB")
+        if samples is not None and (k + 1) % sample_every == 0:
+            for path in samples.render(model, k + 1):
+                if report is not None:
+                    report(f"sample: {path}")
         every = settings.checkpoint_every
         if every and (k + 1) % every == 0 and k + 1 < total:
             _save_state(state_dir, model, optimizer, k + 1, fingerprint)
