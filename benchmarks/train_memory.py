@@ -236,21 +236,29 @@ def main() -> None:
                     r = point(side, rank, ckpt, layers)
                     if r is not None:
                         measured.setdefault((side, ckpt), {}).setdefault(rank, {})[layers] = r
-    # Fits per mode over the sides with both block counts (any rank: it moves act by < 0.1%).
+    # Fits per mode: kept over the sides with both block counts (any rank: it moves the
+    # activations by < 0.1%), then transient = act1 - kept (measured, else fitted) - gradients
+    # over every side with a 1-block step.
     fits = {}
     for ckpt in (False, True):
-        kept, transient = {}, {}
+        kept, ones = {}, {}
         for (_side, mode), by_rank in measured.items():
             if mode != ckpt:
                 continue
             for r in by_rank.values():
+                if 1 in r:
+                    ones[r[1]["tokens"]] = r[1]
                 if 1 in r and 2 in r:
                     # less the second block's LoRA gradients (counted with the adapters)
                     k = (r[2]["activations_gb"] - r[1]["activations_gb"]) * 1e9 - grads(r[1])
                     kept[r[1]["tokens"]] = k
-                    transient[r[1]["tokens"]] = r[1]["activations_gb"] * 1e9 - k
                     break
-        fits[ckpt] = (fit(kept, config), fit(transient, config))
+        kept_fit = fit(kept, config)
+        transient = {
+            t: one["activations_gb"] * 1e9 - grads(one) - kept.get(t, fitted(kept_fit, config, t))
+            for t, one in ones.items()
+        }
+        fits[ckpt] = (kept_fit, fit(transient, config))
 
     base = base_bytes()
     # Activations measured in fp32 here; bf16 keeps the same tensors at half the bytes except
@@ -265,7 +273,7 @@ def main() -> None:
         "# act1/act2: MLX peak - active before the step with 1 / 2 blocks (measured; '-' not "
         "measured); kept = act2 - act1 - a block's LoRA gradients (what a block keeps for the "
         "backward pass), "
-        "transient = act1 - kept; values marked * come from the fit.",
+        "transient = act1 - kept - gradients; kept marked * comes from the fit.",
         "# fit (widths of (L, hidden), planes of (heads, L, L), fp32): "
         + "; ".join(
             f"{'checkpointed' if c else 'plain'} kept {k[0]:.2f} w + {k[1]:.3f} p, "
@@ -291,12 +299,20 @@ def main() -> None:
         for rank in args.ranks:
             for ckpt in (False, True):
                 by_rank = measured.get((side, ckpt), {})
-                r = by_rank.get(rank) or next(iter(by_rank.values()), {})
+                # this rank's steps, else another rank's (it moves them by < 0.1%): both
+                # block counts first
+                order = [by_rank.get(rank, {}), *by_rank.values()]
+                r = next((x for x in order if 1 in x and 2 in x), None)
+                r = r or next((x for x in order if x), {})
                 one, two = r.get(1), r.get(2)
                 if one and two:
                     kept = (two["activations_gb"] - one["activations_gb"]) * 1e9 - grads(one)
                     transient = one["activations_gb"] * 1e9 - kept
                     mark = " "
+                elif one:  # kept from the fit, transient from this 1-block step
+                    kept = fitted(fits[ckpt][0], config, tokens)
+                    transient = one["activations_gb"] * 1e9 - grads(one) - kept
+                    mark = "*"
                 else:
                     kept = fitted(fits[ckpt][0], config, tokens)
                     transient = fitted(fits[ckpt][1], config, tokens)
@@ -313,13 +329,13 @@ def main() -> None:
                 a1 = f"{one['activations_gb']:6.2f}" if one else f"{'-':>6}"
                 a2 = f"{two['activations_gb']:6.2f}" if two else f"{'-':>6}"
                 sec = f"{one['seconds']:6.0f}" if one else f"{'-':>6}"
-                if one and not two:  # the fit against a measured 1-block step
-                    fit1 = (kept + transient + grads(one)) / 1e9
+                if one and not two:  # the transient fit against this 1-block step
+                    fit1 = (kept + fitted(fits[ckpt][1], config, tokens) + grads(one)) / 1e9
                     checks.append(
                         f"# check {side}^2 rank {rank} {'checkpointed' if ckpt else 'plain'}: "
-                        f"1 block measured {one['activations_gb']:.2f} GB, fit {fit1:.2f} GB"
+                        f"1 block measured {one['activations_gb']:.2f} GB, both fits {fit1:.2f} GB"
                     )
-                if one and rank not in by_rank:  # another rank's measurement
+                if one and one["rank"] != rank:  # another rank's measurement
                     a1, a2 = a1 + "r", a2 + ("r" if two else "")
                 lines.append(
                     f"{side:>5} {tokens:>6} {rank:>4} {'yes' if ckpt else 'no':>4}  {a1} {a2} "
