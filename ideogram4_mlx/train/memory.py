@@ -9,8 +9,8 @@ intermediates; with checkpointing only what the checkpointed call holds), ``tran
 block's backward on top. Each is ``(widths * tokens * hidden + planes * heads * tokens^2)`` fp32
 bytes: widths of (tokens, hidden) and attention-score planes (heads, tokens, tokens), fitted
 above the full-width measurements of ``benchmarks/train_memory.py``
-(``benchmarks/results/train_memory_cpu.txt``: fp32 on the CPU backend, 1 and 2 blocks at 512^2
-and 768^2 plus a 256-token caption, 1024^2 checking the fit). Activations scale with the
+(``benchmarks/results/train_memory_cpu.txt``: fp32 on the CPU backend, 1 and 2 blocks at 512^2,
+768^2 and 1024^2 plus a 256-token caption). Activations scale with the
 compute dtype's item size (bf16: half of fp32, the stated assumption of that results file).
 """
 
@@ -24,14 +24,15 @@ from ideogram4_mlx.train.step import DEFAULT_TARGETS, FUSED_QKV
 from ideogram4_mlx.transformer import TransformerConfig
 
 MEASURED_ITEMSIZE = 4  # the fits below are fp32 bytes
-# (widths, planes): fp32 bytes = (widths * tokens * hidden + planes * heads * tokens^2) * 4,
-# least-squares fits of benchmarks/results/train_memory_cpu.txt (1 and 2 full-width blocks at
-# 1280 and 2560 tokens), rounded up. Without checkpointing a block keeps every intermediate
-# (its attention probabilities are the planes); with it, its input and what mx.checkpoint holds.
-KEPT = (15.6, 1.7)  # what one block keeps for the backward pass
-TRANSIENT = (30.3, 0.84)  # one block's backward on top
-KEPT_CHECKPOINTED = (0.0, 0.21)  # the fit: (-0.02, 0.202)
-TRANSIENT_CHECKPOINTED = (43.8, 2.54)  # the block recomputed, then its backward
+# (widths, planes): fp32 bytes = (widths * tokens * hidden + planes * heads * tokens^2) * 4.
+# Least-squares fits of benchmarks/results/train_memory_cpu.txt (1 and 2 full-width blocks at
+# 1280, 2560 and 4352 tokens), scaled up to bound every measured row, then rounded up. Without
+# checkpointing a block keeps every intermediate (its attention probabilities are the planes);
+# with it, about its input.
+KEPT = (20.8, 1.18)  # what one block keeps for the backward pass; fit (20.24, 1.146) x 1.027
+TRANSIENT = (24.2, 1.97)  # one block's backward on top; fit (21.87, 1.783) x 1.103
+KEPT_CHECKPOINTED = (1.54, 0.046)  # fit (1.350, 0.0403) x 1.138
+TRANSIENT_CHECKPOINTED = (41.1, 3.0)  # the block recomputed, then its backward; fit x 1.022
 OPTIMIZER_COPIES = 4  # adapters, their gradients, AdamW's two moments: fp32
 LORA_ITEMSIZE = 4
 
