@@ -199,6 +199,7 @@ def train_lora(data, out, options, cache_dir, allow_txt, force, **settings) -> N
         report=lambda line: click.echo(line, err=True),
         samples=samples,
         sample_every=every,
+        memory_limit=pipe.memory_limit if options.memory_limit else None,
         **{k: v for k, v in settings.items() if k in TRAIN_FIELDS},
     )
     click.echo(str(trained))

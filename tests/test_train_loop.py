@@ -178,3 +178,33 @@ def test_sample_images_are_rendered_with_the_dit_being_trained(tiny_checkpoint, 
     assert np.abs(last - first).max() > 0  # two more steps of training moved the image
     with pytest.raises(InputError, match="sample prompts and sample_every go together"):
         train(pipe, data, tmp_path / "t.safetensors", steps=1, samples=samples, **FAST)
+
+
+def test_a_memory_limit_turns_checkpointing_on_when_a_plain_step_would_not_fit(
+    setup, tmp_path, monkeypatch
+):
+    """``memory_limit`` against ``train.memory``'s projection for the largest bucket (4x3
+    tokens + the longest caption, 6 rows): plain when it fits, checkpointed when only that
+    fits (the same result: checkpointing changes no gradient), an error when neither fits."""
+    from ideogram4_mlx.memory import dit_sizes
+    from ideogram4_mlx.train import loop
+    from ideogram4_mlx.train.memory import plan_training_memory
+
+    pipe, data = setup
+    monkeypatch.setattr(loop, "_feature_rows", lambda path: 3 + int(path.name[1:]))
+    sizes = dit_sizes(pipe.dit_dir("transformer"), pipe.dtype)
+    plan = plan_training_memory(sizes.config, 12 + 6, FAST["rank"], sizes.total, 4, batch=2)
+    plain, checkpointed = plan.peak(False), plan.peak(True)
+    assert checkpointed < plain
+    outs = {}
+    for name, limit in (("plain", plain), ("checkpointed", checkpointed)):
+        lines = []
+        outs[name] = train(pipe, data, tmp_path / f"{name}.safetensors", steps=2,
+                           memory_limit=limit, report=lines.append, **FAST)  # fmt: skip
+        on = ["gradient checkpointing: on (a plain step would not fit --memory-limit)"]
+        assert lines == (on if name == "checkpointed" else [])
+    a, b = tensors(outs["plain"]), tensors(outs["checkpointed"])
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-2, atol=1e-6, err_msg=key)
+    with pytest.raises(InputError):
+        train(pipe, data, tmp_path / "none.safetensors", steps=1, memory_limit=1000, **FAST)

@@ -21,10 +21,14 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from safetensors import safe_open
 from tqdm import tqdm
 
+from ideogram4_mlx.constants import PIXELS_PER_TOKEN
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
+from ideogram4_mlx.memory import dit_sizes
+from ideogram4_mlx.train.memory import needs_checkpointing
 from ideogram4_mlx.train.objective import sample_times, time_weights, training_times
 from ideogram4_mlx.train.save import save_lora
 from ideogram4_mlx.train.step import (
@@ -137,6 +141,7 @@ def train(
     report=None,
     samples=None,
     sample_every: int | None = None,
+    memory_limit: int | None = None,
     **settings,
 ) -> Path:
     """Train a LoRA on ``data`` (``cache.TrainingData``) for ``pipe``'s conditional DiT and
@@ -145,7 +150,9 @@ def train(
     ``OUT.state/`` beside ``out``); ``resume`` continues from the last one, which must have
     been made with the same settings and data. ``samples`` (``samples.TrainingSamples``)
     renders its prompts with the DiT being trained every ``sample_every`` steps. ``report``
-    gets a line per checkpoint and per sample image."""
+    gets a line per checkpoint and per sample image. ``memory_limit`` (bytes): turn gradient
+    checkpointing on when the projected peak of a plain step would not fit
+    (``train.memory``; an ``InputError`` when neither fits)."""
     if (samples is None) != (sample_every is None):
         raise InputError("sample prompts and sample_every go together: give both or neither")
     settings = TrainSettings(**settings)
@@ -156,8 +163,13 @@ def train(
     plan = batch_plan(data, settings, total)
     fingerprint = _fingerprint(settings, data)
     start = _read_progress(state_dir, fingerprint) if resume else 0
+    checkpoint = settings.gradient_checkpointing
+    if memory_limit is not None and not checkpoint:
+        checkpoint = _needs_checkpointing(pipe, data, settings, lora, memory_limit)
+        if checkpoint and report is not None:
+            report("gradient checkpointing: on (a plain step would not fit --memory-limit)")
     model = Ideogram4Transformer.from_pretrained(pipe.dit_dir("transformer"), pipe.dtype)
-    add_lora(model, lora, checkpoint=settings.gradient_checkpointing)
+    add_lora(model, lora, checkpoint=checkpoint)
     optimizer = optim.AdamW(learning_rate=learning_rates(settings, total), weight_decay=0.01)
     optimizer.init(model.trainable_parameters())
     if start:
@@ -208,6 +220,22 @@ def _step(model, optimizer, data, batches, tables, settings, k: int) -> float:
     optimizer.update(model, grads)
     mx.eval(model.trainable_parameters(), optimizer.state)
     return total_loss / n
+
+
+def _needs_checkpointing(pipe, data, settings, lora, limit: int) -> bool:
+    """Whether the largest batch's projected peak needs block checkpointing to fit ``limit``
+    (``train.memory``: measured per-token costs), from the files' headers alone."""
+    sizes = dit_sizes(pipe.dit_dir("transformer"), pipe.dtype)
+    image = max((w // PIXELS_PER_TOKEN) * (h // PIXELS_PER_TOKEN) for w, h in data.buckets)
+    text = max(_feature_rows(item.features) for item in data.items)
+    return needs_checkpointing(limit, sizes.config, image + text, lora.rank, sizes.total,
+                               pipe.dtype.size, lora.targets, settings.batch_size)  # fmt: skip
+
+
+def _feature_rows(path: Path) -> int:
+    """A cached caption's token count, from its file's header."""
+    with safe_open(str(path), framework="numpy") as f:
+        return f.get_slice("features").get_shape()[0]
 
 
 def _fingerprint(settings: TrainSettings, data) -> str:
