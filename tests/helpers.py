@@ -228,3 +228,32 @@ def fake_describe_model(monkeypatch, tokenizer_dir, text: str | None = None) -> 
     monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(module, "load_describe_model", load_describe_model, raising=False)
     return loads
+
+
+# -- a DiT forward on fixed inputs (the LoRA parity tests) ----------------------------------------
+
+DIT_TEXT_LENGTHS, DIT_GRID, DIT_TIMES = [9, 4], (4, 5), [0.3123, 0.75]
+
+
+def padded_dit_inputs(component):
+    """A padded batch of two for the DiT of ``component``: (x, text features at the text
+    slots, times, sequence ids), seeded."""
+    from ideogram4_mlx.transformer import Ideogram4Transformer
+
+    config = Ideogram4Transformer.build(component).config
+    rng = np.random.default_rng(0)
+    ids = sequence_ids(DIT_TEXT_LENGTHS, *DIT_GRID)
+    b, length = ids[2].shape
+    x = rng.standard_normal((b, length, config.in_channels)).astype(np.float32)
+    feats = rng.standard_normal((b, length, config.llm_features_dim)).astype(np.float32)
+    feats *= (ids[2] == 3)[..., None]  # text features only at text slots
+    return x, feats, np.array(DIT_TIMES, np.float32), ids
+
+
+def padded_dit_forward(model, inputs):
+    """``model``'s output at the image slots for :func:`padded_dit_inputs`."""
+    from ideogram4_mlx.dit_sequence import OUTPUT_IMAGE_INDICATOR
+
+    x, feats, t, ids = inputs
+    out = np.array(model(mx.array(x), t, mx.array(feats), *ids))
+    return out[ids[2] == OUTPUT_IMAGE_INDICATOR]

@@ -35,11 +35,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import rel_l2, require_reference
+from helpers import (
+    DIT_GRID,
+    DIT_TEXT_LENGTHS,
+    DIT_TIMES,
+    padded_dit_forward,
+    padded_dit_inputs,
+    rel_l2,
+    require_reference,
+)
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ideogram4_mlx.dit_sequence import OUTPUT_IMAGE_INDICATOR, sequence_ids
+from ideogram4_mlx.dit_sequence import OUTPUT_IMAGE_INDICATOR
 from ideogram4_mlx.lora import (
     LoRAError,
     LoRAQuantizedLinear,
@@ -54,7 +62,7 @@ from ideogram4_mlx.quantization import quantization_plan, quantize_skeleton
 from ideogram4_mlx.synth.lora import ALL_MODULES, write_synthetic_lora
 from ideogram4_mlx.transformer import Ideogram4Transformer
 
-TEXT_LENGTHS, GRID, T = [9, 4], (4, 5), [0.3123, 0.75]
+TEXT_LENGTHS, GRID, T = DIT_TEXT_LENGTHS, DIT_GRID, DIT_TIMES
 BF16 = "bfloat16"
 # name -> write_synthetic_lora arguments; each seed differs, so no two files are alike.
 LORAS = {
@@ -110,20 +118,11 @@ def loras(component, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(component):
-    config = Ideogram4Transformer.build(component).config
-    rng = np.random.default_rng(0)
-    ids = sequence_ids(TEXT_LENGTHS, *GRID)
-    b, length = ids[2].shape
-    x = rng.standard_normal((b, length, config.in_channels)).astype(np.float32)
-    feats = rng.standard_normal((b, length, config.llm_features_dim)).astype(np.float32)
-    feats *= (ids[2] == 3)[..., None]  # text features only at text slots
-    return x, feats, np.array(T, np.float32), ids
+    return padded_dit_inputs(component)
 
 
 def forward(model, inputs):
-    x, feats, t, ids = inputs
-    out = np.array(model(mx.array(x), t, mx.array(feats), *ids))
-    return out[ids[2] == OUTPUT_IMAGE_INDICATOR]
+    return padded_dit_forward(model, inputs)
 
 
 def load_mlx(component, files=(), dtype=mx.float32, fuse=False, bits=None):

@@ -28,17 +28,25 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import rel_l2, require_reference
+from helpers import (
+    DIT_GRID,
+    DIT_TEXT_LENGTHS,
+    DIT_TIMES,
+    padded_dit_forward,
+    padded_dit_inputs,
+    rel_l2,
+    require_reference,
+)
 from safetensors import safe_open
 
 from ideogram4_mlx.cli import main
-from ideogram4_mlx.dit_sequence import OUTPUT_IMAGE_INDICATOR, sequence_ids
+from ideogram4_mlx.dit_sequence import OUTPUT_IMAGE_INDICATOR
 from ideogram4_mlx.lora import TRAINING_KEY, apply_loras, read_lora
 from ideogram4_mlx.train.save import peft_config, save_lora
 from ideogram4_mlx.train.step import BLOCK_TARGETS, LoRASettings, add_lora
 from ideogram4_mlx.transformer import Ideogram4Transformer
 
-TEXT_LENGTHS, GRID, T = [9, 4], (4, 5), [0.3123, 0.75]
+TEXT_LENGTHS, GRID, T = DIT_TEXT_LENGTHS, DIT_GRID, DIT_TIMES
 SETTINGS = LoRASettings(rank=4, alpha=2.0, targets=BLOCK_TARGETS, seed=3)
 TRAINING = {"steps": 7, "learning_rate": 1e-4}
 DTYPES = {"fp32": (mx.float32, "F32"), "bf16": (mx.bfloat16, "BF16")}
@@ -78,20 +86,11 @@ def files(trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(component):
-    config = Ideogram4Transformer.build(component).config
-    rng = np.random.default_rng(0)
-    ids = sequence_ids(TEXT_LENGTHS, *GRID)
-    b, length = ids[2].shape
-    x = rng.standard_normal((b, length, config.in_channels)).astype(np.float32)
-    feats = rng.standard_normal((b, length, config.llm_features_dim)).astype(np.float32)
-    feats *= (ids[2] == 3)[..., None]  # text features only at text slots
-    return x, feats, np.array(T, np.float32), ids
+    return padded_dit_inputs(component)
 
 
 def forward(model, inputs):
-    x, feats, t, ids = inputs
-    out = np.array(model(mx.array(x), t, mx.array(feats), *ids))
-    return out[ids[2] == OUTPUT_IMAGE_INDICATOR]
+    return padded_dit_forward(model, inputs)
 
 
 def ours(component, inputs, path=None):
