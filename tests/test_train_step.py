@@ -250,3 +250,32 @@ def test_gradients_match_torch_autograd_through_diffusers_and_peft(component):
     assert errors[worst] <= 1e-3, (
         f"{worst}: LoRA gradient off torch's by rel L2 {errors[worst]:.2e}"
     )
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "8-bit", "4-bit"])
+def test_a_bf16_or_quantized_base_trains_its_lora_only(component, base):
+    """The base as a Mac holds it (bf16, or its block linears quantized, QLoRA-style): the
+    adapters train in fp32 (the loss falls as for fp32), and no base weight moves."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    dtype = mx.bfloat16 if base == "bfloat16" else mx.float32
+    model = Ideogram4Transformer.from_pretrained(component, dtype=dtype)
+    if base != "bfloat16":
+        bits = int(base.split("-")[0])
+        nn.quantize(model, group_size=32, bits=bits, class_predicate=lambda path, m: (
+            path.startswith("layers.") and isinstance(m, nn.Linear)
+            and m.weight.shape[1] % 32 == 0))  # fmt: skip
+        assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    before = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    add_lora(model, LoRASettings(rank=8, alpha=8.0))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert trainable and all(v.dtype == mx.float32 for v in trainable.values())
+    assert all("lora_" in k for k in trainable)
+    batch = batch_for(model, inputs(model.config))
+    optimizer = make_optimizer(learning_rate=3e-3, weight_decay=0.0)
+    losses = [float(train_step(model, optimizer, batch)) for _ in range(40)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] / 2, losses[::10]
+    after = dict(tree_flatten(model.parameters()))
+    for key, value in before.items():
+        np.testing.assert_array_equal(np.array(after[key].astype(mx.float32)), value, key)
