@@ -173,6 +173,11 @@ def train_lora(data, out, options, cache_dir, allow_txt, force, **settings) -> N
     sample_steps = settings.pop("sample_steps")
     if bool(prompts) != (every is not None):
         raise click.UsageError("give --sample-prompt and --sample-every together")
+    if options.memory_limit == 0:  # --low-memory streams DiT blocks: training holds them all
+        raise click.UsageError(
+            "training needs every DiT block in memory: not --low-memory; use "
+            "--gradient-checkpointing or --memory-limit GB"
+        )
     examples = preflight(data, out, settings["resolution"], allow_txt, force, settings["resume"])
     pipe = load(options, keep_in_memory=False)  # the encoders go before training
     report_dtype()

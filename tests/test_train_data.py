@@ -380,3 +380,22 @@ def test_the_command_caches_the_data_trains_and_writes_a_lora_generate_applies(
     assert read_metadata(images[1])["loras"][0]["name"] == out.name
     pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in images]
     assert np.abs(pixels[1] - pixels[0]).max() > 0  # the trained LoRA changes the image
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--low-memory"], "training needs every DiT block in memory: not --low-memory"),
+        (["--sample-prompt", "a sun"], "give --sample-prompt and --sample-every together"),
+        (["--sample-every", "5"], "give --sample-prompt and --sample-every together"),
+    ],
+)
+def test_command_option_conflicts_are_usage_errors_before_loading(
+    tmp_path, monkeypatch, extra, message
+):
+    data = write_dataset(tmp_path / "data", SIZES[:1])
+    loads = []
+    monkeypatch.setattr("ideogram4_mlx.cli.train.load", lambda *a, **k: loads.append(a))
+    out = str(tmp_path / "out.safetensors")
+    result = CliRunner().invoke(main, ["train-lora", str(data), out, *extra])
+    assert result.exit_code == 2 and message in result.output and loads == []
