@@ -13,6 +13,7 @@ import io
 import math
 import platform
 import shutil
+import threading
 import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
@@ -121,15 +122,17 @@ def get_engine(name: str | None = None) -> OCREngine:
         return AutoEngine(installed)
     if name not in ENGINES:
         raise InputError(f"unknown OCR engine {name!r}: use one of {', '.join(ENGINES)} or auto")
-    if name not in _MADE:
-        missing = _missing(name)
-        if missing is not None:
-            raise OCRUnavailableError(missing)
-        _MADE[name] = _MAKERS[name]()
-    return _MADE[name]
+    with _MAKING:  # the server's request and worker threads share the engines
+        if name not in _MADE:
+            missing = _missing(name)
+            if missing is not None:
+                raise OCRUnavailableError(missing)
+            _MADE[name] = _MAKERS[name]()
+        return _MADE[name]
 
 
 _MADE: dict[str, OCREngine] = {}  # one engine per name per process: models load once
+_MAKING = threading.RLock()  # AutoEngine makes its members through get_engine
 
 
 def _install_hint() -> str:

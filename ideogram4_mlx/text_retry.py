@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ideogram4_mlx.batch import image_seeds
 from ideogram4_mlx.errors import InputError
@@ -32,7 +32,6 @@ class TextCheck:
     ocr: str | None = None
     tries: int = 1
     threshold: float = TEXT_THRESHOLD
-    _engine: list = field(default_factory=list, compare=False, repr=False)  # made once
 
     def __post_init__(self):
         if isinstance(self.tries, bool) or not isinstance(self.tries, int):
@@ -47,13 +46,11 @@ class TextCheck:
             raise InputError(f"ocr must be an engine name, got {self.ocr!r}")
 
     def engine(self):
-        """The OCR engine, made on first use (``Ideo4Error`` naming the install when none
-        is installed: before any image is generated, when called first)."""
-        if not self._engine:
-            from ideogram4_mlx.ocr import get_engine
+        """The OCR engine (``ocr.get_engine``: made once per process; ``Ideo4Error`` naming the
+        install when it is not installed: call it before generating to fail first)."""
+        from ideogram4_mlx.ocr import get_engine
 
-            self._engine.append(get_engine(self.ocr))
-        return self._engine[0]
+        return get_engine(self.ocr)
 
     def check(self, result: GenerationResult) -> TextReport:
         """``result``'s text scores against the prompt it ran (the caption, after a magic

@@ -25,6 +25,7 @@ from PIL import Image
 from ideogram4_mlx.errors import Ideo4Error, InputError
 from ideogram4_mlx.metadata import read_metadata
 from ideogram4_mlx.pipeline import load
+from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.server.app import create_app
 from ideogram4_mlx.server.jobs import JobQueue
 from ideogram4_mlx.text_retry import MAX_TRIES, TextCheck
@@ -260,22 +261,31 @@ def test_a_missing_ocr_engine_is_refused_at_submit(pipe, tmp_path, monkeypatch, 
 
 
 def test_the_engine_is_made_once_per_name(pipe, tmp_path, monkeypatch):
+    """Jobs that name one engine share it (``ocr.get_engine`` makes each once per process):
+    the models load at the first submit that names it, and never again."""
+    from ideogram4_mlx import ocr
+
     made = []
 
-    def get_engine(name=None):
-        made.append(name)
-        return SimpleNamespace(name=name or "default")
+    def maker(name):
+        def make():
+            made.append(name)
+            return SimpleNamespace(name=name, scripts=frozenset({"latin"}))
 
-    monkeypatch.setattr("ideogram4_mlx.ocr.get_engine", get_engine)
+        return make
+
+    monkeypatch.setattr(ocr, "_MADE", {})
+    monkeypatch.setattr(ocr, "_missing", lambda name: None)
+    monkeypatch.setattr(ocr, "_MAKERS", {n: maker(n) for n in ocr.ENGINES})
+    monkeypatch.setattr(pipe, "start", lambda *a, **k: None)
     jobs = JobQueue(pipe, tmp_path, max_queue=8)
     try:
-        checks = [TextCheck("rapidocr", 2, 0.5), TextCheck("rapidocr", 3), TextCheck(None)]
-        held = [jobs.with_engine(c) for c in checks]
-        assert made == ["rapidocr", None]
-        assert [(c.ocr, c.tries, c.threshold) for c in held] == [
-            (c.ocr, c.tries, c.threshold) for c in checks
-        ]
-        assert held[0].engine() is held[1].engine() and held[2].engine().name == "default"
+        checks = [TextCheck("rapidocr", 2, 0.5), TextCheck("rapidocr", 3), TextCheck("tesseract")]
+        for check in checks:
+            jobs.submit(GenerationRequest(CAPTION, width=256, height=256), check)
+        assert made == ["rapidocr", "tesseract"]
+        assert checks[0].engine() is checks[1].engine() and checks[2].engine().name == "tesseract"
+        assert made == ["rapidocr", "tesseract"]
     finally:
         jobs.shutdown()
 

@@ -27,7 +27,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -133,8 +133,6 @@ class JobQueue:
         self._work: queue.Queue = queue.Queue()
         self._unfinished = 0
         self._stopping = False
-        self._checks: dict[str | None, TextCheck] = {}  # per OCR engine name: its engine, made once
-        self._checks_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="ideo4-worker", daemon=True)
         self._thread.start()
 
@@ -143,7 +141,7 @@ class JobQueue:
     def submit(self, request: GenerationRequest, text_check: TextCheck | None = None) -> Job:
         """Check ``request`` (``ValueError``/``OSError`` with the CLI's message) and queue it;
         ``QueueFull`` when ``max_queue`` jobs are unfinished. ``text_check``: check its
-        lettering (see :meth:`with_engine`)."""
+        lettering (its OCR engine is made here, once per process: ``ocr.get_engine``)."""
         return self.submit_all([request], text_check)[0]
 
     def submit_all(
@@ -152,8 +150,8 @@ class JobQueue:
         """Queue all of ``requests`` or none (each checked first; ``QueueFull`` when they do
         not all fit), each with ``text_check``."""
         resolved = [self.pipe.check(request) for request in requests]
-        if text_check is not None:
-            text_check = self.with_engine(text_check)
+        if text_check is not None:  # no OCR engine: one line at submit, before any image
+            text_check.engine()
         with self.changed:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -172,19 +170,6 @@ class JobQueue:
         for job in created:
             self._work.put(job)
         return created
-
-    def with_engine(self, check: TextCheck) -> TextCheck:
-        """``check`` with the OCR engine this queue holds for its ``ocr``, made at the first
-        job that names it (``Ideo4Error`` in one line naming the install when it is not
-        installed: at submit, before any image). ``dataclasses.replace`` keeps the held check's
-        engine, so jobs do not load it again."""
-        with self._checks_lock:
-            held = self._checks.get(check.ocr)
-            if held is None:
-                check.engine()
-                self._checks[check.ocr] = check
-                return check
-        return replace(held, tries=check.tries, threshold=check.threshold)
 
     def snapshot(self) -> list[Job]:
         """The jobs held now, oldest first (a copy: safe while the worker changes them)."""
