@@ -43,7 +43,14 @@ from ideogram4_mlx.describe.vision import (
 from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
-from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
+from ideogram4_mlx.hub import (
+    ALLOW_PATTERNS,
+    check_checkpoint_dir,
+    check_components,
+    download,
+    resolve_file,
+    resolve_model,
+)
 from ideogram4_mlx.lora import LoRAError, LoRAFile, fused_weight, linear_shapes, match, read_lora
 from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
@@ -164,7 +171,7 @@ def convert(
     check_apart(Path(src).expanduser(), dst)
     check_destination(dst, force, foreign_entry, KIND)  # before a download can start
     inputs = file_inputs(files)
-    src_dir, source = resolve_source(src, revision)
+    src_dir, source = resolve_source(src, revision, tuple(inputs))
     if default:
         components = tuple(
             n for n in components if n not in OPTIONAL_COMPONENTS or (src_dir / n).is_dir()
@@ -177,7 +184,8 @@ def convert(
         if name not in inputs and not folder.is_dir():
             raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
         if name in MODEL_COMPONENTS:
-            inputs.setdefault(name, ComponentInput.folder(folder))
+            if name not in inputs:
+                inputs[name] = ComponentInput.folder(folder)
             check_format(name, inputs[name].format, source_format)
     if "tokenizer" in components:
         load_tokenizer(src_dir / "tokenizer")  # a damaged tokenizer fails before any writing
@@ -243,13 +251,24 @@ def read_loras(
     return baked
 
 
-def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:
-    """A local folder as it is (it may hold only some components), else a Hub download."""
+def resolve_source(
+    src: str | Path, revision: str | None, from_files: tuple[str, ...] = ()
+) -> tuple[Path, str]:
+    """A local folder as it is (it may hold only some components), else a Hub download: of
+    only the config of the components given as files (``from_files``)."""
     path = Path(src).expanduser()
     if path.exists():
         return path, str(path)
-    folder, model_id, revision = resolve_model(str(src), revision)
-    return folder, f"{model_id}@{revision}"
+    if not from_files:
+        folder, model_id, revision = resolve_model(str(src), revision)
+        return folder, f"{model_id}@{revision}"
+    patterns = [
+        f"{name}/config.json" if name in from_files else pattern
+        for pattern in ALLOW_PATTERNS
+        for name in [pattern.partition("/")[0]]
+    ]
+    folder = check_checkpoint_dir(download(str(src), revision, patterns))
+    return folder, f"{src}@{revision or folder.name}"
 
 
 def check_apart(src: Path, dst: Path) -> None:
