@@ -20,15 +20,18 @@ from ideogram4_mlx.sources import SOURCE_FAMILIES
 @click.option(
     "--dtype",
     type=click.Choice([*DTYPE_ALIASES, *DTYPES]),
-    default="bf16",
-    show_default=True,
-    help="Dtype of every unquantized tensor.",
+    default=None,
+    help="Dtype of every unquantized tensor (and of the scales of quantized ones). "
+    "Default: bf16; fp16 with --quantize keep, which keeps the sources' fp16 scales exact.",
 )
 @click.option(
     "--quantize",
-    type=click.Choice([str(b) for b in BITS]),
+    type=click.Choice([str(b) for b in BITS] + ["none", "keep"]),
     default=None,
-    help="Quantize the DiTs and the text encoder to this many bits (affine).",
+    help="Quantize the DiTs and the text encoder to this many bits (affine). none: float "
+    "(what a 4-bit source, nf4 or Q4_K, should use: re-quantizing loses twice). keep: copy the "
+    "weights a source stores the way MLX does (GGUF Q8_0, Q4_0, Q4_1) as they are, the rest "
+    "float.",
 )
 @click.option(
     "--group-size",
@@ -135,7 +138,7 @@ def convert(
             src,
             dst,
             dtype=dtype,
-            quantize=None if quantize is None else int(quantize),
+            quantize=int(quantize) if quantize and quantize.isdigit() else quantize,
             group_size=int(group_size),
             recipe=recipe,
             components=components,
