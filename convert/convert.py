@@ -35,7 +35,6 @@ from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.convert.checks import check_keys
 from ideogram4_mlx.convert.delta import check_rank, delta_bytes, write_uncond_delta
 from ideogram4_mlx.convert.inputs import FILE_COMPONENTS, ComponentInput, check_format
-from ideogram4_mlx.convert.keep import KEEP, keep_plan, kept_tensors
 from ideogram4_mlx.describe.vision import (
     VISION_DTYPE_RULE,
     VISION_PREFIXES,
@@ -65,6 +64,7 @@ from ideogram4_mlx.quantization import (
     quantization_plan,
     quantize_skeleton,
 )
+from ideogram4_mlx.sources.keep import KEEP, keep_plan, kept_tensors
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import DELTA_FILE, REPORT_FILE

@@ -1,4 +1,5 @@
-"""``--quantize keep``: copy the source's quantized weights that MLX stores exactly as they are.
+"""Source weights that MLX stores exactly as they are: ``convert --quantize keep`` copies them,
+and a GGUF DiT loads with them directly.
 
 Some source formats quantize a weight the way MLX's affine mode does: GGUF's Q8_0, Q4_0 and
 Q4_1 are groups of 32 values ``scale * q + bias`` (MODEL_NOTES#gguf-dit-files). Such a weight
@@ -18,7 +19,6 @@ from collections import Counter
 import mlx.core as mx
 import mlx.nn as nn
 
-from ideogram4_mlx.convert.inputs import ComponentInput
 from ideogram4_mlx.quantization import MODE
 
 KEEP = "keep"
@@ -31,9 +31,12 @@ def parameter_sources(model: nn.Module, keys: list[str]) -> dict[str, list[str]]
     return {k: [keys[i] for i in v.tolist()] for k, v in mapped.items() if v.ndim == 1}
 
 
-def keep_plan(model: nn.Module, inp: ComponentInput) -> tuple[dict | None, dict[str, list[str]]]:
+def keep_plan(model: nn.Module, inp) -> tuple[dict | None, dict[str, list[str]]]:
     """The record's ``quantization`` for a kept conversion and ``{weight key: source keys}`` of
-    the kept layers. None when the source stores no weight the way MLX does (all float)."""
+    the kept layers. None when the source stores no weight the way MLX does (all float).
+
+    ``inp``: anything with ``headers()`` and ``exact_spec(key)`` (``(bits, group_size)`` or
+    None): a converter input, a GGUF file's reader."""
     keys = sorted(inp.headers())
     specs = {k: inp.exact_spec(k) for k in keys}
     if not any(specs.values()):
@@ -70,9 +73,7 @@ def keep_plan(model: nn.Module, inp: ComponentInput) -> tuple[dict | None, dict[
     return plan, kept
 
 
-def kept_tensors(
-    key: str, parts: list[str], inp: ComponentInput, dtype: mx.Dtype
-) -> dict[str, mx.array]:
+def kept_tensors(key: str, parts: list[str], inp, dtype: mx.Dtype) -> dict[str, mx.array]:
     """One kept layer in MLX's layout: its parts' packed weights, scales and biases, in the
     order ``sanitize`` fuses them (rows stack: each row's groups are its own)."""
     path = key.rpartition(".")[0]
