@@ -2,8 +2,9 @@
 
 The reference is the `gguf` package (llama.cpp's own Python reader): every tensor ``load``
 returns equals ``gguf.quants.dequantize`` of its bytes bit for bit, and every ``exact`` triple
-dequantizes (``mx.dequantize``) to the same bits. Inputs are random blocks (bytes below 60, so
-every fp16 scale is finite and every code value occurs) and synthetic DiTs written the way
+dequantizes (``mx.dequantize``) to the same numbers (the same bits, but for the sign of a zero
+in a block with a negative scale). Inputs are random blocks (every fp16 field finite and of
+either sign, every code value occurring) and synthetic DiTs written the way
 stable-diffusion.cpp converts the fp8 release (ideogram4_mlx/synth/gguf.py).
 """
 
@@ -48,15 +49,25 @@ def write(path, tensors, arch="ideogram", meta=()):
 
 
 def random_blocks(rng, qtype, rows, cols):
-    """Random bytes of a (rows, cols) tensor of ``qtype``: all below 60, so fp16 and E8M0
-    fields are finite while codes, grids and sub-scales take every value."""
+    """Random bytes of a (rows, cols) tensor of ``qtype``: 0..59 or 128..187, so every fp16
+    field is finite and of either sign, E8M0 scales are not NaN, and codes, grids and
+    sub-scales take every value."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return rng.integers(0, 60, (rows, cols // block * size), dtype=np.uint8)
+    shape = (rows, cols // block * size)
+    low = rng.integers(0, 60, shape, dtype=np.uint8)
+    return low | (rng.integers(0, 2, shape, dtype=np.uint8) << 7)
 
 
 def bits_equal(a, b) -> bool:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def same_numbers(a, b) -> bool:
+    """Equal values, and equal bits but for the sign of zero: gguf decodes a zero code of a
+    block with a negative scale as d * 0 = -0, MLX's scale * q + bias gives +0."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a, b) and bits_equal(a[b != 0], b[b != 0])
 
 
 def one_line_error(match, make):
@@ -93,7 +104,7 @@ def test_load_equals_gguf_dequantize_for_every_type(tmp_path, monkeypatch):
     assert qtypes["q.Q6_K.weight"] == "Q6_K" and qtypes["bf16.weight"] == "BF16"
 
 
-def test_exact_triples_dequantize_to_the_gguf_values_bit_for_bit(tmp_path):
+def test_exact_triples_dequantize_to_the_gguf_values(tmp_path):
     rng = np.random.default_rng(1)
     raw = {f"q.{t.name}.weight": (random_blocks(rng, t, 16, 512), t) for t in gguf_file.QUANTIZED}
     raw["norm.weight"] = (random_blocks(rng, GGML.Q8_0, 1, 256)[0], GGML.Q8_0)
@@ -115,7 +126,7 @@ def test_exact_triples_dequantize_to_the_gguf_values_bit_for_bit(tmp_path):
             dtype=mx.float32,
         )
         reference = gguf.quants.dequantize(data, qtype)
-        assert bits_equal(w, reference), key
+        assert same_numbers(w, reference), key
         # and it runs as a quantized layer: the matmul agrees with the dequantized weights
         y = mx.quantized_matmul(
             x,
@@ -336,3 +347,85 @@ def test_a_tensor_of_the_wrong_width_fails_the_config_check(dit_folder, tmp_path
         r"shape \(224, 256\)",
         lambda: Ideogram4Transformer.build(dit_folder, source.headers()),
     )
+
+
+def test_exact_spec_and_scale_dtypes(tmp_path):
+    rng = np.random.default_rng(3)
+    types = (GGML.Q8_0, GGML.Q4_0, GGML.Q5_1, GGML.Q4_K, GGML.Q5_K, GGML.Q6_K, GGML.MXFP4)
+    raw = {f"q.{t.name}.weight": (random_blocks(rng, t, 4, 256), t) for t in types}
+    raw["norm.weight"] = (random_blocks(rng, GGML.Q8_0, 1, 256)[0], GGML.Q8_0)
+    source = GGUFSource(write(tmp_path / "spec.gguf", raw))
+    assert source.format == "gguf"
+    half = {k: source.exact_spec(k) for k in raw}
+    full = {k: source.exact_spec(k, "float32") for k in raw}
+    assert half == {
+        "q.Q8_0.weight": (8, 32),
+        "q.Q4_0.weight": (4, 32),
+        "q.Q5_1.weight": (5, 32),
+        "q.Q4_K.weight": None,
+        "q.Q5_K.weight": None,
+        "q.Q6_K.weight": None,
+        "q.MXFP4.weight": None,  # exact, but in MLX's mxfp4 mode, not affine
+        "norm.weight": None,  # 1-D: no quantized layer holds it
+    }
+    assert full == {**half, "q.Q4_K.weight": (4, 32), "q.Q5_K.weight": (5, 32)}
+    # float16 storage of the affine triple: the same values, so still gguf's bits
+    for key in ("q.Q8_0.weight", "q.Q4_0.weight", "q.Q5_1.weight"):
+        triple = source.exact(key, mx.float16)
+        assert triple["scales"].dtype == triple["biases"].dtype == mx.float16
+        w = mx.dequantize(
+            triple["weight"],
+            triple["scales"].astype(mx.float32),
+            triple["biases"].astype(mx.float32),
+            group_size=32,
+            bits=triple["bits"],
+        )
+        assert same_numbers(w, gguf.quants.dequantize(*raw[key])), key
+    one_line_error(
+        r"spec.gguf: q.Q4_K.weight \(Q4_K\) has scales that mlx.core.float16 does not hold",
+        lambda: source.exact("q.Q4_K.weight", mx.float16),
+    )
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
+def test_convert_keep_copies_the_gguf_blocks_as_they_are(tiny_checkpoint, tmp_path, qtype):
+    """The converter's --quantize keep on a real GGUF reader: every linear whose ggml type MLX
+    holds with float16 scales is copied (its dequantization is gguf's numbers),
+    every other tensor is gguf's dequantization in float16."""
+    from ideogram4_mlx.convert import convert
+
+    path = write_gguf_dit(tiny_checkpoint / "transformer", tmp_path / "dit.gguf", qtype)
+    out = convert(
+        tiny_checkpoint,
+        tmp_path / "out",
+        components=["transformer"],
+        files={"transformer": path},
+        quantize="keep",
+        progress=False,
+    )
+    converted = {}
+    for shard in (out / "transformer").glob("model-*.safetensors"):
+        converted.update(mx.load(str(shard)))
+    source = GGUFSource(path)
+    model = Ideogram4Transformer.build(tiny_checkpoint / "transformer", source.headers())
+    reference = model.sanitize(source.load(source.headers()))
+    kept = 0
+    for key, value in reference.items():
+        stem = key.removesuffix(".weight")
+        if f"{stem}.scales" in converted:
+            kept += 1
+            w = mx.dequantize(
+                converted[key],
+                converted[f"{stem}.scales"].astype(mx.float32),
+                converted[f"{stem}.biases"].astype(mx.float32),
+                group_size=32,
+                bits=8 if qtype == "Q8_0" else 4,
+            )
+            assert same_numbers(w, value), key
+        else:
+            assert bits_equal(converted[key].astype(mx.float32), value.astype(mx.float16)), key
+    # every 2-D tensor MLX holds with float16 scales (Q8_0/Q4_0: all but t_embedding and
+    # final_layer, which stable-diffusion.cpp leaves BF16); Q4_K needs float32 scales
+    exact = {k for k in source.headers() if source.exact_spec(k)}
+    assert kept == len(exact) and (kept == 0) == (qtype == "Q4_K")
+    assert "layers.0.attention.qkv.weight" in exact or qtype == "Q4_K"

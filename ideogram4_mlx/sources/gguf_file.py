@@ -136,6 +136,8 @@ class GGUFSource:
     time; ``exact(key)``: MLX's quantized triple of a tensor whose type MLX holds exactly.
     """
 
+    format = "gguf"  # the source format a conversion records
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
         if not self.path.is_file():
@@ -228,12 +230,24 @@ class GGUFSource:
             "values; the file is damaged"
         )
 
-    def exact(self, key: str) -> dict | None:
+    def exact_spec(self, key: str, scales_dtype: str = "float16") -> tuple[int, int] | None:
+        """``(bits, group_size)`` of a 2-D tensor that MLX's affine mode holds exactly with its
+        scales and biases stored as ``scales_dtype`` (from the table, nothing read):
+        "float16": Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (one fp16 scale per block); "float32": also
+        Q4_K and Q5_K. None for every other tensor (MXFP4: see ``exact``)."""
+        t = self._entry(key)
+        if len(self._shapes[key]) != 2 or t.tensor_type not in AFFINE_EXACT[scales_dtype]:
+            return None
+        return BITS[t.tensor_type], GROUP
+
+    def exact(self, key: str, dtype: mx.Dtype | None = None) -> dict | None:
         """For a 2-D tensor whose ggml type MLX's quantization represents exactly (Q8_0, Q4_0,
         Q4_1, Q5_0, Q5_1, Q4_K, Q5_K as affine group 32; MXFP4 as mxfp4): ``{"weight":
         uint32 (out, in*bits/32), "scales", "biases" (float32, affine only), "bits",
-        "group_size", "mode"}`` such that ``mx.dequantize`` equals ``load`` bit for bit
-        (MODEL_NOTES#gguf-dit-files). None for every other tensor."""
+        "group_size", "mode"}`` such that ``mx.dequantize`` equals ``load`` value for value
+        (bit for bit but for the sign of some zeros, MODEL_NOTES#gguf-dit-files); None for
+        every other tensor. ``dtype``: scales and biases cast to it, an error naming the tensor
+        if that changes one (Q4_K in float16)."""
         t = self._entry(key)
         unpack = UNPACKERS.get(t.tensor_type)
         shape = self._shapes[key]
@@ -258,7 +272,20 @@ class GGUFSource:
         }
         if mode == "affine":
             out["biases"] = mx.array(biases)
+            if dtype is not None:
+                self._cast(key, out, dtype)
         return out
+
+    def _cast(self, key: str, exact: dict, dtype: mx.Dtype) -> None:
+        for name in ("scales", "biases"):
+            value = exact[name].astype(dtype)
+            if not mx.array_equal(value.astype(mx.float32), exact[name]).item():
+                kind = self._tensors[key].tensor_type.name
+                raise CheckpointError(
+                    f"{self.path}: {key} ({kind}) has {name} that {dtype} does not hold "
+                    "exactly; keep its scales in float32 or dequantize it"
+                )
+            exact[name] = value
 
     def _exact_rows(self, key: str, data: np.ndarray):
         """Packed codes, scales and biases of whole rows (``data``: their bytes)."""
@@ -376,6 +403,12 @@ BITS = {
     GGML.Q5_1: 5,
     GGML.Q4_K: 4,
     GGML.Q5_K: 5,
+}
+# What MLX's affine mode holds exactly, by the dtype its scales and biases are stored in: an
+# fp16 block scale d and -8 d, -16 d, -128 d are fp16 values; Q4_K's d * sc needs float32.
+AFFINE_EXACT = {
+    "float16": (GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1),
+    "float32": (GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1, GGML.Q4_K, GGML.Q5_K),
 }
 MXFP4 = getattr(GGML, "MXFP4", None)  # in gguf since 0.17.1
 if MXFP4 is not None:
