@@ -27,8 +27,8 @@ from ideogram4_mlx.config import MAX_WIDTH, CheckpointError, short
 from ideogram4_mlx.sources import Headers
 
 MAGIC = b"GGUF"
-# Bounds checked before the reader builds anything: the real DiT holds 458 tensors with names of
-# at most 56 characters (ggml's own limit is 63), and no metadata but a few keys.
+# Bounds checked before the reader builds anything: the real DiT holds 458 tensors, names of at
+# most 57 characters with the prefix, and a few metadata keys at most.
 MAX_TENSORS = 4096
 MAX_FIELDS = 4096
 MAX_NAME = 256

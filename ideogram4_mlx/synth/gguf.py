@@ -75,15 +75,15 @@ def write_gguf_dit(
     return dst
 
 
-def bf16_tensors(folder: Path | str) -> dict[str, np.ndarray]:
-    """The folder's DiT as stable-diffusion.cpp's fp8 -> bf16 step leaves it: ``{key: bf16 bits
-    (uint16)}``, every fp8 weight ``bf16(f32(fp8) * f32(scale)[:, None])``."""
+def bf16_tensors(folder: Path | str, keys=None) -> dict[str, np.ndarray]:
+    """The folder's DiT (or its ``keys``) as stable-diffusion.cpp's fp8 -> bf16 step leaves it:
+    ``{key: bf16 bits (uint16)}``, every fp8 weight ``bf16(f32(fp8) * f32(scale)[:, None])``."""
     weights = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         weights.update(mx.load(str(path)))
     out = {}
     for key, value in weights.items():
-        if key.endswith(SCALE_SUFFIX):
+        if key.endswith(SCALE_SUFFIX) or (keys is not None and key not in keys):
             continue
         scale = weights.get(key.removesuffix(".weight") + SCALE_SUFFIX)
         if scale is not None:
