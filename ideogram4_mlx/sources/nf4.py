@@ -51,7 +51,8 @@ NF4_TABLE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
-# fp4: sign, 2 exponent bits, 1 mantissa bit, over 12; code 8 is +0 (bitsandbytes writes -0 as an int).
+# fp4: sign, 2 exponent bits, 1 mantissa bit, over 12; code 8 is +0 (bitsandbytes writes it
+# as the int -0).
 FP4_CODES = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0,
              -2.0, -3.0)  # fmt: skip
 TABLES = {
@@ -214,7 +215,30 @@ def claims(headers: Headers) -> bool:
 def decoded_headers(headers: Headers) -> Headers:
     """``headers`` with each group replaced by one F32 ``X.weight`` of its real shape, after
     checking every tensor of it: dtypes and shapes from the headers, then the quant state,
-    quant map and scales read from the files (each bounded first; all small)."""
+    quant map and scales read from the files (each bounded first; all small).
+
+    A load asks several times (dtype checks, config checks, the load itself): the answer for
+    the same headers of unchanged files (size, mtime, inode) is remembered."""
+    files = sorted({path for _, _, path in headers.values()})
+    try:
+        stats = tuple(
+            (str(p), s.st_size, s.st_mtime_ns, s.st_ino) for p in files for s in [p.stat()]
+        )
+    except OSError as e:
+        raise CheckpointError(f"{files[0] if files else '?'}: cannot be read ({e})") from e
+    token = (stats, tuple(sorted((k, v[0], tuple(v[1]), str(v[2])) for k, v in headers.items())))
+    if token not in CHECKED:
+        if len(CHECKED) >= CHECKED_SIZE:
+            CHECKED.pop(next(iter(CHECKED)))
+        CHECKED[token] = check_and_decode_headers(headers)
+    return dict(CHECKED[token])
+
+
+CHECKED: dict[tuple, Headers] = {}  # the last few decoded_headers answers
+CHECKED_SIZE = 8
+
+
+def check_and_decode_headers(headers: Headers) -> Headers:
     groups = state_groups(headers, "")
     out = dict(headers)
     with contextlib.ExitStack() as stack:
