@@ -17,6 +17,7 @@ as diffusers' and transformers' ``save_pretrained`` do past their shard size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -71,6 +72,7 @@ NF4_TABLE = np.array(
 # bitsandbytes' quantize_4bit (backends/default/ops.py): bucketize on the midpoints.
 NF4_MIDPOINTS = (NF4_TABLE[:-1] + NF4_TABLE[1:]) / np.float32(2)
 TINY = np.float32(1e-38)  # its clamp of an all-zero block's absmax
+CHUNK_VALUES = 1 << 22  # values dequantized and quantized at once
 NUMPY_DTYPES = {"U8": np.uint8, "F32": np.float32, "BF16": np.uint16, "I64": np.int64}
 
 
@@ -190,10 +192,11 @@ def plan(headers, weights: dict[str, mx.array], split: bool) -> Iterator[Entry]:
         if key.endswith(SCALE_SUFFIX):
             continue
         if dtype != FP8_DTYPE:
-            yield Entry(key, dtype, tuple(shape), lambda key=key: raw(weights[key]))
+            yield Entry(key, dtype, tuple(shape), lambda key=key: raw(weights.pop(key)))
             continue
-        layer = Layer(weights, key)
-        if split and key.endswith(".attention.qkv.weight"):
+        qkv = split and key.endswith(".attention.qkv.weight")
+        layer = Layer(weights, key, 3 if qkv else 1)
+        if qkv:
             rows = shape[0] // 3
             for i, name in enumerate(("to_q", "to_k", "to_v")):
                 part = key.replace(".qkv.", f".{name}.")
@@ -208,16 +211,27 @@ class Layer:
     """One fp8 linear: a row slice dequantized and nf4-quantized when its packed codes are
     written, and dropped once its absmax is (so memory stays one layer's)."""
 
-    def __init__(self, weights: dict[str, mx.array], key: str):
-        self.weights, self.key = weights, key
+    def __init__(self, weights: dict[str, mx.array], key: str, slices: int):
+        self.weights, self.key, self.left = weights, key, slices
         self.held: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None
 
     def quantized(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
         token = (rows.start, rows.stop)
         if self.held is None or self.held[0] != token:
-            scale = self.weights[self.key[: -len(".weight")] + SCALE_SUFFIX]
-            w = dequantize_fp8(self.weights[self.key][rows], scale[rows]).astype(mx.float32)
-            self.held = (token, quantize_nf4(np.array(w)))
+            weight = self.weights[self.key][rows]
+            scale = self.weights[self.key[: -len(".weight")] + SCALE_SUFFIX][rows]
+            out, cols = weight.shape
+            # Row chunks of whole blocks (cols * step a multiple of the block size) keep the
+            # float copies small; bitsandbytes' blocks run over the flat weight, so they match.
+            unit = BLOCKSIZE // math.gcd(cols, BLOCKSIZE)
+            step = max(unit, CHUNK_VALUES // cols // unit * unit)
+            parts = [
+                quantize_nf4(np.array(dequantize_fp8(weight[r : r + step], scale[r : r + step])
+                                      .astype(mx.float32)))
+                for r in range(0, out, step)
+            ]  # fmt: skip
+            packed = np.concatenate([p for p, _ in parts])
+            self.held = (token, (packed, np.concatenate([a for _, a in parts])))
         return self.held[1]
 
     def packed(self, rows: slice) -> np.ndarray:
@@ -225,7 +239,10 @@ class Layer:
 
     def absmax(self, rows: slice) -> np.ndarray:
         absmax = self.quantized(rows)[1]
-        self.held = None
+        self.held, self.left = None, self.left - 1
+        if not self.left:  # an evaluated array left in the dict would keep its memory
+            self.weights.pop(self.key)
+            self.weights.pop(self.key[: -len(".weight")] + SCALE_SUFFIX)
         return absmax
 
 
