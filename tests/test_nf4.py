@@ -13,7 +13,6 @@ the decode rounded to bf16 once.
 import importlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -151,8 +150,9 @@ def test_synthetic_quantizer_is_bitsandbytes_quantize_4bit():
 
 
 def test_quantization_config_is_what_diffusers_and_transformers_write():
-    torch = require_bitsandbytes() and importlib.import_module("torch")
+    require_bitsandbytes()
     import diffusers
+    import torch
     import transformers
 
     for library in (diffusers, transformers):
@@ -402,4 +402,16 @@ def test_writer_refuses_unknown_naming(tiny_checkpoint, tmp_path):
     with pytest.raises(InputError, match="naming 'joined'"):
         write_nf4_checkpoint(tiny_checkpoint, tmp_path / "x", naming="joined")
     assert not (tmp_path / "x").exists()
-    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_from_nf4_converts_and_from_another_format_is_refused(nf4_snapshots, tmp_path):
+    src = nf4_snapshots["fused"]
+    out = convert(
+        src, tmp_path / "ok", components=["transformer"], source_format="nf4", progress=False
+    )
+    assert (out / "transformer" / "config.json").is_file()
+    with pytest.raises(CheckpointError, match="hold the nf4 format, not fp8") as e:
+        convert(
+            src, tmp_path / "no", components=["transformer"], source_format="fp8", progress=False
+        )
+    assert "\n" not in str(e.value) and not (tmp_path / "no").exists()
