@@ -415,3 +415,13 @@ def test_from_nf4_converts_and_from_another_format_is_refused(nf4_snapshots, tmp
             src, tmp_path / "no", components=["transformer"], source_format="fp8", progress=False
         )
     assert "\n" not in str(e.value) and not (tmp_path / "no").exists()
+
+
+def test_decode_checks_the_arrays_it_is_given():
+    packed, absmax, state = valid_group()
+    arrays = {k: mx.array(v) for k, v in group("x.weight", packed, absmax, state).items()}
+    key = "x.weight.quant_state.bitsandbytes__nf4"
+    with pytest.raises(CheckpointError, match="x.weight.absmax is mlx.core.float32 \\(3,\\)"):
+        nf4.decode({**arrays, "x.weight.absmax": mx.ones(3)})
+    with pytest.raises(CheckpointError, match="at most 65536"):
+        nf4.decode({**arrays, key: mx.zeros(70000, dtype=mx.uint8)})
