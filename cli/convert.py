@@ -1,4 +1,5 @@
-"""`ideo4-mlx convert`: an fp8 snapshot -> an MLX folder (bf16, 8/6/4-bit or a mixed recipe)."""
+"""`ideo4-mlx convert`: an fp8 snapshot -> an MLX folder (bf16, 8/6/4-bit, a mixed recipe or
+one of MLX's float formats mxfp4/mxfp8/nvfp4)."""
 
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from ideogram4_mlx.cli.options import components_option, show_warning
 from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
 from ideogram4_mlx.dtypes import DTYPE_ALIASES, DTYPES
-from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
+from ideogram4_mlx.quantization import FLOAT_MODES, GROUP_SIZES, MODES, QUANTIZE_CHOICES, RECIPES
 
 
 @click.command(cls=Command, short_help="Convert the fp8 checkpoint to MLX (bf16 or quantized).")
@@ -25,16 +26,17 @@ from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
 )
 @click.option(
     "--quantize",
-    type=click.Choice([str(b) for b in BITS]),
+    type=click.Choice(QUANTIZE_CHOICES),
     default=None,
-    help="Quantize the DiTs and the text encoder to this many bits (affine).",
+    help="Quantize the DiTs and the text encoder: 8, 6 or 4 bits (affine), or MLX's float "
+    "formats mxfp8, mxfp4 (groups of 32) or nvfp4 (groups of 16).",
 )
 @click.option(
     "--group-size",
-    type=click.Choice([str(g) for g in GROUP_SIZES]),
-    default="64",
-    show_default=True,
-    help="Quantization group size.",
+    type=click.Choice(sorted({str(g) for m in MODES.values() for g in m.group_sizes}, key=int)),
+    default=None,
+    help=f"Affine quantization group size: {', '.join(map(str, GROUP_SIZES))} (default 64); "
+    f"fixed for {', '.join(FLOAT_MODES)}.",
 )
 @click.option(
     "--recipe",
@@ -90,6 +92,7 @@ def convert(
     \b
     Example:
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-q4 --quantize 4
+      ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-mxfp4 --quantize mxfp4
       ideo4-mlx generate --model ~/models/ideo4-q4 --prompt-file examples/poster.json
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/styled --lora style.safetensors:0.8
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/one-dit --uncond-as-lora 64
@@ -100,8 +103,8 @@ def convert(
             src,
             dst,
             dtype=dtype,
-            quantize=None if quantize is None else int(quantize),
-            group_size=int(group_size),
+            quantize=int(quantize) if quantize and quantize.isdigit() else quantize,
+            group_size=None if group_size is None else int(group_size),
             recipe=recipe,
             components=components,
             force=force,
