@@ -35,7 +35,7 @@ from ideogram4_mlx.config import CheckpointError
 Headers = dict[str, tuple[str, tuple[int, ...], Path]]
 
 # "module:attribute" of every registered format, in the order they are asked.
-REGISTERED: tuple[str, ...] = ()
+REGISTERED: tuple[str, ...] = ("comfy:FORMAT",)
 # The names ``--from`` accepts: the official layout, then each format family.
 OFFICIAL = "fp8"
 
