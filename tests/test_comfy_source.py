@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from safetensors import safe_open
 
 from ideogram4_mlx.config import CheckpointError
+from ideogram4_mlx.convert import convert
 from ideogram4_mlx.sources import detect
 from ideogram4_mlx.sources.comfy import (
     FORMAT,
@@ -164,6 +165,23 @@ def test_prefixed_keys_bf16_layers_and_input_scales_load_the_same(
         assert mx.array_equal(got[key], value), key
 
 
+def test_convert_reads_a_comfy_dit_folder(tiny_checkpoint, comfy_dirs, tmp_path):
+    """convert through the format hook: a bf16 conversion holds the decoded weights, rounded
+    once, so it loads to the same parameters as the Comfy folder itself."""
+    src = tmp_path / "src"
+    (src / DIT).mkdir(parents=True)
+    shutil.copy(tiny_checkpoint / "model_index.json", src / "model_index.json")
+    for path in comfy_dirs["nvfp4_mixed"].iterdir():
+        shutil.copy(path, src / DIT / path.name)
+    convert(src, tmp_path / "out", components=(DIT,), progress=False)
+    want = Ideogram4Transformer.from_pretrained(comfy_dirs["nvfp4_mixed"])
+    got = dict(
+        tree_flatten(Ideogram4Transformer.from_pretrained(tmp_path / "out" / DIT).parameters())
+    )
+    for key, value in tree_flatten(want.parameters()):
+        assert mx.array_equal(got[key], value), key
+
+
 def test_synthetic_layout_is_comfy_kitchens_quantization():
     """The writer's nvfp4 bytes and blocked scales are what ``comfy_kitchen.quantize_nvfp4``
     writes (rows padded to 128, block columns to 4); its fp8 is ComfyUI's per-tensor layout."""
@@ -268,6 +286,14 @@ BAD = {
     "unblocked block scales": (
         edit(nvfp4_layer(), "layers.0.attention.qkv.weight_scale", ("U8", np.ones((16, 2), "u1"))),
         "weight_scale is U8 [16, 2], expected F8_E4M3 [128, 4]",
+    ),
+    "nan block scale": (
+        edit(
+            nvfp4_layer(),
+            "layers.0.attention.qkv.weight_scale",
+            ("F8_E4M3", np.full((128, 4), 0x7F, "u1")),
+        ),
+        "weight_scale holds 512 NaN block scale(s)",
     ),
     "unpadded nvfp4 rows": (
         edit(nvfp4_layer(), "layers.0.attention.qkv.weight", ("U8", np.zeros((20, 16), "u1"))),

@@ -46,6 +46,7 @@ AUX = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", MARKE
 # E2M1 code -> value (sign bit 3), comfy-kitchen's E2M1_LUT.
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FIX = "re-download the file from Comfy-Org/Ideogram-4"
+CHECKED: set[tuple] = set()  # block-scale tensors already found free of NaN
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def check_group(prefix: str, fmt: str, headers: Headers) -> Layer:
             f"padded to {BLOCK_ROWS}x{BLOCK_COLS} tiles); {FIX}"
         )
     check_scalar(prefix + "weight_scale_2", headers)
+    check_block_scales(path, prefix + "weight_scale")
     return Layer(prefix, fmt, (rows, cols), path)
 
 
@@ -277,6 +279,23 @@ def check_scalar(key: str, headers: Headers, positive: bool = True) -> None:
     value = float(read_tensor(path, key).reshape(()))
     if not math.isfinite(value) or (positive and value <= 0):
         raise CheckpointError(f"{path}: {key} is {value}, expected a finite scale > 0; {FIX}")
+
+
+def check_block_scales(path: Path, key: str) -> None:
+    """No NaN among an nvfp4 layer's E4M3 block scales (codes 0x7F, 0xFF): one tensor read at a
+    time (1/32 of the weight's bytes), each (file, key, mtime) once per process."""
+    stat = path.stat()
+    token = (str(path), key, stat.st_size, stat.st_mtime_ns)
+    if token in CHECKED:
+        return
+    try:
+        scales = mx.load(str(path))[key]
+        nan = int(mx.sum(mx.bitwise_and(scales, 0x7F) == 0x7F).item())
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {key} cannot be read ({e}); {FIX}") from None
+    if nan:
+        raise CheckpointError(f"{path}: {key} holds {nan} NaN block scale(s); {FIX}")
+    CHECKED.add(token)
 
 
 def read_tensor(path: Path, key: str) -> np.ndarray:
