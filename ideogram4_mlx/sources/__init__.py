@@ -36,8 +36,10 @@ Headers = dict[str, tuple[str, tuple[int, ...], Path]]
 
 # "module:attribute" of every registered format, in the order they are asked.
 REGISTERED: tuple[str, ...] = ("comfy:FORMAT",)
-# The names ``--from`` accepts: the official layout, then each format family.
+# The names ``--from`` accepts: the official layout, then each format family (a format's
+# name is its family, or the family and a variant: ``comfy-nvfp4``).
 OFFICIAL = "fp8"
+SOURCE_FAMILIES = (OFFICIAL, "nf4", "comfy", "gguf")
 
 
 class Format(Protocol):
@@ -54,6 +56,8 @@ class Reader(Protocol):
     """The tensors of one component from a source that is not a folder of safetensors files
     (a GGUF file): decoded headers, tensors loaded a few at a time, and the tensors whose
     quantization MLX represents exactly (``exact``), which ``--quantize keep`` copies."""
+
+    format: str  # its name (``gguf``), recorded in the conversion
 
     def headers(self) -> Headers: ...
 
