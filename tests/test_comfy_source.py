@@ -182,6 +182,35 @@ def test_convert_reads_a_comfy_dit_folder(tiny_checkpoint, comfy_dirs, tmp_path)
         assert mx.array_equal(got[key], value), key
 
 
+def test_convert_reads_a_single_comfy_file(tiny_checkpoint, comfy_dirs, tmp_path):
+    """``convert SRC --transformer FILE --from comfy``: the file converts like its folder and the
+    record names the format; ``--from gguf`` on it is refused."""
+    path = comfy_file(comfy_dirs["fp8_scaled"])
+    out = convert(
+        tiny_checkpoint,
+        tmp_path / "out",
+        components=[DIT],
+        files={DIT: path},
+        source_format="comfy",
+        progress=False,
+    )
+    record = json.loads((out / DIT / "config.json").read_text())["mlx_conversion"]
+    assert record["format"] == "comfy"
+    want = Ideogram4Transformer.from_pretrained(comfy_dirs["fp8_scaled"])
+    got = dict(tree_flatten(Ideogram4Transformer.from_pretrained(out / DIT).parameters()))
+    for key, value in tree_flatten(want.parameters()):
+        assert mx.array_equal(got[key], value), key
+    with pytest.raises(CheckpointError, match="the files hold the comfy format, not gguf"):
+        convert(
+            tiny_checkpoint,
+            tmp_path / "other",
+            components=[DIT],
+            files={DIT: path},
+            source_format="gguf",
+            progress=False,
+        )
+
+
 def test_synthetic_layout_is_comfy_kitchens_quantization():
     """The writer's nvfp4 bytes and blocked scales are what ``comfy_kitchen.quantize_nvfp4``
     writes (rows padded to 128, block columns to 4); its fp8 is ComfyUI's per-tensor layout."""
