@@ -12,6 +12,7 @@ from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
 from ideogram4_mlx.dtypes import DTYPE_ALIASES, DTYPES
 from ideogram4_mlx.quantization import FLOAT_MODES, GROUP_SIZES, MODES, QUANTIZE_CHOICES, RECIPES
+from ideogram4_mlx.sources import SOURCE_FAMILIES
 
 
 @click.command(cls=Command, short_help="Convert the fp8 checkpoint to MLX (bf16 or quantized).")
@@ -20,16 +21,18 @@ from ideogram4_mlx.quantization import FLOAT_MODES, GROUP_SIZES, MODES, QUANTIZE
 @click.option(
     "--dtype",
     type=click.Choice([*DTYPE_ALIASES, *DTYPES]),
-    default="bf16",
-    show_default=True,
-    help="Dtype of every unquantized tensor.",
+    default=None,
+    help="Dtype of every unquantized tensor (and of the scales of quantized ones). "
+    "Default: bf16; fp16 with --quantize keep, which keeps the sources' fp16 scales exact.",
 )
 @click.option(
     "--quantize",
-    type=click.Choice(QUANTIZE_CHOICES),
+    type=click.Choice([*QUANTIZE_CHOICES, "none", "keep"]),
     default=None,
     help="Quantize the DiTs and the text encoder: 8, 6 or 4 bits (affine), or MLX's float "
-    "formats mxfp8, mxfp4 (groups of 32) or nvfp4 (groups of 16).",
+    "formats mxfp8, mxfp4 (groups of 32) or nvfp4 (groups of 16). none: float (what a 4-bit "
+    "source, nf4 or Q4_K, should use: re-quantizing loses twice). keep: copy the weights a "
+    "source stores the way MLX does (GGUF Q8_0, Q4_0, Q4_1) as they are, the rest float.",
 )
 @click.option(
     "--group-size",
@@ -71,6 +74,29 @@ from ideogram4_mlx.quantization import FLOAT_MODES, GROUP_SIZES, MODES, QUANTIZE
     "unconditional_transformer/ is left out unless --components names it.",
 )
 @click.option(
+    "--transformer",
+    "transformer_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the conditional DiT from this single file instead of SRC/transformer: a Comfy "
+    "repack (ideogram4_fp8_scaled / nvfp4_mixed .safetensors) or a GGUF file. Its config comes "
+    "from SRC/transformer/config.json (only that is downloaded for a repo id).",
+)
+@click.option(
+    "--unconditional-transformer",
+    "uncond_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Likewise for the unconditional DiT.",
+)
+@click.option(
+    "--from",
+    "source_format",
+    type=click.Choice(SOURCE_FAMILIES),
+    default=None,
+    help="The format SRC (and the DiT files) must hold; detected from the files by default.",
+)
+@click.option(
     "--force", is_flag=True, help="Replace DST if it is an earlier conversion or an empty folder."
 )
 def convert(
@@ -85,9 +111,16 @@ def convert(
     force,
     loras,
     uncond_as_lora,
+    transformer_file,
+    uncond_file,
+    source_format,
 ) -> None:
     """Convert the Ideogram 4 checkpoint SRC (repo id or folder) into an MLX folder DST: bf16 by
     default, or quantized with --quantize or --recipe. Load DST with generate --model DST.
+
+    SRC may be the fp8 release, the nf4 release (either key naming) or its diffusers repo; the
+    DiTs may come from single files (--transformer, --unconditional-transformer: Comfy repacks,
+    GGUF files), the other components from SRC.
 
     \b
     Example:
@@ -96,6 +129,10 @@ def convert(
       ideo4-mlx generate --model ~/models/ideo4-q4 --prompt-file examples/poster.json
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/styled --lora style.safetensors:0.8
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/one-dit --uncond-as-lora 64
+      ideo4-mlx convert ideogram-ai/ideogram-4-nf4 ~/models/ideo4-bf16
+      ideo4-mlx convert ideogram-ai/ideogram-4-nf4 ~/m/gguf-q8 \\
+          --transformer ideogram4-transformer-Q8_0.gguf \\
+          --unconditional-transformer ideogram4-unconditional_transformer-Q8_0.gguf
     """
     with warnings.catch_warnings():
         warnings.showwarning = show_warning  # stale lock / partial folder reports: one line each
@@ -111,5 +148,14 @@ def convert(
             revision=revision,
             loras=list(loras),
             uncond_as_lora=uncond_as_lora,
+            files=dict(
+                (name, path)
+                for name, path in (
+                    ("transformer", transformer_file),
+                    ("unconditional_transformer", uncond_file),
+                )
+                if path is not None
+            ),
+            source_format=source_format,
         )
     click.echo(str(path))

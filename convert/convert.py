@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,11 +35,24 @@ from tqdm import tqdm
 from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.convert.checks import check_keys
 from ideogram4_mlx.convert.delta import check_rank, delta_bytes, write_uncond_delta
-from ideogram4_mlx.describe.vision import VISION_DTYPE_RULE, sanitize_visual, vision_parameters
+from ideogram4_mlx.convert.inputs import FILE_COMPONENTS, ComponentInput, check_format
+from ideogram4_mlx.describe.vision import (
+    VISION_DTYPE_RULE,
+    VISION_PREFIXES,
+    sanitize_visual,
+    vision_parameters,
+)
 from ideogram4_mlx.dtypes import dtype_name, parse_dtype
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
-from ideogram4_mlx.hub import check_components, resolve_file, resolve_model
+from ideogram4_mlx.hub import (
+    ALLOW_PATTERNS,
+    check_checkpoint_dir,
+    check_components,
+    download,
+    resolve_file,
+    resolve_model,
+)
 from ideogram4_mlx.lora import LoRAError, LoRAFile, fused_weight, linear_shapes, match, read_lora
 from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
@@ -50,17 +64,12 @@ from ideogram4_mlx.quantization import (
     quantize_skeleton,
     record_version,
 )
+from ideogram4_mlx.sources.keep import KEEP, keep_plan, kept_tensors
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import DELTA_FILE, REPORT_FILE
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.version import __version__
-from ideogram4_mlx.weights import (
-    check_raw_dtypes,
-    component_files,
-    load_safetensors,
-    tensor_headers,
-)
 
 # Shards are saved with mx.save_safetensors, which holds a whole shard in memory: 1 GiB keeps
 # the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.
@@ -101,7 +110,7 @@ KIND = "an ideo4-mlx conversion"
 def convert(
     src: str | Path,
     dst: str | Path,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     quantize: int | str | None = None,
     group_size: int | None = None,
     recipe: str | None = None,
@@ -112,15 +121,26 @@ def convert(
     shard_bytes: int = SHARD_BYTES,
     loras: Sequence[LoRASpec | str] = (),
     uncond_as_lora: int | str | None = None,
+    files: dict[str, str | Path] | None = None,
+    source_format: str | None = None,
 ) -> Path:
-    """Convert an Ideogram 4 fp8 snapshot (repo id or folder) into an MLX folder at ``dst``.
+    """Convert an Ideogram 4 snapshot (repo id or folder) into an MLX folder at ``dst``.
+
+    The snapshot may be the fp8 release or any format ``ideogram4_mlx.sources`` decodes (nf4,
+    nf4-diffusers, ...); ``files`` gives a DiT as one file instead (a Comfy repack or a GGUF
+    file), by component name (``transformer``, ``unconditional_transformer``).
 
     Args:
-        dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``).
+        dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``);
+            by default bfloat16, float16 with ``quantize="keep"`` (which keeps the sources'
+            float16 scales exact).
         quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128, default 64), or one of
             MLX's float modes ``"mxfp4"``, ``"mxfp8"`` (groups of 32), ``"nvfp4"`` (groups of
             16; no other ``group_size``), for the DiTs and the text encoder; sensitive layers
             stay float or >= 8-bit (each model's ``quant_predicate``; ``quantization``).
+            ``"none"``: float (as None). ``"keep"``: the weights a source stores the way MLX
+            does (GGUF Q8_0/Q4_0/Q4_1) are copied as they are, every other one is float
+            (``convert.keep``).
         recipe: a mixed-precision recipe name (e.g. ``mixed-4-8``) instead of ``quantize``.
         components: the sub-folders to write (default: all of ``COMPONENTS``).
         force: replace an existing ``dst`` that is empty or an earlier conversion.
@@ -134,16 +154,30 @@ def convert(
             tensors; ``full``: exact differences of all) and its per-layer reconstruction
             errors (``unconditional_delta.json``), and leave ``unconditional_transformer/`` out
             of ``dst`` unless ``components`` names it (``convert.delta``).
+        files: ``{component: file}``: the DiTs read from single files; their config.json comes
+            from the snapshot's folder of that name when it has one, else the real model's.
+        source_format: ``--from``: the format every read component must hold (``fp8``,
+            ``nf4``, ``comfy``, ``gguf``, or a full name such as ``comfy-nvfp4``).
 
     Returns:
         ``dst``. Raises ``CheckpointError`` for a damaged source, ``FileExistsError`` for a
         ``dst`` that must not be replaced (see ``ideogram4_mlx.files``), ``ModelAccessError``
         for a refused download, ``OSError`` for a full disk.
     """
+    keep = quantize == KEEP
+    if keep and recipe is not None:
+        raise InputError("--quantize keep copies the source's own quantization; drop --recipe")
+    if keep and loras:
+        raise InputError(
+            "--quantize keep copies the source's quantized weights as they are, which a baked "
+            "LoRA would change: drop --lora (apply it with generate --lora), or give bits"
+        )
+    quantize = None if quantize in ("none", KEEP) else quantize
+    dtype = dtype or ("float16" if keep else "bfloat16")
     parse_dtype(dtype)  # checks the name only
     check_settings(quantize, group_size, recipe)
     uncond_as_lora = check_rank(uncond_as_lora)
-    if uncond_as_lora == "full" and (quantize is not None or recipe is not None):
+    if uncond_as_lora == "full" and (quantize is not None or recipe is not None or keep):
         raise InputError(
             "--uncond-as-lora full adds exact differences to the conditional DiT's weights, "
             "which quantizing leaves no float copy of: give a rank, or convert unquantized"
@@ -155,30 +189,41 @@ def convert(
     dst = Path(dst).expanduser()
     check_apart(Path(src).expanduser(), dst)
     check_destination(dst, force, foreign_entry, KIND)  # before a download can start
-    src_dir, source = resolve_source(src, revision)
+    inputs = file_inputs(files)
+    src_dir, source = resolve_source(src, revision, tuple(inputs))
     if default:
         components = tuple(
             n for n in components if n not in OPTIONAL_COMPONENTS or (src_dir / n).is_dir()
         )
     delta_sources = [n for n, _ in DIT_COMPONENTS] if uncond_as_lora is not None else []
+    if inputs and delta_sources:
+        raise InputError("--uncond-as-lora reads both DiTs from SRC's folders, not from files")
     for name in (*components, *delta_sources):
         folder = src_dir / name
-        if not folder.is_dir():
+        if name not in inputs and not folder.is_dir():
             raise CheckpointError(f"{folder}: folder not found (the source has no {name})")
+        if name in MODEL_COMPONENTS:
+            if name not in inputs:
+                inputs[name] = ComponentInput.folder(folder)
+            check_format(name, inputs[name].format, source_format)
     if "tokenizer" in components:
         load_tokenizer(src_dir / "tokenizer")  # a damaged tokenizer fails before any writing
     # and LoRAs that do not fit, likewise (a delta reads both DiTs, with their LoRAs)
-    baked = read_loras(src_dir, (*components, *delta_sources), loras)
+    baked = read_loras(src_dir, (*components, *delta_sources), loras, inputs)
 
-    settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
+    bits = KEEP if keep else quantize
+    settings = dict(dtype=dtype, bits=bits, group_size=group_size, recipe=recipe, source=source)
     settings["loras"] = baked
-    needed = output_bytes(src_dir, components, settings)
+    settings["files"] = {name: str(inp.files[0]) for name, inp in inputs.items() if inp.single}
+    needed = output_bytes(src_dir, components, settings, inputs)
     if uncond_as_lora is not None:
         needed += delta_bytes(src_dir, uncond_as_lora, parse_dtype(dtype))
     with write_folder(dst, force, foreign_entry, KIND, needed) as tmp:
         for name in components:
             if name in MODEL_COMPONENTS:
-                convert_component(src_dir / name, tmp / name, name, settings, progress, shard_bytes)
+                convert_component(
+                    src_dir / name, tmp / name, name, settings, progress, shard_bytes, inputs[name]
+                )
             else:
                 shutil.copytree(src_dir / name, tmp / name)
         for name in COPIED_FILES:
@@ -189,8 +234,29 @@ def convert(
     return dst
 
 
+def file_inputs(files: dict[str, str | Path] | None) -> dict[str, ComponentInput]:
+    """The DiTs given as single files, opened and checked (before anything is downloaded)."""
+    inputs = {}
+    for name, path in (files or {}).items():
+        if name not in FILE_COMPONENTS:
+            raise InputError(f"{name}: only {' and '.join(FILE_COMPONENTS)} can be a file")
+        inputs[name] = ComponentInput.file(Path(path))
+    return inputs
+
+
+def build_model(src_dir: Path, name: str, inp: ComponentInput | None) -> nn.Module:
+    """The float skeleton of a component: from its folder, or from a single file's headers."""
+    model = MODEL_COMPONENTS[name].model
+    if inp is None or not inp.single:
+        return model.build(src_dir / name)
+    return model.build(src_dir / name, inp.headers())
+
+
 def read_loras(
-    src_dir: Path, components: tuple[str, ...], loras: Sequence[LoRASpec | str]
+    src_dir: Path,
+    components: tuple[str, ...],
+    loras: Sequence[LoRASpec | str],
+    inputs: dict[str, ComponentInput],
 ) -> dict[str, list[tuple[LoRAFile, float]]]:
     """The LoRAs to bake, by DiT folder name, each read and matched against its DiT."""
     baked: dict[str, list[tuple[LoRAFile, float]]] = {}
@@ -200,18 +266,29 @@ def read_loras(
         if name not in components:
             raise LoRAError(f"LoRA {spec.source} is for {name}, which is not being converted")
         lora = read_lora(resolve_file(spec.source))
-        match(lora, linear_shapes(MODEL_COMPONENTS[name].model.build(src_dir / name)))
+        match(lora, linear_shapes(build_model(src_dir, name, inputs.get(name))))
         baked.setdefault(name, []).append((lora, spec.scale))
     return baked
 
 
-def resolve_source(src: str | Path, revision: str | None) -> tuple[Path, str]:
-    """A local folder as it is (it may hold only some components), else a Hub download."""
+def resolve_source(
+    src: str | Path, revision: str | None, from_files: tuple[str, ...] = ()
+) -> tuple[Path, str]:
+    """A local folder as it is (it may hold only some components), else a Hub download: of
+    only the config of the components given as files (``from_files``)."""
     path = Path(src).expanduser()
     if path.exists():
         return path, str(path)
-    folder, model_id, revision = resolve_model(str(src), revision)
-    return folder, f"{model_id}@{revision}"
+    if not from_files:
+        folder, model_id, revision = resolve_model(str(src), revision)
+        return folder, f"{model_id}@{revision}"
+    patterns = [
+        f"{name}/config.json" if name in from_files else pattern
+        for pattern in ALLOW_PATTERNS
+        for name in [pattern.partition("/")[0]]
+    ]
+    folder = check_checkpoint_dir(download(str(src), revision, patterns))
+    return folder, f"{src}@{revision or folder.name}"
 
 
 def check_apart(src: Path, dst: Path) -> None:
@@ -251,7 +328,9 @@ def is_converted(component_dir: Path) -> bool:
     return isinstance(config, dict) and RECORD_KEY in config
 
 
-def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> int:
+def output_bytes(
+    src_dir: Path, components: tuple[str, ...], settings: dict, inputs: dict[str, ComponentInput]
+) -> int:
     """The size of the whole output: skeleton sizes in the target dtype plus copied files."""
     dtype = parse_dtype(settings["dtype"])
     total = sum(
@@ -259,14 +338,13 @@ def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> 
     )
     for name in components:
         if name in MODEL_COMPONENTS:
-            _, model, _, _ = build_skeleton(src_dir / name, name, settings)
+            model = build_skeleton(src_dir / name, name, settings, inputs[name]).model
             total += sum(
                 v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
                 for _, v in tree_flatten(model.parameters())
             )
             if MODEL_COMPONENTS[name].carry_vision:
-                headers = tensor_headers(component_files(src_dir / name))
-                total += vision_parameters(headers) * dtype.size
+                total += vision_parameters(inputs[name].headers()) * dtype.size
         else:
             total += sum(p.stat().st_size for p in (src_dir / name).rglob("*") if p.is_file())
     return total
@@ -276,18 +354,31 @@ def output_bytes(src_dir: Path, components: tuple[str, ...], settings: dict) -> 
 # One component.
 
 
-def build_skeleton(src_dir: Path, name: str, settings: dict) -> tuple[dict, nn.Module, dict, dict]:
-    """``(config, quantized skeleton, mlx_conversion record, float parameter shapes)``; lazy."""
-    config = read_config(src_dir)
-    model = MODEL_COMPONENTS[name].model.build(src_dir)
+class Skeleton(NamedTuple):
+    config: dict  # the config.json to write
+    model: nn.Module  # quantized as planned; lazy
+    record: dict  # mlx_conversion
+    expected: dict  # float parameter shapes
+    kept: dict[str, list[str]]  # --quantize keep: weight key -> source keys copied as they are
+
+
+def build_skeleton(src_dir: Path, name: str, settings: dict, inp: ComponentInput) -> Skeleton:
+    """The component's config, quantized skeleton, record and parameter shapes; lazy."""
+    model = build_model(src_dir.parent, name, inp)
+    config = read_config(src_dir) if (src_dir / "config.json").is_file() else model.config.to_json()
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    quantization = quantization_plan(
-        model, settings["bits"], settings["group_size"], settings["recipe"]
-    )
+    if settings["bits"] == KEEP:
+        quantization, kept = keep_plan(model, inp)
+    else:
+        quantization, kept = (
+            quantization_plan(model, settings["bits"], settings["group_size"], settings["recipe"]),
+            {},
+        )
     record = {
         "version": record_version(quantization),
         "converter": f"ideogram4_mlx {__version__}",
-        "source": settings["source"],
+        "source": settings["files"].get(name, settings["source"]),
+        "format": inp.format,
         "dtype": dtype_name(parse_dtype(settings["dtype"])),
         "quantization": quantization,
     }
@@ -298,32 +389,35 @@ def build_skeleton(src_dir: Path, name: str, settings: dict) -> tuple[dict, nn.M
             for lora, scale in baked
         ]
     quantize_skeleton(model, record)
-    return config, model, record, expected
+    return Skeleton(config, model, record, expected, kept)
 
 
 def convert_component(
-    src_dir: Path, out_dir: Path, name: str, settings: dict, progress: bool, shard_bytes: int
+    src_dir: Path,
+    out_dir: Path,
+    name: str,
+    settings: dict,
+    progress: bool,
+    shard_bytes: int,
+    inp: ComponentInput,
 ) -> None:
-    """Stream one model folder into ``out_dir``: shards, index and the annotated config."""
+    """Stream one component (a folder, or a DiT file) into ``out_dir``: shards, index and the
+    annotated config. The input's groups are read one after the other (``convert.inputs``)."""
     spec = MODEL_COMPONENTS[name]
     dtype = parse_dtype(settings["dtype"])
-    config, model, record, expected = build_skeleton(src_dir, name, settings)
+    config, model, record, expected, kept = build_skeleton(src_dir, name, settings, inp)
     targets = dict(tree_flatten(model.parameters()))  # lazy: shapes and dtypes only
     modules = dict(model.named_modules())
 
-    files = component_files(src_dir)
-    key_files = check_raw_dtypes(files, spec.model.dtype_rule)
-    weights = load_safetensors(files)
-    extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
-    carried = {}
+    where = inp.files[0] if inp.single else src_dir
+    key_files = inp.check_dtypes(spec.model.dtype_rule)
     if spec.carry_vision:
-        check_raw_dtypes(files, VISION_DTYPE_RULE)
-        carried = sanitize_visual(weights)
-    try:
-        weights = model.sanitize(weights)
-    except CheckpointError as e:
-        raise CheckpointError(f"{src_dir}: {e}") from None
-    check_keys(weights, expected, key_files, src_dir)
+        inp.check_dtypes(VISION_DTYPE_RULE)
+    # Keys and shapes checked on placeholders (never evaluated) before any tensor is read.
+    shapes = inp.placeholders()
+    for key in [k for k in shapes if k.startswith((*spec.extras, *VISION_PREFIXES))]:
+        shapes.pop(key)
+    check_keys(sanitized(model, shapes, where), expected, key_files, where)
     deltas: dict[str, list] = {}
     for lora, scale in settings.get("loras", {}).get(name, []):
         for target, items in lora.deltas.items():
@@ -333,25 +427,38 @@ def convert_component(
     total = sum(
         v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
         for v in targets.values()
-    ) + sum(v.size * dtype.size for v in carried.values())
+    ) + (vision_parameters(inp.headers()) * dtype.size if spec.carry_vision else 0)
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
-        for key in sorted(weights):
-            value = weights.pop(key)
-            if key in deltas:  # a baked LoRA: merged in fp32, then one rounding to dtype
-                value = fused_weight(value.astype(mx.float32), deltas.pop(key))
-            tensors = convert_tensor(key, value.astype(dtype), modules)
-            for k, t in tensors.items():
-                if t.shape != targets[k].shape:  # converter and loader disagree: a bug
-                    raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
-            writer.add(tensors)
-            bar.update(sum(t.nbytes for t in tensors.values()))
-        for key in sorted(extras):
-            writer.add({key: extras.pop(key)})
-        for key in sorted(carried):
-            value = carried.pop(key).astype(dtype)
-            writer.add({key: value})
-            bar.update(value.nbytes)
+        for group in inp.groups():
+            copied = {key: kept[key] for key in kept if set(kept[key]) & set(group)}
+            weights = inp.load(k for k in group if not any(k in v for v in copied.values()))
+            extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
+            carried = sanitize_visual(weights) if spec.carry_vision else {}
+            weights = sanitized(model, weights, where)
+            for key in sorted(copied):  # --quantize keep: as the source stores them
+                tensors = kept_tensors(key, copied[key], inp, dtype)
+                for k, t in tensors.items():
+                    if t.shape != targets[k].shape:  # converter and loader disagree: a bug
+                        raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
+                writer.add(tensors)
+                bar.update(sum(t.nbytes for t in tensors.values()))
+            for key in sorted(weights):
+                value = weights.pop(key)
+                if key in deltas:  # a baked LoRA: merged in fp32, then one rounding to dtype
+                    value = fused_weight(value.astype(mx.float32), deltas.pop(key))
+                tensors = convert_tensor(key, value.astype(dtype), modules)
+                for k, t in tensors.items():
+                    if t.shape != targets[k].shape:  # converter and loader disagree: a bug
+                        raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
+                writer.add(tensors)
+                bar.update(sum(t.nbytes for t in tensors.values()))
+            for key in sorted(extras):
+                writer.add({key: extras.pop(key)})
+            for key in sorted(carried):
+                value = carried.pop(key).astype(dtype)
+                writer.add({key: value})
+                bar.update(value.nbytes)
     weight_map, total_size = writer.close()
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -359,6 +466,14 @@ def convert_component(
     # the weights are no longer fp8; other loaders must not take them for the fp8 format
     config.pop("ideogram_fp8_weight_only", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def sanitized(model: nn.Module, weights: dict[str, mx.array], where: Path) -> dict:
+    """``model.sanitize`` with the source named in its errors."""
+    try:
+        return model.sanitize(weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def convert_tensor(key: str, value: mx.array, modules: dict) -> dict[str, mx.array]:

@@ -99,6 +99,14 @@ class BaseConfig:
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
 
+    def to_json(self) -> dict:
+        """The fields as config.json holds them (tuples as lists): what a converter writes
+        for a component whose source has no config.json (a single DiT file)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+        }
+
     def header_checks(self) -> list[HeaderCheck]:
         """Values to compare with the tensors a checkpoint holds (``weights.checked_config``)."""
         return []

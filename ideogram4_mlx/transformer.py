@@ -484,10 +484,11 @@ class Ideogram4Transformer(nn.Module):
         return model
 
     @classmethod
-    def build(cls, component_dir: Path | str) -> Ideogram4Transformer:
+    def build(cls, component_dir: Path | str, headers=None) -> Ideogram4Transformer:
         """The float skeleton (lazy arrays, no memory yet) of a component folder, its
-        config.json first checked against the weight files' headers."""
-        return cls(checked_config(TransformerConfig, component_dir))
+        config.json first checked against the weight files' headers (or ``headers``: a
+        single-file source's, ``weights.checked_config``)."""
+        return cls(checked_config(TransformerConfig, component_dir, headers))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Checkpoint tensors -> module parameters. Pure and idempotent.

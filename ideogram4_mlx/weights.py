@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from ideogram4_mlx.config import CheckpointError, Config, json_kind, read_json
 from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, check_record, quantize_skeleton
+from ideogram4_mlx.sources import Headers, decoded_keys, detect
 
 FP8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = ".weight_scale"
@@ -37,6 +38,8 @@ QUANTIZED_DTYPE = "U32"  # the packed weight of a quantized layer
 FLOAT_MODE_SCALES_DTYPE = "U8"
 # The safetensors dtype of each dtype name a conversion record may hold.
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# What a format's dequantized weights may be (``ideogram4_mlx.sources``).
+DEQUANTIZED_DTYPES = ("F32", "BF16", "F16")
 # A model's ``sanitize``: checkpoint tensors -> its parameters (pure, idempotent).
 Sanitize = Callable[[dict[str, mx.array]], dict[str, mx.array]]
 
@@ -151,22 +154,36 @@ def check_fp8_pair(key: str, tensors: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: fp8 tensor {key} has no {scale_key}")
 
 
+def source_headers(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...], Path]]:
+    """:func:`tensor_headers` as the weights will be once loaded: a checkpoint in another
+    format (nf4, a Comfy repack; ``ideogram4_mlx.sources``) is checked and its quantized
+    groups stand as the float ``X.weight`` they decode to (MODEL_NOTES#checkpoint-formats)."""
+    headers = tensor_headers(files)
+    found = detect(headers)
+    return headers if found is None else found.decoded_headers(headers)
+
+
 def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
     """Load tensors (lazily, as ``mx.load`` does) from one or more files, checking the fp8 pairs.
 
-    F8_E4M3 tensors come back as uint8 and must have a ``.weight_scale`` partner.
+    F8_E4M3 tensors come back as uint8 and must have a ``.weight_scale`` partner. A checkpoint
+    in another format is decoded to float weights, lazily (``ideogram4_mlx.sources``).
     """
     tensors = tensor_headers(files)
-    for key, (dtype, _, path) in tensors.items():
-        if dtype == FP8_DTYPE:
-            check_fp8_pair(key, tensors, path)
+    found = detect(tensors)
+    if found is None:
+        for key, (dtype, _, path) in tensors.items():
+            if dtype == FP8_DTYPE:
+                check_fp8_pair(key, tensors, path)
+    else:
+        found.decoded_headers(tensors)  # every format tensor checked before any is read
     weights: dict[str, mx.array] = {}
     for path in files:
         try:
             weights.update(mx.load(str(path)))
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot be read ({e}); the file may be truncated") from e
-    return weights
+    return weights if found is None else found.decode(weights)
 
 
 def check_raw_dtypes(files: list[Path], rule: DtypeRule) -> dict[str, Path]:
@@ -174,11 +191,22 @@ def check_raw_dtypes(files: list[Path], rule: DtypeRule) -> dict[str, Path]:
     ``.weight`` with an F32 ``.weight_scale``, every other tensor one of ``rule.floats``.
 
     A retagged tensor (BF16 bits labelled F16 or I16) would load as garbage, so it is an error
-    naming the file and key. Returns ``{key: file}``.
+    naming the file and key. A checkpoint in another format is checked by its format, and the
+    weights it dequantizes may be F32, BF16 or F16 (``ideogram4_mlx.sources``).
+    Returns ``{key: file}``.
     """
-    tensors = tensor_headers(files)
+    raw = tensor_headers(files)
+    found = detect(raw)
+    tensors = raw if found is None else found.decoded_headers(raw)
+    dequantized = set() if found is None else decoded_keys(raw, tensors)
     for key, (dtype, _, path) in tensors.items():
         if key.startswith(rule.skip):
+            continue
+        if key in dequantized:
+            if dtype not in DEQUANTIZED_DTYPES:
+                raise CheckpointError(
+                    f"{path}: {key} decodes to {dtype}, expected one of {DEQUANTIZED_DTYPES}"
+                )
             continue
         if rule.fp8 and key.endswith(SCALE_SUFFIX):
             allowed = ("F32",)
@@ -219,25 +247,35 @@ def check_converted_dtypes(files: list[Path], model: nn.Module, record: dict) ->
             )
 
 
-def checked_config(config_class: type[Config], component_dir: Path | str) -> Config:
+def checked_config(
+    config_class: type[Config], component_dir: Path | str, headers: Headers | None = None
+) -> Config:
     """A component folder's ``config.json`` as ``config_class``, checked (before any model is
-    built) against the tensors its weight files hold: see :func:`check_config_against_files`."""
+    built) against the tensors its weight files hold: see :func:`check_config_against_files`.
+
+    ``headers``: the tensors of a single-file source (a GGUF or Comfy DiT) instead of the
+    folder's files; without a ``config.json`` in ``component_dir`` the config's defaults (the
+    real model's) are checked against them.
+    """
     component_dir = Path(component_dir)
     path = component_dir / "config.json"
-    config = config_class.from_file(path)
-    check_config_against_files(config, component_files(component_dir), path)
+    if headers is None:
+        config = config_class.from_file(path)
+        headers = source_headers(component_files(component_dir))
+    else:
+        config = config_class.from_file(path) if path.is_file() else config_class()
+    check_config_against_files(config, headers, path)
     return config
 
 
-def check_config_against_files(config, files: list[Path], config_path: Path) -> None:
+def check_config_against_files(config, headers: Headers, config_path: Path) -> None:
     """The layer count and key widths of ``config`` (its ``header_checks()``) against the
-    tensors in ``files`` (headers only), so that a config that does not describe these weights
-    fails before a model of its size is built. Keys lose the config's ``weight_prefixes``."""
+    tensors of ``headers`` (``source_headers``: decoded, read from the headers only), so that a
+    config that does not describe these weights fails before a model of its size is built.
+    Keys lose the config's ``weight_prefixes``."""
     tensors = {
         key: (shape, path)
-        for key, (_, shape, path) in strip_prefixes(
-            tensor_headers(files), config.weight_prefixes
-        ).items()
+        for key, (_, shape, path) in strip_prefixes(headers, config.weight_prefixes).items()
     }
     for check in config.header_checks():
         if check.key.endswith("."):

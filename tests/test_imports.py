@@ -26,9 +26,9 @@ FLOORS = [
     ("leaves", ["version", "constants", "config", "dtypes", "caption", "sampler",
                 "quantization", "files", "template_child"]),
     # Reading checkpoints and the machine; the layers the models share; an edit's inputs.
-    # OCR engines (reading an image's text).
+    # OCR engines (reading an image's text). The checkpoint formats decoded on the way in.
     ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog",
-                 "ocr"]),
+                 "ocr", "sources"]),
     # The models, one a file, LoRA on top of them and the DiT's step cache.
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
                 "lora_spec", "lora_info", "uncond_delta", "step_cache"]),
