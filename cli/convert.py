@@ -22,7 +22,7 @@ from ideogram4_mlx.sources import SOURCE_FAMILIES
     "--dtype",
     type=click.Choice([*DTYPE_ALIASES, *DTYPES]),
     default=None,
-    help="Dtype of every unquantized tensor (and of the scales of quantized ones). "
+    help="Dtype of every unquantized tensor (and of affine scales and biases). "
     "Default: bf16; fp16 with --quantize keep, which keeps the sources' fp16 scales exact.",
 )
 @click.option(
