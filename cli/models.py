@@ -13,8 +13,10 @@ from ideogram4_mlx.files import format_size
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[PATH]...")
 def models(paths: tuple[Path, ...]) -> None:
     """List the Ideogram 4 snapshots in the Hugging Face cache, and describe each checkpoint
-    folder PATH (an original snapshot or an `ideo4-mlx convert` output): its components
-    with dtype, quantization and size on disk.
+    folder PATH (an original snapshot in any format convert reads, or an `ideo4-mlx convert`
+    output): its components with dtype, format or quantization and size on disk. A PATH that
+    is a DiT file (GGUF, a Comfy repack), or a folder holding such files (ComfyUI/models), is
+    listed with its format and stored types.
 
     Downloads go to the Hugging Face cache: $HF_HUB_CACHE, by default $HF_HOME/hub
     (~/.cache/huggingface/hub). The fp8 snapshot takes about 27.5 GB. A listed path can be
@@ -24,6 +26,7 @@ def models(paths: tuple[Path, ...]) -> None:
     Examples:
       ideo4-mlx models
       ideo4-mlx models ~/models/ideo4-q4
+      ideo4-mlx models ~/ComfyUI/models/diffusion_models
     """
     found = list_models(paths)
     if not found.cached:
@@ -35,6 +38,13 @@ def models(paths: tuple[Path, ...]) -> None:
             revision = c.revision[:12] + (f" ({', '.join(c.refs)})" if c.refs else "")
             ck = c.checkpoint
             rows.append((c.repo_id, revision, format_size(ck.size), state(ck), str(ck.path)))
+        echo_table(rows)
+    if found.files:
+        click.echo("\nDiT files (convert --transformer / --unconditional-transformer):")
+        rows = [("file", "format", "stored as", "size")]
+        for f in found.files:
+            stored = f.quantization if f.problem is None else f"unreadable: {f.problem}"
+            rows.append((str(f.path), f.format, stored, format_size(f.size)))
         echo_table(rows)
     for checkpoint in found.folders:
         click.echo(f"\n{checkpoint.path}: {format_size(checkpoint.size)}, {state(checkpoint)}")

@@ -1,4 +1,5 @@
-"""fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit or mixed), streaming, bounded memory.
+"""fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit, mixed, or MLX's mxfp4/mxfp8/nvfp4),
+streaming, bounded memory.
 
 Each model component is read lazily (``mx.load``), sanitized by its model's own ``sanitize``
 (fp8 dequantized exactly, qkv fused, conv kernels transposed), quantized
@@ -24,6 +25,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,13 +58,13 @@ from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import (
-    MODE,
     RECORD_KEY,
-    RECORD_VERSION,
     check_settings,
     quantization_plan,
     quantize_skeleton,
+    record_version,
 )
+from ideogram4_mlx.sources.keep import KEEP, keep_plan, kept_tensors
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import DELTA_FILE, REPORT_FILE
@@ -108,9 +110,9 @@ KIND = "an ideo4-mlx conversion"
 def convert(
     src: str | Path,
     dst: str | Path,
-    dtype: str = "bfloat16",
-    quantize: int | None = None,
-    group_size: int = 64,
+    dtype: str | None = None,
+    quantize: int | str | None = None,
+    group_size: int | None = None,
     recipe: str | None = None,
     components: tuple[str, ...] | list[str] | None = None,
     force: bool = False,
@@ -129,9 +131,16 @@ def convert(
     file), by component name (``transformer``, ``unconditional_transformer``).
 
     Args:
-        dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``).
-        quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128) for the DiTs and the text
-            encoder; sensitive layers stay float (each model's ``quant_predicate``).
+        dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``);
+            by default bfloat16, float16 with ``quantize="keep"`` (which keeps the sources'
+            float16 scales exact).
+        quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128, default 64), or one of
+            MLX's float modes ``"mxfp4"``, ``"mxfp8"`` (groups of 32), ``"nvfp4"`` (groups of
+            16; no other ``group_size``), for the DiTs and the text encoder; sensitive layers
+            stay float or >= 8-bit (each model's ``quant_predicate``; ``quantization``).
+            ``"none"``: float (as None). ``"keep"``: the weights a source stores the way MLX
+            does (GGUF Q8_0/Q4_0/Q4_1) are copied as they are, every other one is float
+            (``convert.keep``).
         recipe: a mixed-precision recipe name (e.g. ``mixed-4-8``) instead of ``quantize``.
         components: the sub-folders to write (default: all of ``COMPONENTS``).
         force: replace an existing ``dst`` that is empty or an earlier conversion.
@@ -155,10 +164,20 @@ def convert(
         ``dst`` that must not be replaced (see ``ideogram4_mlx.files``), ``ModelAccessError``
         for a refused download, ``OSError`` for a full disk.
     """
+    keep = quantize == KEEP
+    if keep and recipe is not None:
+        raise InputError("--quantize keep copies the source's own quantization; drop --recipe")
+    if keep and loras:
+        raise InputError(
+            "--quantize keep copies the source's quantized weights as they are, which a baked "
+            "LoRA would change: drop --lora (apply it with generate --lora), or give bits"
+        )
+    quantize = None if quantize in ("none", KEEP) else quantize
+    dtype = dtype or ("float16" if keep else "bfloat16")
     parse_dtype(dtype)  # checks the name only
     check_settings(quantize, group_size, recipe)
     uncond_as_lora = check_rank(uncond_as_lora)
-    if uncond_as_lora == "full" and (quantize is not None or recipe is not None):
+    if uncond_as_lora == "full" and (quantize is not None or recipe is not None or keep):
         raise InputError(
             "--uncond-as-lora full adds exact differences to the conditional DiT's weights, "
             "which quantizing leaves no float copy of: give a rank, or convert unquantized"
@@ -192,7 +211,8 @@ def convert(
     # and LoRAs that do not fit, likewise (a delta reads both DiTs, with their LoRAs)
     baked = read_loras(src_dir, (*components, *delta_sources), loras, inputs)
 
-    settings = dict(dtype=dtype, bits=quantize, group_size=group_size, recipe=recipe, source=source)
+    bits = KEEP if keep else quantize
+    settings = dict(dtype=dtype, bits=bits, group_size=group_size, recipe=recipe, source=source)
     settings["loras"] = baked
     settings["files"] = {name: str(inp.files[0]) for name, inp in inputs.items() if inp.single}
     needed = output_bytes(src_dir, components, settings, inputs)
@@ -318,7 +338,7 @@ def output_bytes(
     )
     for name in components:
         if name in MODEL_COMPONENTS:
-            _, model, _, _ = build_skeleton(src_dir / name, name, settings, inputs[name])
+            model = build_skeleton(src_dir / name, name, settings, inputs[name]).model
             total += sum(
                 v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
                 for _, v in tree_flatten(model.parameters())
@@ -334,18 +354,28 @@ def output_bytes(
 # One component.
 
 
-def build_skeleton(
-    src_dir: Path, name: str, settings: dict, inp: ComponentInput
-) -> tuple[dict, nn.Module, dict, dict]:
-    """``(config, quantized skeleton, mlx_conversion record, float parameter shapes)``; lazy."""
+class Skeleton(NamedTuple):
+    config: dict  # the config.json to write
+    model: nn.Module  # quantized as planned; lazy
+    record: dict  # mlx_conversion
+    expected: dict  # float parameter shapes
+    kept: dict[str, list[str]]  # --quantize keep: weight key -> source keys copied as they are
+
+
+def build_skeleton(src_dir: Path, name: str, settings: dict, inp: ComponentInput) -> Skeleton:
+    """The component's config, quantized skeleton, record and parameter shapes; lazy."""
     model = build_model(src_dir.parent, name, inp)
     config = read_config(src_dir) if (src_dir / "config.json").is_file() else model.config.to_json()
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    quantization = quantization_plan(
-        model, settings["bits"], settings["group_size"], settings["recipe"]
-    )
+    if settings["bits"] == KEEP:
+        quantization, kept = keep_plan(model, inp)
+    else:
+        quantization, kept = (
+            quantization_plan(model, settings["bits"], settings["group_size"], settings["recipe"]),
+            {},
+        )
     record = {
-        "version": RECORD_VERSION,
+        "version": record_version(quantization),
         "converter": f"ideogram4_mlx {__version__}",
         "source": settings["files"].get(name, settings["source"]),
         "format": inp.format,
@@ -359,7 +389,7 @@ def build_skeleton(
             for lora, scale in baked
         ]
     quantize_skeleton(model, record)
-    return config, model, record, expected
+    return Skeleton(config, model, record, expected, kept)
 
 
 def convert_component(
@@ -375,7 +405,7 @@ def convert_component(
     annotated config. The input's groups are read one after the other (``convert.inputs``)."""
     spec = MODEL_COMPONENTS[name]
     dtype = parse_dtype(settings["dtype"])
-    config, model, record, expected = build_skeleton(src_dir, name, settings, inp)
+    config, model, record, expected, kept = build_skeleton(src_dir, name, settings, inp)
     targets = dict(tree_flatten(model.parameters()))  # lazy: shapes and dtypes only
     modules = dict(model.named_modules())
 
@@ -401,10 +431,18 @@ def convert_component(
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
         for group in inp.groups():
-            weights = inp.load(group)
+            copied = {key: kept[key] for key in kept if set(kept[key]) & set(group)}
+            weights = inp.load(k for k in group if not any(k in v for v in copied.values()))
             extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
             carried = sanitize_visual(weights) if spec.carry_vision else {}
             weights = sanitized(model, weights, where)
+            for key in sorted(copied):  # --quantize keep: as the source stores them
+                tensors = kept_tensors(key, copied[key], inp, dtype)
+                for k, t in tensors.items():
+                    if t.shape != targets[k].shape:  # converter and loader disagree: a bug
+                        raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
+                writer.add(tensors)
+                bar.update(sum(t.nbytes for t in tensors.values()))
             for key in sorted(weights):
                 value = weights.pop(key)
                 if key in deltas:  # a baked LoRA: merged in fp32, then one rounding to dtype
@@ -439,15 +477,14 @@ def sanitized(model: nn.Module, weights: dict[str, mx.array], where: Path) -> di
 
 
 def convert_tensor(key: str, value: mx.array, modules: dict) -> dict[str, mx.array]:
-    """One parameter in the target dtype; the weight of a quantized layer becomes three."""
+    """One parameter in the target dtype; the weight of a quantized layer becomes what
+    ``mx.quantize`` returns in its mode: packed weight and scales, and biases (affine only)."""
     path, _, leaf = key.rpartition(".")
     module = modules.get(path)
     if leaf != "weight" or not isinstance(module, nn.QuantizedLinear):
         return {key: value}
     wq, scales, *biases = mx.quantize(value, module.group_size, module.bits, mode=module.mode)
-    if module.mode != MODE:
-        raise ValueError(f"{path}: only {MODE} quantization is supported, got {module.mode}")
-    return {key: wq, f"{path}.scales": scales, f"{path}.biases": biases[0]}
+    return {key: wq, f"{path}.scales": scales} | {f"{path}.biases": b for b in biases}
 
 
 def read_config(src_dir: Path) -> dict:

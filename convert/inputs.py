@@ -99,11 +99,15 @@ class ComponentInput:
             for k, (dtype, shape, _) in self.headers().items()
         }
 
-    def exact(self, key: str) -> dict | None:
-        """The MLX quantized form of a source weight stored exactly as MLX stores it (GGUF
-        Q8_0/Q4_0/Q4_1), or None (``--quantize keep``)."""
-        if self.reader is None or not hasattr(self.reader, "exact"):
+    def exact_spec(self, key: str) -> tuple[int, int] | None:
+        """``(bits, group_size)`` of a source weight that MLX's affine mode stores exactly as
+        it is (GGUF Q8_0/Q4_0/Q4_1), from the headers; None otherwise (``--quantize keep``)."""
+        if self.reader is None or not hasattr(self.reader, "exact_spec"):
             return None
+        return self.reader.exact_spec(key)
+
+    def exact(self, key: str) -> dict:
+        """That weight in MLX's layout: ``{"weight", "scales", "biases"}``, read now."""
         return self.reader.exact(key)
 
 

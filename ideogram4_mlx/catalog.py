@@ -21,6 +21,8 @@ from huggingface_hub.errors import CacheNotFound
 
 from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.hub import DEFAULT_REPO, REQUIRED_FILES
+from ideogram4_mlx.quantization import MODE
+from ideogram4_mlx.sources import detect
 from ideogram4_mlx.weights import component_files, conversion_record, tensor_headers
 
 MODEL_COMPONENTS = ("transformer", "unconditional_transformer", "text_encoder", "vae")
@@ -28,6 +30,10 @@ FILE_COMPONENTS = ("tokenizer", "scheduler")  # copied as they are; no dtype
 PIPELINE_CLASS = "Ideogram4Pipeline"
 DIT_CLASS = "Ideogram4Transformer2DModel"
 FP8_TEXT = "fp8, per-row scales"  # the released format (MODEL_NOTES#fp8-dequantization)
+# Single DiT files a folder may hold (a ComfyUI models folder), searched this deep.
+DIT_FILE_SUFFIXES = (".gguf", ".safetensors")
+DIT_FILE_DEPTH = 2
+MAX_LISTED_FILES = 200
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,18 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class DiTFile:
+    """A DiT stored as one file (a Comfy repack, a GGUF file): what ``convert --transformer``
+    reads."""
+
+    path: Path
+    format: str  # "gguf", "comfy-fp8", ... ("fp8" for the official layout in one file)
+    quantization: str  # the stored types, most elements first ("Q4_K, F32")
+    size: int
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class CachedCheckpoint:
     repo_id: str
     revision: str  # commit hash
@@ -62,6 +80,7 @@ class ModelList:
     cache_dir: Path
     cached: tuple[CachedCheckpoint, ...]
     folders: tuple[Checkpoint, ...]
+    files: tuple[DiTFile, ...] = ()
 
 
 def list_models(paths=(), cache_dir: Path | str | None = None) -> ModelList:
@@ -69,8 +88,69 @@ def list_models(paths=(), cache_dir: Path | str | None = None) -> ModelList:
     ``HF_HOME``) and the checkpoint folders in ``paths``; a path that is not one raises
     ``CheckpointError``."""
     cache_dir = Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE).expanduser()
-    folders = tuple(inspect_checkpoint(p) for p in paths)
-    return ModelList(cache_dir, tuple(cached_checkpoints(cache_dir)), folders)
+    folders, files = [], []
+    for path in (Path(p).expanduser() for p in paths):
+        if path.is_file():
+            files.append(inspect_file(path))
+        elif path.is_dir() and not is_checkpoint_folder(path) and (found := dit_files(path)):
+            files.extend(inspect_file(f) for f in found)  # e.g. ComfyUI/models
+        else:
+            folders.append(inspect_checkpoint(path))
+    cached = tuple(cached_checkpoints(cache_dir))
+    return ModelList(cache_dir, cached, tuple(folders), tuple(files))
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """A snapshot or conversion has component configs (ComfyUI's models/vae/ has none)."""
+    return (folder / "model_index.json").is_file() or any(
+        (folder / n / "config.json").is_file() for n in MODEL_COMPONENTS
+    )
+
+
+def dit_files(folder: Path) -> list[Path]:
+    """The .gguf and .safetensors files under ``folder`` (at most DIT_FILE_DEPTH deep) whose
+    headers hold an Ideogram 4 DiT, at most MAX_LISTED_FILES of them."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        depth = len(Path(root).relative_to(folder).parts)
+        if depth >= DIT_FILE_DEPTH:
+            dirs.clear()
+        for name in sorted(names):
+            path = Path(root) / name
+            if path.suffix in DIT_FILE_SUFFIXES and len(found) < MAX_LISTED_FILES:
+                if path.suffix == ".gguf" or holds_dit(path):
+                    found.append(path)
+    return sorted(found)
+
+
+def holds_dit(path: Path) -> bool:
+    """A safetensors file with the DiT's first block (any repack prefix); headers only."""
+    try:
+        keys = tensor_headers([path])
+    except CheckpointError:
+        return False
+    return any(k.endswith("layers.0.attention_norm1.weight") for k in keys)
+
+
+def inspect_file(path: Path) -> DiTFile:
+    """A single DiT file's format and stored types (headers only), or its problem."""
+    size = path.stat().st_size
+    try:
+        if path.suffix == ".gguf":
+            from ideogram4_mlx.sources.gguf_file import GGUFSource
+
+            elements = Counter()
+            reader = GGUFSource(path)
+            for key, kind in reader.qtypes().items():
+                elements[kind] += math.prod(reader.headers()[key][1])
+            types = ", ".join(d for d, _ in elements.most_common())
+            return DiTFile(path, "gguf", types, size)
+        headers = tensor_headers([path])
+        found = detect(headers)
+        name = "fp8" if found is None else found.name
+        return DiTFile(path, name, stored_types(headers), size)
+    except CheckpointError as e:
+        return DiTFile(path, "?", "", size, problem=str(e))
 
 
 def cached_checkpoints(cache_dir: Path) -> list[CachedCheckpoint]:
@@ -128,11 +208,12 @@ def inspect_checkpoint(path: Path | str) -> Checkpoint:
         )
     records = {n: conversion_record(folder / n) for n in names if n in MODEL_COMPONENTS}
     components = tuple(component(folder / n, records.get(n)) for n in names)
-    sources = [r.get("source") for r in records.values() if r is not None]
+    # the source most components came from (a DiT converted from a file names the file)
+    sources = Counter(r.get("source") for r in records.values() if r is not None)
     return Checkpoint(
         path=folder,
         converted=bool(sources),
-        source=sources[0] if sources else None,
+        source=sources.most_common(1)[0][0] if sources else None,
         components=components,
         missing=tuple(f for f in REQUIRED_FILES if not (folder / f).is_file()),
         size=disk_size(folder),
@@ -145,20 +226,35 @@ def component(folder: Path, record: dict | None) -> Component:
         return Component(folder.name, "", "", size)
     if record is not None:
         return Component(folder.name, record["dtype"], quantization_text(record), size)
-    dtypes = stored_dtypes(folder)
+    try:
+        headers = tensor_headers(component_files(folder))
+    except CheckpointError:
+        return Component(folder.name, "no weights", "none", size)  # e.g. a download under way
+    found = detect(headers)
+    dtypes = stored_types(headers)
+    if found is not None:
+        return Component(folder.name, dtypes, found.name, size)
     return Component(folder.name, dtypes, FP8_TEXT if "F8_E4M3" in dtypes else "none", size)
 
 
 def quantization_text(record: dict) -> str:
     """``4-bit g64``, with the layers that differ: ``mixed-4-8: 4-bit g64; 8-bit: 68 layers,
-    float: 3 layers``."""
+    float: 3 layers``; a float mode by name: ``mxfp4 (4-bit g32); affine 8-bit g64: 1 layer,
+    float: 9 layers``."""
     q = record.get("quantization")
     if not q:
         return "none"
-    text = f"{q['bits']}-bit g{q['group_size']}"
-    counts = Counter(
-        "float" if o is False else f"{o['bits']}-bit" for o in q.get("overrides", {}).values()
-    )
+    mode = q.get("mode", MODE)
+
+    def kind(o: dict | bool) -> str:
+        if o is False:
+            return "float"
+        if o.get("mode", mode) == mode:
+            return f"{o['bits']}-bit"
+        return setting_text(o["mode"], o["bits"], o["group_size"], named=True)
+
+    text = setting_text(mode, q["bits"], q["group_size"])
+    counts = Counter(kind(o) for o in q.get("overrides", {}).values())
     if counts:
         text += "; " + ", ".join(
             f"{kind}: {n} layer{'s' if n != 1 else ''}" for kind, n in sorted(counts.items())
@@ -166,12 +262,15 @@ def quantization_text(record: dict) -> str:
     return f"{q['recipe']}: {text}" if q.get("recipe") else text
 
 
-def stored_dtypes(folder: Path) -> str:
-    """The safetensors dtypes of a component's files, most elements first (headers only)."""
-    try:
-        headers = tensor_headers(component_files(folder))
-    except CheckpointError:
-        return "no weights"  # e.g. a download still in progress
+def setting_text(mode: str, bits: int, group_size: int, named: bool = False) -> str:
+    """``4-bit g64`` (``affine 4-bit g64`` when ``named``) or ``mxfp4 (4-bit g32)``."""
+    if mode != MODE:
+        return f"{mode} ({bits}-bit g{group_size})"
+    return f"{MODE} {bits}-bit g{group_size}" if named else f"{bits}-bit g{group_size}"
+
+
+def stored_types(headers: dict) -> str:
+    """The safetensors dtypes of some headers, most elements first."""
     elements = Counter()
     for dtype, shape, _ in headers.values():
         elements[dtype] += math.prod(shape)

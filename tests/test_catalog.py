@@ -162,3 +162,27 @@ def test_cli_errors_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["models", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: {tmp_path / 'nope'}: no such folder"
+
+
+def test_dit_files_and_folders_of_them_are_listed(tmp_path, tiny_checkpoint):
+    """A DiT file named directly, and a ComfyUI-like models folder holding one (other
+    safetensors files, such as a VAE, are not DiTs and are left out)."""
+    comfy = tmp_path / "ComfyUI" / "models"
+    (comfy / "diffusion_models").mkdir(parents=True)
+    (comfy / "vae").mkdir()
+    dit = comfy / "diffusion_models" / "ideogram4_dit.safetensors"
+    shutil.copyfile(tiny_checkpoint / "transformer" / "diffusion_pytorch_model.safetensors", dit)
+    shutil.copyfile(
+        tiny_checkpoint / "vae" / "diffusion_pytorch_model.safetensors",
+        comfy / "vae" / "v.safetensors",
+    )
+    found = list_models([dit, comfy], cache_dir=tmp_path / "no-cache")
+    assert [f.path for f in found.files] == [dit, dit] and not found.folders
+    assert found.files[0].format == "fp8" and found.files[0].quantization.startswith("F8_E4M3")
+    result = CliRunner().invoke(main, ["models", str(comfy)], env={"HF_HUB_CACHE": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert "DiT files" in result.output and "ideogram4_dit.safetensors  fp8" in result.output
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    (listed,) = list_models([broken], cache_dir=tmp_path / "no-cache").files
+    assert listed.problem is not None and "not a readable safetensors file" in listed.problem

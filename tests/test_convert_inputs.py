@@ -18,7 +18,8 @@ from ideogram4_mlx.convert import convert
 from ideogram4_mlx.convert.inputs import ComponentInput
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.sources import block_groups
-from ideogram4_mlx.weights import load_safetensors, source_headers
+from ideogram4_mlx.transformer import Ideogram4Transformer
+from ideogram4_mlx.weights import dequantize_fp8_weights, load_safetensors, source_headers
 
 convert_module = importlib.import_module("ideogram4_mlx.convert.convert")
 
@@ -77,12 +78,18 @@ class EagerReader:
         self.live: list[int] = []
 
     def headers(self):
-        return source_headers(self.files)
+        """Float weights, as a GGUF reader hands them out (fp8 pairs dequantized here)."""
+        raw = source_headers(self.files)
+        return {
+            k: ("BF16", shape, path) if dtype == "F8_E4M3" else (dtype, shape, path)
+            for k, (dtype, shape, path) in raw.items()
+            if not k.endswith(".weight_scale")
+        }
 
     def load(self, keys):
         keys = list(keys)
         self.live.append(len(keys))
-        lazy = load_safetensors(self.files)
+        lazy = dequantize_fp8_weights(load_safetensors(self.files))
         out = {k: lazy[k] for k in keys}
         mx.eval(list(out.values()))
         return out
@@ -207,3 +214,66 @@ def test_cli_dit_file_options(tiny_checkpoint, dit_file, tmp_path):
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
     assert "not nf4" in result.output
+
+
+class ExactReader(EagerReader):
+    """Like a GGUF Q8_0 file: every block linear stored as MLX's affine 8-bit, 32-wide groups
+    (made here with mx.quantize of the float weight, float16 scales as GGUF stores them)."""
+
+    format = "exact-test"
+
+    def exact_spec(self, key):
+        shape = self.headers()[key][1]
+        linear = ".layers." in f".{key}" and key.endswith(".weight") and len(shape) == 2
+        return (8, 32) if linear and "norm" not in key else None
+
+    def exact(self, key):
+        (w,) = self.load([key]).values()
+        wq, scales, biases = mx.quantize(w.astype(mx.float16), 32, 8)
+        return {"weight": wq, "scales": scales, "biases": biases}
+
+
+def test_keep_copies_exactly_stored_weights(tiny_checkpoint, dit_file, tmp_path):
+    reader = ExactReader(dit_file)
+    inp = ComponentInput([dit_file], reader, single=True)
+    settings = dict(dtype="float16", bits="keep", group_size=64, recipe=None, source="x", files={})
+    convert_module.convert_component(
+        tiny_checkpoint / "transformer", tmp_path / "transformer", "transformer", settings,
+        False, 1 << 30, inp,
+    )  # fmt: skip
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    plan = config["mlx_conversion"]["quantization"]
+    assert (plan["bits"], plan["group_size"], plan["recipe"]) == (8, 32, "keep")
+    # every non-block linear stays float; every block linear is kept at 8-bit g32
+    assert all(v is False for v in plan["overrides"].values())
+    assert "layers.0.attention.qkv" not in plan["overrides"]
+    out = {}
+    for path in (tmp_path / "transformer").glob("model-*.safetensors"):
+        out.update(mx.load(str(path)))
+    w = dequantize_fp8_weights(load_safetensors([dit_file]))["layers.0.feed_forward.w1.weight"]
+    wq, scales, biases = mx.quantize(w.astype(mx.float16), 32, 8)
+    assert mx.array_equal(out["layers.0.feed_forward.w1.weight"], wq).item()
+    assert mx.array_equal(out["layers.0.feed_forward.w1.scales"], scales).item()
+    assert mx.array_equal(out["layers.0.feed_forward.w1.biases"], biases).item()
+    assert out["layers.0.feed_forward.w1.scales"].dtype == mx.float16
+
+    model = Ideogram4Transformer.from_pretrained(tmp_path / "transformer", dtype=mx.float32)
+    assert (
+        model.layers[0].feed_forward.w1.bits == 8
+        and model.layers[0].feed_forward.w1.group_size == 32
+    )
+
+
+def test_keep_refuses_recipes_and_loras(tiny_checkpoint, tmp_path):
+    with pytest.raises(InputError, match="drop --recipe"):
+        convert(tiny_checkpoint, tmp_path / "o", quantize="keep", recipe="mixed-4-8")
+    with pytest.raises(InputError, match="drop --lora"):
+        convert(tiny_checkpoint, tmp_path / "o", quantize="keep", loras=["x.safetensors"])
+
+
+def test_keep_on_a_source_with_nothing_to_keep_writes_float(tiny_checkpoint, tmp_path):
+    out = convert(
+        tiny_checkpoint, tmp_path / "o", quantize="keep", components=["transformer"], progress=False
+    )
+    record = json.loads((out / "transformer" / "config.json").read_text())["mlx_conversion"]
+    assert record["quantization"] is None and record["dtype"] == "float16"
