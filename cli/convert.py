@@ -1,4 +1,5 @@
-"""`ideo4-mlx convert`: an fp8 snapshot -> an MLX folder (bf16, 8/6/4-bit or a mixed recipe)."""
+"""`ideo4-mlx convert`: an fp8 snapshot -> an MLX folder (bf16, 8/6/4-bit, a mixed recipe or
+one of MLX's float formats mxfp4/mxfp8/nvfp4)."""
 
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from ideogram4_mlx.cli.options import components_option, show_warning
 from ideogram4_mlx.convert import COMPONENTS
 from ideogram4_mlx.convert import convert as convert_checkpoint
 from ideogram4_mlx.dtypes import DTYPE_ALIASES, DTYPES
-from ideogram4_mlx.quantization import BITS, GROUP_SIZES, RECIPES
+from ideogram4_mlx.quantization import FLOAT_MODES, GROUP_SIZES, MODES, QUANTIZE_CHOICES, RECIPES
 from ideogram4_mlx.sources import SOURCE_FAMILIES
 
 
@@ -21,24 +22,24 @@ from ideogram4_mlx.sources import SOURCE_FAMILIES
     "--dtype",
     type=click.Choice([*DTYPE_ALIASES, *DTYPES]),
     default=None,
-    help="Dtype of every unquantized tensor (and of the scales of quantized ones). "
+    help="Dtype of every unquantized tensor (and of affine scales and biases). "
     "Default: bf16; fp16 with --quantize keep, which keeps the sources' fp16 scales exact.",
 )
 @click.option(
     "--quantize",
-    type=click.Choice([str(b) for b in BITS] + ["none", "keep"]),
+    type=click.Choice([*QUANTIZE_CHOICES, "none", "keep"]),
     default=None,
-    help="Quantize the DiTs and the text encoder to this many bits (affine). none: float "
-    "(what a 4-bit source, nf4 or Q4_K, should use: re-quantizing loses twice). keep: copy the "
-    "weights a source stores the way MLX does (GGUF Q8_0, Q4_0, Q4_1) as they are, the rest "
-    "float.",
+    help="Quantize the DiTs and the text encoder: 8, 6 or 4 bits (affine), or MLX's float "
+    "formats mxfp8, mxfp4 (groups of 32) or nvfp4 (groups of 16). none: float (what a 4-bit "
+    "source, nf4 or Q4_K, should use: re-quantizing loses twice). keep: copy the weights a "
+    "source stores the way MLX does (GGUF Q8_0, Q4_0, Q4_1) as they are, the rest float.",
 )
 @click.option(
     "--group-size",
-    type=click.Choice([str(g) for g in GROUP_SIZES]),
-    default="64",
-    show_default=True,
-    help="Quantization group size.",
+    type=click.Choice(sorted({str(g) for m in MODES.values() for g in m.group_sizes}, key=int)),
+    default=None,
+    help=f"Affine quantization group size: {', '.join(map(str, GROUP_SIZES))} (default 64); "
+    f"fixed for {', '.join(FLOAT_MODES)}.",
 )
 @click.option(
     "--recipe",
@@ -124,6 +125,7 @@ def convert(
     \b
     Example:
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-q4 --quantize 4
+      ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/models/ideo4-mxfp4 --quantize mxfp4
       ideo4-mlx generate --model ~/models/ideo4-q4 --prompt-file examples/poster.json
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/styled --lora style.safetensors:0.8
       ideo4-mlx convert ideogram-ai/ideogram-4-fp8 ~/m/one-dit --uncond-as-lora 64
@@ -139,7 +141,7 @@ def convert(
             dst,
             dtype=dtype,
             quantize=int(quantize) if quantize and quantize.isdigit() else quantize,
-            group_size=int(group_size),
+            group_size=None if group_size is None else int(group_size),
             recipe=recipe,
             components=components,
             force=force,

@@ -1,4 +1,5 @@
-"""fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit or mixed), streaming, bounded memory.
+"""fp8 snapshot -> MLX checkpoint folder (bf16, 8/6/4-bit, mixed, or MLX's mxfp4/mxfp8/nvfp4),
+streaming, bounded memory.
 
 Each model component is read lazily (``mx.load``), sanitized by its model's own ``sanitize``
 (fp8 dequantized exactly, qkv fused, conv kernels transposed), quantized
@@ -57,12 +58,11 @@ from ideogram4_mlx.lora_spec import TARGETS, LoRASpec, parse_lora_option
 from ideogram4_mlx.magic.head import HEAD_FOLDER, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
 from ideogram4_mlx.quantization import (
-    MODE,
     RECORD_KEY,
-    RECORD_VERSION,
     check_settings,
     quantization_plan,
     quantize_skeleton,
+    record_version,
 )
 from ideogram4_mlx.sources.keep import KEEP, keep_plan, kept_tensors
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
@@ -112,7 +112,7 @@ def convert(
     dst: str | Path,
     dtype: str | None = None,
     quantize: int | str | None = None,
-    group_size: int = 64,
+    group_size: int | None = None,
     recipe: str | None = None,
     components: tuple[str, ...] | list[str] | None = None,
     force: bool = False,
@@ -134,8 +134,10 @@ def convert(
         dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``);
             by default bfloat16, float16 with ``quantize="keep"`` (which keeps the sources'
             float16 scales exact).
-        quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128) for the DiTs and the text
-            encoder; sensitive layers stay float (each model's ``quant_predicate``).
+        quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128, default 64), or one of
+            MLX's float modes ``"mxfp4"``, ``"mxfp8"`` (groups of 32), ``"nvfp4"`` (groups of
+            16; no other ``group_size``), for the DiTs and the text encoder; sensitive layers
+            stay float or >= 8-bit (each model's ``quant_predicate``; ``quantization``).
             ``"none"``: float (as None). ``"keep"``: the weights a source stores the way MLX
             does (GGUF Q8_0/Q4_0/Q4_1) are copied as they are, every other one is float
             (``convert.keep``).
@@ -373,7 +375,7 @@ def build_skeleton(src_dir: Path, name: str, settings: dict, inp: ComponentInput
             {},
         )
     record = {
-        "version": RECORD_VERSION,
+        "version": record_version(quantization),
         "converter": f"ideogram4_mlx {__version__}",
         "source": settings["files"].get(name, settings["source"]),
         "format": inp.format,
@@ -475,15 +477,14 @@ def sanitized(model: nn.Module, weights: dict[str, mx.array], where: Path) -> di
 
 
 def convert_tensor(key: str, value: mx.array, modules: dict) -> dict[str, mx.array]:
-    """One parameter in the target dtype; the weight of a quantized layer becomes three."""
+    """One parameter in the target dtype; the weight of a quantized layer becomes what
+    ``mx.quantize`` returns in its mode: packed weight and scales, and biases (affine only)."""
     path, _, leaf = key.rpartition(".")
     module = modules.get(path)
     if leaf != "weight" or not isinstance(module, nn.QuantizedLinear):
         return {key: value}
     wq, scales, *biases = mx.quantize(value, module.group_size, module.bits, mode=module.mode)
-    if module.mode != MODE:
-        raise ValueError(f"{path}: only {MODE} quantization is supported, got {module.mode}")
-    return {key: wq, f"{path}.scales": scales, f"{path}.biases": biases[0]}
+    return {key: wq, f"{path}.scales": scales} | {f"{path}.biases": b for b in biases}
 
 
 def read_config(src_dir: Path) -> dict:

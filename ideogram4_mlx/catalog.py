@@ -21,6 +21,7 @@ from huggingface_hub.errors import CacheNotFound
 
 from ideogram4_mlx.config import CheckpointError, read_json
 from ideogram4_mlx.hub import DEFAULT_REPO, REQUIRED_FILES
+from ideogram4_mlx.quantization import MODE
 from ideogram4_mlx.sources import detect
 from ideogram4_mlx.weights import component_files, conversion_record, tensor_headers
 
@@ -238,19 +239,34 @@ def component(folder: Path, record: dict | None) -> Component:
 
 def quantization_text(record: dict) -> str:
     """``4-bit g64``, with the layers that differ: ``mixed-4-8: 4-bit g64; 8-bit: 68 layers,
-    float: 3 layers``."""
+    float: 3 layers``; a float mode by name: ``mxfp4 (4-bit g32); affine 8-bit g64: 1 layer,
+    float: 9 layers``."""
     q = record.get("quantization")
     if not q:
         return "none"
-    text = f"{q['bits']}-bit g{q['group_size']}"
-    counts = Counter(
-        "float" if o is False else f"{o['bits']}-bit" for o in q.get("overrides", {}).values()
-    )
+    mode = q.get("mode", MODE)
+
+    def kind(o: dict | bool) -> str:
+        if o is False:
+            return "float"
+        if o.get("mode", mode) == mode:
+            return f"{o['bits']}-bit"
+        return setting_text(o["mode"], o["bits"], o["group_size"], named=True)
+
+    text = setting_text(mode, q["bits"], q["group_size"])
+    counts = Counter(kind(o) for o in q.get("overrides", {}).values())
     if counts:
         text += "; " + ", ".join(
             f"{kind}: {n} layer{'s' if n != 1 else ''}" for kind, n in sorted(counts.items())
         )
     return f"{q['recipe']}: {text}" if q.get("recipe") else text
+
+
+def setting_text(mode: str, bits: int, group_size: int, named: bool = False) -> str:
+    """``4-bit g64`` (``affine 4-bit g64`` when ``named``) or ``mxfp4 (4-bit g32)``."""
+    if mode != MODE:
+        return f"{mode} ({bits}-bit g{group_size})"
+    return f"{MODE} {bits}-bit g{group_size}" if named else f"{bits}-bit g{group_size}"
 
 
 def stored_types(headers: dict) -> str:

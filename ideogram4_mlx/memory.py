@@ -36,6 +36,7 @@ from ideogram4_mlx.transformer import (
 )
 from ideogram4_mlx.vae import BN_PREFIX
 from ideogram4_mlx.weights import (
+    FLOAT_MODE_SCALES_DTYPE,
     QUANTIZED_DTYPE,
     SCALE_SUFFIX,
     component_files,
@@ -55,7 +56,16 @@ KEEP_FRACTION = 0.6
 ACTIVATION_WIDTHS = 13
 ACTIVATION_ITEMSIZE = 4  # fp32: SiLU and the softmax compute in fp32 whatever the dtype
 # Safetensors dtype -> bytes per element in the file.
-FILE_ITEMSIZE = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, QUANTIZED_DTYPE: 4}
+FILE_ITEMSIZE = {
+    "F8_E4M3": 1,
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    QUANTIZED_DTYPE: 4,
+    FLOAT_MODE_SCALES_DTYPE: 1,
+}
+# Loaded as stored, never cast to the load dtype (``weights.cast_floats`` casts floats only).
+STORED_AS_IS = (QUANTIZED_DTYPE, FLOAT_MODE_SCALES_DTYPE)
 # What the load of the models outside the DiTs keeps of their files, as their ``sanitize``
 # does: (prefixes stripped, keys then dropped). The text encoder drops the vision tower, any LM
 # head and the final norm (MODEL_NOTES#text-encoder-taps), the VAE its bn buffers
@@ -103,12 +113,13 @@ def default_memory_limit() -> int:
 
 def held_bytes(key: str, file_dtype: str, shape: tuple[int, ...], dtype: mx.Dtype) -> int:
     """The byte rule: what one checkpoint tensor takes in memory once loaded in ``dtype``.
-    Packed quantized weights (U32) as stored; an fp8 ``.weight_scale`` nothing, folded into its
-    weight at load (MODEL_NOTES#fp8-dequantization); every other tensor, fp8 weights
-    dequantized, ``dtype``'s bytes per element (``weights.cast_floats``)."""
+    Packed quantized weights (U32) and float-mode scales (U8) as stored; an fp8
+    ``.weight_scale`` nothing, folded into its weight at load (MODEL_NOTES#fp8-dequantization);
+    every other tensor, fp8 weights dequantized, ``dtype``'s bytes per element
+    (``weights.cast_floats``)."""
     count = math.prod(shape)
-    if file_dtype == QUANTIZED_DTYPE:
-        return 4 * count
+    if file_dtype in STORED_AS_IS:
+        return FILE_ITEMSIZE[file_dtype] * count
     if key.endswith(SCALE_SUFFIX):
         return 0
     return count * dtype.size
@@ -173,7 +184,7 @@ def dit_sizes(component_dir: Path | str, dtype: mx.Dtype, text_input: bool = Tru
             continue
         blocks[index] += held
         itemsize = FILE_ITEMSIZE.get(file_dtype, 4)
-        if file_dtype != QUANTIZED_DTYPE and itemsize != dtype.size:
+        if file_dtype not in STORED_AS_IS and itemsize != dtype.size:
             transient[index] += math.prod(shape) * itemsize
     return DiTSizes(resident, tuple(blocks), max(transient, default=0), config)
 

@@ -1,4 +1,5 @@
-"""Which layers are quantized, to how many bits, and the record a converted component keeps.
+"""Which layers are quantized, how (mode, bits, group size), and the record a converted
+component keeps.
 
 Shared by the converter (``ideogram4_mlx.convert``) and the loaders (``from_pretrained``), so
 both take the same per-layer decisions (STYLE convention 5). A converted component's
@@ -10,7 +11,18 @@ both take the same per-layer decisions (STYLE convention 5). A converted compone
 
 Its weights are in MLX layout (fp8 dequantized, qkv fused, conv kernels transposed), which each
 model's ``sanitize`` leaves as it is. ``overrides`` lists every quantizable layer whose decision
-differs from the default ``bits``; ``false`` means the layer was kept in float.
+differs from the default; ``false`` means the layer was kept in float. An override carries a
+``"mode"`` only where it differs from the plan's.
+
+Modes are MLX's (``mx.quantize``): ``affine`` (4/6/8 bits, groups of 32/64/128, a float scale
+and bias per group) and the float formats ``mxfp4``, ``mxfp8`` (groups of 32, e8m0 scales) and
+``nvfp4`` (groups of 16, e4m3 scales), whose bits and group size are fixed and which store no
+biases (MODEL_NOTES#mlx-quantization-modes). A layer the model keeps at no fewer than b bits
+gets b bits in the plan's own mode when that mode has them, else affine b-bit in groups of 64:
+under mxfp4 and nvfp4 the text projection is affine 8-bit, as in every affine plan (affine
+8-bit has a fifth of mxfp8's weight error). A record whose layers are all affine is written
+as version 1, which readers from before the float modes read unchanged; one with a float mode
+is version 2, which those readers refuse, asking for an upgrade.
 
 Which layers a model keeps in float or at a minimum of bits is the model's own
 ``quant_predicate(path, module)`` (as mlx-lm's); this module applies it with the settings.
@@ -26,18 +38,54 @@ import mlx.nn as nn
 from ideogram4_mlx.errors import InputError
 
 RECORD_KEY = "mlx_conversion"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # the newest this reader reads; see record_version
+AFFINE_RECORD_VERSION = 1
 MODE = "affine"
-BITS = (4, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One MLX quantization mode: the bits and group sizes it supports, its default group size."""
+
+    bits: tuple[int, ...]
+    group_sizes: tuple[int, ...]
+    group_size: int
+
+
+MODES: dict[str, Mode] = {
+    "affine": Mode(bits=(4, 6, 8), group_sizes=(32, 64, 128), group_size=64),
+    "mxfp4": Mode(bits=(4,), group_sizes=(32,), group_size=32),
+    "mxfp8": Mode(bits=(8,), group_sizes=(32,), group_size=32),
+    "nvfp4": Mode(bits=(4,), group_sizes=(16,), group_size=16),
+}
+FLOAT_MODES = tuple(m for m in MODES if m != MODE)
+BITS = MODES[MODE].bits
+GROUP_SIZES = MODES[MODE].group_sizes
 # A model's ``quant_predicate(path, module)``: False keeps the layer in float, True quantizes it
-# at the plan's bits, ``{"bits": b}`` at no fewer than b bits.
+# with the plan's setting, ``{"bits": b}`` at no fewer than b bits.
 Predicate = Callable[[str, nn.Module], bool | dict]
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How one layer is quantized."""
+
+    mode: str
+    bits: int
+    group_size: int
+
+    def raised(self, minimum: int) -> Setting:
+        """This setting for a layer that needs at least ``minimum`` bits (module docstring)."""
+        if self.bits >= minimum:
+            return self
+        if minimum in MODES[self.mode].bits:
+            return Setting(self.mode, minimum, self.group_size)
+        return Setting(MODE, minimum, MODES[MODE].group_size)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """Mixed precision: ``bits`` by default, ``layer_bits`` for paths containing a name."""
+    """Mixed precision (affine): ``bits`` by default, ``layer_bits`` for paths containing a name."""
 
     bits: int
     layer_bits: tuple[tuple[str, int], ...]
@@ -58,6 +106,7 @@ RECIPES: dict[str, Recipe] = {
         description="4-bit gate/up projections, 6-bit down and attention projections",
     ),
 }
+QUANTIZE_CHOICES = (*(str(b) for b in BITS), *FLOAT_MODES)  # what --quantize accepts
 
 
 def resolve_recipe(name: str) -> Recipe:
@@ -66,65 +115,97 @@ def resolve_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def check_settings(bits: int | None, group_size: int, recipe: str | None) -> int | None:
-    """The default bits of these settings (None: no quantization); bad ones are an InputError."""
+def check_settings(
+    quantize: int | str | None, group_size: int | None, recipe: str | None
+) -> Setting | None:
+    """The default setting of these options (None: no quantization); bad ones are an
+    InputError. ``quantize`` is affine bits (8, 6, 4) or a float mode's name (``mxfp4``,
+    ``mxfp8``, ``nvfp4``); ``group_size`` None is the mode's default."""
     if recipe is not None:
-        if bits is not None:
+        if quantize is not None:
             raise InputError("give either a bit width or a recipe, not both")
-        bits = resolve_recipe(recipe).bits
-    if bits is None:
+        quantize = resolve_recipe(recipe).bits
+    if quantize is None:
         return None
-    if bits not in BITS:
-        raise InputError(f"bits {bits} is not supported; use one of {BITS}")
+    if isinstance(quantize, str) and quantize in FLOAT_MODES:
+        mode = MODES[quantize]
+        if group_size is not None and group_size != mode.group_size:
+            raise InputError(
+                f"group size {group_size} does not apply to {quantize}: its groups are fixed at "
+                f"{mode.group_size}; leave the group size out"
+            )
+        return Setting(quantize, mode.bits[0], mode.group_size)
+    if isinstance(quantize, bool) or quantize not in BITS:
+        raise InputError(
+            f"bits {quantize} is not supported; use one of {BITS} or a float mode "
+            f"({', '.join(FLOAT_MODES)})"
+        )
+    group_size = MODES[MODE].group_size if group_size is None else group_size
     if group_size not in GROUP_SIZES:
         raise InputError(f"group size {group_size} is not supported; use one of {GROUP_SIZES}")
-    return bits
+    return Setting(MODE, quantize, group_size)
 
 
-def layer_bits(
-    path: str,
-    module: nn.Module,
-    bits: int,
-    group_size: int,
-    recipe: str | None,
-    predicate: Predicate,
-) -> int | None:
-    """Bits for one layer under the given settings and model predicate, or None for float."""
+def layer_setting(
+    path: str, module: nn.Module, default: Setting, recipe: str | None, predicate: Predicate
+) -> Setting | None:
+    """How one layer is quantized under ``default``, the recipe and the model predicate, or
+    None for float (also when its setting's group size does not divide its input width)."""
     if not isinstance(module, nn.Linear):
         return None
     rule = predicate(path, module)
-    if rule is False or module.weight.shape[-1] % group_size:
+    if rule is False:
         return None
+    setting = default
     if recipe is not None:
         parts = set(path.split("."))
-        bits = next((b for name, b in resolve_recipe(recipe).layer_bits if name in parts), bits)
-    return max(bits, rule["bits"]) if isinstance(rule, dict) else bits
+        bits = next((b for name, b in resolve_recipe(recipe).layer_bits if name in parts), None)
+        setting = setting if bits is None else Setting(MODE, bits, default.group_size)
+    if isinstance(rule, dict):
+        setting = setting.raised(rule["bits"])
+    return None if module.weight.shape[-1] % setting.group_size else setting
 
 
 def quantization_plan(
-    model: nn.Module, bits: int | None, group_size: int = 64, recipe: str | None = None
+    model: nn.Module,
+    quantize: int | str | None,
+    group_size: int | None = None,
+    recipe: str | None = None,
 ) -> dict | None:
     """The record's ``quantization`` entry for ``model`` (a float skeleton with a
     ``quant_predicate``), or None when these settings quantize none of its layers."""
-    bits = check_settings(bits, group_size, recipe)
-    if bits is None:
+    default = check_settings(quantize, group_size, recipe)
+    if default is None:
         return None
     overrides, quantized = {}, False
     for path, module in model.named_modules():
         if hasattr(module, "to_quantized"):
-            b = layer_bits(path, module, bits, group_size, recipe, model.quant_predicate)
-            quantized |= b is not None
-            if b != bits:
-                overrides[path] = False if b is None else {"bits": b, "group_size": group_size}
+            s = layer_setting(path, module, default, recipe, model.quant_predicate)
+            quantized |= s is not None
+            if s is None:
+                overrides[path] = False
+            elif s != default:
+                entry = {"mode": s.mode} if s.mode != default.mode else {}
+                overrides[path] = {**entry, "bits": s.bits, "group_size": s.group_size}
     if not quantized:
         return None
     return {
-        "mode": MODE,
-        "bits": bits,
-        "group_size": group_size,
+        "mode": default.mode,
+        "bits": default.bits,
+        "group_size": default.group_size,
         "recipe": recipe,
         "overrides": dict(sorted(overrides.items())),
     }
+
+
+def record_version(quantization: dict | None) -> int:
+    """The version a record with this ``quantization`` is written as: 1 when every layer is
+    affine (readable before the float modes existed), else :data:`RECORD_VERSION`."""
+    if not quantization:
+        return AFFINE_RECORD_VERSION
+    modes = {quantization["mode"]}
+    modes |= {o.get("mode", MODE) for o in quantization["overrides"].values() if o}
+    return AFFINE_RECORD_VERSION if modes == {MODE} else RECORD_VERSION
 
 
 def check_record(quantization: object) -> None:
@@ -134,8 +215,9 @@ def check_record(quantization: object) -> None:
         return
     if not isinstance(quantization, dict):
         raise InputError(f"quantization is {quantization!r}, expected an object or null")
-    if quantization.get("mode", MODE) != MODE:
-        raise InputError(f"quantization mode is {quantization['mode']!r}, expected {MODE!r}")
+    plan_mode = quantization.get("mode", MODE)
+    if plan_mode not in MODES:
+        raise InputError(f"quantization mode is {plan_mode!r}, expected one of {list(MODES)}")
     overrides = quantization.get("overrides", {})
     if not isinstance(overrides, dict):
         raise InputError(f"quantization overrides is {overrides!r}, expected an object")
@@ -144,10 +226,15 @@ def check_record(quantization: object) -> None:
             continue  # a layer kept in float
         if not isinstance(entry, dict):
             raise InputError(f"overrides[{where!r}] is {entry!r}, expected false or an object")
-        for key, valid in (("bits", BITS), ("group_size", GROUP_SIZES)):
+        mode = entry.get("mode", plan_mode)
+        if mode not in MODES:
+            raise InputError(f"{where} mode is {mode!r}, expected one of {list(MODES)}")
+        for key, valid in (("bits", MODES[mode].bits), ("group_size", MODES[mode].group_sizes)):
             value = entry.get(key)
             if isinstance(value, bool) or value not in valid:
-                raise InputError(f"{where} {key} is {value!r}, expected one of {list(valid)}")
+                raise InputError(
+                    f"{where} {key} is {value!r}, expected one of {list(valid)} ({mode})"
+                )
 
 
 def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:

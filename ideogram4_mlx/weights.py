@@ -33,6 +33,9 @@ FP8_DTYPE = "F8_E4M3"
 SCALE_SUFFIX = ".weight_scale"
 INDEX_SUFFIX = ".safetensors.index.json"
 QUANTIZED_DTYPE = "U32"  # the packed weight of a quantized layer
+# The scales of MLX's float quantization modes: e8m0 (mxfp4, mxfp8) or e4m3 (nvfp4) bytes
+# (MODEL_NOTES#mlx-quantization-modes).
+FLOAT_MODE_SCALES_DTYPE = "U8"
 # The safetensors dtype of each dtype name a conversion record may hold.
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # What a format's dequantized weights may be (``ideogram4_mlx.sources``).
@@ -229,14 +232,13 @@ def check_raw_dtypes(files: list[Path], rule: DtypeRule) -> dict[str, Path]:
 
 def check_converted_dtypes(files: list[Path], model: nn.Module, record: dict) -> None:
     """Every parameter of a converted folder has the dtype its ``mlx_conversion`` record says:
-    quantized weights U32, every other parameter (scales and biases too) the record's float
-    dtype. ``model`` is the skeleton already quantized from the record; other keys (bn
-    buffers, or unexpected ones ``load_strict`` names) are not checked here."""
+    quantized weights U32, the scales of a float mode (mxfp4, mxfp8, nvfp4) U8, every other
+    parameter (affine scales and biases too) the record's float dtype. ``model`` is the
+    skeleton already quantized from the record; other keys (bn buffers, or unexpected ones
+    ``load_strict`` names) are not checked here."""
+    stored = {mx.uint32: QUANTIZED_DTYPE, mx.uint8: FLOAT_MODE_SCALES_DTYPE}
     float_dtype = SAFETENSORS_DTYPES[record["dtype"]]
-    expected = {
-        k: QUANTIZED_DTYPE if v.dtype == mx.uint32 else float_dtype
-        for k, v in tree_flatten(model.parameters())
-    }
+    expected = {k: stored.get(v.dtype, float_dtype) for k, v in tree_flatten(model.parameters())}
     for key, (dtype, _, path) in tensor_headers(files).items():
         if key in expected and dtype != expected[key]:
             raise CheckpointError(

@@ -258,7 +258,8 @@ Q4 = {"mode": "affine", "bits": 4, "group_size": 64, "overrides": {}}
         {**RECORD, "quantization": {"mode": "affine", "group_size": 64}},  # no bits
         {**RECORD, "quantization": {**Q4, "bits": 3}},
         {**RECORD, "quantization": {**Q4, "group_size": True}},
-        {**RECORD, "quantization": {**Q4, "mode": "mxfp4"}},
+        {**RECORD, "quantization": {**Q4, "mode": "int4"}},  # no MLX mode
+        {**RECORD, "quantization": {**Q4, "mode": "mxfp4"}},  # mxfp4's groups are 32
         {**RECORD, "quantization": {**Q4, "overrides": {"layers.0.attention.qkv": {"bits": 4}}}},
         {**RECORD, "quantization": {**Q4, "overrides": [1]}},
         {**RECORD, "quantization": "4-bit"},

@@ -35,7 +35,7 @@ from ideogram4_mlx.config import CheckpointError
 Headers = dict[str, tuple[str, tuple[int, ...], Path]]
 
 # "module:attribute" of every registered format, in the order they are asked.
-REGISTERED: tuple[str, ...] = ()
+REGISTERED: tuple[str, ...] = ("nf4:FORMAT", "comfy:FORMAT")
 # The names ``--from`` accepts: the official layout, then each format family (a format's
 # name is its family, or the family and a variant: ``comfy-nvfp4``).
 OFFICIAL = "fp8"

@@ -5,7 +5,8 @@ Test and benchmark tooling, never imported by generation:
 - `plan`: sizes (SyntheticSpec, SYNTHETIC_PRESETS) and every tensor to write (cheap import),
 - `configs`: the config.json texts,
 - `tokenizer`: the BPE tokenizer trained at write time (the only user of `tokenizers`),
-- `writer`: `write_synthetic_checkpoint`, streaming safetensors, the fp8/bf16 encoders.
+- `writer`: `write_synthetic_checkpoint`, streaming safetensors, the fp8/bf16 encoders,
+- `nf4`: `write_nf4_checkpoint`, the bitsandbytes 4-bit layouts made from an fp8 snapshot.
 
     from ideogram4_mlx.synth import write_synthetic_checkpoint
     write_synthetic_checkpoint("/tmp/ideo4-tiny")
@@ -35,6 +36,7 @@ _LAZY = {
     "encode_e4m3": "writer",
     "tokenizer_files": "tokenizer",
     "text_vocab_size": "tokenizer",
+    "write_nf4_checkpoint": "nf4",
 }
 
 __all__ = [
