@@ -318,6 +318,16 @@ def test_bad_files_are_one_line_errors(tmp_path, dit_folder):
         "mixed.gguf: tensor .* is outside model.diffusion_model.", lambda: GGUFSource(mixed)
     )
 
+    q8_cr = write(
+        tmp_path / "q8_cr.gguf",
+        {"a.weight": (np.ones((4, 32), np.int8), None), "a.weight_scale": (np.ones(4), None)},
+        meta=[("comfy.gguf.quant.a.weight", '{"format": "int8_tensorwise", "convrot": true}')],
+    )
+    one_line_error(
+        "q8_cr.gguf: comfy.gguf.quant.a.weight marks the ComfyUI-GGUF fork's own Q8_CR/Q4_CR",
+        lambda: GGUFSource(q8_cr),
+    )
+
     many = tmp_path / "many.gguf"
     many.write_bytes(data)
     patch(many, 8, (10**9).to_bytes(8, "little"))  # tensor_count

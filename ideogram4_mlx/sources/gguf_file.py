@@ -38,6 +38,8 @@ PREFIX = "model.diffusion_model."
 # general.architecture: stable-diffusion.cpp writes no metadata at all; the ComfyUI-GGUF fork's
 # converter writes "ideogram".
 ARCHITECTURES = ("ideogram", "ideogram4")
+# The ComfyUI-GGUF fork's custom formats (ConvRot INT8/INT4) announce each tensor so.
+CUSTOM_QUANT = "comfy.gguf.quant."
 MARKER = "embed_image_indicator.weight"  # the tensor stable-diffusion.cpp tells Ideogram 4 by
 FLOATS = {GGML.F32: "F32", GGML.F16: "F16", GGML.BF16: "BF16"}
 # The quantized types `gguf.quants` dequantizes (those the installed version knows).
@@ -81,6 +83,13 @@ class _BoundedReader(gguf.GGUFReader):
         return super()._build_fields(offs, count)
 
     def _build_tensor_info(self, offs, count):
+        custom = next((k for k in self.fields if k.startswith(CUSTOM_QUANT)), None)
+        if custom is not None:
+            raise CheckpointError(
+                f"{self.source}: {custom} marks the ComfyUI-GGUF fork's own Q8_CR/Q4_CR format "
+                "(rotated INT8/INT4 rows), not a ggml type; use a Q8_0, Q6_K, Q4_K ... GGUF or "
+                "convert the fp8 release"
+            )
         if count > MAX_TENSORS:
             raise CheckpointError(
                 f"{self.source}: claims {count} tensors (at most {MAX_TENSORS}; the DiT has "
