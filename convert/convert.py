@@ -368,7 +368,7 @@ def build_skeleton(src_dir: Path, name: str, settings: dict, inp: ComponentInput
     config = read_config(src_dir) if (src_dir / "config.json").is_file() else model.config.to_json()
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     if settings["bits"] == KEEP:
-        quantization, kept = keep_plan(model, inp)
+        quantization, kept = keep_plan(model, inp, dtype_name(parse_dtype(settings["dtype"])))
     else:
         quantization, kept = (
             quantization_plan(model, settings["bits"], settings["group_size"], settings["recipe"]),

@@ -99,16 +99,18 @@ class ComponentInput:
             for k, (dtype, shape, _) in self.headers().items()
         }
 
-    def exact_spec(self, key: str) -> tuple[int, int] | None:
+    def exact_spec(self, key: str, scales_dtype: str) -> tuple[int, int] | None:
         """``(bits, group_size)`` of a source weight that MLX's affine mode stores exactly as
-        it is (GGUF Q8_0/Q4_0/Q4_1), from the headers; None otherwise (``--quantize keep``)."""
+        it is with scales in ``scales_dtype`` (GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; with float32
+        scales also Q4_K/Q5_K), from the headers; None otherwise (``--quantize keep``)."""
         if self.reader is None or not hasattr(self.reader, "exact_spec"):
             return None
-        return self.reader.exact_spec(key)
+        return self.reader.exact_spec(key, scales_dtype)
 
-    def exact(self, key: str) -> dict:
-        """That weight in MLX's layout: ``{"weight", "scales", "biases"}``, read now."""
-        return self.reader.exact(key)
+    def exact(self, key: str, dtype: mx.Dtype) -> dict:
+        """That weight in MLX's layout: ``{"weight", "scales", "biases"}`` (scales and biases in
+        ``dtype``, refused if that changes a value), read now."""
+        return self.reader.exact(key, dtype)
 
 
 def check_format(name: str, found: str, expected: str | None) -> None:

@@ -141,8 +141,9 @@ def inspect_file(path: Path) -> DiTFile:
 
             elements = Counter()
             reader = GGUFSource(path)
+            headers = reader.headers()
             for key, kind in reader.qtypes().items():
-                elements[kind] += math.prod(reader.headers()[key][1])
+                elements[kind] += math.prod(headers[key][1])
             types = ", ".join(d for d, _ in elements.most_common())
             return DiTFile(path, "gguf", types, size)
         headers = tensor_headers([path])

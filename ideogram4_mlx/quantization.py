@@ -59,6 +59,9 @@ MODES: dict[str, Mode] = {
     "nvfp4": Mode(bits=(4,), group_sizes=(16,), group_size=16),
 }
 FLOAT_MODES = tuple(m for m in MODES if m != MODE)
+# Affine bits a record may hold beyond the ones --quantize offers: a layer copied as a source
+# stores it (GGUF Q5_0/Q5_1/Q5_K are 5-bit, ``sources.keep``); MLX's affine mode has them all.
+RECORD_AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 BITS = MODES[MODE].bits
 GROUP_SIZES = MODES[MODE].group_sizes
 # A model's ``quant_predicate(path, module)``: False keeps the layer in float, True quantizes it
@@ -200,9 +203,13 @@ def quantization_plan(
 
 def record_version(quantization: dict | None) -> int:
     """The version a record with this ``quantization`` is written as: 1 when every layer is
-    affine (readable before the float modes existed), else :data:`RECORD_VERSION`."""
+    affine at 4, 6 or 8 bits (readable before the float modes and kept 5-bit layers existed),
+    else :data:`RECORD_VERSION`."""
     if not quantization:
         return AFFINE_RECORD_VERSION
+    settings = [quantization, *(o for o in quantization["overrides"].values() if o)]
+    if any(s.get("bits") not in MODES[MODE].bits for s in settings):
+        return RECORD_VERSION
     modes = {quantization["mode"]}
     modes |= {o.get("mode", MODE) for o in quantization["overrides"].values() if o}
     return AFFINE_RECORD_VERSION if modes == {MODE} else RECORD_VERSION
@@ -229,7 +236,8 @@ def check_record(quantization: object) -> None:
         mode = entry.get("mode", plan_mode)
         if mode not in MODES:
             raise InputError(f"{where} mode is {mode!r}, expected one of {list(MODES)}")
-        for key, valid in (("bits", MODES[mode].bits), ("group_size", MODES[mode].group_sizes)):
+        bits = RECORD_AFFINE_BITS if mode == MODE else MODES[mode].bits
+        for key, valid in (("bits", bits), ("group_size", MODES[mode].group_sizes)):
             value = entry.get(key)
             if isinstance(value, bool) or value not in valid:
                 raise InputError(

@@ -5,6 +5,7 @@ from files. Tiny synthetic checkpoints; outputs compared bit for bit with the fo
 import importlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -94,7 +95,7 @@ class EagerReader:
         mx.eval(list(out.values()))
         return out
 
-    def exact(self, key):
+    def exact(self, key, dtype):
         return None
 
 
@@ -222,12 +223,12 @@ class ExactReader(EagerReader):
 
     format = "exact-test"
 
-    def exact_spec(self, key):
+    def exact_spec(self, key, scales_dtype):
         shape = self.headers()[key][1]
         linear = ".layers." in f".{key}" and key.endswith(".weight") and len(shape) == 2
         return (8, 32) if linear and "norm" not in key else None
 
-    def exact(self, key):
+    def exact(self, key, dtype):
         (w,) = self.load([key]).values()
         wq, scales, biases = mx.quantize(w.astype(mx.float16), 32, 8)
         return {"weight": wq, "scales": scales, "biases": biases}
@@ -277,3 +278,40 @@ def test_keep_on_a_source_with_nothing_to_keep_writes_float(tiny_checkpoint, tmp
     )
     record = json.loads((out / "transformer" / "config.json").read_text())["mlx_conversion"]
     assert record["quantization"] is None and record["dtype"] == "float16"
+
+
+@pytest.mark.parametrize(
+    ("qtype", "dtype", "kept_bits"),
+    [("Q4_0", None, 4), ("Q5_0", None, 5), ("Q4_K", "float32", 4), ("Q4_K", None, None)],
+)
+def test_keep_from_gguf_generates(tiny_checkpoint, tmp_path, qtype, dtype, kept_bits):
+    """GGUF DiTs converted with --quantize keep load and generate: the layers the model keeps
+    in float (input_proj, AdaLN, final layer, the indicator) are float, block linears are the
+    file's own blocks (Q5_0: 5-bit, a version-2 record; Q4_K: kept only with float32
+    scales)."""
+    from ideogram4_mlx.pipeline import load
+    from ideogram4_mlx.synth.gguf import write_gguf_dit
+
+    files = {
+        name: write_gguf_dit(tiny_checkpoint / name, tmp_path / f"{name}.gguf", qtype)
+        for name in ("transformer", "unconditional_transformer")
+    }
+    out = convert(
+        tiny_checkpoint, tmp_path / "out", quantize="keep", dtype=dtype, files=files, progress=False
+    )
+    record = json.loads((out / "transformer" / "config.json").read_text())["mlx_conversion"]
+    plan = record["quantization"]
+    if kept_bits is None:
+        assert plan is None
+    else:
+        assert (plan["bits"], plan["group_size"], plan["recipe"]) == (kept_bits, 32, "keep")
+        assert plan["overrides"]["input_proj"] is False
+        assert record["version"] == (2 if kept_bits == 5 else 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = load(out, dtype=mx.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU backend's quantized-matmul speed note
+        image = pipe.generate("a cat", width=256, height=256, num_steps=2, seed=1).image
+    assert image.size == (256, 256)
+    assert np.isfinite(np.array(image, dtype=np.float32)).all() and np.array(image).std() > 0

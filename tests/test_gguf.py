@@ -435,7 +435,15 @@ def test_convert_keep_copies_the_gguf_blocks_as_they_are(tiny_checkpoint, tmp_pa
         else:
             assert bits_equal(converted[key].astype(mx.float32), value.astype(mx.float16)), key
     # every 2-D tensor MLX holds with float16 scales (Q8_0/Q4_0: all but t_embedding and
-    # final_layer, which stable-diffusion.cpp leaves BF16); Q4_K needs float32 scales
-    exact = {k for k in source.headers() if source.exact_spec(k)}
+    # final_layer, which stable-diffusion.cpp leaves BF16) but the layers the model keeps in
+    # float (input_proj, adaln_proj, the indicator: its quant_predicate); Q4_K needs float32
+    # scales
+    modules = dict(model.named_modules())
+    exact = {
+        k
+        for k in source.headers()
+        if source.exact_spec(k)
+        and model.quant_predicate(k.rpartition(".")[0], modules[k.rpartition(".")[0]]) is not False
+    }
     assert kept == len(exact) and (kept == 0) == (qtype == "Q4_K")
     assert "layers.0.attention.qkv.weight" in exact or qtype == "Q4_K"

@@ -31,14 +31,18 @@ def parameter_sources(model: nn.Module, keys: list[str]) -> dict[str, list[str]]
     return {k: [keys[i] for i in v.tolist()] for k, v in mapped.items() if v.ndim == 1}
 
 
-def keep_plan(model: nn.Module, inp) -> tuple[dict | None, dict[str, list[str]]]:
+def keep_plan(
+    model: nn.Module, inp, scales_dtype: str = "float16"
+) -> tuple[dict | None, dict[str, list[str]]]:
     """The record's ``quantization`` for a kept conversion and ``{weight key: source keys}`` of
     the kept layers. None when the source stores no weight the way MLX does (all float).
 
-    ``inp``: anything with ``headers()`` and ``exact_spec(key)`` (``(bits, group_size)`` or
-    None): a converter input, a GGUF file's reader."""
+    ``inp``: anything with ``headers()`` and ``exact_spec(key, scales_dtype)`` (``(bits,
+    group_size)`` held exactly with scales in ``scales_dtype``, or None): a converter input, a
+    GGUF file's reader. The layers the model keeps in float (its ``quant_predicate``: norms'
+    neighbours such as ``input_proj``, the AdaLN and final layers) are float here too."""
     keys = sorted(inp.headers())
-    specs = {k: inp.exact_spec(k) for k in keys}
+    specs = {k: inp.exact_spec(k, scales_dtype) for k in keys}
     if not any(specs.values()):
         return None, {}
     sources = parameter_sources(model, keys)
@@ -48,7 +52,8 @@ def keep_plan(model: nn.Module, inp) -> tuple[dict | None, dict[str, list[str]]]
             continue
         parts = sources.get(f"{path}.weight", [])
         found = {specs.get(k) for k in parts}
-        chosen[path] = found.pop() if len(found) == 1 and parts else None
+        floats = model.quant_predicate(path, module) is False
+        chosen[path] = found.pop() if len(found) == 1 and parts and not floats else None
     counts = Counter(spec for spec in chosen.values() if spec is not None)
     if not counts:
         return None, {}
@@ -77,7 +82,7 @@ def kept_tensors(key: str, parts: list[str], inp, dtype: mx.Dtype) -> dict[str, 
     """One kept layer in MLX's layout: its parts' packed weights, scales and biases, in the
     order ``sanitize`` fuses them (rows stack: each row's groups are its own)."""
     path = key.rpartition(".")[0]
-    exact = [inp.exact(k) for k in parts]
+    exact = [inp.exact(k, dtype) for k in parts]
     return {
         key: mx.concatenate([e["weight"] for e in exact], axis=0),
         f"{path}.scales": mx.concatenate([e["scales"] for e in exact], axis=0).astype(dtype),
