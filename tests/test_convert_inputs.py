@@ -277,7 +277,7 @@ def test_keep_on_a_source_with_nothing_to_keep_writes_float(tiny_checkpoint, tmp
         tiny_checkpoint, tmp_path / "o", quantize="keep", components=["transformer"], progress=False
     )
     record = json.loads((out / "transformer" / "config.json").read_text())["mlx_conversion"]
-    assert record["quantization"] is None and record["dtype"] == "float16"
+    assert record["quantization"] is None and record["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(
