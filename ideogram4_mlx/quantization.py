@@ -60,8 +60,8 @@ MODES: dict[str, Mode] = {
 }
 FLOAT_MODES = tuple(m for m in MODES if m != MODE)
 # Affine bits a record may hold beyond the ones --quantize offers: a layer copied as a source
-# stores it (GGUF Q5_0/Q5_1/Q5_K are 5-bit, ``sources.keep``); MLX's affine mode has them all.
-RECORD_AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+# stores it (GGUF Q5_0/Q5_1/Q5_K are 5-bit, ``sources.keep``).
+RECORD_AFFINE_BITS = (4, 5, 6, 8)
 BITS = MODES[MODE].bits
 GROUP_SIZES = MODES[MODE].group_sizes
 # A model's ``quant_predicate(path, module)``: False keeps the layer in float, True quantizes it
