@@ -22,6 +22,7 @@ folder on to the folder's own code: :func:`build_dit`, :func:`load_dit`, :func:`
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -318,8 +319,18 @@ def load_dit(
 
 def file_quantization(dit: DiTFile, dtype: mx.Dtype) -> dict | None:
     """The quantization a file's DiT loads with in ``dtype`` (a GGUF file's kept layers, as
-    ``convert --quantize keep`` records it); None when every weight loads in float."""
-    return dit.plan(dit.build(), dtype)[0]
+    ``convert --quantize keep`` records it); None when every weight loads in float. Warns when
+    the file has such layers but ``dtype`` (bfloat16) cannot keep them."""
+    model = dit.build()
+    plan = dit.plan(model, dtype)[0]
+    if plan is None and dit.reader is not None and keep_plan(model, dit.reader, "float16")[0]:
+        warnings.warn(
+            f"{dit.path.name}: its Q8_0/Q4_0/... layers load dequantized in {dtype_name(dtype)} "
+            "(bfloat16 scales do not hold the file's fp16 ones, and other scales would turn the "
+            "activations to float32): --dtype float16 (or float32) keeps them as they are",
+            stacklevel=4,
+        )
+    return plan
 
 
 def file_sizes(dit: DiTFile, dtype: mx.Dtype, text_input: bool = True) -> tuple:

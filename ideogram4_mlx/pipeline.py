@@ -327,7 +327,8 @@ class Ideogram4Pipeline:
         if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
         component = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
-        if not (self.checkpoint_dir / component / "config.json").is_file():
+        held = isinstance(self.dit_dir(component), dit_file.DiTFile)  # --uncond FILE
+        if not held and not (self.checkpoint_dir / component / "config.json").is_file():
             raise LoRAError(
                 f"{spec.source}: a LoRA for the unconditional DiT, but {self.checkpoint_dir} "
                 f"has no {component}/; drop --lora-uncond or use a full checkpoint"

@@ -72,7 +72,9 @@ def image(pipe, **settings):
 
 def quantized_layers(model) -> set[tuple[int, int]]:
     return {
-        (m.bits, m.group_size) for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
+        (m.bits, m.group_size)
+        for _, m in model.named_modules()
+        if isinstance(m, nn.QuantizedLinear)
     }
 
 
@@ -192,10 +194,17 @@ def test_uncond_file_runs_the_unconditional_pass(tiny_checkpoint, tmp_path):
     pipe = load(tiny_checkpoint, dtype=mx.float32, uncond=str(path))
     assert pipe.options.uncond_delta is None and pipe.dit_components()[1] == (UNCOND, False)
     result = pipe.generate(CAPTION, **FAST)
-    np.testing.assert_array_equal(
-        np.asarray(result.image), image(load(built, dtype=mx.float32))
-    )
+    np.testing.assert_array_equal(np.asarray(result.image), image(load(built, dtype=mx.float32)))
     assert quantized_layers(pipe.dits()[1]) == {(8, 32)}
+    half = tmp_path / "half"  # a checkpoint without unconditional_transformer/: the file runs it
+    half.mkdir()
+    shutil.copy(tiny_checkpoint / "model_index.json", half)
+    for name in COMPONENTS:
+        if name != UNCOND:
+            (half / name).symlink_to(tiny_checkpoint / name)
+    np.testing.assert_array_equal(
+        image(load(half, dtype=mx.float32, uncond=str(path))), np.asarray(result.image)
+    )
     assert result.metadata["uncond"] == str(path.resolve())
     options, request = replay(result.metadata)
     np.testing.assert_array_equal(
