@@ -23,7 +23,8 @@ from ideogram4_mlx.sources import SOURCE_FAMILIES
     type=click.Choice([*DTYPE_ALIASES, *DTYPES]),
     default=None,
     help="Dtype of every unquantized tensor (and of affine scales and biases). "
-    "Default: bf16; fp16 with --quantize keep, which keeps the sources' fp16 scales exact.",
+    "Default: bf16; with --quantize keep fp16 for the DiTs whose layers are kept (the "
+    "sources' fp16 scales stay exact), bf16 for the rest.",
 )
 @click.option(
     "--quantize",

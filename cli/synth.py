@@ -9,6 +9,8 @@ from ideogram4_mlx.cli.errors import Command
 from ideogram4_mlx.cli.options import components_option
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.synth.configs import dit_config
+from ideogram4_mlx.synth.layouts import DIT_FILE_FORMATS, convert_layout, write_dit_files
+from ideogram4_mlx.synth.layouts import LAYOUTS as CHECKPOINT_LAYOUTS
 from ideogram4_mlx.synth.lora import LAYOUTS, write_synthetic_lora
 from ideogram4_mlx.synth.plan import ALL_COMPONENTS, COMPONENTS, SYNTHETIC_PRESETS
 
@@ -46,6 +48,23 @@ from ideogram4_mlx.synth.plan import ALL_COMPONENTS, COMPONENTS, SYNTHETIC_PRESE
     help="The trainer's layout --lora is written in.",
 )
 @click.option(
+    "--layout",
+    type=click.Choice(list(CHECKPOINT_LAYOUTS)),
+    default="fp8",
+    show_default=True,
+    help="The release whose layout DST has: fp8 (ideogram-ai/ideogram-4-fp8), nf4 "
+    "(ideogram-ai/ideogram-4-nf4, split attention names), nf4-fused (its older snapshots), "
+    "nf4-diffusers (ideogram-ai/ideogram-4-nf4-diffusers).",
+)
+@click.option(
+    "--dit-files",
+    type=click.Choice(DIT_FILE_FORMATS),
+    default=None,
+    help="Also write both DiTs as single files in DST/diffusion_models/, named as the "
+    "published ones: Comfy-Org's repacks (comfy-fp8, comfy-nvfp4) or GGUF files of one type, "
+    "for convert --transformer / --unconditional-transformer.",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Replace DST if it is empty or holds only checkpoint files (an earlier synth), and "
@@ -59,11 +78,14 @@ def synth(
     dit_layers,
     lora: Path | None,
     lora_layout: str,
+    layout: str,
+    dit_files: str | None,
     force: bool,
 ) -> None:
     """Write a seeded synthetic Ideogram 4 checkpoint at DST: the folder layout, configs, dtypes
-    and tokenizer of ideogram-ai/ideogram-4-fp8 with small random weights. Every command
-    accepts it, so the whole tool can be tried without the real model (images are noise).
+    and tokenizer of ideogram-ai/ideogram-4-fp8 (or of another release: --layout) with small
+    random weights. Every command accepts it, so the whole tool can be tried without the real
+    model (images are noise).
 
     \b
     Example:
@@ -71,6 +93,7 @@ def synth(
       ideo4-mlx generate --model /tmp/ideo4-tiny --dtype float32 --width 256 --height 256 \\
           --prompt "a cat" --output /tmp/cat.png
       ideo4-mlx lora-info /tmp/ideo4-tiny-lora.safetensors --model /tmp/ideo4-tiny
+      ideo4-mlx synth /tmp/ideo4-nf4 --layout nf4 --dit-files gguf-Q4_K
     """
     # Imported here so other commands never load the writer and `tokenizers` (test tooling).
     from ideogram4_mlx.synth.writer import write_synthetic_checkpoint
@@ -82,9 +105,17 @@ def synth(
         lora = lora.expanduser()
         if lora.is_symlink() or (lora.exists() and not (force and lora.is_file())):
             raise InputError(f"{lora} already exists; pass --force to replace the file")
+    if dit_files is not None and not {"transformer", "unconditional_transformer"} <= set(
+        components
+    ):
+        raise InputError("--dit-files writes both DiTs: keep them in --components")
     path = write_synthetic_checkpoint(
         dst, spec, seed=seed, components=components, force=force, progress=True
     )
+    if dit_files is not None:
+        for written in write_dit_files(path, path, dit_files):
+            click.echo(str(written))
+    convert_layout(path, layout, force=True)  # DST was just written by this command
     click.echo(str(path))
     if lora is not None:
         lora = write_synthetic_lora(lora, dit_config(spec), lora_layout, seed=seed, force=force)

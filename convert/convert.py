@@ -132,8 +132,8 @@ def convert(
 
     Args:
         dtype: float dtype of every unquantized tensor (``bfloat16``, ``float16``, ``float32``);
-            by default bfloat16, float16 with ``quantize="keep"`` (which keeps the sources'
-            float16 scales exact).
+            by default bfloat16; with ``quantize="keep"`` float16 for the components with kept
+            layers (the sources' float16 scales stay exact), bfloat16 for the others.
         quantize: 8, 6 or 4 bits (affine, ``group_size`` 32/64/128, default 64), or one of
             MLX's float modes ``"mxfp4"``, ``"mxfp8"`` (groups of 32), ``"nvfp4"`` (groups of
             16; no other ``group_size``), for the DiTs and the text encoder; sensitive layers
@@ -173,8 +173,12 @@ def convert(
             "LoRA would change: drop --lora (apply it with generate --lora), or give bits"
         )
     quantize = None if quantize in ("none", KEEP) else quantize
-    dtype = dtype or ("float16" if keep else "bfloat16")
-    parse_dtype(dtype)  # checks the name only
+    if keep and uncond_as_lora is not None:
+        raise InputError("--quantize keep and --uncond-as-lora: give one of them")
+    # keep: fp16 for the components with kept layers, bf16 for the others (build_skeleton)
+    dtype = dtype or (None if keep else "bfloat16")
+    if dtype is not None:
+        parse_dtype(dtype)  # checks the name only
     check_settings(quantize, group_size, recipe)
     uncond_as_lora = check_rank(uncond_as_lora)
     if uncond_as_lora == "full" and (quantize is not None or recipe is not None or keep):
@@ -332,13 +336,13 @@ def output_bytes(
     src_dir: Path, components: tuple[str, ...], settings: dict, inputs: dict[str, ComponentInput]
 ) -> int:
     """The size of the whole output: skeleton sizes in the target dtype plus copied files."""
-    dtype = parse_dtype(settings["dtype"])
     total = sum(
         (src_dir / name).stat().st_size for name in COPIED_FILES if (src_dir / name).is_file()
     )
     for name in components:
         if name in MODEL_COMPONENTS:
-            model = build_skeleton(src_dir / name, name, settings, inputs[name]).model
+            skeleton = build_skeleton(src_dir / name, name, settings, inputs[name])
+            model, dtype = skeleton.model, parse_dtype(skeleton.record["dtype"])
             total += sum(
                 v.size * (dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
                 for _, v in tree_flatten(model.parameters())
@@ -367,8 +371,11 @@ def build_skeleton(src_dir: Path, name: str, settings: dict, inp: ComponentInput
     model = build_model(src_dir.parent, name, inp)
     config = read_config(src_dir) if (src_dir / "config.json").is_file() else model.config.to_json()
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    dtype = settings["dtype"]
     if settings["bits"] == KEEP:
-        quantization, kept = keep_plan(model, inp, dtype_name(parse_dtype(settings["dtype"])))
+        scales = dtype_name(parse_dtype(dtype or "float16"))
+        quantization, kept = keep_plan(model, inp, scales)
+        dtype = dtype or ("float16" if kept else "bfloat16")
     else:
         quantization, kept = (
             quantization_plan(model, settings["bits"], settings["group_size"], settings["recipe"]),
@@ -379,7 +386,7 @@ def build_skeleton(src_dir: Path, name: str, settings: dict, inp: ComponentInput
         "converter": f"ideogram4_mlx {__version__}",
         "source": settings["files"].get(name, settings["source"]),
         "format": inp.format,
-        "dtype": dtype_name(parse_dtype(settings["dtype"])),
+        "dtype": dtype_name(parse_dtype(dtype)),
         "quantization": quantization,
     }
     baked = settings.get("loras", {}).get(name, [])
@@ -404,8 +411,8 @@ def convert_component(
     """Stream one component (a folder, or a DiT file) into ``out_dir``: shards, index and the
     annotated config. The input's groups are read one after the other (``convert.inputs``)."""
     spec = MODEL_COMPONENTS[name]
-    dtype = parse_dtype(settings["dtype"])
     config, model, record, expected, kept = build_skeleton(src_dir, name, settings, inp)
+    dtype = parse_dtype(record["dtype"])
     targets = dict(tree_flatten(model.parameters()))  # lazy: shapes and dtypes only
     modules = dict(model.named_modules())
 

@@ -270,6 +270,9 @@ def test_keep_refuses_recipes_and_loras(tiny_checkpoint, tmp_path):
         convert(tiny_checkpoint, tmp_path / "o", quantize="keep", recipe="mixed-4-8")
     with pytest.raises(InputError, match="drop --lora"):
         convert(tiny_checkpoint, tmp_path / "o", quantize="keep", loras=["x.safetensors"])
+    with pytest.raises(InputError, match="keep and --uncond-as-lora: give one of them"):
+        convert(tiny_checkpoint, tmp_path / "o", quantize="keep", uncond_as_lora=8)
+    assert not (tmp_path / "o").exists()
 
 
 def test_keep_on_a_source_with_nothing_to_keep_writes_float(tiny_checkpoint, tmp_path):
@@ -277,7 +280,7 @@ def test_keep_on_a_source_with_nothing_to_keep_writes_float(tiny_checkpoint, tmp
         tiny_checkpoint, tmp_path / "o", quantize="keep", components=["transformer"], progress=False
     )
     record = json.loads((out / "transformer" / "config.json").read_text())["mlx_conversion"]
-    assert record["quantization"] is None and record["dtype"] == "float16"
+    assert record["quantization"] is None and record["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(

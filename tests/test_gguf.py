@@ -8,6 +8,8 @@ either sign, every code value occurring) and synthetic DiTs written the way
 stable-diffusion.cpp converts the fp8 release (ideogram4_mlx/synth/gguf.py).
 """
 
+import json
+
 import gguf
 import mlx.core as mx
 import numpy as np
@@ -417,6 +419,9 @@ def test_convert_keep_copies_the_gguf_blocks_as_they_are(tiny_checkpoint, tmp_pa
     for shard in (out / "transformer").glob("model-*.safetensors"):
         converted.update(mx.load(str(shard)))
     source = GGUFSource(path)
+    record = json.loads((out / "transformer" / "config.json").read_text())["mlx_conversion"]
+    stored = {"float16": mx.float16, "bfloat16": mx.bfloat16}[record["dtype"]]
+    assert record["dtype"] == ("bfloat16" if qtype == "Q4_K" else "float16")
     model = Ideogram4Transformer.build(tiny_checkpoint / "transformer", source.headers())
     reference = model.sanitize(source.load(source.headers()))
     kept = 0
@@ -433,7 +438,10 @@ def test_convert_keep_copies_the_gguf_blocks_as_they_are(tiny_checkpoint, tmp_pa
             )
             assert same_numbers(w, value), key
         else:
-            assert bits_equal(converted[key].astype(mx.float32), value.astype(mx.float16)), key
+            # float16 where layers are kept (their scales exact), else the bfloat16 default
+            assert bits_equal(
+                converted[key].astype(mx.float32), value.astype(stored).astype(mx.float32)
+            ), key
     # every 2-D tensor MLX holds with float16 scales (Q8_0/Q4_0: all but t_embedding and
     # final_layer, which stable-diffusion.cpp leaves BF16) but the layers the model keeps in
     # float (input_proj, adaln_proj, the indicator: its quant_predicate); Q4_K needs float32

@@ -308,9 +308,14 @@ def check_convert(params: dict, output: str):
     assert folders, f"{params['dst']}: no component folders"
     for folder in folders:
         assert conversion_record(folder) is not None, f"{folder}: no conversion record"
-    if params["quantize"] is not None:
-        quantization = conversion_record(params["dst"] / "transformer")["quantization"]
-        assert quantization["bits"] == int(params["quantize"])
+    quantize = params["quantize"]
+    quantization = conversion_record(params["dst"] / "transformer")["quantization"]
+    if quantize is not None and quantize.isdigit():
+        assert quantization["bits"] == int(quantize)
+    elif quantize == "keep":  # a GGUF's Q4_0 blocks copied as they are
+        assert quantization["recipe"] == "keep", quantization
+    elif quantize is not None and quantize != "none":
+        assert quantization["mode"] == quantize, quantization
     baked = conversion_record(params["dst"] / "transformer").get("loras", [])
     assert len(baked) == len(params["loras"])
 
@@ -340,8 +345,12 @@ def check_lora_info(params: dict, output: str):
 
 def check_models(params: dict, output: str):
     assert "Hugging Face cache" in output, output
+    assert "unreadable" not in output, output
     for path in params["paths"]:
-        assert f"{path}:" in output and "unreadable" not in output, output
+        if path.name == "diffusion_models":  # a folder of DiT files, each listed
+            assert "DiT files" in output and all(str(f) in output for f in path.iterdir()), output
+        else:
+            assert f"{path}:" in output, output
 
 
 def check_describe(params: dict, output: str):

@@ -85,7 +85,8 @@ def _foreign_entry(dst: Path) -> str | None:
             return entry.name
         if entry.name == "model_index.json" and entry.is_file():
             continue
-        if not (entry.name in ALL_COMPONENTS and entry.is_dir()):
+        # diffusion_models/: the DiT files of `synth --dit-files` (synth.layouts)
+        if not (entry.name in (*ALL_COMPONENTS, "diffusion_models") and entry.is_dir()):
             return entry.name
     return None
 
