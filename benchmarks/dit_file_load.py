@@ -2,8 +2,9 @@
 (``convert --quantize keep``) and loading the folder: time and peak memory of each load.
 
 Each measurement runs in a fresh process (peak memory is per process): MLX's peak
-(``mx.get_peak_memory``) and the process's maximum resident set (``ru_maxrss``, which counts
-the GGUF file's memory-mapped pages read). The convert step is timed once per type.
+(``mx.get_peak_memory``) and the process's peak resident set (``VmHWM`` of /proc/self/status,
+which counts the GGUF file's memory-mapped pages read; ``ru_maxrss`` would carry the parent's
+peak over ``fork``). The convert step is timed once per type.
 
     python benchmarks/dit_file_load.py --preset tiny
     python benchmarks/dit_file_load.py --preset full-width --layers 1   # one real-width block
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +25,14 @@ import mlx.core as mx
 from ideogram4_mlx.dtypes import parse_dtype
 from ideogram4_mlx.synth import write_synthetic_checkpoint
 from ideogram4_mlx.synth.plan import SYNTHETIC_PRESETS
+
+
+def peak_rss() -> int:
+    """Bytes of this process's peak resident set (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def measure(route: str, source: str, config_dir: str, dtype: str) -> dict:
@@ -42,7 +50,7 @@ def measure(route: str, source: str, config_dir: str, dtype: str) -> dict:
     return {
         "seconds": round(seconds, 2),
         "mlx_peak_mb": round(mx.get_peak_memory() / 1e6, 1),
-        "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+        "peak_rss_mb": round(peak_rss() / 1e6, 1),
     }
 
 
