@@ -110,6 +110,7 @@ class DiTFile:
                 "folder or a checkpoint folder)"
             )
         self.reader = None
+        self.quantizations: dict[str, dict | None] = {}  # file_quantization's, by dtype name
         if self.path.suffix == ".gguf":
             from ideogram4_mlx.sources.gguf_file import GGUFSource  # the gguf package, lazily
 
@@ -320,15 +321,18 @@ def load_dit(
 def file_quantization(dit: DiTFile, dtype: mx.Dtype) -> dict | None:
     """The quantization a file's DiT loads with in ``dtype`` (a GGUF file's kept layers, as
     ``convert --quantize keep`` records it); None when every weight loads in float. Warns when
-    the file has such layers but ``dtype`` (bfloat16) cannot keep them."""
+    the file has such layers but ``dtype`` (bfloat16) cannot keep them (once per dtype)."""
+    name = dtype_name(dtype)
+    if name in dit.quantizations:
+        return dit.quantizations[name]
     model = dit.build()
-    plan = dit.plan(model, dtype)[0]
+    plan = dit.quantizations[name] = dit.plan(model, dtype)[0]
     if plan is None and dit.reader is not None and keep_plan(model, dit.reader, "float16")[0]:
         warnings.warn(
             f"{dit.path.name}: its Q8_0/Q4_0/... layers load dequantized in {dtype_name(dtype)} "
             "(bfloat16 scales do not hold the file's fp16 ones, and other scales would turn the "
             "activations to float32): --dtype float16 (or float32) keeps them as they are",
-            stacklevel=4,
+            stacklevel=5,  # load()'s caller
         )
     return plan
 

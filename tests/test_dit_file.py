@@ -111,6 +111,9 @@ def test_q4_k_keeps_float32_scales_and_dequantizes_in_other_dtypes(tiny_checkpoi
                 assert mx.array_equal(params[key], value.astype(dtype)).item(), key
         if dtype == mx.bfloat16:
             assert not quantized_layers(model)
+    with pytest.warns(UserWarning, match="load dequantized in bfloat16.*--dtype float16"):
+        pipe = load(tiny_checkpoint, dtype=mx.bfloat16, transformer=files["Q8_0"][0])
+    assert pipe.quantization() is None
 
 
 def test_streaming_blocks_from_a_gguf_file_is_the_same_image(tiny_checkpoint, files):
