@@ -32,6 +32,7 @@ from ideogram4_mlx.sources.gguf_file import GGUFSource
 from ideogram4_mlx.synth import COMPONENTS, write_synthetic_checkpoint
 from ideogram4_mlx.synth.comfy import write_comfy_dit
 from ideogram4_mlx.synth.gguf import write_gguf_dit
+from ideogram4_mlx.synth.lora import write_synthetic_lora
 from ideogram4_mlx.synth.plan import resolve_spec
 from ideogram4_mlx.weights import fingerprint
 
@@ -208,6 +209,9 @@ def test_uncond_file_runs_the_unconditional_pass(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(
         image(load(half, dtype=mx.float32, uncond=str(path))), np.asarray(result.image)
     )
+    lora = write_synthetic_lora(tmp_path / "u.safetensors", tiny_checkpoint / UNCOND, "kohya")
+    with_lora = load(half, dtype=mx.float32, uncond=str(path), lora_uncond=str(lora))
+    assert with_lora.lora_names() == ["u.safetensors"]  # for the file's DiT: not refused
     assert result.metadata["uncond"] == str(path.resolve())
     options, request = replay(result.metadata)
     np.testing.assert_array_equal(
@@ -254,8 +258,14 @@ def test_a_file_that_is_no_dit_is_refused(tiny_checkpoint, files, tmp_path):
         load_file(dit, mx.float32)
 
 
-def test_uncond_delta_files_stay_deltas(tiny_checkpoint):
+def test_uncond_delta_files_stay_deltas(tiny_checkpoint, tmp_path):
+    """A delta or LoRA file (``lora_A``/``lora_B`` pairs) stays a delta; a file holding the
+    DiT's own tensors is a whole unconditional DiT."""
     from ideogram4_mlx.pipeline_options import PipelineOptions
+
+    lora = write_synthetic_lora(tmp_path / "d.safetensors", tiny_checkpoint / UNCOND, "kohya")
+    as_delta = PipelineOptions(uncond=str(lora))
+    assert as_delta.uncond_file is None and as_delta.uncond_delta == str(lora)
 
     assert PipelineOptions(uncond="self").uncond_file is None
     delta = PipelineOptions(uncond="owner/some_delta")
