@@ -319,8 +319,11 @@ TRANSFORMER_GROUP = [
         metavar="PATH_OR_REPO",
         help="Another conditional DiT in place of the checkpoint's (e.g. a distilled one): a "
         "folder with its config.json and weights (as a checkpoint's transformer/, raw or "
-        "converted), a checkpoint folder whose transformer/ is taken, or a repo id "
-        "(owner/name[@REVISION]). Recorded in the metadata and replayed. A single-branch DiT "
+        "converted), a checkpoint folder whose transformer/ is taken, a repo id "
+        "(owner/name[@REVISION]), or a single DiT file loaded without converting: a .gguf "
+        "(Q8_0/Q4_0/... layers MLX holds exactly stay quantized) or a .safetensors (a Comfy "
+        "repack, the fp8 file), read with the checkpoint's transformer/config.json. Recorded "
+        "in the metadata and replayed. A single-branch DiT "
         "wants its own steps (e.g. --steps 8) and guidance 1 (see --single-branch).",
     ),
     click.option(
@@ -337,14 +340,16 @@ UNCOND_GROUP = [
         "--uncond",
         default="checkpoint",
         show_default=True,
-        metavar="checkpoint|self|DELTA",
+        metavar="checkpoint|self|DELTA|FILE",
         help="What runs the unconditional (CFG) pass: the checkpoint's "
         "unconditional_transformer/ (or the delta `convert --uncond-as-lora` left in its "
         "place); 'self': the conditional DiT on image tokens only, as DiffSynth-Studio runs "
         "without that folder (one DiT in memory; an approximation, another image); or a DELTA "
         "(a file, a folder from `convert --uncond-as-lora`, or a Hub repo such as "
         "ostris/ideogram_4_unconditional_lora) on the conditional DiT's weights for that pass "
-        "only (one DiT in memory). A schedule of guidance 1 (--guidance-schedule 1) loads none.",
+        "only (one DiT in memory); or a whole unconditional DiT FILE (.gguf, or a .safetensors "
+        "holding the DiT's tensors), loaded as --transformer loads one. A schedule of guidance "
+        "1 (--guidance-schedule 1) loads none.",
     ),
 ]
 MAGIC_FIELDS = ("max_tokens", "temperature", "top_p", "keep_bboxes", "system_prompt")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
+
+from ideogram4_mlx.dtypes import dtype_name
 
 
 def backend() -> str:
@@ -125,6 +128,21 @@ def is_slow(dtype: mx.Dtype, quantized: bool) -> bool:
     """MLX's CPU backend runs bf16/fp16 and quantized matmuls without BLAS (10-50x slower
     than fp32 there); Metal and CUDA do not have that cliff."""
     return backend() == "cpu" and (quantized or dtype != mx.float32)
+
+
+def warn_if_slow(dtype: mx.Dtype, quantized: bool) -> None:
+    """A warning (at the caller's caller) when :func:`is_slow`: what runs slowly and the fix."""
+    if not is_slow(dtype, quantized):
+        return
+    slow = [dtype_name(dtype)] if dtype != mx.float32 else []
+    slow += ["quantized"] if quantized else []
+    warnings.warn(
+        f"MLX runs on its CPU backend here, where {' and '.join(slow)} matmuls are 10-50x "
+        "slower than dense float32 (no BLAS): for speed use --dtype float32 "
+        "(dtype=mx.float32) with an unquantized checkpoint; on a Mac (Metal) this does "
+        "not apply",
+        stacklevel=3,
+    )
 
 
 def physical_memory() -> int:

@@ -147,8 +147,12 @@ def resolve_transformer(source: str | Path) -> tuple[Path, str]:
     ``config.json`` and weights, as a checkpoint's ``transformer/``), a checkpoint folder whose
     ``transformer/`` is taken, or a repo id of either layout (``owner/name``, or
     ``owner/name@REVISION``). The identity is what replays it: the absolute folder, or the repo
-    id at the commit downloaded. Only that folder's config and weights are downloaded."""
+    id at the commit downloaded. Only that folder's config and weights are downloaded. A single
+    file (a ``.gguf`` or ``.safetensors`` DiT, read with the checkpoint's config:
+    ``dit_file``) comes back as it is, the file in place of the folder."""
     path = Path(source).expanduser()
+    if path.is_file():
+        return path, str(path.resolve())
     if path.exists():
         return dit_folder(path, str(source)), str(path.resolve())
     repo, _, revision = str(source).partition("@")

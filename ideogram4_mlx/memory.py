@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from ideogram4_mlx.dit_file import DiTFile, as_source, file_sizes
 from ideogram4_mlx.environment import physical_memory
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.text_encoder import LM_PREFIXES, UNUSED_PREFIXES
@@ -167,7 +168,10 @@ class DiTSizes:
 
 def dit_sizes(component_dir: Path | str, dtype: mx.Dtype, text_input: bool = True) -> DiTSizes:
     """Bytes of a DiT component folder as ``from_pretrained`` would hold it in ``dtype``, by
-    :func:`held_bytes`; ``text_input=False``: without the text projection, which is not read."""
+    :func:`held_bytes`; ``text_input=False``: without the text projection, which is not read.
+    A single DiT file (a ``dit_file.DiTFile``): its skeleton as ``dit_file`` loads it."""
+    if isinstance(component_dir, DiTFile):
+        return DiTSizes(*file_sizes(component_dir, dtype, text_input))
     component_dir = Path(component_dir)
     config = TransformerConfig.from_file(component_dir / "config.json")
     dropped = () if text_input else TEXT_INPUT_MODULES
@@ -206,7 +210,7 @@ def dit_folders(
     one replaced by ``transformer_dir`` when given."""
     folders = [Path(checkpoint_dir) / name for name, _ in DIT_COMPONENTS]
     if transformer_dir is not None:
-        folders[0] = Path(transformer_dir)
+        folders[0] = as_source(transformer_dir)
     return tuple(folders)
 
 
@@ -356,8 +360,12 @@ class MemoryBudget:
         """:func:`dit_sizes` of each of ``dits`` (None where it is None or absent)."""
         sizes = []
         for dit in self.dits:
-            path = None if dit is None else self.checkpoint_dir / dit[0]
-            present = path is not None and (path / "config.json").is_file()
+            path = None if dit is None else dit[0]
+            if path is not None and not isinstance(path, DiTFile):  # a folder; a file: dit_file
+                path = self.checkpoint_dir / path
+            present = isinstance(path, DiTFile) or (
+                path is not None and (path / "config.json").is_file()
+            )
             sizes.append(dit_sizes(path, self.dtype, dit[1]) if present else None)
         return tuple(sizes)
 

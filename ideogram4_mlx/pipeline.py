@@ -16,9 +16,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ideogram4_mlx import dit_file
 from ideogram4_mlx.distributed import CFGGroup
-from ideogram4_mlx.dtypes import dtype_name
-from ideogram4_mlx.environment import describe, is_slow
+from ideogram4_mlx.environment import describe, warn_if_slow
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.generation import (  # noqa: F401 (Step, NonFiniteError: public names here too)
     Components,
@@ -52,10 +52,10 @@ from ideogram4_mlx.request import (
 )
 from ideogram4_mlx.sampler import skips_uncond, uses_uncond
 from ideogram4_mlx.text_retry import generate_checked, text_check_from
-from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer, check_swappable
+from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import DELTA_FILE, DeltaDiT, read_uncond_delta
 from ideogram4_mlx.vae import Flux2VAE
-from ideogram4_mlx.weights import conversion_record, fingerprint
+from ideogram4_mlx.weights import fingerprint
 
 # The sequence length dits() plans for when none is given: 1024^2 with the longest caption.
 PLAN_TOKENS = (1024 // 16) ** 2 + MAX_TEXT_TOKENS
@@ -78,7 +78,12 @@ class Ideogram4Pipeline:
         self.options = options
         if transformer_dir is None and options.transformer is not None:
             transformer_dir = resolve_transformer(options.transformer)[0]
-        self.transformer_dir = transformer_dir  # the conditional DiT swapped in, if any
+        # The conditional DiT swapped in, if any: a folder, or a file (a dit_file.DiTFile).
+        self.transformer_dir = dit_file.dit_source(transformer_dir, self.checkpoint_dir)
+        # --uncond FILE: a whole unconditional DiT in one file (dit_file), read with the config
+        # of the checkpoint's unconditional_transformer/ (or transformer/).
+        uncond = DIT_COMPONENTS[1][0]
+        self.uncond_file = dit_file.dit_source(options.uncond_file, self.checkpoint_dir, uncond)
         self._transformer_fingerprint: str | None = None
         # The unconditional DiT as a delta on the conditional one (uncond_delta.py): the one
         # options.uncond names, or the file `convert --uncond-as-lora` left in the checkpoint.
@@ -158,6 +163,8 @@ class Ideogram4Pipeline:
         ``transformer`` the one ``--transformer`` swapped in."""
         if name == "transformer" and self.transformer_dir is not None:
             return self.transformer_dir
+        if name == DIT_COMPONENTS[1][0] and self.uncond_file is not None:
+            return self.uncond_file
         return self.checkpoint_dir / name
 
     def prompt_encoder(self) -> PromptEncoder:
@@ -301,9 +308,7 @@ class Ideogram4Pipeline:
         """DiT ``index`` (0: cond, 1: uncond) with its LoRAs. The unconditional branch sees
         image tokens only: its text projection is not read."""
         name, text = self.dit_components()[index]
-        model = Ideogram4Transformer.from_pretrained(
-            self.dit_dir(name), self.dtype, text_input=text, resident_blocks=resident_blocks
-        )
+        model = dit_file.load_dit(self.dit_dir(name), self.dtype, text, resident_blocks)
         # With uncond "self" a rank 1's copy of the conditional DiT takes the conditional LoRAs.
         target = TARGETS[0] if name == DIT_COMPONENTS[0][0] else TARGETS[index]
         chosen = [(f, s.scale) for s, f in self.loras if s.target == target]
@@ -322,12 +327,13 @@ class Ideogram4Pipeline:
         if lora.name in self.lora_names():
             raise LoRAError(f"a LoRA named {lora.name} is loaded already; rename one file")
         component = DIT_COMPONENTS[TARGETS.index(spec.target)][0]
-        if not (self.checkpoint_dir / component / "config.json").is_file():
+        held = isinstance(self.dit_dir(component), dit_file.DiTFile)  # --uncond FILE
+        if not held and not (self.checkpoint_dir / component / "config.json").is_file():
             raise LoRAError(
                 f"{spec.source}: a LoRA for the unconditional DiT, but {self.checkpoint_dir} "
                 f"has no {component}/; drop --lora-uncond or use a full checkpoint"
             )
-        shapes = linear_shapes(Ideogram4Transformer.build(self.dit_dir(component)))
+        shapes = linear_shapes(dit_file.build_dit(self.dit_dir(component)))
         unmatched = match(lora, shapes, allow_partial)
         if unmatched:
             warnings.warn(
@@ -388,8 +394,7 @@ class Ideogram4Pipeline:
 
     def quantization(self) -> dict | None:
         """What ``ideo4-mlx convert`` recorded for the DiTs (None for a raw fp8 snapshot)."""
-        record = conversion_record(self.dit_dir("transformer"))
-        return None if record is None else record.get("quantization")
+        return dit_file.dit_quantization(self.dit_dir("transformer"), self.dtype)
 
     def settings(self) -> dict:
         """What this pipeline adds to an image's metadata: model, revision, dtype, quantization,
@@ -406,11 +411,11 @@ class Ideogram4Pipeline:
                 "source": str(self.options.transformer),
                 "fingerprint": self._transformer_fingerprint,
             }
+        if self.uncond_file is not None:  # replay checks it (PipelineOptions.from_metadata)
+            settings["uncond_dit"] = {"fingerprint": fingerprint(self.uncond_file)}
         baked = {}
         for name, _ in DIT_COMPONENTS:
-            if not (self.dit_dir(name) / "config.json").is_file():
-                continue  # no unconditional DiT
-            record = conversion_record(self.dit_dir(name))
+            record = dit_file.dit_record(self.dit_dir(name))  # None: a file, or no folder
             if record and record.get("loras"):
                 baked[name] = record["loras"]
         if baked:  # LoRAs `convert --lora` merged into the weights: part of the model
@@ -556,8 +561,8 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     unfused (exact on any base; ``set_lora_scale`` changes one in place) unless ``fuse_lora``
     (not with a quantized checkpoint or low memory).
 
-    ``transformer``: another conditional DiT (a folder or repo id, see
-    :class:`PipelineOptions`) in place of the checkpoint's, resolved (a repo id downloaded) and
+    ``transformer``: another conditional DiT (a folder, a repo id or a single .gguf/.safetensors
+    file: ``dit_file``) in place of the checkpoint's, resolved (a repo id downloaded) and
     checked against the checkpoint's DiT config here (``InputError`` naming the key); its
     metadata records it with a fingerprint. A single-branch (CFG-distilled) DiT wants guidance
     1 (``guidance_schedule=(1,)``) and its own step count.
@@ -578,23 +583,16 @@ def load(model: PipelineOptions | str | Path = DEFAULT_REPO, **keywords) -> Ideo
     transformer_dir = None
     if options.transformer is not None:  # checked against the checkpoint before any weights
         transformer_dir, identity = resolve_transformer(options.transformer)
-        check_swappable(transformer_dir, checkpoint_dir / "transformer")
+        transformer_dir = dit_file.dit_source(transformer_dir, checkpoint_dir)  # a file: dit_file
+        dit_file.check_dit(transformer_dir, checkpoint_dir)
         options = replace(options, transformer=identity)
     pipe = Ideogram4Pipeline(checkpoint_dir, options, transformer_dir)
+    if pipe.uncond_file is not None:
+        dit_file.check_dit(pipe.uncond_file, checkpoint_dir)
     for spec in options.loras:
         pipe.add_lora(spec, options.lora_allow_partial)
     if pipe.delta_source is not None:  # checked against the DiT's skeleton: no weights load
-        skeleton = Ideogram4Transformer.build(pipe.dit_dir(DIT_COMPONENTS[0][0]))
+        skeleton = dit_file.build_dit(pipe.dit_dir(DIT_COMPONENTS[0][0]))
         pipe.uncond_delta = read_uncond_delta(pipe.delta_source, skeleton)
-    quantized = pipe.quantization() is not None
-    if is_slow(options.dtype, quantized):
-        slow = [dtype_name(options.dtype)] if options.dtype != mx.float32 else []
-        slow += ["quantized"] if quantized else []
-        warnings.warn(
-            f"MLX runs on its CPU backend here, where {' and '.join(slow)} matmuls are 10-50x "
-            "slower than dense float32 (no BLAS): for speed use --dtype float32 "
-            "(dtype=mx.float32) with an unquantized checkpoint; on a Mac (Metal) this does "
-            "not apply",
-            stacklevel=2,
-        )
+    warn_if_slow(options.dtype, pipe.quantization() is not None)
     return pipe

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ideogram4_mlx.dit_file import is_full_dit_file
 from ideogram4_mlx.dtypes import DTYPES, dtype_name, parse_dtype
 from ideogram4_mlx.environment import default_dtype
 from ideogram4_mlx.errors import InputError
@@ -75,16 +76,19 @@ class PipelineOptions:
     ``transformer``: another conditional DiT in place of the checkpoint's (a distilled one,
     say): a folder holding its ``config.json`` and weights (raw or converted, as a checkpoint's
     ``transformer/``), a checkpoint folder whose ``transformer/`` is taken, or a repo id of
-    either (``owner/name[@REVISION]``); the unconditional DiT, text encoder and VAE stay the
-    checkpoint's (``hub.resolve_transformer``).
+    either (``owner/name[@REVISION]``), or one DiT file (``.gguf`` or ``.safetensors``, read
+    with the checkpoint's config: ``dit_file``); the unconditional DiT, text encoder and VAE
+    stay the checkpoint's (``hub.resolve_transformer``).
     ``uncond``: what runs the unconditional pass (``UNCOND_SOURCES``): ``"checkpoint"``, its
     ``unconditional_transformer/``; ``"self"``, the conditional DiT's weights on the
     unconditional branch's inputs (image tokens only, no text), as DiffSynth-Studio runs
     without that folder: one DiT in memory, an approximation of the image; anything else, a
     delta (``uncond_delta.py``: a file, a folder from ``convert --uncond-as-lora`` or a Hub repo
     such as ``ostris/ideogram_4_unconditional_lora``) that the conditional DiT's weights run the
-    unconditional pass with: one DiT in memory, exact for a ``full`` delta. Either way a
-    schedule whose every guidance is 1 never loads it.
+    unconditional pass with: one DiT in memory, exact for a ``full`` delta; or a whole
+    unconditional DiT in one file (:attr:`uncond_file`: ``.gguf``, or ``.safetensors`` with the
+    DiT's own tensors), read with the checkpoint's config. Any way, a schedule whose every
+    guidance is 1 never loads it.
     ``single_branch``: the conditional DiT was distilled to run without CFG, so a request that
     gives no guidance schedule runs guidance 1 on every step (:meth:`shape_request`); None: True
     for a ``transformer`` from ``SINGLE_BRANCH_REPOS``, else False.
@@ -183,8 +187,18 @@ class PipelineOptions:
 
     @property
     def uncond_delta(self) -> str | None:
-        """The delta source ``uncond`` names, or None for ``checkpoint`` and ``self``."""
-        return None if self.uncond in UNCOND_SOURCES else self.uncond
+        """The delta source ``uncond`` names, or None for ``checkpoint``, ``self`` and a whole
+        DiT file (:attr:`uncond_file`)."""
+        if self.uncond in UNCOND_SOURCES or self.uncond_file is not None:
+            return None
+        return self.uncond
+
+    @property
+    def uncond_file(self) -> str | None:
+        """``uncond`` when it names a whole unconditional DiT in one file (a ``.gguf``, or a
+        ``.safetensors`` holding the DiT's own tensors, not a delta's: ``dit_file``)."""
+        named = self.uncond not in UNCOND_SOURCES and self.uncond.strip()
+        return self.uncond if named and is_full_dit_file(self.uncond) else None
 
     @property
     def low_memory(self) -> bool:
@@ -246,6 +260,8 @@ class PipelineOptions:
             "dtype": dtype_name(resolve_dtype(self.dtype)),
             "uncond": self.uncond,
         }
+        if self.uncond_file is not None:  # absolute, so replay works from any folder
+            stored["uncond"] = str(Path(self.uncond_file).expanduser().resolve())
         if self.transformer is not None:  # the pipeline adds its fingerprint (settings())
             stored["transformer"] = {"source": str(self.transformer)}
         return stored
@@ -278,6 +294,8 @@ class PipelineOptions:
         stored["transformer"] = replay_transformer(
             metadata.get("transformer"), overrides.get("transformer")
         )
+        if "uncond" not in overrides:
+            replay_uncond_file(metadata.get("uncond_dit"), stored["uncond"])
         if "model" in overrides:
             stored["revision"] = None
         stored.update({k: v for k, v in overrides.items() if k in STORED})
@@ -308,12 +326,32 @@ def replay_transformer(record, override: str | Path | None) -> str | Path | None
             f"the image was made with the conditional DiT at {source}, which is not there: "
             "give --transformer with where it is now (transformer= in Python)"
         )
-    if fingerprint(dit_folder(path, str(source))) != expected:
+    if fingerprint(path if path.is_file() else dit_folder(path, str(source))) != expected:
         raise InputError(
             f"--transformer {source} is not the conditional DiT the image was made with (its "
-            f"fingerprint differs from the stored {expected[:12]}...): give that DiT's folder"
+            f"fingerprint differs from the stored {expected[:12]}...): give that DiT's folder "
+            "or file"
         )
     return source
+
+
+def replay_uncond_file(record, source: str) -> None:
+    """An image made with ``--uncond FILE`` (``record``: its ``uncond_dit`` metadata) replays
+    with that file only: there, and with the stored fingerprint."""
+    check_type("uncond_dit", record, (dict, type(None)))
+    if record is None or not isinstance(record.get("fingerprint"), str):
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"the image was made with the unconditional DiT file {source}, which is not there: "
+            "give --uncond with where it is now (uncond= in Python)"
+        )
+    if fingerprint(path) != record["fingerprint"]:
+        raise InputError(
+            f"--uncond {source} is not the unconditional DiT the image was made with (its "
+            f"fingerprint differs from the stored {record['fingerprint'][:12]}...): give that file"
+        )
 
 
 def _is_repo_id(source: str | Path) -> bool:

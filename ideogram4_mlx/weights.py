@@ -477,8 +477,12 @@ def fingerprint(component_dir: Path | str) -> str:
     """A SHA-256 identifying a component folder's weights without reading them all: its
     ``config.json`` and, per weight file, its name, size, safetensors header and the first and
     last MiB of its data. Tells one DiT from another (another seed, fine-tune or conversion
-    changes those bytes), not a guard against deliberate tampering."""
+    changes those bytes), not a guard against deliberate tampering. A single DiT file
+    (``dit_file``; a GGUF file has no safetensors header): its name, size and first and last
+    MiB."""
     component_dir = Path(component_dir)
+    if component_dir.is_file():
+        return file_fingerprint(component_dir)
     digest = hashlib.sha256((component_dir / "config.json").read_bytes())
     for path in component_files(component_dir):
         size = path.stat().st_size
@@ -488,4 +492,15 @@ def fingerprint(component_dir: Path | str) -> str:
             digest.update(f.read(min(size, header + FINGERPRINT_SAMPLE)))
             f.seek(max(8 + header, size - FINGERPRINT_SAMPLE))
             digest.update(f.read())
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    """:func:`fingerprint` of one weight file: its name, size, first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(FINGERPRINT_SAMPLE))
+        f.seek(max(0, size - FINGERPRINT_SAMPLE))
+        digest.update(f.read())
     return digest.hexdigest()

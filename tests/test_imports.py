@@ -29,9 +29,10 @@ FLOORS = [
     # OCR engines (reading an image's text). The checkpoint formats decoded on the way in.
     ("loading", ["weights", "hub", "environment", "layers", "latents", "edit", "catalog",
                  "ocr", "sources"]),
-    # The models, one a file, LoRA on top of them and the DiT's step cache.
+    # The models, one a file, LoRA on top of them, the DiT's step cache and a DiT loaded
+    # from a single weight file.
     ("models", ["text_encoder", "dit_sequence", "transformer", "vae", "vae_strips", "lora",
-                "lora_spec", "lora_info", "uncond_delta", "step_cache"]),
+                "lora_spec", "lora_info", "uncond_delta", "step_cache", "dit_file"]),
     # What a generation is made of: the request, the encoded prompt, the memory plan, the
     # CFG-parallel ranks, the load options, the PNG metadata, the magic prompt, the scores of
     # an image's text, an image described as a caption (Qwen3-VL on the magic prompt's head).

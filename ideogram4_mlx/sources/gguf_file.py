@@ -428,6 +428,11 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes (rows, cols) < 2**bits -> MLX's packed uint32 (rows, cols * bits / 32): a
     little-endian bit stream, element i at bits [i * bits, (i + 1) * bits)."""
     rows, cols = codes.shape
+    if bits == 8:  # one byte per code: the stream is the bytes themselves
+        return np.ascontiguousarray(codes, dtype=np.uint8).view("<u4")
+    if bits == 4:  # two codes per byte, the first in the low nibble
+        pairs = np.asarray(codes, dtype=np.uint8).reshape(rows, cols // 2, 2)
+        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).view("<u4")
     eight = codes.reshape(rows, cols // 8, 8).astype(np.uint64)
     word = (eight << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(axis=-1)
     raw = word.astype("<u8").view(np.uint8).reshape(rows, cols // 8, 8)[:, :, :bits]

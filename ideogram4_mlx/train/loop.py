@@ -25,6 +25,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ideogram4_mlx.constants import PIXELS_PER_TOKEN
+from ideogram4_mlx.dit_file import load_dit
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.memory import dit_sizes
@@ -38,7 +39,6 @@ from ideogram4_mlx.train.step import (
     lora_gradients,
     prepare_batch,
 )
-from ideogram4_mlx.transformer import Ideogram4Transformer
 
 SCHEDULES = ("constant", "linear", "cosine")
 MAX_STEPS = 1_000_000  # a bound on the work one command can ask
@@ -168,7 +168,7 @@ def train(
         checkpoint = _needs_checkpointing(pipe, data, settings, lora, memory_limit)
         if checkpoint and report is not None:
             report("gradient checkpointing: on (a plain step would not fit --memory-limit)")
-    model = Ideogram4Transformer.from_pretrained(pipe.dit_dir("transformer"), pipe.dtype)
+    model = load_dit(pipe.dit_dir("transformer"), pipe.dtype)  # a folder or a file (dit_file)
     add_lora(model, lora, checkpoint=checkpoint)
     optimizer = optim.AdamW(learning_rate=learning_rates(settings, total), weight_decay=0.01)
     optimizer.init(model.trainable_parameters())
