@@ -27,6 +27,7 @@ from ideogram4_mlx.sources.comfy import (
     global_scale_for,
     mlx_nvfp4,
 )
+from ideogram4_mlx.synth import comfy as synth_comfy
 from ideogram4_mlx.synth.comfy import (
     KINDS,
     NVFP4_LAYERS,
@@ -36,6 +37,7 @@ from ideogram4_mlx.synth.comfy import (
     write_comfy_dit,
     write_safetensors,
 )
+from ideogram4_mlx.synth.writer import encode_e4m3
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 from ideogram4_mlx.weights import dequantize_fp8_weights, load_safetensors, tensor_headers
 
@@ -223,6 +225,33 @@ def test_synthetic_layout_is_comfy_kitchens_quantization():
     np.testing.assert_array_equal(ours["x.weight_scale"][1], block.view(torch.uint8).numpy())
     fp8 = quantize_fp8("x.", w)
     assert fp8["x.weight_scale"][1].shape == () and fp8["x.weight"][0] == "F8_E4M3"
+
+
+def test_the_writer_quantizes_in_row_chunks_to_the_same_bytes(monkeypatch):
+    """Chunks of whole rows (bounded memory for full-width weights) change no byte: still
+    comfy-kitchen's nvfp4, and the fp8 codes of one whole-tensor encoding."""
+    torch, ck = require_kitchen()
+    w = np.random.default_rng(5).standard_normal((144, 48)).astype(np.float32)
+    whole = {**quantize_nvfp4("x.", w), **quantize_fp8("y.", w)}
+    monkeypatch.setattr(synth_comfy, "CHUNK_VALUES", 48 * 10)  # 15 chunks, the last short
+    assert len(synth_comfy.row_chunks(w)) == 15
+    chunked = {**quantize_nvfp4("x.", w), **quantize_fp8("y.", w)}
+    for key, (dtype, value) in whole.items():
+        assert chunked[key][0] == dtype and np.array_equal(chunked[key][1], value), key
+    qdata, block = ck.quantize_nvfp4(
+        torch.from_numpy(w), torch.tensor(whole["x.weight_scale_2"][1])
+    )
+    np.testing.assert_array_equal(chunked["x.weight"][1], qdata.numpy())
+    np.testing.assert_array_equal(chunked["x.weight_scale"][1], block.view(torch.uint8).numpy())
+    codes = encode_e4m3(np.clip(w * (np.float32(1) / whole["y.weight_scale"][1]), -448, 448))
+    np.testing.assert_array_equal(chunked["y.weight"][1], codes)
+    # values on the midpoints between E2M1 magnitudes round as comfy-kitchen's do (to the even
+    # code; the writer's first nearest-value search took the smaller magnitude)
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
+    w = np.tile(np.array(ties + [-t for t in ties], np.float32), (16, 2))
+    ours = quantize_nvfp4("x.", w)
+    qdata, _ = ck.quantize_nvfp4(torch.from_numpy(w), torch.tensor(ours["x.weight_scale_2"][1]))
+    np.testing.assert_array_equal(ours["x.weight"][1], qdata.numpy())
 
 
 def test_mlx_nvfp4_triple_dequantizes_to_comfys_weights_exactly(comfy_dirs):

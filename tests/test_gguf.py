@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.sources import block_groups, gguf_file
 from ideogram4_mlx.sources.gguf_file import GGUFSource, is_gguf
+from ideogram4_mlx.synth import gguf as synth_gguf
 from ideogram4_mlx.synth import write_synthetic_checkpoint
 from ideogram4_mlx.synth.gguf import TYPES, bf16_tensors, write_gguf_dit
 from ideogram4_mlx.transformer import Ideogram4Transformer
@@ -200,6 +201,27 @@ def test_synthetic_gguf_holds_exactly_the_dit_parameters(
     kept = {k for k, t in source.qtypes().items() if t == "BF16"}
     assert {k for k in headers if k.endswith(".bias") or "final_layer" in k} <= kept
     assert ("layers.0.feed_forward.w1.weight" in kept) == (qtype == "BF16")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "BF16"])
+def test_the_streaming_writer_writes_the_files_gguf_writes_in_memory(dit_folder, tmp_path, qtype):
+    """write_gguf_dit writes the table first and then one tensor at a time (a full-size DiT in
+    bounded memory); the file is byte for byte what gguf's own in-memory path writes."""
+    dst = write_gguf_dit(
+        dit_folder, tmp_path / "stream.gguf", qtype, prefix="model.diffusion_model.",
+        architecture="ideogram",
+    )  # fmt: skip
+    writer = gguf.GGUFWriter(tmp_path / "memory.gguf", arch="ideogram")
+    tensors = bf16_tensors(dit_folder)
+    for name in sorted(tensors):
+        target = synth_gguf.ggml_type(name, tensors[name].shape, qtype, "type")
+        data = synth_gguf.encode(tensors[name], target)
+        writer.add_tensor("model.diffusion_model." + name, data, raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert dst.read_bytes() == (tmp_path / "memory.gguf").read_bytes()
 
 
 def test_bf16_gguf_is_the_fp8_release_within_one_bf16_rounding(dit_folder, tmp_path):
@@ -396,6 +418,51 @@ def test_exact_spec_and_scale_dtypes(tmp_path):
     one_line_error(
         r"spec.gguf: q.Q4_K.weight \(Q4_K\) has scales that mlx.core.float16 does not hold",
         lambda: source.exact("q.Q4_K.weight", mx.float16),
+    )
+
+
+class MappedView:
+    """Stands in for a tensor's memory-mapped view (``ReaderTensor.data``): its dtype and shape
+    may be asked, its values may not (reading them would leave the file's pages resident)."""
+
+    def __init__(self, data):
+        self.dtype, self.shape = data.dtype, data.shape
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("a tensor was read through the file's memory map")
+
+    def reshape(self, *args):
+        raise AssertionError("a tensor was read through the file's memory map")
+
+
+def test_tensors_are_read_into_their_own_buffers_not_through_the_map(tmp_path):
+    # Reading the memory-mapped views touched every page of the file, which stayed in the
+    # process's RSS: converting a GGUF DiT peaked at the file's size + ~2 GB
+    # (MODEL_NOTES#source-format-memory). Values must not change.
+    rng = np.random.default_rng(4)
+    raw = {f"q.{t.name}.weight": (random_blocks(rng, t, 8, 256), t) for t in gguf_file.QUANTIZED}
+    floats = rng.standard_normal((4, 64)).astype(np.float32)
+    raw["f16.weight"] = (floats.astype(np.float16), GGML.F16)
+    raw["bf16.weight"] = (gguf.quants.quantize(floats, GGML.BF16), GGML.BF16)
+    path = write(tmp_path / "all.gguf", raw)
+    mapped, unmapped = GGUFSource(path), GGUFSource(path)
+    unmapped._tensors = {k: t._replace(data=MappedView(t.data)) for k, t in mapped._tensors.items()}
+    with pytest.raises(AssertionError, match="memory map"):
+        np.asarray(unmapped._tensors["f16.weight"].data)  # the stand-in can fail
+    for key in [*raw, MARKER]:
+        a, b = mapped._tensors[key].data, unmapped.load([key])[key].astype(mx.float32)
+        assert bits_equal(gguf.quants.dequantize(a, mapped._tensors[key].tensor_type), b), key
+        for dtype in (None, mx.float32):
+            want, got = mapped.exact(key, dtype), unmapped.exact(key, dtype)
+            assert (want is None) == (got is None), key
+            for name in () if want is None else ("weight", "scales", "biases"):
+                if name in want:
+                    assert mx.array_equal(want[name], got[name]).item(), (key, name)
+    with path.open("r+b") as f:  # cut short after opening: the read says so, in one line
+        f.truncate(path.stat().st_size - 64)
+    last = max(mapped._tensors, key=lambda k: mapped._tensors[k].data_offset)
+    one_line_error(
+        r"all.gguf: tensor .* the file was truncated after opening", lambda: unmapped.load([last])
     )
 
 

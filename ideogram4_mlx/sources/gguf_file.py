@@ -1,7 +1,9 @@
 """GGUF DiT files: one Ideogram 4 transformer as stable-diffusion.cpp and ComfyUI-GGUF write it.
 
-The file is read with the `gguf` package's ``GGUFReader`` (memory-mapped: a tensor's bytes are
-read when it is asked for), its table bounded and checked before any tensor is built, and every
+The file's table is read with the `gguf` package's ``GGUFReader``, bounded and checked before any
+tensor is built; a tensor's bytes are read when it is asked for, into a buffer of its own (not
+through the reader's memory map, whose touched pages would stay in the process's resident set
+until the whole file is: MODEL_NOTES#gguf-dit-files), and every
 quantized tensor is dequantized by ``gguf.quants.dequantize``, the reference decoding
 (MODEL_NOTES#gguf-dit-files). Keys are the fp8 repo's names (MODEL_NOTES#dit-keys): the
 ``model.diffusion_model.`` prefix some conversions carry is dropped. The ggml types that MLX's
@@ -210,20 +212,37 @@ class GGUFSource:
             raise CheckpointError(f"{self.path}: has no tensor {key}")
         return self._tensors[key]
 
+    def _data(self, key: str) -> np.ndarray:
+        """A tensor's stored bytes as the reader's view types them (``t.data``'s dtype and
+        shape), read from the file into a new array: memory is this tensor's alone, freed with
+        it (reading the memory-mapped view would leave its pages resident)."""
+        t = self._entry(key)
+        out = np.empty(t.data.shape, t.data.dtype)
+        with self.path.open("rb") as f:
+            f.seek(t.data_offset)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != out.nbytes:
+            raise CheckpointError(
+                f"{self.path}: tensor {key} needs {out.nbytes} bytes at offset "
+                f"{t.data_offset}, the file has {got}: the file was truncated after opening"
+            )
+        return out
+
     def _load(self, key: str) -> mx.array:
         t = self._entry(key)
         shape = self._shapes[key]
+        data = self._data(key)
         if t.tensor_type == GGML.BF16:
-            bits = np.ascontiguousarray(t.data).view("<u2").reshape(shape)
+            bits = data.view("<u2").reshape(shape)
             if ((bits & 0x7F80) == 0x7F80).any():
                 self._not_finite(key)
             return mx.array(bits).view(mx.bfloat16)
         if t.tensor_type in FLOATS:
-            values = np.array(t.data).reshape(shape)
+            values = data.reshape(shape)
             if not np.isfinite(values).all():
                 self._not_finite(key)
             return mx.array(values)
-        rows = t.data.reshape(-1, t.data.shape[-1])  # the bytes of one row per line
+        rows = data.reshape(-1, data.shape[-1])  # the bytes of one row per line
         cols = shape[-1]
         out = np.empty((rows.shape[0], cols), np.float32)
         step = max(1, CHUNK_ELEMENTS // cols)
@@ -263,7 +282,7 @@ class GGUFSource:
         if unpack is None or len(shape) != 2:
             return None
         rows, cols = shape
-        data = t.data.reshape(rows, -1)
+        data = self._data(key).reshape(rows, -1)
         step = max(1, CHUNK_ELEMENTS // cols)
         parts = [self._exact_rows(key, data[r : r + step]) for r in range(0, rows, step)]
         weight, scales, biases = (

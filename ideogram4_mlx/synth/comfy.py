@@ -11,8 +11,9 @@ in the layout of ``Comfy-Org/Ideogram-4``'s ``diffusion_models/`` files
     write_comfy_dit(snapshot / "transformer", "/tmp/nvfp4_mixed.safetensors", "nvfp4_mixed")
 
 Weights are the snapshot's fp8 weights dequantized in float32 and quantized again the way
-comfy-kitchen does (per-tensor amax scales). Everything is held in memory: meant for the tiny
-presets.
+comfy-kitchen does (per-tensor amax scales), a few rows at a time (``CHUNK_VALUES``: the
+encoders' float64 temporaries of a whole 12288 x 4608 weight took 16 GB). The output file's
+tensors are held in memory until it is written (its size: a full-width block is ~0.26 GB).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ NVFP4_LAYERS = (
 )
 E2M1_MAX = 6.0
 E2M1_POSITIVE = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_MIDPOINTS = (E2M1_POSITIVE[:-1] + E2M1_POSITIVE[1:]) / 2  # exact in float32 and float64
 # Safetensors dtype -> numpy storage; safetensors' serializer orders by alignment, then name.
 STORAGE = {"F32": "<f4", "BF16": "<u2", "F8_E4M3": "u1", "U8": "u1"}
 ORDER = ("F32", "BF16", "F8_E4M3", "U8")
 DIT_FILE = "diffusion_pytorch_model.safetensors"
+CHUNK_VALUES = 1 << 21  # values encoded at once (whole rows): bounds the float64 temporaries
 
 
 def write_comfy_dit(
@@ -64,7 +67,7 @@ def write_comfy_dit(
     source = mx.load(str(Path(dit_dir) / DIT_FILE))
     tensors: dict[str, tuple[str, np.ndarray]] = {}
     for key in sorted(source):
-        if key.endswith(".weight_scale"):
+        if key.endswith(".weight_scale") or key not in source:
             continue
         name = key[: -len(".weight")]
         scale_key = name + ".weight_scale"
@@ -72,7 +75,8 @@ def write_comfy_dit(
             bits = np.array(source[key].astype(mx.bfloat16).view(mx.uint16))
             tensors[prefix + key] = ("BF16", bits)
             continue
-        weight = np.array(mx.from_fp8(source[key], dtype=mx.float32) * source[scale_key][:, None])
+        fp8, scale = source.pop(key), source.pop(scale_key)  # evaluated ones are freed
+        weight = np.array(mx.from_fp8(fp8, dtype=mx.float32) * scale[:, None])
         layer = prefix + name + "."
         if name in bf16:
             tensors[layer + "weight"] = ("BF16", bf16_bits(weight))
@@ -92,7 +96,12 @@ def marker(fmt: str) -> tuple[str, np.ndarray]:
 def quantize_fp8(layer: str, weight: np.ndarray) -> dict:
     """Per-tensor fp8 as comfy-kitchen quantizes it: ``scale = amax / 448``."""
     scale = np.float32(np.abs(weight).max() / FP8_MAX) or np.float32(1.0)
-    codes = encode_e4m3(np.clip(weight * (np.float32(1.0) / scale), -FP8_MAX, FP8_MAX))
+    codes = np.concatenate(
+        [
+            encode_e4m3(np.clip(part * (np.float32(1.0) / scale), -FP8_MAX, FP8_MAX))
+            for part in row_chunks(weight)
+        ]
+    )
     return {
         layer + "weight": ("F8_E4M3", codes),
         layer + "weight_scale": ("F32", np.array(scale, dtype=np.float32)),
@@ -108,20 +117,40 @@ def quantize_nvfp4(layer: str, weight: np.ndarray) -> dict:
     if rows % 16 or cols % 16:
         raise InputError(f"{layer}weight {weight.shape}: nvfp4 needs multiples of 16")
     tensor_scale = np.float32(np.abs(weight).max() / (FP8_MAX * E2M1_MAX)) or np.float32(1.0)
+    parts = [nvfp4_rows(part, tensor_scale) for part in row_chunks(weight)]
+    packed = np.concatenate([p for p, _ in parts])
+    block_codes = np.concatenate([b for _, b in parts])
+    return {
+        layer + "weight": ("U8", packed),
+        layer + "weight_scale": ("F8_E4M3", to_blocked(block_codes)),
+        layer + "weight_scale_2": ("F32", np.array(tensor_scale, dtype=np.float32)),
+        layer + "comfy_quant": marker("nvfp4"),
+    }
+
+
+def row_chunks(weight: np.ndarray) -> list[np.ndarray]:
+    """Whole rows of ``weight``, about ``CHUNK_VALUES`` values a chunk."""
+    step = max(1, CHUNK_VALUES // max(1, weight.shape[-1]))
+    return [weight[r : r + step] for r in range(0, weight.shape[0], step)] or [weight]
+
+
+def nvfp4_rows(weight: np.ndarray, tensor_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a weight -> (packed codes ``(rows, cols / 2)``, E4M3 block-scale codes
+    ``(rows, cols / 16)``, not yet blocked), given the whole tensor's scale."""
+    rows, cols = weight.shape
     groups = weight.reshape(rows, cols // 16, 16).astype(np.float32)
     block = np.minimum(np.abs(groups).max(-1) / np.float32(E2M1_MAX) / tensor_scale, FP8_MAX)
     block_codes = encode_e4m3(block)
     total = tensor_scale * decode_e4m3_f32(block_codes)
     scaled = np.where(total[..., None] == 0, 0, groups / np.where(total == 0, 1, total)[..., None])
-    nearest = np.abs(np.abs(scaled)[..., None] - E2M1_POSITIVE).argmin(-1).astype(np.uint8)
+    # the nearest E2M1 magnitude; a tie (on a midpoint) to the even code, as comfy-kitchen
+    magnitude = np.abs(scaled)
+    nearest = np.searchsorted(E2M1_MIDPOINTS, magnitude, side="left")
+    tie = E2M1_MIDPOINTS[np.minimum(nearest, len(E2M1_MIDPOINTS) - 1)] == magnitude
+    nearest = (nearest + (tie & (nearest % 2 == 1))).astype(np.uint8)
     codes = (nearest | (np.signbit(scaled).astype(np.uint8) << 3)).reshape(rows, cols)
     packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
-    return {
-        layer + "weight": ("U8", packed.astype(np.uint8)),
-        layer + "weight_scale": ("F8_E4M3", to_blocked(block_codes)),
-        layer + "weight_scale_2": ("F32", np.array(tensor_scale, dtype=np.float32)),
-        layer + "comfy_quant": marker("nvfp4"),
-    }
+    return packed.astype(np.uint8), block_codes
 
 
 def to_blocked(grid: np.ndarray) -> np.ndarray:

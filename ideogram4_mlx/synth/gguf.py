@@ -12,7 +12,9 @@ stable-diffusion.cpp (MODEL_NOTES#gguf-dit-files): its ``convert_fp8_scale_to_bf
 - ``"rules"`` (the command in stable-diffusion.cpp's docs/ideogram4.md): only the block
   linears (``qkv``, ``o``, ``w1/w2/w3``, ``adaln_modulation.weight``) are quantized.
 
-Tensors that are not converted stay BF16. Test tooling, never imported by generation: K-quant
+Tensors that are not converted stay BF16. The table is written first, then one tensor at a time
+(memory is one tensor's, so a full-size DiT can be written). Test tooling, never imported by
+generation: K-quant
 blocks come from the small quantizer below (the gguf package has none); every other type from
 ``gguf.quants.quantize``. Readers are checked against gguf's dequantization, never against this.
 
@@ -62,34 +64,52 @@ def write_gguf_dit(
     dst = Path(dst)
     if dst.exists() or dst.is_symlink():
         raise InputError(f"{dst} already exists")
-    writer = gguf.GGUFWriter(dst, arch=architecture or "")  # an empty string is not written
-    tensors = bf16_tensors(folder)
-    for name in sorted(tensors):
-        bits = tensors[name]
-        target = ggml_type(name, bits.shape, qtype, recipe)
-        writer.add_tensor(prefix + name, encode(bits, target), raw_dtype=target)
+    writer = gguf.GGUFWriter(dst, arch=architecture or "")
+    weights = lazy_weights(folder)
+    names = sorted(k for k in weights if not k.endswith(SCALE_SUFFIX))
+    # The table first (shapes and types are known from the headers), then one tensor at a time:
+    # memory is one tensor's, not the file's (the whole bf16 DiT is 19 GB).
+    targets = {}
+    for name in names:
+        shape = tuple(weights[name].shape)
+        targets[name] = target = ggml_type(name, shape, qtype, recipe)
+        block, size = gguf.GGML_QUANT_SIZES[target]
+        nbytes = int(np.prod(shape)) // block * size
+        writer.add_tensor_info(prefix + name, shape, np.float32, nbytes, raw_dtype=target)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for name in names:
+        writer.write_tensor_data(encode(bf16_bits(weights, name), targets[name]))
     writer.close()
     return dst
+
+
+def lazy_weights(folder: Path | str) -> dict[str, mx.array]:
+    """Every tensor of the folder's safetensors files, loaded lazily (nothing read yet)."""
+    weights = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(mx.load(str(path)))
+    return weights
+
+
+def bf16_bits(weights: dict[str, mx.array], key: str) -> np.ndarray:
+    """One tensor as stable-diffusion.cpp's fp8 -> bf16 step leaves it (bf16 bits, uint16):
+    an fp8 weight ``bf16(f32(fp8) * f32(scale)[:, None])``; popped from ``weights`` (a
+    read tensor left in the dict would keep its memory)."""
+    value = weights.pop(key)
+    scale = weights.get(key.removesuffix(".weight") + SCALE_SUFFIX)
+    if scale is not None:
+        value = mx.from_fp8(value, dtype=mx.float32) * scale[:, None]
+    return np.array(value.astype(mx.bfloat16).view(mx.uint16))
 
 
 def bf16_tensors(folder: Path | str, keys=None) -> dict[str, np.ndarray]:
     """The folder's DiT (or its ``keys``) as stable-diffusion.cpp's fp8 -> bf16 step leaves it:
     ``{key: bf16 bits (uint16)}``, every fp8 weight ``bf16(f32(fp8) * f32(scale)[:, None])``."""
-    weights = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        weights.update(mx.load(str(path)))
-    out = {}
-    for key, value in weights.items():
-        if key.endswith(SCALE_SUFFIX) or (keys is not None and key not in keys):
-            continue
-        scale = weights.get(key.removesuffix(".weight") + SCALE_SUFFIX)
-        if scale is not None:
-            value = mx.from_fp8(value, dtype=mx.float32) * scale[:, None]
-        out[key] = np.array(value.astype(mx.bfloat16).view(mx.uint16))
-    return out
+    weights = lazy_weights(folder)
+    wanted = [k for k in weights if not k.endswith(SCALE_SUFFIX) and (keys is None or k in keys)]
+    return {key: bf16_bits(weights, key) for key in wanted}
 
 
 def ggml_type(name: str, shape: tuple[int, ...], qtype: str, recipe: str) -> GGML:
