@@ -4,7 +4,8 @@
 An input hands out decoded headers (keys as in the source, float dtypes and ``(out, in)``
 shapes), the groups of keys loaded at once and the tensors of a group. A folder and a Comfy
 file decode lazily, so one group holds every key and the writer evaluates one tensor at a time;
-a GGUF file dequantizes eagerly, so its groups are the DiT's blocks and one block is in memory
+a GGUF file dequantizes eagerly, so its groups are single tensors (a split q/k/v together) and
+one is in memory
 (MODEL_NOTES#checkpoint-formats).
 """
 
@@ -18,7 +19,7 @@ import mlx.core as mx
 
 from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.errors import InputError
-from ideogram4_mlx.sources import OFFICIAL, Headers, block_groups, detect
+from ideogram4_mlx.sources import OFFICIAL, Headers, detect, tensor_groups
 from ideogram4_mlx.weights import (
     DtypeRule,
     check_raw_dtypes,
@@ -80,9 +81,10 @@ class ComponentInput:
         return check_raw_dtypes(self.files, rule)
 
     def groups(self) -> list[list[str]]:
-        """Keys loaded at once: all (lazy safetensors), or one DiT block (a GGUF file)."""
+        """Keys loaded at once: all (lazy safetensors), or one tensor (a GGUF file; split
+        to_q/to_k/to_v together, which sanitize joins)."""
         keys = self.headers()
-        return [sorted(keys)] if self.reader is None else block_groups(keys)
+        return [sorted(keys)] if self.reader is None else tensor_groups(keys)
 
     def load(self, keys: Iterable[str]) -> dict[str, mx.array]:
         if self.reader is not None:

@@ -18,7 +18,7 @@ from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.convert import convert
 from ideogram4_mlx.convert.inputs import ComponentInput
 from ideogram4_mlx.errors import InputError
-from ideogram4_mlx.sources import block_groups
+from ideogram4_mlx.sources import block_groups, tensor_groups
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import dequantize_fp8_weights, load_safetensors, source_headers
 
@@ -105,9 +105,10 @@ def test_eager_reader_is_streamed_one_block_at_a_time(
     reader = EagerReader(dit_file)
     inp = ComponentInput([dit_file], reader, single=True)
     groups = inp.groups()
-    layers = json.loads((tiny_checkpoint / "transformer" / "config.json").read_text())
-    assert len(groups) == layers["num_layers"] + 1  # the blocks, and the keys outside them
-    assert all(k.startswith("layers.0.") for k in groups[1])
+    assert all(len(g) == 1 for g in groups)  # fused qkv: one tensor at a time
+    assert [g[0] for g in groups] == sorted(
+        inp.headers(), key=lambda k: (int(k.split(".")[1]) if k.startswith("layers.") else -1, k)
+    )
     convert_module.convert_component(
         tiny_checkpoint / "transformer",
         tmp_path / "transformer",
@@ -118,8 +119,18 @@ def test_eager_reader_is_streamed_one_block_at_a_time(
         inp,
     )
     assert_same_folder(folder_route / "transformer", tmp_path / "transformer")
-    per_block = max(len(g) for g in groups[1:])
-    assert reader.live[1:] and max(reader.live[1:]) == per_block  # never more than a block
+    assert reader.live and max(reader.live) == 1  # never more than one tensor
+
+
+def test_tensor_groups_keep_split_attention_together():
+    keys = ["layers.0.attention.to_q.weight", "layers.0.attention.to_k.weight", "b"]
+    keys += ["layers.0.attention.to_v.weight", "layers.0.attention.to_out.0.weight"]
+    assert tensor_groups(keys) == [
+        ["b"],
+        ["layers.0.attention.to_k.weight", "layers.0.attention.to_q.weight",
+         "layers.0.attention.to_v.weight"],
+        ["layers.0.attention.to_out.0.weight"],
+    ]  # fmt: skip
 
 
 def test_block_groups_order():

@@ -102,6 +102,23 @@ def decoded_keys(raw: Headers, decoded: Headers) -> set[str]:
 BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+SPLIT_ATTENTION = re.compile(r"\.attention\.to_[qkv]\.")
+
+
+def tensor_groups(keys: Iterable[str]) -> list[list[str]]:
+    """Keys one tensor at a time, in block order (:func:`block_groups`), but for diffusers'
+    split ``to_q/to_k/to_v`` of one block, which ``sanitize`` joins into one ``qkv``: what a
+    converter loads at once from an eagerly decoding reader (one tensor in float32 in memory)."""
+    groups = []
+    for block in block_groups(keys):
+        joined: dict[str, list[str]] = {}
+        for key in block:
+            stem = SPLIT_ATTENTION.sub(".attention.to_qkv.", key)
+            joined.setdefault(stem, []).append(key)
+        groups.extend(joined.values())
+    return groups
+
+
 def block_groups(keys: Iterable[str]) -> list[list[str]]:
     """Keys grouped by DiT block (``layers.N.``), the keys outside the blocks first: what a
     converter loads at once from an eagerly decoding reader (one block in memory)."""
