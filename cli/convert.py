@@ -95,7 +95,8 @@ from ideogram4_mlx.sources import SOURCE_FAMILIES
     "source_format",
     type=click.Choice(SOURCE_FAMILIES),
     default=None,
-    help="The format SRC (and the DiT files) must hold; detected from the files by default.",
+    help="The format the DiTs (SRC's, or the files given) must hold; detected from the files "
+    "by default. The text encoder and VAE are read in whatever format they hold.",
 )
 @click.option(
     "--force", is_flag=True, help="Replace DST if it is an earlier conversion or an empty folder."

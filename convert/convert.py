@@ -156,7 +156,8 @@ def convert(
             of ``dst`` unless ``components`` names it (``convert.delta``).
         files: ``{component: file}``: the DiTs read from single files; their config.json comes
             from the snapshot's folder of that name when it has one, else the real model's.
-        source_format: ``--from``: the format every read component must hold (``fp8``,
+        source_format: ``--from``: the format the DiTs must hold (files or SRC's folders; the
+            other components are read in whatever format they hold) (``fp8``,
             ``nf4``, ``comfy``, ``gguf``, or a full name such as ``comfy-nvfp4``).
 
     Returns:
@@ -209,7 +210,8 @@ def convert(
         if name in MODEL_COMPONENTS:
             if name not in inputs:
                 inputs[name] = ComponentInput.folder(folder)
-            check_format(name, inputs[name].format, source_format)
+            if name in FILE_COMPONENTS:  # --from names the DiTs' format (the bulk of a source)
+                check_format(name, inputs[name].format, source_format)
     if "tokenizer" in components:
         load_tokenizer(src_dir / "tokenizer")  # a damaged tokenizer fails before any writing
     # and LoRAs that do not fit, likewise (a delta reads both DiTs, with their LoRAs)

@@ -20,7 +20,12 @@ from ideogram4_mlx.convert.inputs import ComponentInput
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.sources import block_groups, tensor_groups
 from ideogram4_mlx.transformer import Ideogram4Transformer
-from ideogram4_mlx.weights import dequantize_fp8_weights, load_safetensors, source_headers
+from ideogram4_mlx.weights import (
+    conversion_record,
+    dequantize_fp8_weights,
+    load_safetensors,
+    source_headers,
+)
 
 convert_module = importlib.import_module("ideogram4_mlx.convert.convert")
 
@@ -329,3 +334,21 @@ def test_keep_from_gguf_generates(tiny_checkpoint, tmp_path, qtype, dtype, kept_
         image = pipe.generate("a cat", width=256, height=256, num_steps=2, seed=1).image
     assert image.size == (256, 256)
     assert np.isfinite(np.array(image, dtype=np.float32)).all() and np.array(image).std() > 0
+
+
+def test_from_names_the_dits_format_the_rest_is_read_as_it_is(tiny_checkpoint, tmp_path):
+    """--from comfy with Comfy DiT files and an fp8 SRC: the text encoder (fp8) and the VAE
+    (bf16) are read as they are; only the DiTs must be Comfy files."""
+    from ideogram4_mlx.synth.comfy import write_comfy_dit
+
+    files = {
+        name: write_comfy_dit(tiny_checkpoint / name, tmp_path / f"{name}.safetensors")
+        for name in ("transformer", "unconditional_transformer")
+    }
+    out = convert(
+        tiny_checkpoint, tmp_path / "out", files=files, source_format="comfy", progress=False
+    )
+    assert conversion_record(out / "transformer")["format"] == "comfy"
+    assert conversion_record(out / "text_encoder")["format"] == "fp8"
+    with pytest.raises(CheckpointError, match="hold the comfy format, not nf4"):
+        convert(tiny_checkpoint, tmp_path / "o2", files=files, source_format="nf4")
