@@ -439,29 +439,30 @@ def convert_component(
     ) + (vision_parameters(inp.headers()) * dtype.size if spec.carry_vision else 0)
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+
+        def write(tensors: dict[str, mx.array]) -> None:
+            """One parameter's tensors, checked against the skeleton, into the shards."""
+            for k, t in tensors.items():
+                if t.shape != targets[k].shape:  # converter and loader disagree: a bug
+                    raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
+            writer.add(tensors)
+            bar.update(sum(t.nbytes for t in tensors.values()))
+
         for group in inp.groups():
-            copied = {key: kept[key] for key in kept if set(kept[key]) & set(group)}
-            weights = inp.load(k for k in group if not any(k in v for v in copied.values()))
+            members = set(group)
+            copied = {key: parts for key, parts in kept.items() if members.intersection(parts)}
+            skipped = {part for parts in copied.values() for part in parts}
+            weights = inp.load(k for k in group if k not in skipped)
             extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
             carried = sanitize_visual(weights) if spec.carry_vision else {}
             weights = sanitized(model, weights, where)
             for key in sorted(copied):  # --quantize keep: as the source stores them
-                tensors = kept_tensors(key, copied[key], inp, dtype)
-                for k, t in tensors.items():
-                    if t.shape != targets[k].shape:  # converter and loader disagree: a bug
-                        raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
-                writer.add(tensors)
-                bar.update(sum(t.nbytes for t in tensors.values()))
+                write(kept_tensors(key, copied[key], inp, dtype))
             for key in sorted(weights):
                 value = weights.pop(key)
                 if key in deltas:  # a baked LoRA: merged in fp32, then one rounding to dtype
                     value = fused_weight(value.astype(mx.float32), deltas.pop(key))
-                tensors = convert_tensor(key, value.astype(dtype), modules)
-                for k, t in tensors.items():
-                    if t.shape != targets[k].shape:  # converter and loader disagree: a bug
-                        raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
-                writer.add(tensors)
-                bar.update(sum(t.nbytes for t in tensors.values()))
+                write(convert_tensor(key, value.astype(dtype), modules))
             for key in sorted(extras):
                 writer.add({key: extras.pop(key)})
             for key in sorted(carried):
