@@ -38,13 +38,10 @@ from ideogram4_mlx.sources.keep import keep_plan, kept_tensors
 from ideogram4_mlx.transformer import (
     CHECKPOINT_PREFIXES,
     DIT_COMPONENTS,
-    LOW_MEMORY_FFN_TOKENS,
-    LOW_MEMORY_SCORE_BYTES,
     TEXT_INPUT_MODULES,
     Ideogram4Transformer,
     block_index,
     check_swappable,
-    drop_parameters,
     resident_block_count,
 )
 from ideogram4_mlx.weights import (
@@ -281,12 +278,7 @@ def load_file(
     if not text_input:
         model.llm_cond_norm = model.llm_cond_proj = None
     if model.streamed_blocks:
-        model.stream = FileStream(dit, model, kept, dtype)
-        for layer in model.layers[model.resident_blocks :]:
-            drop_parameters(layer)
-        for layer in model.layers:
-            layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
-            layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
+        model.stream_from(FileStream(dit, model, kept, dtype))
     return model
 
 

@@ -475,13 +475,19 @@ class Ideogram4Transformer(nn.Module):
         if not text_input:
             model.llm_cond_norm = model.llm_cond_proj = None  # their lazy arrays are never read
         if model.streamed_blocks:
-            model.stream = WeightStream(component_dir, model.sanitize, dtype)
-            for layer in model.layers[model.resident_blocks :]:
-                drop_parameters(layer)
-            for layer in model.layers:
-                layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
-                layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
+            model.stream_from(WeightStream(component_dir, model.sanitize, dtype))
         return model
+
+    def stream_from(self, stream) -> None:
+        """Read the blocks past ``resident_blocks`` from ``stream`` on every pass (a
+        ``WeightStream``, or a DiT file's) instead of holding them, with attention scores and
+        the feed-forward bounded as ``from_pretrained`` says."""
+        self.stream = stream
+        for layer in self.layers[self.resident_blocks :]:
+            drop_parameters(layer)
+        for layer in self.layers:
+            layer.attention.score_bytes = LOW_MEMORY_SCORE_BYTES
+            layer.feed_forward.chunk_tokens = LOW_MEMORY_FFN_TOKENS
 
     @classmethod
     def build(cls, component_dir: Path | str, headers=None) -> Ideogram4Transformer:
