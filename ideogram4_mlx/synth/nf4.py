@@ -29,6 +29,7 @@ import numpy as np
 
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
+from ideogram4_mlx.synth.writer import header_bytes
 from ideogram4_mlx.weights import (
     FP8_DTYPE,
     SCALE_SUFFIX,
@@ -265,19 +266,8 @@ def raw(value: mx.array) -> np.ndarray:
 
 def write_safetensors(path: Path, entries: list[Entry]) -> None:
     """Stream ``entries`` to ``path`` in order; only one tensor's bytes are held at a time."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        header[e.name] = {
-            "dtype": e.dtype,
-            "shape": list(e.shape),
-            "data_offsets": [offset, offset + e.nbytes],
-        }
-        offset += e.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
+        f.write(header_bytes(entries))
         for e in entries:
             data = np.ascontiguousarray(e.make(), dtype=NUMPY_DTYPES[e.dtype]).astype(
                 np.dtype(NUMPY_DTYPES[e.dtype]).newbyteorder("<"), copy=False

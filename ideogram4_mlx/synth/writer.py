@@ -165,9 +165,15 @@ CHUNK_ELEMENTS = 1 << 24  # <= 32 MB of output per chunk
 
 def safetensors_header(tensors) -> bytes:
     """The 8-byte length + JSON header for `tensors`, in safetensors' own order and padding."""
+    return header_bytes(_ordered(tensors))
+
+
+def header_bytes(tensors) -> bytes:
+    """The 8-byte length + JSON header for `tensors` (each with name, dtype, shape and nbytes)
+    laid out in the order given, padded as safetensors pads."""
     header = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for t in _ordered(tensors):
+    for t in tensors:
         header[t.name] = {
             "dtype": t.dtype,
             "shape": list(t.shape),
