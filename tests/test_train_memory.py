@@ -63,12 +63,12 @@ def test_plan_by_hand(constants):
     [(10**9, False), (PEAK, False), (PEAK - 1, True), (PEAK_CHECKPOINTED, True)],
 )
 def test_checkpointing_only_when_the_plain_step_does_not_fit(constants, limit, checkpoint):
-    assert tm.needs_checkpointing(limit, TINY, 10, 4, 1000) is checkpoint
+    assert tm.plan_training_memory(TINY, 10, 4, 1000).needs_checkpointing(limit) is checkpoint
 
 
 def test_over_the_limit_either_way_says_both_peaks(constants):
     with pytest.raises(InputError, match="even with gradient checkpointing") as info:
-        tm.needs_checkpointing(PEAK_CHECKPOINTED - 1, TINY, 10, 4, 1000)
+        tm.plan_training_memory(TINY, 10, 4, 1000).needs_checkpointing(PEAK_CHECKPOINTED - 1)
     assert "--memory-limit" in str(info.value)
 
 

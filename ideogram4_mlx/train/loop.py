@@ -29,7 +29,7 @@ from ideogram4_mlx.dit_file import load_dit
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import write_file
 from ideogram4_mlx.memory import dit_sizes
-from ideogram4_mlx.train.memory import needs_checkpointing
+from ideogram4_mlx.train.memory import plan_training_memory
 from ideogram4_mlx.train.objective import sample_times, time_weights, training_times
 from ideogram4_mlx.train.save import save_lora
 from ideogram4_mlx.train.step import (
@@ -228,8 +228,9 @@ def _needs_checkpointing(pipe, data, settings, lora, limit: int) -> bool:
     sizes = dit_sizes(pipe.dit_dir("transformer"), pipe.dtype)
     image = max((w // PIXELS_PER_TOKEN) * (h // PIXELS_PER_TOKEN) for w, h in data.buckets)
     text = max(_feature_rows(item.features) for item in data.items)
-    return needs_checkpointing(limit, sizes.config, image + text, lora.rank, sizes.total,
-                               pipe.dtype.size, lora.targets, settings.batch_size)  # fmt: skip
+    plan = plan_training_memory(sizes.config, image + text, lora.rank, sizes.total,
+                                pipe.dtype.size, lora.targets, settings.batch_size)  # fmt: skip
+    return plan.needs_checkpointing(limit)
 
 
 def _feature_rows(path: Path) -> int:

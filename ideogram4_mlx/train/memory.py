@@ -45,10 +45,28 @@ class TrainingMemory:
     lora: int  # adapters + optimizer state
     activations: int  # without checkpointing
     activations_checkpointed: int
+    tokens: int  # per sample, what was planned for (named in the errors)
+    rank: int
 
     def peak(self, checkpoint: bool) -> int:
         acts = self.activations_checkpointed if checkpoint else self.activations
         return self.base + self.lora + acts
+
+    def needs_checkpointing(self, limit_bytes: float) -> bool:
+        """Whether training must checkpoint its blocks to stay under ``limit_bytes``: False
+        when the projected peak fits without, True when it fits only with; an
+        :class:`InputError` naming both peaks when it does not fit either way."""
+        if self.peak(False) <= limit_bytes:
+            return False
+        if self.peak(True) <= limit_bytes:
+            return True
+        raise InputError(
+            f"LoRA training at {self.tokens} tokens, rank {self.rank} needs about "
+            f"{self.peak(True) / 1e9:.1f} GB even with gradient checkpointing "
+            f"({self.peak(False) / 1e9:.1f} GB without; the DiT holds {self.base / 1e9:.1f} GB), "
+            f"over the {limit_bytes / 1e9:.1f} GB limit: quantize the base (convert --quantize "
+            "4), train on smaller buckets or a smaller batch, or raise --memory-limit"
+        )
 
 
 def lora_parameters(
@@ -106,33 +124,5 @@ def plan_training_memory(
 
     lora = OPTIMIZER_COPIES * LORA_ITEMSIZE * lora_parameters(config, rank, targets)
     plain = acts(KEPT, TRANSIENT)
-    return TrainingMemory(
-        int(base_bytes), lora, plain, acts(KEPT_CHECKPOINTED, TRANSIENT_CHECKPOINTED)
-    )
-
-
-def needs_checkpointing(
-    limit_bytes: float,
-    config: TransformerConfig,
-    tokens: int,
-    rank: int,
-    base_bytes: int,
-    itemsize: int = 2,
-    targets: tuple[str, ...] = DEFAULT_TARGETS,
-    batch: int = 1,
-) -> bool:
-    """Whether training must checkpoint its blocks to stay under ``limit_bytes``: False when the
-    projected peak fits without, True when it fits only with; an :class:`InputError` naming
-    both peaks when it does not fit either way."""
-    plan = plan_training_memory(config, tokens, rank, base_bytes, itemsize, targets, batch)
-    if plan.peak(False) <= limit_bytes:
-        return False
-    if plan.peak(True) <= limit_bytes:
-        return True
-    raise InputError(
-        f"LoRA training at {tokens} tokens, rank {rank} needs about "
-        f"{plan.peak(True) / 1e9:.1f} GB even with gradient checkpointing "
-        f"({plan.peak(False) / 1e9:.1f} GB without; the DiT holds {plan.base / 1e9:.1f} GB), "
-        f"over the {limit_bytes / 1e9:.1f} GB limit: quantize the base (convert --quantize 4), "
-        "train on smaller buckets or a smaller batch, or raise --memory-limit"
-    )
+    checkpointed = acts(KEPT_CHECKPOINTED, TRANSIENT_CHECKPOINTED)
+    return TrainingMemory(int(base_bytes), lora, plain, checkpointed, tokens, rank)
