@@ -16,31 +16,38 @@ import pytest
 from ideogram4_mlx.dit_sequence import sequence_ids
 
 
-def require_reference():
-    """Import torch + diffusers (+ peft, for LoRA parity) for parity tests.
+def require_modules(*names: str, extra: str):
+    """Import ``names`` (the last is returned) for tests that need an optional extra.
 
-    Skips when they are absent, unless ``IDEO4_REQUIRE_REFERENCE=1`` (CI sets it), where a
-    missing reference stack is a failure: parity tests must never silently vanish there.
+    Skips when one is absent, unless ``IDEO4_REQUIRE_REFERENCE=1`` (CI installs every extra),
+    where that is a failure: reference tests must never silently vanish there.
     """
     try:
-        importlib.import_module("diffusers")
-        importlib.import_module("peft")
-        return importlib.import_module("torch")
+        return [importlib.import_module(name) for name in names][-1]
     except ImportError as e:
         if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":
-            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but the reference stack is missing: {e}")
-        pytest.skip(f"reference extra not installed ({e})")
+            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but the {extra} is missing: {e}")
+        pytest.skip(f"{extra} not installed ({e})")
+
+
+def require_reference():
+    """torch + diffusers (+ peft, for LoRA parity) for parity tests; returns torch."""
+    return require_modules("diffusers", "peft", "torch", extra="reference extra")
 
 
 def require_describe():
-    """Import mlx-vlm (the ``describe`` extra) for the describe tests; skips when absent,
-    unless ``IDEO4_REQUIRE_REFERENCE=1`` (CI installs the extra), where that is a failure."""
-    try:
-        return importlib.import_module("mlx_vlm")
-    except ImportError as e:
-        if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":
-            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but the describe extra is missing: {e}")
-        pytest.skip(f"describe extra not installed ({e})")
+    """mlx-vlm (the ``describe`` extra) for the describe tests."""
+    return require_modules("mlx_vlm", extra="describe extra")
+
+
+def denoised(pipe, caption) -> np.ndarray:
+    """Final latents of a 2-step 256^2 run, seed 3, not decoded (quality bounds are on latents)."""
+    from ideogram4_mlx.request import GenerationRequest
+
+    generation = pipe.start(GenerationRequest(caption, width=256, height=256, num_steps=2, seed=3))
+    for step in generation:
+        mx.eval(step.latents)
+    return np.array(generation.latents)
 
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:

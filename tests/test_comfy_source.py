@@ -9,12 +9,12 @@ products in the same order), so every comparison here is exact.
 
 import importlib
 import json
-import os
 import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import require_modules
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
@@ -45,13 +45,9 @@ DIT = "transformer"
 
 
 def require_kitchen():
-    """torch + comfy-kitchen (the ``reference`` extra); a failure under IDEO4_REQUIRE_REFERENCE."""
-    try:
-        return importlib.import_module("torch"), importlib.import_module("comfy_kitchen")
-    except ImportError as e:
-        if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":
-            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but comfy-kitchen is missing: {e}")
-        pytest.skip(f"reference extra not installed ({e})")
+    """torch + comfy-kitchen (the ``reference`` extra)."""
+    require_modules("torch", "comfy_kitchen", extra="reference extra")
+    return importlib.import_module("torch"), importlib.import_module("comfy_kitchen")
 
 
 @pytest.fixture(scope="module")

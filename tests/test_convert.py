@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import rel_l2
+from helpers import denoised, rel_l2
 from mlx.utils import tree_flatten
 
 from ideogram4_mlx.cli.convert import convert as convert_command
@@ -31,7 +31,6 @@ from ideogram4_mlx.dit_sequence import sequence_ids
 from ideogram4_mlx.files import locked
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.quantization import RECORD_KEY, quantization_plan
-from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder, TextEncoderConfig
 from ideogram4_mlx.transformer import Ideogram4Transformer, TransformerConfig
 from ideogram4_mlx.vae import Flux2VAE
@@ -163,17 +162,9 @@ def test_converted_pipeline_generates_the_same_image(tiny_checkpoint, converted)
     np.testing.assert_array_equal(mine.latents, raw.latents)
 
 
-def denoised(pipe) -> np.ndarray:
-    """Final latents of a 2-step 256^2 run, seed 3, not decoded (the bounds are on latents)."""
-    generation = pipe.start(GenerationRequest(CAPTION, width=256, height=256, num_steps=2, seed=3))
-    for step in generation:
-        mx.eval(step.latents)
-    return np.array(generation.latents)
-
-
 @pytest.fixture(scope="module")
 def raw_fp32_latents(tiny_checkpoint):
-    return denoised(load(tiny_checkpoint, dtype=mx.float32))
+    return denoised(load(tiny_checkpoint, dtype=mx.float32), CAPTION)
 
 
 @pytest.mark.parametrize("bits, bound", [(8, 0.015), (4, 0.15)])
@@ -187,7 +178,7 @@ def test_quantized_pipeline_stays_within_bound_of_the_raw_snapshot(
     encoder's error adds to the DiTs')."""
     converted = convert(tiny_checkpoint, tmp_path / f"q{bits}", quantize=bits, progress=False)
     pipe = load(converted, dtype=mx.float32)
-    assert 0 < rel_l2(denoised(pipe), raw_fp32_latents) < bound
+    assert 0 < rel_l2(denoised(pipe, CAPTION), raw_fp32_latents) < bound
     assert pipe.settings()["quantization"]["bits"] == bits  # what each image's metadata records
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import rel_l2
+from helpers import denoised, rel_l2
 
 from ideogram4_mlx.catalog import inspect_checkpoint
 from ideogram4_mlx.cli.convert import convert as convert_command
@@ -32,7 +32,6 @@ from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.memory import held_bytes
 from ideogram4_mlx.pipeline import load
 from ideogram4_mlx.quantization import FLOAT_MODES, MODES, RECORD_KEY
-from ideogram4_mlx.request import GenerationRequest
 from ideogram4_mlx.text_encoder import Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import Ideogram4Transformer
 from ideogram4_mlx.weights import conversion_record, read_header
@@ -164,22 +163,15 @@ def test_a_damaged_float_mode_record_is_refused(converted, tmp_path):
         Ideogram4Transformer.from_pretrained(folder)
 
 
-def denoised(pipe) -> np.ndarray:
-    generation = pipe.start(GenerationRequest(CAPTION, width=256, height=256, num_steps=2, seed=3))
-    for step in generation:
-        mx.eval(step.latents)
-    return np.array(generation.latents)
-
-
 @pytest.fixture(scope="module")
 def raw_fp32_latents(tiny_checkpoint):
-    return denoised(load(tiny_checkpoint, dtype=mx.float32))
+    return denoised(load(tiny_checkpoint, dtype=mx.float32), CAPTION)
 
 
 @pytest.mark.parametrize("mode", FLOAT_MODES)
 def test_each_mode_generates_within_bound_of_the_raw_snapshot(converted, raw_fp32_latents, mode):
     pipe = load(converted[mode], dtype=mx.float32)
-    assert 0 < rel_l2(denoised(pipe), raw_fp32_latents) < BOUNDS[mode]
+    assert 0 < rel_l2(denoised(pipe, CAPTION), raw_fp32_latents) < BOUNDS[mode]
     assert pipe.settings()["quantization"]["mode"] == mode  # what each image's metadata records
 
 

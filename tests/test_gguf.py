@@ -119,27 +119,13 @@ def test_exact_triples_dequantize_to_the_gguf_values(tmp_path):
             assert triple is None, key  # Q6_K, Q3_K, Q2_K: groups of 16; IQ: codebooks
             continue
         assert triple["group_size"] == 32 and triple["weight"].dtype == mx.uint32
-        w = mx.dequantize(
-            triple["weight"],
-            triple["scales"],
-            triple.get("biases"),
-            group_size=32,
-            bits=triple["bits"],
-            mode=triple["mode"],
-            dtype=mx.float32,
-        )
+        layer = (triple["weight"], triple["scales"], triple.get("biases"))
+        how = {"group_size": 32, "bits": triple["bits"], "mode": triple["mode"]}
+        w = mx.dequantize(*layer, **how, dtype=mx.float32)
         reference = gguf.quants.dequantize(data, qtype)
         assert same_numbers(w, reference), key
         # and it runs as a quantized layer: the matmul agrees with the dequantized weights
-        y = mx.quantized_matmul(
-            x,
-            triple["weight"],
-            triple["scales"],
-            triple.get("biases"),
-            group_size=32,
-            bits=triple["bits"],
-            mode=triple["mode"],
-        )
+        y = mx.quantized_matmul(x, *layer, **how)
         np.testing.assert_allclose(np.array(y), np.array(x) @ reference.T, rtol=1e-4, atol=1e-3)
         if qtype in (GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1):
             # one fp16 scale per block: scales and biases are float16 values (Q4_K/Q5_K's

@@ -10,15 +10,13 @@ End to end: the synthetic nf4 layouts load, generate and convert; the converted 
 the decode rounded to bf16 once.
 """
 
-import importlib
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import require_describe
+from helpers import require_describe, require_modules
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
@@ -46,15 +44,8 @@ SHAPES = [(64, 128), (33, 128), (7, 130), (3, 5), (1, 1), (300, 256)]
 
 
 def require_bitsandbytes():
-    """bitsandbytes (the ``reference`` extra); a skip without it, a failure when
-    IDEO4_REQUIRE_REFERENCE=1."""
-    try:
-        importlib.import_module("torch")
-        return importlib.import_module("bitsandbytes.functional")
-    except ImportError as e:
-        if os.environ.get("IDEO4_REQUIRE_REFERENCE") == "1":
-            pytest.fail(f"IDEO4_REQUIRE_REFERENCE=1 but bitsandbytes is missing: {e}")
-        pytest.skip(f"reference extra not installed ({e})")
+    """bitsandbytes (the ``reference`` extra)."""
+    return require_modules("torch", "bitsandbytes.functional", extra="reference extra")
 
 
 def formula(packed, absmax, quant_map, shape, blocksize):

@@ -77,11 +77,7 @@ class _BoundedReader(gguf.GGUFReader):
         super().__init__(path)
 
     def _build_fields(self, offs, count):
-        if count > MAX_FIELDS:
-            raise CheckpointError(
-                f"{self.source}: claims {count} metadata keys (at most {MAX_FIELDS}); "
-                "the file is damaged or not a DiT"
-            )
+        self._bound(count, MAX_FIELDS, "metadata keys")
         return super()._build_fields(offs, count)
 
     def _build_tensor_info(self, offs, count):
@@ -92,12 +88,15 @@ class _BoundedReader(gguf.GGUFReader):
                 "(rotated INT8/INT4 rows), not a ggml type; use a Q8_0, Q6_K, Q4_K ... GGUF or "
                 "convert the fp8 release"
             )
-        if count > MAX_TENSORS:
-            raise CheckpointError(
-                f"{self.source}: claims {count} tensors (at most {MAX_TENSORS}; the DiT has "
-                "458); the file is damaged or not a DiT"
-            )
+        self._bound(count, MAX_TENSORS, "tensors", "; the DiT has 458")
         return super()._build_tensor_info(offs, count)
+
+    def _bound(self, count: int, limit: int, what: str, known: str = "") -> None:
+        if count > limit:
+            raise CheckpointError(
+                f"{self.source}: claims {count} {what} (at most {limit}{known}); "
+                "the file is damaged or not a DiT"
+            )
 
     def _build_tensors(self, start_offs, fields):
         for field in fields:
