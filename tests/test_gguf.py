@@ -452,6 +452,27 @@ def test_tensors_are_read_into_their_own_buffers_not_through_the_map(tmp_path):
     )
 
 
+def test_a_tensor_is_decoded_into_mlx_memory_not_copied_from_numpy(tmp_path, monkeypatch):
+    """The float32 decode lands in the MLX array's own buffer: NumPy holds only the stored
+    bytes and one row chunk at a time. (A NumPy result that mx.array copied was a second
+    float32 llm_cond_proj, 0.98 GB, at convert's peak: MODEL_NOTES#source-format-memory.)"""
+    import tracemalloc
+
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 1 << 15)
+    rng = np.random.default_rng(5)
+    data = random_blocks(rng, GGML.Q8_0, 512, 4096)
+    source = GGUFSource(write(tmp_path / "big.gguf", {"big.weight": (data, GGML.Q8_0)}))
+    tracemalloc.start()  # NumPy reports its buffers to tracemalloc; MLX's are not Python's
+    try:
+        got = source.load(["big.weight"])["big.weight"]
+        _, numpy_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    float32_bytes = 512 * 4096 * 4
+    assert numpy_peak < data.nbytes + float32_bytes // 4, (numpy_peak, float32_bytes)
+    assert bits_equal(got, gguf.quants.dequantize(data, GGML.Q8_0))
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
 def test_convert_keep_copies_the_gguf_blocks_as_they_are(tiny_checkpoint, tmp_path, qtype):
     """The converter's --quantize keep on a real GGUF reader: every linear whose ggml type MLX
