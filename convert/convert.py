@@ -42,7 +42,7 @@ from ideogram4_mlx.describe.vision import (
     sanitize_visual,
     vision_parameters,
 )
-from ideogram4_mlx.dtypes import dtype_name, parse_dtype
+from ideogram4_mlx.dtypes import all_finite, dtype_name, parse_dtype
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.files import check_destination, write_folder
 from ideogram4_mlx.hub import (
@@ -440,12 +440,17 @@ def convert_component(
     writer = ShardWriter(out_dir, shard_bytes)
     with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
 
-        def write(tensors: dict[str, mx.array]) -> None:
-            """One parameter's tensors, checked against the skeleton, into the shards."""
+        def write(tensors: dict[str, mx.array], key: str, value: mx.array | None = None) -> None:
+            """One parameter's tensors, checked against the skeleton, added, then checked
+            finite: ``value``, what they are made of (``mx.quantize`` turns a NaN into finite
+            codes without a word), or the tensors themselves (kept ones)."""
             for k, t in tensors.items():
                 if t.shape != targets[k].shape:  # converter and loader disagree: a bug
                     raise RuntimeError(f"{k}: shape {t.shape} != skeleton {targets[k].shape}")
-            writer.add(tensors)
+            made_of = tuple(tensors.values()) if value is None else (value,)
+            writer.add(tensors, made_of)
+            for t in made_of:
+                finite(key, t, key_files.get(key, where))
             bar.update(sum(t.nbytes for t in tensors.values()))
 
         for group in inp.groups():
@@ -457,17 +462,21 @@ def convert_component(
             carried = sanitize_visual(weights) if spec.carry_vision else {}
             weights = sanitized(model, weights, where)
             for key in sorted(copied):  # --quantize keep: as the source stores them
-                write(kept_tensors(key, copied[key], inp, dtype))
+                write(kept_tensors(key, copied[key], inp, dtype), key)
             for key in sorted(weights):
                 value = weights.pop(key)
                 if key in deltas:  # a baked LoRA: merged in fp32, then one rounding to dtype
                     value = fused_weight(value.astype(mx.float32), deltas.pop(key))
-                write(convert_tensor(key, value.astype(dtype), modules))
+                value = value.astype(dtype)  # the decode is freed once the cast is made
+                write(convert_tensor(key, value, modules), key, value)
             for key in sorted(extras):
-                writer.add({key: extras.pop(key)})
+                value = extras.pop(key)
+                writer.add({key: value})
+                finite(key, value, key_files.get(key, where))
             for key in sorted(carried):
                 value = carried.pop(key).astype(dtype)
                 writer.add({key: value})
+                finite(key, value, key_files.get(key, where))
                 bar.update(value.nbytes)
     weight_map, total_size = writer.close()
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -484,6 +493,20 @@ def sanitized(model: nn.Module, weights: dict[str, mx.array], where: Path) -> di
         return model.sanitize(weights)
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def finite(key: str, value: mx.array, where: Path) -> None:
+    """Refuse a float tensor holding NaN or infinity."""
+    if not all_finite(value):
+        overflow = (
+            " or values beyond float16's range (+-65504: --dtype bfloat16 keeps them)"
+            if value.dtype == mx.float16
+            else ""
+        )
+        raise CheckpointError(
+            f"{where}: {key} holds NaN or infinite values{overflow}; the source is damaged: "
+            "download it again"
+        )
 
 
 def convert_tensor(key: str, value: mx.array, modules: dict) -> dict[str, mx.array]:
@@ -515,12 +538,14 @@ class ShardWriter:
         self.shards: list[list[str]] = []
         self.total_size = 0
 
-    def add(self, tensors: dict[str, mx.array]) -> None:
+    def add(self, tensors: dict[str, mx.array], sources: tuple[mx.array, ...] = ()) -> None:
+        """Evaluate ``tensors`` (with ``sources``, what they are made of, for the caller to
+        check) once a full shard is written: the shard and the layer are never held at once."""
         nbytes = sum(t.nbytes for t in tensors.values())
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
             self.flush()
         tensors = {k: mx.contiguous(t) for k, t in tensors.items()}
-        mx.eval(list(tensors.values()))  # one layer at a time; its fp8 source is freed here
+        mx.eval(*tensors.values(), *sources)  # one layer at a time; its fp8 source is freed here
         self.pending.update(tensors)
         self.pending_bytes += nbytes
 

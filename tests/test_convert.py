@@ -539,6 +539,59 @@ def test_damaged_source_fails_with_file_key_and_expectation(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def poison_fp8(folder, key, code=0x7F):
+    """Set the first fp8 code of ``key`` to ``code`` (0x7F: NaN in E4M3), bytes in place."""
+    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    start = json.loads(raw[8 : 8 + size])[key]["data_offsets"][0]
+    raw[8 + size + start] = code
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "damage, settings, match",
+    [
+        (  # a quantized layer: mx.quantize turned the NaN into finite codes without a word
+            lambda d: poison_fp8(d, "layers.0.feed_forward.w1.weight"),
+            {"quantize": 4},
+            r"diffusion_pytorch_model\.safetensors.*: layers\.0\.feed_forward\.w1\.weight "
+            r"holds NaN or infinite values; the source is damaged",
+        ),
+        (
+            lambda d: poison_fp8(d, "adaln_proj.weight"),
+            {},
+            r": adaln_proj\.weight holds NaN or infinite values; the source is damaged",
+        ),
+        (
+            lambda d: rewrite_vae(
+                d, "decoder.conv_in.bias", mx.full((64,), float("inf"), mx.bfloat16)
+            ),
+            {},
+            r": decoder\.conv_in\.bias holds NaN or infinite values",
+        ),
+        (
+            lambda d: rewrite_vae(d, "decoder.conv_in.bias", mx.full((64,), 1e5, mx.bfloat16)),
+            {"dtype": "float16"},
+            r": decoder\.conv_in\.bias holds NaN or infinite values or values beyond float16's "
+            r"range \(\+-65504: --dtype bfloat16 keeps them\)",
+        ),
+    ],
+    ids=["nan-quantized", "nan-bf16", "inf-vae", "float16-overflow"],
+)
+def test_non_finite_weights_are_refused_not_written(
+    tiny_checkpoint, tmp_path, damage, settings, match
+):
+    src = copy_checkpoint(tiny_checkpoint, tmp_path / "src")
+    damage(src)
+    with pytest.raises(CheckpointError, match=match) as info:
+        convert(
+            src, tmp_path / "out", components=("transformer", "vae"), progress=False, **settings
+        )
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_converted_folder_is_not_a_source_and_settings_are_checked(converted, tmp_path):
     with pytest.raises(CheckpointError, match=f"already converted \\({RECORD_KEY}"):
         convert(converted, tmp_path / "again", components=("vae",), progress=False)
