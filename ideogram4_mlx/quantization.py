@@ -223,7 +223,7 @@ def check_record(quantization: object) -> None:
     if not isinstance(quantization, dict):
         raise InputError(f"quantization is {quantization!r}, expected an object or null")
     plan_mode = quantization.get("mode", MODE)
-    if plan_mode not in MODES:
+    if not isinstance(plan_mode, str) or plan_mode not in MODES:
         raise InputError(f"quantization mode is {plan_mode!r}, expected one of {list(MODES)}")
     overrides = quantization.get("overrides", {})
     if not isinstance(overrides, dict):
@@ -234,7 +234,7 @@ def check_record(quantization: object) -> None:
         if not isinstance(entry, dict):
             raise InputError(f"overrides[{where!r}] is {entry!r}, expected false or an object")
         mode = entry.get("mode", plan_mode)
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise InputError(f"{where} mode is {mode!r}, expected one of {list(MODES)}")
         bits = RECORD_AFFINE_BITS if mode == MODE else MODES[mode].bits
         for key, valid in (("bits", bits), ("group_size", MODES[mode].group_sizes)):
@@ -246,7 +246,9 @@ def check_record(quantization: object) -> None:
 
 
 def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:
-    """Swap the layers a conversion quantized for ``QuantizedLinear`` (in place), before loading."""
+    """Swap the layers a conversion quantized for ``QuantizedLinear`` (in place), before loading.
+    A layer whose width the record's group size does not divide (a damaged or foreign record:
+    plans keep those in float) is an ``InputError`` naming the layer."""
     quantization = (record or {}).get("quantization")
     if not quantization:
         return model
@@ -256,8 +258,18 @@ def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:
     def predicate(path: str, module: nn.Module) -> bool | dict:
         if path in overrides:
             override = overrides[path]
-            return override and {"mode": mode, **override}
-        return hasattr(module, "to_quantized")
+            settings = override and {"mode": mode, **override}
+        else:
+            settings = hasattr(module, "to_quantized")
+        group_size = settings and (settings if settings is not True else quantization).get(
+            "group_size", quantization["group_size"]
+        )
+        width = getattr(module, "weight", None)
+        if group_size and width is not None and width.shape[-1] % group_size:
+            raise InputError(
+                f"{path} is {width.shape[-1]} wide, not a multiple of its group size {group_size}"
+            )
+        return settings
 
     nn.quantize(
         model,

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 
 from ideogram4_mlx.config import CheckpointError, Config, json_kind, read_json
+from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.quantization import RECORD_KEY, RECORD_VERSION, check_record, quantize_skeleton
 from ideogram4_mlx.sources import Headers, decoded_keys, detect
 
@@ -386,7 +387,8 @@ def conversion_record(component_dir: Path | str) -> dict | None:
             f"{path}: converted with format version {version}, this version reads "
             f"up to {RECORD_VERSION}; upgrade ideogram4_mlx or convert again"
         )
-    if not isinstance(version, int) or record.get("dtype") not in SAFETENSORS_DTYPES:
+    dtype = record.get("dtype") if isinstance(record, dict) else None
+    if not (isinstance(version, int) and isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES):
         raise CheckpointError(
             f"{path}: {RECORD_KEY} is damaged (expected an object with an integer version and "
             f"a dtype in {list(SAFETENSORS_DTYPES)}); convert the checkpoint again"
@@ -396,6 +398,20 @@ def conversion_record(component_dir: Path | str) -> dict | None:
     except ValueError as e:
         raise CheckpointError(
             f"{path}: {RECORD_KEY} is damaged ({e}); convert the checkpoint again"
+        ) from None
+    return record
+
+
+def quantized_skeleton(model: nn.Module, component_dir: Path | str) -> dict | None:
+    """``model`` with the layers the folder's conversion quantized swapped in (in place); the
+    folder's record, None for a raw snapshot. A record the model's widths refuse is damaged."""
+    record = conversion_record(component_dir)
+    try:
+        quantize_skeleton(model, record)
+    except InputError as e:
+        raise CheckpointError(
+            f"{Path(component_dir) / 'config.json'}: {RECORD_KEY} is damaged ({e}); convert the "
+            "checkpoint again"
         ) from None
     return record
 
@@ -421,8 +437,7 @@ def load_component(
     checked; only parameters for which ``resident(key)`` is true (all, by default) are read.
     The others stay lazy: a :class:`WeightStream` reads them.
     """
-    record = conversion_record(component_dir)
-    quantize_skeleton(model, record)
+    record = quantized_skeleton(model, component_dir)
     files = component_files(component_dir)
     if record is None:
         check_raw_dtypes(files, model.dtype_rule)

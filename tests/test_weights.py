@@ -263,6 +263,12 @@ Q4 = {"mode": "affine", "bits": 4, "group_size": 64, "overrides": {}}
         {**RECORD, "quantization": {**Q4, "overrides": {"layers.0.attention.qkv": {"bits": 4}}}},
         {**RECORD, "quantization": {**Q4, "overrides": [1]}},
         {**RECORD, "quantization": "4-bit"},
+        # found by fuzzing the record: unhashable values and group sizes a layer's width refuses
+        {"version": 1, "dtype": ["bfloat16"]},
+        {**RECORD, "quantization": {**Q4, "mode": ["affine"]}},
+        {**RECORD, "quantization": {**Q4, "overrides": {"adaln_proj": {"mode": {}}}}},
+        {**RECORD, "quantization": {**Q4, "group_size": 128}},  # llm_cond_proj: 832 wide
+        {**RECORD, "quantization": Q4},  # no float overrides: adaln_modulation is 32 wide
     ],
 )
 def test_damaged_conversion_record_is_one_line(converted, tmp_path, record):

@@ -39,7 +39,6 @@ from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.hub import is_network_error
 from ideogram4_mlx.magic.head import HEAD_FOLDER, HeadConfig, PromptEnhancerHead
 from ideogram4_mlx.prompt import load_tokenizer
-from ideogram4_mlx.quantization import quantize_skeleton
 from ideogram4_mlx.text_encoder import (
     LM_PREFIXES,
     UNUSED_PREFIXES,
@@ -53,6 +52,7 @@ from ideogram4_mlx.weights import (
     conversion_record,
     dequantize_fp8_weights,
     load_component,
+    quantized_skeleton,
     read_component,
     strip_prefixes,
     tensor_headers,
@@ -187,7 +187,7 @@ def from_text_encoder(
     component_dir = Path(component_dir)
     check_final_norm(component_dir)
     model = Model(model_args(encoder.config))
-    quantize_skeleton(model.model, conversion_record(component_dir))
+    quantized_skeleton(model.model, component_dir)
     sanitize = TextBody.sanitize.__get__(model.model)
     norm = read_component(component_dir, sanitize, encoder.dtype)[FINAL_NORM]
     shared = tree_flatten(encoder.parameters())
