@@ -17,6 +17,7 @@ import pytest
 from gguf import GGMLQuantizationType as GGML
 from mlx.utils import tree_flatten
 
+from ideogram4_mlx import dtypes
 from ideogram4_mlx.config import CheckpointError
 from ideogram4_mlx.sources import block_groups, gguf_file
 from ideogram4_mlx.sources.gguf_file import GGUFSource, is_gguf
@@ -459,6 +460,7 @@ def test_a_tensor_is_decoded_into_mlx_memory_not_copied_from_numpy(tmp_path, mon
     import tracemalloc
 
     monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 1 << 15)
+    monkeypatch.setattr(dtypes, "FINITE_CHUNK", 1 << 15)  # the finiteness check's chunks
     rng = np.random.default_rng(5)
     data = random_blocks(rng, GGML.Q8_0, 512, 4096)
     source = GGUFSource(write(tmp_path / "big.gguf", {"big.weight": (data, GGML.Q8_0)}))

@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType as GGML
 from gguf.quants import Q4_K, dequantize
 
 from ideogram4_mlx.config import MAX_WIDTH, CheckpointError, short
+from ideogram4_mlx.dtypes import all_finite
 from ideogram4_mlx.sources import Headers
 
 MAGIC = b"GGUF"
@@ -232,28 +233,28 @@ class GGUFSource:
         shape = self._shapes[key]
         data = self._data(key)
         if t.tensor_type == GGML.BF16:
-            bits = data.view("<u2").reshape(shape)
-            if ((bits & 0x7F80) == 0x7F80).any():
-                self._not_finite(key)
-            return mx.array(bits).view(mx.bfloat16)
-        if t.tensor_type in FLOATS:
-            values = data.reshape(shape)
-            if not np.isfinite(values).all():
-                self._not_finite(key)
-            return mx.array(values)
+            value = mx.array(data.view("<u2").reshape(shape)).view(mx.bfloat16)
+        elif t.tensor_type in FLOATS:
+            value = mx.array(data.reshape(shape))
+        else:
+            value = self._dequantized(t.tensor_type, data, shape)
+        if not all_finite(value):
+            self._not_finite(key)
+        return value
+
+    def _dequantized(self, qtype: GGML, data: np.ndarray, shape: tuple[int, ...]) -> mx.array:
+        """gguf's float32 dequantization, a row chunk at a time, into the MLX array's own
+        memory through a NumPy view (MLX's documented buffer protocol), not into a NumPy array
+        that mx.array would copy: for llm_cond_proj that copy was a second 980 MB at convert's
+        peak."""
         rows = data.reshape(-1, data.shape[-1])  # the bytes of one row per line
         cols = shape[-1]
-        # Decoded into the MLX array's own memory through a NumPy view (MLX's documented
-        # buffer protocol), not into a NumPy array that mx.array would copy: for
-        # llm_cond_proj that copy was a second 980 MB at convert's peak.
         result = mx.zeros((rows.shape[0], cols), mx.float32)
         mx.eval(result)
         out = np.array(result, copy=False)  # tests compare every row with gguf's decode
         step = max(1, CHUNK_ELEMENTS // cols)
         for r in range(0, rows.shape[0], step):
-            out[r : r + step] = dequantize(np.asarray(rows[r : r + step]), t.tensor_type)
-            if not np.isfinite(out[r : r + step]).all():
-                self._not_finite(key)
+            out[r : r + step] = dequantize(np.asarray(rows[r : r + step]), qtype)
         del out
         return result.reshape(shape)
 
