@@ -256,20 +256,17 @@ def quantize_skeleton(model: nn.Module, record: dict | None) -> nn.Module:
     mode = quantization.get("mode", MODE)
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        if path in overrides:
-            override = overrides[path]
-            settings = override and {"mode": mode, **override}
-        else:
-            settings = hasattr(module, "to_quantized")
-        group_size = settings and (settings if settings is not True else quantization).get(
-            "group_size", quantization["group_size"]
-        )
+        # an override is false or an object with its group size (check_record)
+        override = overrides.get(path, hasattr(module, "to_quantized"))
+        if override is False:
+            return False
+        group_size = (quantization if override is True else override)["group_size"]
         width = getattr(module, "weight", None)
-        if group_size and width is not None and width.shape[-1] % group_size:
+        if width is not None and width.shape[-1] % group_size:
             raise InputError(
                 f"{path} is {width.shape[-1]} wide, not a multiple of its group size {group_size}"
             )
-        return settings
+        return override if override is True else {"mode": mode, **override}
 
     nn.quantize(
         model,
