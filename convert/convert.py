@@ -64,12 +64,13 @@ from ideogram4_mlx.quantization import (
     quantize_skeleton,
     record_version,
 )
-from ideogram4_mlx.sources.keep import KEEP, keep_plan, kept_tensors
+from ideogram4_mlx.sources.keep import KEEP, keep_plan, kept_among, kept_tensors
 from ideogram4_mlx.text_encoder import LM_PREFIXES, Qwen3VLTextEncoder
 from ideogram4_mlx.transformer import DIT_COMPONENTS, Ideogram4Transformer
 from ideogram4_mlx.uncond_delta import DELTA_FILE, REPORT_FILE
 from ideogram4_mlx.vae import BN_PREFIX, Flux2VAE
 from ideogram4_mlx.version import __version__
+from ideogram4_mlx.weights import sanitized
 
 # Shards are saved with mx.save_safetensors, which holds a whole shard in memory: 1 GiB keeps
 # the peak near 2 GB (shard + the layer in flight) and stays far below the Hub's 5 GB limit.
@@ -454,9 +455,7 @@ def convert_component(
             bar.update(sum(t.nbytes for t in tensors.values()))
 
         for group in inp.groups():
-            members = set(group)
-            copied = {key: parts for key, parts in kept.items() if members.intersection(parts)}
-            skipped = {part for parts in copied.values() for part in parts}
+            copied, skipped = kept_among(kept, group)
             weights = inp.load(k for k in group if k not in skipped)
             extras = {k: weights.pop(k) for k in list(weights) if k.startswith(spec.extras)}
             carried = sanitize_visual(weights) if spec.carry_vision else {}
@@ -485,14 +484,6 @@ def convert_component(
     # the weights are no longer fp8; other loaders must not take them for the fp8 format
     config.pop("ideogram_fp8_weight_only", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def sanitized(model: nn.Module, weights: dict[str, mx.array], where: Path) -> dict:
-    """``model.sanitize`` with the source named in its errors."""
-    try:
-        return model.sanitize(weights)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
 
 
 def finite(key: str, value: mx.array, where: Path) -> None:

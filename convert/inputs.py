@@ -25,6 +25,7 @@ from ideogram4_mlx.weights import (
     check_raw_dtypes,
     component_files,
     load_safetensors,
+    placeholders,
     source_headers,
     tensor_headers,
 )
@@ -96,10 +97,7 @@ class ComponentInput:
     def placeholders(self) -> dict[str, mx.array]:
         """Lazy zeros of every decoded tensor's shape: what ``sanitize`` and the key checks
         run on before anything is read (never evaluated)."""
-        return {
-            k: mx.zeros(shape, mx.uint8 if dtype in ("F8_E4M3", "U8") else mx.float32)
-            for k, (dtype, shape, _) in self.headers().items()
-        }
+        return placeholders(self.headers())
 
     def exact_spec(self, key: str, scales_dtype: str) -> tuple[int, int] | None:
         """``(bits, group_size)`` of a source weight that MLX's affine mode stores exactly as

@@ -34,7 +34,7 @@ from ideogram4_mlx.dtypes import dtype_name
 from ideogram4_mlx.errors import InputError
 from ideogram4_mlx.quantization import quantize_skeleton
 from ideogram4_mlx.sources import BLOCK, Headers, block_groups
-from ideogram4_mlx.sources.keep import keep_plan, kept_tensors
+from ideogram4_mlx.sources.keep import keep_plan, kept_among, kept_tensors
 from ideogram4_mlx.transformer import (
     CHECKPOINT_PREFIXES,
     DIT_COMPONENTS,
@@ -49,6 +49,8 @@ from ideogram4_mlx.weights import (
     check_raw_dtypes,
     conversion_record,
     load_safetensors,
+    placeholders,
+    sanitized,
     source_headers,
     tensor_headers,
 )
@@ -144,26 +146,17 @@ class DiTFile:
     def skeleton(self, dtype: mx.Dtype) -> tuple[Ideogram4Transformer, dict]:
         """The skeleton its keys and shapes are checked on, then quantized as kept layers need."""
         model = self.build()
-        check_keys(model, self.placeholders(), self.path)
+        check_keys(model, placeholders(self.headers), self.path)
         plan, kept = self.plan(model, dtype)
         quantize_skeleton(model, {"quantization": plan})
         return model, kept
 
-    def placeholders(self) -> dict[str, mx.array]:
-        """Lazy zeros of every tensor's decoded shape (sanitize runs on them, never evaluated)."""
-        return {
-            k: mx.zeros(shape, mx.uint8 if dtype in ("F8_E4M3", "U8") else mx.float32)
-            for k, (dtype, shape, _) in self.headers.items()
-        }
-
     def weights(self, keys: list[str], model, kept: dict, dtype: mx.Dtype) -> dict:
         """The parameters made from the source ``keys`` (one block's), read now from a GGUF
         file: kept layers as the file stores them, the rest dequantized and cast."""
-        keys = set(keys)
-        copied = {k: parts for k, parts in kept.items() if set(parts) & keys}
-        taken = {p for parts in copied.values() for p in parts}
+        copied, taken = kept_among(kept, keys)
         weights = cast_floats(
-            sanitized(model, self.reader.load(sorted(keys - taken)), self.path), dtype
+            sanitized(model, self.reader.load(sorted(set(keys) - taken)), self.path), dtype
         )
         for key in sorted(copied):
             weights.update(kept_tensors(key, copied[key], self.reader, dtype))
@@ -174,11 +167,11 @@ class DiTFile:
         return cast_floats(sanitized(model, load_safetensors([self.path]), self.path), dtype)
 
 
-def check_keys(model: nn.Module, placeholders: dict, path: Path) -> None:
+def check_keys(model: nn.Module, tensors: dict, path: Path) -> None:
     """The file's tensors, sanitized, against the float skeleton: every parameter present with
     its shape, nothing else (before anything is read)."""
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    found = sanitized(model, placeholders, path)
+    found = sanitized(model, tensors, path)
     for key in sorted(expected):
         if key not in found:
             raise CheckpointError(
@@ -196,13 +189,6 @@ def check_keys(model: nn.Module, placeholders: dict, path: Path) -> None:
                 f"{path}: {key} has shape {tuple(found[key].shape)}, the checkpoint's "
                 f"config.json expects {tuple(expected[key])}"
             )
-
-
-def sanitized(model: nn.Module, weights: dict, path: Path) -> dict:
-    try:
-        return model.sanitize(weights)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
 
 
 def fill(model: nn.Module, weights: dict, path: Path) -> None:
@@ -364,7 +350,7 @@ def check_dit(source, checkpoint_dir: Path) -> None:
     (``check_swappable``); a file's headers against the checkpoint's config and its tensors'
     keys and shapes against the model (``CheckpointError`` naming the key)."""
     if isinstance(source, DiTFile):
-        check_keys(source.build(), source.placeholders(), source.path)
+        check_keys(source.build(), placeholders(source.headers), source.path)
     else:
         check_swappable(source, Path(checkpoint_dir) / DIT_COMPONENTS[0][0])
 

@@ -416,6 +416,23 @@ def quantized_skeleton(model: nn.Module, component_dir: Path | str) -> dict | No
     return record
 
 
+def placeholders(headers: Headers) -> dict[str, mx.array]:
+    """Lazy zeros of every decoded tensor's shape (fp8 and byte tensors as uint8): what
+    ``sanitize`` and the key checks run on before anything is read (never evaluated)."""
+    return {
+        k: mx.zeros(shape, mx.uint8 if dtype in ("F8_E4M3", "U8") else mx.float32)
+        for k, (dtype, shape, _) in headers.items()
+    }
+
+
+def sanitized(model: nn.Module, weights: dict[str, mx.array], where: Path) -> dict:
+    """``model.sanitize`` with the source named in its errors."""
+    try:
+        return model.sanitize(weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
 def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Cast floating tensors to ``dtype``; packed quantized weights (uint32) stay as they are."""
     return {

@@ -78,6 +78,14 @@ def keep_plan(
     return plan, kept
 
 
+def kept_among(kept: dict[str, list[str]], keys) -> tuple[dict[str, list[str]], set[str]]:
+    """The kept layers a group of source ``keys`` touches (``{weight key: source keys}``) and
+    all their source keys: those are copied as stored, never loaded as floats."""
+    keys = set(keys)
+    copied = {key: parts for key, parts in kept.items() if keys.intersection(parts)}
+    return copied, {part for parts in copied.values() for part in parts}
+
+
 def kept_tensors(key: str, parts: list[str], inp, dtype: mx.Dtype) -> dict[str, mx.array]:
     """One kept layer in MLX's layout: its parts' packed weights, scales and biases, in the
     order ``sanitize`` fuses them (rows stack: each row's groups are its own)."""
